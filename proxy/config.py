@@ -1,0 +1,348 @@
+"""Configuration: YAML into frozen dataclasses (DESIGN §3, a contract).
+
+- `${VAR}` and `${VAR:-default}` are expanded from the environment in every string
+  scalar, before the value is converted to the field's type.
+- Unknown keys and wrong types are errors that name the key's path and line.
+- Secrets (fields named in `SECRET_FIELDS`) are masked by `masked()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+PROTOCOLS = ("openai", "anthropic", "gemini")
+# `base_url: mock://` makes the gateway start its built-in mock provider in-process
+# on a loopback port and send that upstream's traffic there (the offline demo).
+MOCK_BASE_URL = "mock://"
+SECRET_FIELDS = frozenset({"api_key", "master_key", "url"})
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key path and line where it was found."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_body_mb: float = 32
+    shutdown_grace_s: float = 30
+    keepalive_s: float = 60
+    max_line_size: int = 8190
+    max_field_size: int = 8190
+    max_headers: int = 100
+    access_log: bool = True
+    # Keep-alive comment (OpenAI) / ping event (Anthropic) while an upstream is silent.
+    stream_keepalive_s: float = 15
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    master_key: str | None = None
+    # Seconds a key lookup is cached; revocation takes effect within this time.
+    cache_ttl_s: float = 5
+    negative_cache_ttl_s: float = 5
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    url: str = "sqlite:///data/llm-proxy.db"
+    # Where usage records go when the store cannot take them (fsync'd, replayed later).
+    spool_path: str = "data/usage-spool.jsonl"
+    flush_interval_s: float = 0.25
+    queue_max: int = 100_000
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    url: str = "memory://"
+    # When the limits backend is unreachable: false answers 503 (fail closed).
+    fail_open: bool = False
+    # Token reservation for a request that does not say `max_tokens`.
+    default_max_tokens: int = 4096
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect_s: float = 10
+    first_byte_s: float = 120
+    idle_s: float = 60
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    base_url: str
+    protocol: str = "openai"
+    api_key: str | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_parallel: int = 512
+    # Extra headers sent to this upstream on every request (e.g. OpenAI-Organization).
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_mock(self) -> bool:
+        return self.base_url == MOCK_BASE_URL
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    upstream: str
+    model: str
+    weight: float = 1
+
+
+@dataclass(frozen=True)
+class Price:
+    input_per_mtok: float = 0
+    output_per_mtok: float = 0
+    cached_input_per_mtok: float | None = None
+    cache_write_per_mtok: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    routes: tuple[RouteConfig, ...]
+    fallbacks: tuple[str, ...] = ()
+    price: Price = field(default_factory=Price)
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    models: tuple[ModelConfig, ...] = ()
+
+    def upstream(self, name: str) -> UpstreamConfig:
+        for u in self.upstreams:
+            if u.name == name:
+                return u
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- loading
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str, env: Mapping[str, str]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        value = env.get(name)
+        if value is None or (value == "" and default is not None):
+            return default if default is not None else ""
+        return value
+
+    return _VAR.sub(sub, text)
+
+
+def _where(node: yaml.Node, path: str) -> str:
+    return f"{path or '<root>'} (line {node.start_mark.line + 1})"
+
+
+def _scalar(node: yaml.ScalarNode, env: Mapping[str, str], tp: Any) -> Any:
+    """The scalar's value for a field of type `tp`, after `${VAR}` expansion.
+
+    Quoted and plain scalars are treated alike once expanded, so `port: "${PORT:-8080}"`
+    is a number; strings stay strings even when they look like numbers.
+    """
+    text = expand_env(str(node.value), env)
+    plain = node.style is None
+    if plain and text in ("", "~", "null", "Null", "NULL"):
+        return None
+    if tp is str:
+        return text
+    if not text.strip():
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _convert(node: yaml.Node, tp: Any, path: str, env: Mapping[str, str]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if isinstance(node, yaml.ScalarNode):
+            raw = _scalar(node, env, args[0])
+            if raw is None or raw == "":
+                return None
+        return _convert(node, args[0], path, env)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(node, yaml.MappingNode):
+            raise ConfigError(f"{_where(node, path)}: expected a mapping")
+        return _build(tp, node, path, env)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if isinstance(node, yaml.ScalarNode) and _scalar(node, env, None) is None:
+            return ()
+        if not isinstance(node, yaml.SequenceNode):
+            raise ConfigError(f"{_where(node, path)}: expected a list")
+        return tuple(_convert(n, item_tp, f"{path}[{i}]", env) for i, n in enumerate(node.value))
+    if origin in (Mapping, dict) or tp is Mapping:
+        if not isinstance(node, yaml.MappingNode):
+            raise ConfigError(f"{_where(node, path)}: expected a mapping")
+        out: dict[str, str] = {}
+        for k, v in node.value:
+            if not isinstance(v, yaml.ScalarNode):
+                raise ConfigError(f"{_where(v, path + '.' + str(k.value))}: expected a string")
+            out[str(k.value)] = str(_scalar(v, env, str))
+        return types.MappingProxyType(out)
+    if not isinstance(node, yaml.ScalarNode):
+        raise ConfigError(f"{_where(node, path)}: expected a {tp.__name__}")
+    raw = _scalar(node, env, tp)
+    if tp is str:
+        if raw is None:
+            raise ConfigError(f"{_where(node, path)}: expected a string")
+        return str(raw)
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        raise ConfigError(f"{_where(node, path)}: expected true or false, got {raw!r}")
+    if tp in (int, float):
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ConfigError(f"{_where(node, path)}: expected a number, got {raw!r}")
+        if tp is int and not float(raw).is_integer():
+            raise ConfigError(f"{_where(node, path)}: expected an integer, got {raw!r}")
+        return tp(raw)
+    raise ConfigError(f"{_where(node, path)}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: type, node: yaml.MappingNode, path: str, env: Mapping[str, str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        sub = f"{path}.{key}" if path else key
+        if key not in fields:
+            raise ConfigError(f"{_where(key_node, sub)}: unknown key {key!r}")
+        if key in kwargs:
+            raise ConfigError(f"{_where(key_node, sub)}: duplicate key {key!r}")
+        kwargs[key] = _convert(value_node, hints[key], sub, env)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{_where(node, path)}: missing required key {name!r}")
+    return cls(**kwargs)
+
+
+def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = "<config>") -> Config:
+    env = os.environ if env is None else env
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+    if root is None:
+        cfg = Config()
+    elif not isinstance(root, yaml.MappingNode):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    else:
+        try:
+            cfg = _build(Config, root, "", env)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: Config, source: str = "<config>") -> None:
+    names = [u.name for u in cfg.upstreams]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: upstream names must be unique")
+    for u in cfg.upstreams:
+        if u.protocol not in PROTOCOLS:
+            raise ConfigError(f"{source}: upstreams.{u.name}.protocol must be one of {', '.join(PROTOCOLS)}")
+        if not (u.is_mock or u.base_url.startswith(("http://", "https://"))):
+            raise ConfigError(f"{source}: upstreams.{u.name}.base_url must be http(s):// or {MOCK_BASE_URL}")
+    model_names = [m.name for m in cfg.models]
+    if len(set(model_names)) != len(model_names):
+        raise ConfigError(f"{source}: model names must be unique")
+    for m in cfg.models:
+        if not m.routes:
+            raise ConfigError(f"{source}: models.{m.name}.routes must not be empty")
+        for r in m.routes:
+            if r.upstream not in names:
+                raise ConfigError(f"{source}: models.{m.name} routes to unknown upstream {r.upstream!r}")
+            if r.weight <= 0:
+                raise ConfigError(f"{source}: models.{m.name} route weight must be positive")
+        for fb in m.fallbacks:
+            if fb not in model_names:
+                raise ConfigError(f"{source}: models.{m.name} falls back to unknown model {fb!r}")
+    if cfg.server.workers < 1:
+        raise ConfigError(f"{source}: server.workers must be at least 1")
+    if not cfg.storage.url.startswith(("sqlite://", "postgresql://", "postgres://")):
+        raise ConfigError(f"{source}: storage.url must be sqlite:///path or postgresql://...")
+    if not cfg.limits.url.startswith(("memory://", "redis://", "rediss://")):
+        raise ConfigError(f"{source}: limits.url must be memory:// or redis://...")
+
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
+
+
+def resolve_path(explicit: str | None) -> Path:
+    """--config, else $LLM_PROXY_CONFIG, else ./config/proxy.yaml, else the built-in default."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("LLM_PROXY_CONFIG")
+    if env:
+        return Path(env)
+    local = Path("config/proxy.yaml")
+    return local if local.exists() else DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    p = resolve_path(str(path) if path else None)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror}") from None
+    return parse_config(text, env, source=str(p))
+
+
+def _mask_url(url: str) -> str:
+    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1****@", url)
+
+
+def mask(value: str | None) -> str | None:
+    if not value:
+        return value
+    return "****" + value[-4:] if len(value) > 12 else "****"
+
+
+def masked(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain data with every secret masked (for check-config)."""
+
+    def walk(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            out = {}
+            for f in dataclasses.fields(obj):
+                v = getattr(obj, f.name)
+                if f.name == "url" and isinstance(v, str):
+                    out[f.name] = _mask_url(v)
+                elif f.name in SECRET_FIELDS and isinstance(v, str):
+                    out[f.name] = mask(v)
+                else:
+                    out[f.name] = walk(v)
+            return out
+        if isinstance(obj, (tuple, list)):
+            return [walk(v) for v in obj]
+        if isinstance(obj, Mapping):
+            return {k: walk(v) for k, v in obj.items()}
+        return obj
+
+    return walk(cfg)

@@ -1,0 +1,100 @@
+"""The store interface: virtual keys and the usage ledger (DESIGN §4–5).
+
+A store knows records and keys and nothing of HTTP. Implementations: `sqlite.py`
+(default, runs its blocking calls in a thread) and `postgres.py` (asyncpg pool).
+Every query is parameterised; nothing is ever built from request text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, Sequence
+
+Outcome = Literal["ok", "client_abort", "upstream_error", "timeout", "shutdown"]
+GroupBy = Literal["key", "model", "day"]
+
+
+class StoreError(Exception):
+    """The store could not answer (unreachable, locked, broken). Never carries secrets."""
+
+
+class DuplicateName(StoreError):
+    """A key with that name already exists."""
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: str                      # opaque, e.g. "key_" + 16 hex chars
+    name: str                    # unique
+    prefix: str                  # display prefix, e.g. "sk-AbCd1234" (never enough to use)
+    digest: str                  # hex SHA-256 of the full key; the key itself is never stored
+    models: tuple[str, ...]      # allowlist; empty = every model
+    rpm: int | None
+    tpm: int | None
+    max_parallel: int | None
+    budget_usd: float | None
+    budget_period: str | None    # None (lifetime) | "day" | "month"
+    expires_at: float | None     # unix seconds
+    revoked_at: float | None
+    created_at: float
+
+    def is_active(self, now: float) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """The mutable limit fields of a key (admin update / keys create)."""
+
+    models: tuple[str, ...] = ()
+    rpm: int | None = None
+    tpm: int | None = None
+    max_parallel: int | None = None
+    budget_usd: float | None = None
+    budget_period: str | None = None
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    id: str                      # the request id; unique, writes are idempotent on it
+    ts: float                    # unix seconds, when the request started
+    key_id: str | None
+    key_name: str | None
+    endpoint: str                # e.g. "chat.completions", "messages", "generateContent"
+    model: str                   # what the client asked for
+    upstream: str
+    upstream_model: str
+    stream: bool
+    status: int                  # HTTP status the client got (200 also for cut streams)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0       # cache reads (OpenAI cached_tokens, Anthropic cache_read)
+    cache_creation_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float = 0.0
+    estimated: bool = False
+    ttft_ms: float | None = None
+    duration_ms: float = 0.0
+    error: str | None = None     # stable error code, never upstream text
+    outcome: Outcome = "ok"
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...          # connect and migrate the schema
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...          # raises StoreError when unreachable
+
+    # keys
+    async def create_key(self, name: str, limits: KeyLimits) -> tuple[KeyRecord, str]: ...
+    async def key_by_digest(self, digest: str) -> KeyRecord | None: ...
+    async def get_key(self, id_or_name: str) -> KeyRecord | None: ...
+    async def list_keys(self) -> list[KeyRecord]: ...
+    async def update_key(self, id_or_name: str, limits: KeyLimits) -> KeyRecord | None: ...
+    async def revoke_key(self, id_or_name: str) -> KeyRecord | None: ...
+
+    # usage
+    async def write_usage(self, records: Sequence[UsageRecord]) -> None: ...
+    async def list_usage(self, since: float, key_id: str | None = None, limit: int = 10_000) -> list[UsageRecord]: ...
+    async def summarize_usage(self, since: float, by: GroupBy, key_id: str | None = None) -> list[dict[str, object]]: ...
+    async def spend_usd(self, key_id: str, since: float) -> float: ...
