@@ -79,6 +79,12 @@ class MethodNotAllowed(ProxyError):
     type = "invalid_request_error"
 
 
+class Conflict(ProxyError):
+    status = 409
+    code = "conflict"
+    type = "invalid_request_error"
+
+
 class RequestTooLarge(ProxyError):
     status = 413
     code = "request_too_large"

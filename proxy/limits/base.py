@@ -67,3 +67,77 @@ class Limiter(Protocol):
     async def ping(self) -> None: ...   # raises LimiterUnavailable
     async def admit(self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float) -> Decision: ...
     async def settle(self, reservation: Reservation, tokens: int, cost_usd: float) -> None: ...
+
+
+# --- Shared by the backends, so both report identical numbers ------------------------
+#
+# Semantics (identical in memory.py and redis.py; one contract suite checks both):
+# - rpm: sliding 60 s window of admissions. An admission at t counts while now - t < 60 s,
+#   so it has left the window exactly 60 s later. Refused when count >= rpm.
+# - tpm: sliding 60 s window of token amounts, keyed by request id and stamped at admission.
+#   Admission reserves the estimate; settlement corrects the amount in place (same stamp).
+#   Refused when used + estimate > tpm; an estimate larger than tpm itself never fits
+#   (retry_after 60: waiting does not help, the client must lower max_tokens).
+# - max_parallel: unsettled reservations. A reservation stops holding its slot (and its
+#   reserved spend) reservation_ttl_s after admission, so a crashed process cannot leak it;
+#   it is remembered for another ttl so a late settlement still charges its actual cost.
+# - budget: admitted only if spent(period) + reserved + estimate <= budget, so the sum of
+#   reservations never exceeds the budget (overspend is bounded by actual > estimate).
+#   Period: None lifetime, "day" since UTC midnight, "month" since the UTC 1st; the spend
+#   counter of a key+period is seeded once from SpendSeed. Settlement charges the actual
+#   cost to the period the request was admitted in.
+#   retry_after: until the period resets; 1 s when only in-flight reservations are in the
+#   way; 0 for a spent lifetime budget (waiting cannot help).
+# - reason: the first refusing limit in the order budget, rpm, tpm, parallel; for rate
+#   limits retry_after is the longest wait among the refusing ones (rpm/tpm: until enough
+#   old entries leave the window; parallel: 1 s). Nothing is reserved when anything refuses.
+# - request_id must be unique per admission; re-admitting a held id replaces its entries.
+
+WINDOW_US = 60_000_000          # the rpm/tpm sliding window, in microseconds
+US_PER_S = 1_000_000
+NANO_PER_USD = 1_000_000_000    # spend is counted in integer nano-USD: sums never drift
+BUDGET_PERIODS = (None, "day", "month")
+
+
+def usd_to_nano(usd: float) -> int:
+    return max(0, round(usd * NANO_PER_USD))
+
+
+def check_spec(spec: LimitSpec) -> None:
+    if spec.budget_period not in BUDGET_PERIODS:
+        raise ValueError(f"budget_period must be one of {BUDGET_PERIODS}, not {spec.budget_period!r}")
+
+
+def retry_after_s(wait_us: int) -> int:
+    """Whole seconds to wait, at least 1; a negative wait means waiting cannot help (0)."""
+    if wait_us < 0:
+        return 0
+    return max(1, -(-wait_us // US_PER_S))
+
+
+def make_decision(
+    spec: LimitSpec,
+    reservation: Reservation | None,
+    reason: Reason | None,
+    wait_us: int,
+    requests_used: int,
+    requests_reset_us: int,
+    tokens_used: int,
+    tokens_reset_us: int,
+) -> Decision:
+    """Build a Decision from a backend's raw counters (after the reservation, if admitted).
+
+    `reset_*` follow OpenAI: the time until the window is back to its initial (empty) state.
+    """
+    return Decision(
+        admitted=reservation is not None,
+        reservation=reservation,
+        reason=reason,
+        retry_after_s=0 if reason is None else retry_after_s(wait_us),
+        limit_requests=spec.rpm,
+        remaining_requests=None if spec.rpm is None else max(0, spec.rpm - requests_used),
+        reset_requests_s=None if spec.rpm is None else requests_reset_us / US_PER_S,
+        limit_tokens=spec.tpm,
+        remaining_tokens=None if spec.tpm is None else max(0, spec.tpm - tokens_used),
+        reset_tokens_s=None if spec.tpm is None else tokens_reset_us / US_PER_S,
+    )

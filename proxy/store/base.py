@@ -7,8 +7,11 @@ Every query is parameterised; nothing is ever built from request text.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence
+
+from proxy.keys import digest_key, display_prefix, generate_key
 
 Outcome = Literal["ok", "client_abort", "upstream_error", "timeout", "shutdown"]
 GroupBy = Literal["key", "model", "day"]
@@ -98,3 +101,32 @@ class Store(Protocol):
     async def list_usage(self, since: float, key_id: str | None = None, limit: int = 10_000) -> list[UsageRecord]: ...
     async def summarize_usage(self, since: float, by: GroupBy, key_id: str | None = None) -> list[dict[str, object]]: ...
     async def spend_usd(self, key_id: str, since: float) -> float: ...
+
+
+def new_key_id() -> str:
+    return "key_" + secrets.token_hex(8)
+
+
+def mint_key(name: str, limits: KeyLimits, now: float) -> tuple[KeyRecord, str]:
+    """A new key record and its plaintext, for a store's `create_key`.
+
+    The record holds only the digest and a display prefix; the plaintext goes back to
+    the caller once and is never persisted, so a leaked database grants no access.
+    """
+    key = generate_key()
+    record = KeyRecord(
+        id=new_key_id(),
+        name=name,
+        prefix=display_prefix(key),
+        digest=digest_key(key),
+        models=tuple(limits.models),
+        rpm=limits.rpm,
+        tpm=limits.tpm,
+        max_parallel=limits.max_parallel,
+        budget_usd=limits.budget_usd,
+        budget_period=limits.budget_period,
+        expires_at=limits.expires_at,
+        revoked_at=None,
+        created_at=now,
+    )
+    return record, key

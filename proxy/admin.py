@@ -1,0 +1,211 @@
+"""The admin API under /admin/ (master key only) and GET /v1/usage (a key's own view).
+
+With no master key configured the admin API is off: every /admin/ route answers 403.
+The master key is compared in constant time. Responses never contain a key's digest;
+the full key is returned once, by the create call.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any, Callable
+
+import orjson
+from aiohttp import web
+
+from proxy.errors import Conflict, InvalidApiKey, InvalidRequest, NotFound, PermissionDenied
+from proxy.middleware.auth import KEY, extract_key
+from proxy.middleware.limits import spec_of
+from proxy.store.base import DuplicateName, KeyLimits, KeyRecord
+from proxy.views import key_json, parse_since, period_start, usage_json
+
+_PERIODS = (None, "day", "month")
+_LIMIT_FIELDS = ("models", "rpm", "tpm", "max_parallel", "budget_usd", "budget_period", "expires_at", "expires_in_days")
+
+
+def _json(doc: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
+
+
+def _opt_int(body: dict[str, Any], name: str) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise InvalidRequest(f"'{name}' must be a non-negative integer or null.", param=name)
+    return v
+
+
+def parse_limits(body: dict[str, Any], base: KeyRecord | None = None) -> KeyLimits:
+    """Limits from a JSON body; fields left out keep `base`'s values (PATCH semantics)."""
+    unknown = set(body) - set(_LIMIT_FIELDS) - {"name"}
+    if unknown:
+        raise InvalidRequest(f"Unknown field '{sorted(unknown)[0]}'.", param=sorted(unknown)[0])
+
+    def pick(name: str, parse: Callable[[dict[str, Any], str], Any]) -> Any:
+        if name in body:
+            return parse(body, name)
+        return getattr(base, name) if base is not None else None
+
+    def models(b: dict[str, Any], n: str) -> tuple[str, ...]:
+        v = b.get(n) or []
+        if not isinstance(v, list) or not all(isinstance(m, str) and m for m in v):
+            raise InvalidRequest("'models' must be a list of model names.", param="models")
+        return tuple(v)
+
+    def budget(b: dict[str, Any], n: str) -> float | None:
+        v = b.get(n)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise InvalidRequest("'budget_usd' must be a non-negative number or null.", param=n)
+        return float(v)
+
+    def period(b: dict[str, Any], n: str) -> str | None:
+        v = b.get(n)
+        if v not in _PERIODS:
+            raise InvalidRequest("'budget_period' must be 'day', 'month' or null.", param=n)
+        return v  # type: ignore[no-any-return]
+
+    def expires(b: dict[str, Any], n: str) -> float | None:
+        v = b.get(n)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise InvalidRequest(f"'{n}' must be a number.", param=n)
+        return float(v)
+
+    expires_at = pick("expires_at", expires)
+    if "expires_in_days" in body:
+        days = expires(body, "expires_in_days")
+        expires_at = None if days is None else time.time() + days * 86400
+    return KeyLimits(
+        models=pick("models", models) or (),
+        rpm=pick("rpm", _opt_int),
+        tpm=pick("tpm", _opt_int),
+        max_parallel=pick("max_parallel", _opt_int),
+        budget_usd=pick("budget_usd", budget),
+        budget_period=pick("budget_period", period),
+        expires_at=expires_at,
+    )
+
+
+def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
+    def master_only(handler: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]:
+        async def checked(request: web.Request) -> web.StreamResponse:
+            master = request.app[state_key].config.auth.master_key
+            if not master:
+                raise PermissionDenied("The admin API is disabled: no master key is configured.", code="admin_disabled")
+            presented = extract_key(request, allow_query=False) or ""
+            if not hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), master.encode()):
+                raise InvalidApiKey()
+            return await handler(request)  # type: ignore[no-any-return]
+
+        return checked
+
+    async def body_of(request: web.Request) -> dict[str, Any]:
+        try:
+            body = orjson.loads(await request.read() or b"{}")
+        except orjson.JSONDecodeError:
+            raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+        return body
+
+    async def create_key(request: web.Request) -> web.Response:
+        body = await body_of(request)
+        name = body.get("name")
+        if not isinstance(name, str) or not name or len(name) > 128:
+            raise InvalidRequest("'name' must be a non-empty string of at most 128 characters.", param="name")
+        limits = parse_limits(body)
+        try:
+            record, key = await request.app[state_key].store.create_key(name, limits)
+        except DuplicateName:
+            raise Conflict("A key with this name already exists.", code="duplicate_name") from None
+        return _json({**key_json(record), "key": key}, status=201)
+
+    async def list_keys(request: web.Request) -> web.Response:
+        keys = await request.app[state_key].store.list_keys()
+        return _json({"data": [key_json(k) for k in keys]})
+
+    async def found(request: web.Request) -> KeyRecord:
+        record: KeyRecord | None = await request.app[state_key].store.get_key(request.match_info["key"])
+        if record is None:
+            raise NotFound("No such key.", code="key_not_found")
+        return record
+
+    async def get_key(request: web.Request) -> web.Response:
+        return _json(key_json(await found(request)))
+
+    async def update_key(request: web.Request) -> web.Response:
+        record = await found(request)
+        limits = parse_limits(await body_of(request), base=record)
+        updated = await request.app[state_key].store.update_key(record.id, limits)
+        return _json(key_json(updated))
+
+    async def revoke_key(request: web.Request) -> web.Response:
+        record = await found(request)
+        revoked = await request.app[state_key].store.revoke_key(record.id)
+        state = request.app[state_key]
+        if state.authenticator is not None:
+            state.authenticator.forget(record.digest)  # effective at once in this process
+        return _json(key_json(revoked))
+
+    async def usage(request: web.Request) -> web.Response:
+        store = request.app[state_key].store
+        since = _since(request)
+        by = request.query.get("by")
+        key_id = None
+        if "key" in request.query:
+            record = await store.get_key(request.query["key"])
+            if record is None:
+                raise NotFound("No such key.", code="key_not_found")
+            key_id = record.id
+        if by:
+            if by not in ("key", "model", "day"):
+                raise InvalidRequest("'by' must be key, model or day.", param="by")
+            return _json({"data": await store.summarize_usage(since, by, key_id)})
+        records = await store.list_usage(since, key_id)
+        return _json({"data": [usage_json(r) for r in records]})
+
+    async def own_usage(request: web.Request) -> web.Response:
+        key: KeyRecord = request[KEY]
+        store = request.app[state_key].store
+        since = _since(request)
+        rows = await store.summarize_usage(since, "model", key.id)
+        spec = spec_of(key)
+        spent = await store.spend_usd(key.id, period_start(key.budget_period, time.time())) if key.budget_usd is not None else None
+        return _json(
+            {
+                "key": {k: v for k, v in key_json(key).items() if k not in ("revoked_at",)},
+                "since": since,
+                "usage": rows,
+                "limits": {"rpm": spec.rpm, "tpm": spec.tpm, "max_parallel": spec.max_parallel},
+                "budget": None
+                if key.budget_usd is None
+                else {
+                    "budget_usd": key.budget_usd,
+                    "period": key.budget_period,
+                    "spent_usd": spent,
+                    "remaining_usd": max(0.0, key.budget_usd - (spent or 0.0)),
+                },
+            }
+        )
+
+    r = app.router
+    r.add_post("/admin/keys", master_only(create_key))
+    r.add_get("/admin/keys", master_only(list_keys))
+    r.add_get("/admin/keys/{key}", master_only(get_key))
+    r.add_patch("/admin/keys/{key}", master_only(update_key))
+    r.add_post("/admin/keys/{key}/revoke", master_only(revoke_key))
+    r.add_delete("/admin/keys/{key}", master_only(revoke_key))
+    r.add_get("/admin/usage", master_only(usage))
+    r.add_get("/v1/usage", own_usage)
+
+
+def _since(request: web.Request) -> float:
+    try:
+        return parse_since(request.query.get("since", "24h"))
+    except ValueError:
+        raise InvalidRequest("'since' must look like 24h, 7d or an ISO date.", param="since") from None

@@ -1,0 +1,292 @@
+"""The aiohttp application: routes, middlewares and the life cycle of every backend.
+
+This is the one place that names concrete backends. Start-up order (cleanup_ctx):
+store → limiter → built-in mock upstream → upstream pools → usage sink. Shutdown
+unwinds in reverse, so the usage sink flushes before any pool or store closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from proxy.accounting import UsageSink
+from proxy.config import Config
+from proxy.dialects import Endpoint, ModelInfo
+from proxy.dialects.anthropic import COUNT_TOKENS, MESSAGES
+from proxy.dialects.gemini import GEMINI, GENERATE, STREAM_GENERATE
+from proxy.dialects.openai import CHAT, COMPLETIONS, EMBEDDINGS, OPENAI, RESPONSES
+from proxy.errors import NotFound, ProxyError, ServiceUnavailable
+from proxy.forward import Forwarder, StreamRegistry
+from proxy.limits import make_limiter
+from proxy.limits.base import Limiter
+from proxy.metrics import Metrics
+from proxy.middleware.auth import KEY, Authenticator, KeyCache, extract_key
+from proxy.middleware.context import dialect_for, make_context_middleware, on_prepare
+from proxy.middleware.limits import Admission
+from proxy.mock_upstream import MockOptions, build_mock_app
+from proxy.routing import Router
+from proxy.store import open_store
+from proxy.store.base import Store
+from proxy.upstream import UpstreamPool
+from proxy import admin
+
+log = logging.getLogger("llm_proxy.app")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class AppState:
+    """Runtime objects of one gateway process (mutable by nature: connections, counters)."""
+
+    config: Config
+    router: Router
+    store: Store
+    limiter: Limiter
+    upstreams: UpstreamPool = field(default_factory=UpstreamPool)
+    streams: StreamRegistry = field(default_factory=StreamRegistry)
+    metrics: Metrics = field(default_factory=Metrics)
+    in_flight: int = 0
+    ready: bool = False
+    started: float = field(default_factory=time.time)
+    sink: UsageSink | None = None
+    forwarder: Forwarder | None = None
+    admission: Admission | None = None
+    authenticator: Authenticator | None = None
+
+
+STATE = web.AppKey("llm_proxy_state", AppState)
+
+# Routes a request may reach without a client key. Everything else needs one, except
+# /admin/ which needs the master key instead (checked in proxy.admin).
+PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics"})
+
+
+# ---------------------------------------------------------------------- handlers
+
+
+def _model_call(endpoint: Endpoint) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        forwarder = request.app[STATE].forwarder
+        assert forwarder is not None
+        return await forwarder.handle(request, endpoint)
+
+    return handler
+
+
+async def gemini_call(request: web.Request) -> web.StreamResponse:
+    """POST /v1beta/models/{model}:{method} (also under /v1/models/)."""
+    model, _, method = request.match_info["tail"].rpartition(":")
+    endpoint = {"generateContent": GENERATE, "streamGenerateContent": STREAM_GENERATE}.get(method)
+    if endpoint is None or not model:
+        raise NotFound(f"Unknown Gemini method '{method[:64]}'.")
+    forwarder = request.app[STATE].forwarder
+    assert forwarder is not None
+    return await forwarder.handle(request, endpoint, path_model=model)
+
+
+def _visible_models(request: web.Request) -> list[ModelInfo]:
+    state = request.app[STATE]
+    key = request.get(KEY)
+    created = int(state.started)
+    out = []
+    for m in state.router.models:
+        if key is not None and key.models and m.name not in key.models:
+            continue
+        owner = m.routes[0].upstream
+        out.append(ModelInfo(m.name, owner, created))
+    return out
+
+
+async def list_models(request: web.Request) -> web.Response:
+    dialect = dialect_for(request)
+    body = dialect.models_body(_visible_models(request), request.query)
+    return web.Response(body=body, content_type="application/json")
+
+
+async def list_gemini_models(request: web.Request) -> web.Response:
+    return web.Response(body=GEMINI.models_body(_visible_models(request), request.query), content_type="application/json")
+
+
+async def get_model(request: web.Request) -> web.Response:
+    name = request.match_info["model"].removeprefix("models/")
+    for m in _visible_models(request):
+        if m.id == name:
+            dialect = dialect_for(request)
+            if dialect is OPENAI:
+                body = {"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by}
+                return web.json_response(body)
+            return web.Response(body=dialect.models_body([m], {}), content_type="application/json")
+    raise NotFound(f"The model '{name[:64]}' does not exist.", code="model_not_found")
+
+
+async def root(request: web.Request) -> web.Response:
+    return web.json_response({"name": "llm-proxy", "status": "ok"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if not state.ready or state.streams.stopping:
+        return web.json_response({"status": "unavailable"}, status=503)
+    checks: dict[str, str] = {}
+    for name, ping in (("store", state.store.ping), ("limits", state.limiter.ping)):
+        try:
+            await ping()
+            checks[name] = "ok"
+        except Exception as exc:
+            checks[name] = type(exc).__name__
+    ok = all(v == "ok" for v in checks.values())
+    return web.json_response({"status": "ok" if ok else "degraded", "checks": checks}, status=200 if ok else 503)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body, ctype = state.metrics.render(state)
+    return web.Response(body=body, headers={"Content-Type": ctype})
+
+
+# ---------------------------------------------------------------------- middlewares
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route = request.match_info.route
+    if request.match_info.http_exception is not None or request.path in PUBLIC_PATHS:
+        return await handler(request)
+    if request.path.startswith("/admin/") or request.path == "/admin":
+        return await handler(request)  # master key checked by proxy.admin
+    state = request.app[STATE]
+    if state.streams.stopping:
+        raise ServiceUnavailable("The gateway is shutting down.", code="server_shutting_down", retry_after_s=1)
+    assert state.authenticator is not None and route is not None
+    allow_query = dialect_for(request) is GEMINI
+    request[KEY] = await state.authenticator.authenticate(extract_key(request, allow_query))
+    return await handler(request)
+
+
+# ---------------------------------------------------------------------- life cycle
+
+
+async def _spend_seed(state: AppState, key_id: str, since: float) -> float:
+    return await state.store.spend_usd(key_id, since)
+
+
+def _backends(app: web.Application) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        state = app[STATE]
+        await state.store.open()
+        try:
+            await state.limiter.open()
+            try:
+                yield
+            finally:
+                await state.limiter.close()
+        finally:
+            await state.store.close()
+
+    return ctx
+
+
+async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    cfg = state.config
+    mock_runner: web.AppRunner | None = None
+    mock_base = ""
+    if any(u.is_mock for u in cfg.upstreams):
+        mock_runner = web.AppRunner(build_mock_app(MockOptions()), access_log=None)
+        await mock_runner.setup()
+        site = web.TCPSite(mock_runner, "127.0.0.1", 0)
+        await site.start()
+        port = mock_runner.addresses[0][1]
+        mock_base = f"http://127.0.0.1:{port}"
+    for u in cfg.upstreams:
+        if u.is_mock:
+            base = mock_base + ("/v1" if u.protocol == "openai" else "")
+            state.upstreams.add(u, base, u.api_key or "mock-upstream-key")
+        elif u.api_key:
+            state.upstreams.add(u, u.base_url, u.api_key)
+    if state.router.skipped:
+        log.warning("models left out (their upstream has no credential): %s", ", ".join(state.router.skipped))
+    try:
+        yield
+    finally:
+        await state.upstreams.close()
+        if mock_runner is not None:
+            await mock_runner.cleanup()
+
+
+async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    cfg = state.config
+    sink = UsageSink(
+        state.store,
+        cfg.storage.spool_path,
+        flush_interval_s=cfg.storage.flush_interval_s,
+        on_record=state.metrics.observe_record,
+    )
+    await sink.start()
+    state.sink = sink
+    state.admission = Admission(state.limiter, cfg.limits.fail_open)
+    state.authenticator = Authenticator(state.store, KeyCache(cfg.auth.cache_ttl_s, cfg.auth.negative_cache_ttl_s))
+    state.forwarder = Forwarder(cfg, state.router, state.upstreams, state.admission, sink.record, state.streams)
+    state.ready = True
+    try:
+        yield
+    finally:
+        state.ready = False
+        await state.admission.drain()
+        # Handlers have drained by now (aiohttp runs cleanup after shutdown): flush last.
+        await sink.close()
+
+
+def build_app(config: Config, *, store: Store | None = None, limiter: Limiter | None = None) -> web.Application:
+    state = AppState(config=config, router=Router(config), store=store or open_store(config.storage.url), limiter=limiter)  # type: ignore[arg-type]
+    if state.limiter is None:
+        state.limiter = make_limiter(config.limits.url, spend_seed=lambda key_id, since: _spend_seed(state, key_id, since))
+
+    def in_flight(delta: int) -> None:
+        state.in_flight += delta
+
+    app = web.Application(
+        middlewares=[make_context_middleware(in_flight), auth_middleware],
+        client_max_size=int(config.server.max_body_mb * 1024 * 1024),
+        handler_args={"max_line_size": config.server.max_line_size, "max_field_size": config.server.max_field_size},
+    )
+    app[STATE] = state
+    app.on_response_prepare.append(on_prepare)
+    app.cleanup_ctx.append(_backends(app))
+    app.cleanup_ctx.append(_upstreams_ctx)
+    app.cleanup_ctx.append(_pipeline_ctx)
+
+    r = app.router
+    for prefix in ("/v1", ""):
+        r.add_post(f"{prefix}/chat/completions", _model_call(CHAT))
+        r.add_post(f"{prefix}/completions", _model_call(COMPLETIONS))
+        r.add_post(f"{prefix}/embeddings", _model_call(EMBEDDINGS))
+        r.add_post(f"{prefix}/responses", _model_call(RESPONSES))
+        r.add_post(f"{prefix}/messages", _model_call(MESSAGES))
+        r.add_post(f"{prefix}/messages/count_tokens", _model_call(COUNT_TOKENS))
+        r.add_get(f"{prefix}/models", list_models)
+    r.add_get("/v1beta/models", list_gemini_models)
+    r.add_post("/v1beta/models/{tail:.+}", gemini_call)
+    r.add_post("/v1/models/{tail:.+}", gemini_call)
+    r.add_get("/v1beta/models/{model:.+}", get_model)
+    r.add_get("/v1/models/{model:.+}", get_model)
+    r.add_get("/", root)
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics_handler)
+    admin.add_routes(app, STATE)
+    return app
+
+
+__all__ = ["AppState", "PUBLIC_PATHS", "STATE", "build_app", "ProxyError"]

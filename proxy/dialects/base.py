@@ -1,0 +1,53 @@
+"""What every API dialect provides: wire-format knowledge and no I/O.
+
+A dialect is the API family a route speaks (openai, anthropic, gemini). It renders
+the gateway's own errors in its shape, frames mid-stream errors and keep-alives, and
+knows how its upstreams want to be called (URL layout and credential header).
+Generic code never branches on a dialect's name; it asks the dialect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Protocol, Sequence
+
+from proxy.errors import ProxyError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model as listed to clients."""
+
+    id: str
+    owned_by: str
+    created: int
+
+
+class Dialect(Protocol):
+    name: str
+    # Bytes written while an upstream is silent; None means this dialect gets none.
+    keepalive: bytes | None
+    # Streams of this dialect whose content-type is not SSE but still stream (Gemini arrays).
+
+    def error_body(self, err: ProxyError, request_id: str) -> bytes: ...
+    def error_status(self, err: ProxyError) -> int: ...
+    def stream_error_event(self, err: ProxyError, request_id: str) -> bytes: ...
+    def upstream_headers(self, api_key: str | None) -> Mapping[str, str]: ...
+    def upstream_url(self, base_url: str, endpoint: str, upstream_model: str, stream: bool, query: str) -> str: ...
+    def models_body(self, models: Sequence[ModelInfo], query: Mapping[str, str]) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One model-calling route of a dialect."""
+
+    name: str                 # "chat.completions", "messages", "streamGenerateContent", ...
+    dialect: Dialect
+    # The body carries `model` (OpenAI, Anthropic); Gemini puts it in the path.
+    model_in_path: bool = False
+    # True when the route itself means streaming (Gemini streamGenerateContent).
+    always_stream: bool = False
+    # Whether the request may stream at all (embeddings and count_tokens never do).
+    can_stream: bool = True
+    # Whether the gateway asks this endpoint's upstream for a usage chunk (OpenAI chat/completions).
+    wants_include_usage: bool = False

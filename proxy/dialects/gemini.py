@@ -1,0 +1,76 @@
+"""The Gemini dialect: generateContent, streamGenerateContent, models."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import orjson
+
+from proxy.dialects.base import Endpoint, ModelInfo
+from proxy.errors import ProxyError
+
+# google.rpc status names by HTTP status.
+_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "UNIMPLEMENTED",
+    413: "INVALID_ARGUMENT",
+    415: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    502: "UNAVAILABLE",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+class GeminiDialect:
+    name = "gemini"
+    # Gemini clients accept no SSE comments or extra events (CLIENTS.md item 38).
+    keepalive: bytes | None = None
+
+    def error_status(self, err: ProxyError) -> int:
+        return err.status
+
+    def _error(self, err: ProxyError) -> dict[str, object]:
+        details: list[dict[str, object]] = [
+            {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": err.code.upper(), "domain": "llm-proxy"}
+        ]
+        if err.retry_after_s is not None:
+            details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{err.retry_after_s}s"})
+        # `error` must be the first key: google-genai checks startswith('{"error":').
+        return {"error": {"code": err.status, "message": err.message, "status": _STATUS.get(err.status, "UNKNOWN"), "details": details}}
+
+    def error_body(self, err: ProxyError, request_id: str) -> bytes:
+        return orjson.dumps(self._error(err))
+
+    def stream_error_event(self, err: ProxyError, request_id: str) -> bytes:
+        return b"data: " + orjson.dumps(self._error(err)) + b"\r\n\r\n"
+
+    def upstream_headers(self, api_key: str | None) -> Mapping[str, str]:
+        return {"x-goog-api-key": api_key} if api_key else {}
+
+    def upstream_url(self, base_url: str, endpoint: str, upstream_model: str, stream: bool, query: str) -> str:
+        url = f"{base_url.rstrip('/')}/v1beta/models/{upstream_model}:{endpoint}"
+        return url + "?alt=sse" if "alt=sse" in query else url
+
+    def models_body(self, models: Sequence[ModelInfo], query: Mapping[str, str]) -> bytes:
+        return orjson.dumps(
+            {
+                "models": [
+                    {
+                        "name": f"models/{m.id}",
+                        "displayName": m.id,
+                        "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"],
+                    }
+                    for m in models
+                ]
+            }
+        )
+
+
+GEMINI = GeminiDialect()
+GENERATE = Endpoint("generateContent", GEMINI, model_in_path=True, can_stream=False)
+STREAM_GENERATE = Endpoint("streamGenerateContent", GEMINI, model_in_path=True, always_stream=True)

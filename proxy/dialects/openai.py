@@ -1,0 +1,57 @@
+"""The OpenAI dialect: chat completions, completions, embeddings, responses, models."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import orjson
+
+from proxy.dialects.base import Endpoint, ModelInfo
+from proxy.errors import ProxyError
+
+_PATHS = {
+    "chat.completions": "/chat/completions",
+    "completions": "/completions",
+    "embeddings": "/embeddings",
+    "responses": "/responses",
+}
+
+
+class OpenAIDialect:
+    name = "openai"
+    # Not ": ping": Continue's SSE parser mis-reads that prefix (CLIENTS.md item 25).
+    keepalive: bytes | None = b": keep-alive\n\n"
+
+    def error_status(self, err: ProxyError) -> int:
+        return err.status
+
+    def _error(self, err: ProxyError) -> dict[str, object]:
+        return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+
+    def error_body(self, err: ProxyError, request_id: str) -> bytes:
+        return orjson.dumps(self._error(err))
+
+    def stream_error_event(self, err: ProxyError, request_id: str) -> bytes:
+        # One data event, then the stream closes without [DONE] (truncation is visible).
+        return b"data: " + orjson.dumps(self._error(err)) + b"\n\n"
+
+    def upstream_headers(self, api_key: str | None) -> Mapping[str, str]:
+        return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def upstream_url(self, base_url: str, endpoint: str, upstream_model: str, stream: bool, query: str) -> str:
+        return base_url.rstrip("/") + _PATHS[endpoint]
+
+    def models_body(self, models: Sequence[ModelInfo], query: Mapping[str, str]) -> bytes:
+        return orjson.dumps(
+            {
+                "object": "list",
+                "data": [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by} for m in models],
+            }
+        )
+
+
+OPENAI = OpenAIDialect()
+CHAT = Endpoint("chat.completions", OPENAI, wants_include_usage=True)
+COMPLETIONS = Endpoint("completions", OPENAI, wants_include_usage=True)
+EMBEDDINGS = Endpoint("embeddings", OPENAI, can_stream=False)
+RESPONSES = Endpoint("responses", OPENAI)

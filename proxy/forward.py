@@ -1,0 +1,479 @@
+"""The model-call pipeline: parse once, route, admit, forward, tee, record.
+
+One `Forwarder` serves every model-calling route of every dialect. It knows nothing
+of a provider's wire format beyond what the endpoint's dialect and meter tell it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.dialects import Endpoint
+from proxy.errors import (
+    InvalidRequest,
+    ModelNotAllowed,
+    ProxyError,
+    ServiceUnavailable,
+    UnsupportedParameter,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from proxy.limits.base import Reservation
+from proxy.metering import meter_for
+from proxy.metering.base import Meter, Usage
+from proxy.metering.estimate import estimate_prompt_tokens
+from proxy.metering.openai import UsageChunkDropper, ensure_include_usage
+from proxy.middleware.auth import KEY
+from proxy.middleware.context import REQUEST_ID
+from proxy.middleware.limits import Admission
+from proxy.pricing import cost_usd, max_cost_usd
+from proxy.routing import Route, Router
+from proxy.store.base import KeyRecord, Outcome, UsageRecord
+from proxy.upstream import UpstreamPool, UpstreamTarget, open_response, request_headers
+
+log = logging.getLogger("llm_proxy.forward")
+
+# Body fields that would let a caller choose hosts or credentials in other gateways
+# (LiteLLM CVE-2024-6587). We never honour them, and refuse them so nobody thinks we do.
+FORBIDDEN_FIELDS = frozenset(
+    {"api_base", "base_url", "api_key", "user_config", "extra_headers", "custom_llm_provider", "api_version"}
+)
+_MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# Upstream response headers worth passing to the client.
+_PASS_HEADERS = ("Content-Type", "Retry-After", "x-should-retry")
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_UPSTREAM_BODY_CAP = 64 * 1024 * 1024
+
+
+@dataclass
+class Call:
+    """What one model call knows as it goes; becomes one usage record per attempt."""
+
+    request_id: str
+    started: float
+    endpoint: Endpoint
+    key: KeyRecord | None
+    model: str
+    stream: bool
+    prompt_estimate: int
+    route: Route | None = None
+    attempt: int = 0
+    status: int = 0
+    ttft_ms: float | None = None
+    outcome: Outcome = "ok"
+    error: str | None = None
+    meter: Meter | None = None
+    emitted: bool = False        # the current attempt's record went out
+    records: list[UsageRecord] = field(default_factory=list)
+
+
+class Forwarder:
+    def __init__(
+        self,
+        config: Config,
+        router: Router,
+        upstreams: UpstreamPool,
+        admission: Admission,
+        record: Callable[[UsageRecord], None],
+        state: "StreamRegistry",
+    ) -> None:
+        self._config = config
+        self._router = router
+        self._upstreams = upstreams
+        self._admission = admission
+        self._record = record
+        self._streams = state
+        self._keepalive_s = config.server.stream_keepalive_s
+        # (upstream, upstream_model) pairs that rejected stream_options.include_usage.
+        self._no_include_usage: set[tuple[str, str]] = set()
+
+    # ------------------------------------------------------------------ entry point
+
+    async def handle(
+        self, request: web.Request, endpoint: Endpoint, path_model: str | None = None
+    ) -> web.StreamResponse:
+        raw = await request.read()
+        body = _parse_body(raw)
+        model = _model_of(body, endpoint, path_model)
+        stream = _stream_flag(body, endpoint)
+        key = request.get(KEY)
+        if key is not None and key.models and model not in key.models:
+            raise ModelNotAllowed(f"This key may not use the model '{model[:64]}'.", param="model")
+        plan = self._router.plan(model, endpoint.dialect.name)
+        price = plan[0].model.price
+        prompt_estimate = estimate_prompt_tokens(raw)
+        max_out = _max_output_tokens(body, self._config.limits.default_max_tokens)
+        reservation, limit_headers = await self._admission.admit(
+            key, request[REQUEST_ID], prompt_estimate + max_out, max_cost_usd(price, prompt_estimate, max_out)
+        )
+        call = Call(request[REQUEST_ID], time.time(), endpoint, key, model, stream, prompt_estimate)
+        try:
+            return await self._run(request, call, body, raw, plan, limit_headers)
+        finally:
+            self._finish(call, reservation)
+
+    # ------------------------------------------------------------------ attempts
+
+    async def _run(
+        self,
+        request: web.Request,
+        call: Call,
+        body: dict[str, Any],
+        raw: bytes,
+        plan: list[Route],
+        limit_headers: dict[str, str],
+    ) -> web.StreamResponse:
+        last_error: ProxyError = UpstreamError("No upstream could serve the request.")
+        for attempt, route in enumerate(plan):
+            call.attempt, call.route, call.emitted = attempt, route, False
+            call.outcome, call.error, call.status, call.meter, call.ttft_ms = "ok", None, 0, None, None
+            target = self._upstreams.get(route.upstream.name)
+            out, dropper_needed = self._upstream_body(call, body, raw, route)
+            try:
+                resp = await self._open(request, call, target, out, dropper_needed, body, raw, route)
+            except (UpstreamError, UpstreamTimeout) as exc:
+                self._fail(call, exc)
+                last_error = exc
+                continue
+            try:
+                if resp.status >= 500 and attempt + 1 < len(plan):
+                    # Nothing reached the client yet: the next route may do better.
+                    self._fail(call, UpstreamError(f"The upstream failed with status {resp.status}."))
+                    continue
+                call.meter = meter_for(call.endpoint.name, call.stream, sse="alt=sse" in request.query_string)
+                if call.stream and resp.status == 200 and _is_stream(resp):
+                    dropper = UsageChunkDropper() if dropper_needed else None
+                    return await self._relay_stream(request, call, target, resp, dropper, limit_headers)
+                return await self._relay_body(call, target, resp, limit_headers)
+            except ProxyError as exc:
+                call.outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error"
+                call.error, call.status = exc.code, exc.status
+                raise
+            finally:
+                resp.close()
+        raise last_error
+
+    def _upstream_body(self, call: Call, body: dict[str, Any], raw: bytes, route: Route) -> tuple[bytes, bool]:
+        """Re-encode only when something must change; say whether to drop a usage event."""
+        changed = False
+        if not call.endpoint.model_in_path and body.get("model") != route.upstream_model:
+            body = {**body, "model": route.upstream_model}
+            changed = True
+        dropper = False
+        if (
+            call.stream
+            and call.endpoint.wants_include_usage
+            and (route.upstream.name, route.upstream_model) not in self._no_include_usage
+        ):
+            new_body, client_asked = ensure_include_usage(body)
+            if not client_asked:
+                body, changed, dropper = new_body, True, True
+        return (orjson.dumps(body) if changed else raw), dropper
+
+    async def _open(
+        self,
+        request: web.Request,
+        call: Call,
+        target: UpstreamTarget,
+        out: bytes,
+        dropper_needed: bool,
+        body: dict[str, Any],
+        raw: bytes,
+        route: Route,
+    ) -> aiohttp.ClientResponse:
+        url = target.dialect.upstream_url(
+            target.base_url, call.endpoint.name, route.upstream_model, call.stream, request.query_string
+        )
+        headers = request_headers(request.headers, target, call.request_id)
+        resp = await open_response(target, url, out, headers)
+        if resp.status == 400 and dropper_needed:
+            # Some OpenAI-compatible servers reject stream_options: ask once without it,
+            # remember, and estimate usage for those streams.
+            resp.close()
+            self._no_include_usage.add((route.upstream.name, route.upstream_model))
+            log.info("upstream %s rejects include_usage for %s; estimating", target.name, route.upstream_model)
+            out, _ = self._upstream_body(call, body, raw, route)
+            resp = await open_response(target, url, out, headers)
+        return resp
+
+    # ------------------------------------------------------------------ relays
+
+    async def _relay_body(
+        self, call: Call, target: UpstreamTarget, resp: aiohttp.ClientResponse, limit_headers: dict[str, str]
+    ) -> web.Response:
+        try:
+            async with asyncio.timeout(target.config.timeouts.idle_s):
+                data = await resp.content.read(_UPSTREAM_BODY_CAP)
+        except TimeoutError:
+            raise UpstreamTimeout("The upstream stopped sending its answer.") from None
+        except (aiohttp.ClientError, OSError):
+            raise UpstreamError("The upstream connection failed while reading the answer.") from None
+        call.status = resp.status
+        call.ttft_ms = (time.time() - call.started) * 1000
+        if resp.status in (401, 403):
+            # The provider rejected the operator's credential; its body may echo it.
+            log.error("upstream %s rejected the gateway's credential (status %d)", target.name, resp.status)
+            raise UpstreamError("The upstream rejected the gateway's credentials.", code="upstream_auth_error")
+        if resp.status >= 500:
+            raise UpstreamError(f"The upstream failed with status {resp.status}.")
+        if resp.status >= 400 and target.secret and target.secret.encode() in data:
+            raise UpstreamError(f"The upstream refused the request with status {resp.status}.")
+        if resp.status < 300 and call.meter is not None:
+            call.meter.feed_body(data)
+        elif resp.status >= 400:
+            call.outcome, call.error = "upstream_error", f"upstream_{resp.status}"
+        headers = _pass_headers(resp, limit_headers)
+        return web.Response(status=resp.status, body=data, headers=headers)
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        call: Call,
+        target: UpstreamTarget,
+        resp: aiohttp.ClientResponse,
+        dropper: UsageChunkDropper | None,
+        limit_headers: dict[str, str],
+    ) -> web.StreamResponse:
+        meter = call.meter
+        assert meter is not None
+        headers = _pass_headers(resp, limit_headers)
+        headers.update(_STREAM_HEADERS)
+        out = web.StreamResponse(status=200, headers=headers)
+        await out.prepare(request)
+        call.status = 200
+        dialect = call.endpoint.dialect
+        keepalive = dialect.keepalive
+        idle_s = target.config.timeouts.idle_s
+        wait_s = min(idle_s, self._keepalive_s) if keepalive else idle_s
+        loop = asyncio.get_running_loop()
+        content = resp.content
+        last_data = loop.time()
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(wait_s):
+                        chunk = await content.readany()
+                except TimeoutError:
+                    if loop.time() - last_data >= idle_s:
+                        raise UpstreamTimeout("The upstream stopped sending data.") from None
+                    await out.write(keepalive)  # type: ignore[arg-type]
+                    continue
+                if not chunk:
+                    break
+                last_data = loop.time()
+                meter.feed(chunk)
+                if dropper is not None:
+                    chunk = dropper.feed(chunk)
+                    if not chunk:
+                        continue
+                if call.ttft_ms is None:
+                    call.ttft_ms = (time.time() - call.started) * 1000
+                await out.write(chunk)
+            if dropper is not None and (rest := dropper.flush()):
+                await out.write(rest)
+            await out.write_eof()
+        except (UpstreamTimeout, UpstreamError) as exc:
+            await self._end_stream(call, out, exc, "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error")
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            log.warning("upstream %s cut the stream (%s)", target.name, type(exc).__name__)
+            await self._end_stream(call, out, UpstreamError("The upstream connection failed mid-stream."), "upstream_error")
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            call.outcome, call.error = "client_abort", "client_abort"
+        except asyncio.CancelledError:
+            if self._streams.stopping:
+                call.outcome, call.error = "shutdown", "server_shutdown"
+                await _try_write(out, dialect.stream_error_event(_shutdown_error(), call.request_id))
+            else:
+                call.outcome, call.error = "client_abort", "client_abort"
+            raise
+        finally:
+            self._streams.discard(task)
+        return out
+
+    async def _end_stream(self, call: Call, out: web.StreamResponse, err: ProxyError, outcome: Outcome) -> None:
+        call.outcome, call.error = outcome, err.code
+        await _try_write(out, call.endpoint.dialect.stream_error_event(err, call.request_id))
+        try:
+            await out.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError):
+            pass
+
+    # ------------------------------------------------------------------ records
+
+    def _fail(self, call: Call, exc: ProxyError) -> None:
+        call.outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error"
+        call.error, call.status = exc.code, exc.status
+        self._emit(call)
+
+    def _finish(self, call: Call, reservation: Reservation | None) -> None:
+        """Runs in `finally`, also under cancellation: record the open attempt, settle."""
+        if call.route is not None and not call.emitted:
+            if call.status == 0 and call.outcome == "ok":
+                # Cancelled while waiting for the upstream: the client left (or shutdown).
+                stopping = self._streams.stopping
+                call.outcome = "shutdown" if stopping else "client_abort"
+                call.error = "server_shutdown" if stopping else "client_abort"
+            self._emit(call)
+        total_tokens = sum(r.prompt_tokens + r.completion_tokens for r in call.records)
+        total_cost = sum(r.cost_usd for r in call.records)
+        self._admission.settle(reservation, total_tokens, total_cost)
+
+    def _emit(self, call: Call) -> None:
+        route = call.route
+        assert route is not None
+        usage = call.meter.usage() if call.meter is not None else None
+        estimated = False
+        if usage is None:
+            delivered = call.meter.delivered_tokens() if call.meter is not None else 0
+            if call.status and call.status < 400 or delivered:
+                usage = Usage(prompt_tokens=call.prompt_estimate, completion_tokens=delivered)
+                estimated = True
+            else:
+                usage = Usage()
+        elif usage.flagged:
+            estimated = True
+        now = time.time()
+        rec = UsageRecord(
+            id=call.request_id if call.attempt == 0 else f"{call.request_id}.{call.attempt}",
+            ts=call.started,
+            key_id=call.key.id if call.key else None,
+            key_name=call.key.name if call.key else None,
+            endpoint=call.endpoint.name,
+            model=call.model,
+            upstream=route.upstream.name,
+            upstream_model=route.upstream_model,
+            stream=call.stream,
+            status=call.status,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            cache_creation_tokens=usage.cache_creation_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            cost_usd=cost_usd(route.model.price, usage),
+            estimated=estimated,
+            ttft_ms=call.ttft_ms,
+            duration_ms=(now - call.started) * 1000,
+            error=call.error,
+            outcome=call.outcome,
+        )
+        call.records.append(rec)
+        call.emitted = True
+        self._record(rec)
+
+
+class StreamRegistry:
+    """The handler tasks currently streaming, and whether the process is stopping."""
+
+    def __init__(self) -> None:
+        self._active: set[asyncio.Task[Any]] = set()
+        self.stopping = False
+
+    def add(self, task: asyncio.Task[Any]) -> None:
+        self._active.add(task)
+
+    def discard(self, task: asyncio.Task[Any]) -> None:
+        self._active.discard(task)
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise InvalidRequest("The request body is empty; expected a JSON object.", code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    bad = FORBIDDEN_FIELDS.intersection(body)
+    if bad:
+        name = sorted(bad)[0]
+        raise UnsupportedParameter(f"The parameter '{name}' is not accepted by this gateway.", param=name)
+    return body
+
+
+def _model_of(body: dict[str, Any], endpoint: Endpoint, path_model: str | None) -> str:
+    if endpoint.model_in_path:
+        model = (path_model or "").removeprefix("models/")
+    else:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("The request needs a 'model' string.", param="model")
+    if not model or len(model) > 256:
+        raise InvalidRequest("The model name is missing or too long.", param="model")
+    return model
+
+
+def _stream_flag(body: dict[str, Any], endpoint: Endpoint) -> bool:
+    if endpoint.always_stream:
+        return True
+    value = body.get("stream", False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidRequest("'stream' must be true or false.", param="stream")
+    if value and not endpoint.can_stream:
+        raise InvalidRequest("This endpoint does not stream.", param="stream")
+    return value
+
+
+def _max_output_tokens(body: dict[str, Any], default: int) -> int:
+    for name in _MAX_TOKEN_FIELDS:
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidRequest(f"'{name}' must be a non-negative integer.", param=name)
+        return min(value, 10_000_000)
+    config = body.get("generationConfig")
+    if isinstance(config, dict) and isinstance(config.get("maxOutputTokens"), int):
+        return max(0, min(config["maxOutputTokens"], 10_000_000))
+    return default
+
+
+def _is_stream(resp: aiohttp.ClientResponse) -> bool:
+    ctype = resp.headers.get("Content-Type", "")
+    # Gemini's streamGenerateContent without alt=sse streams a JSON array.
+    return ctype.startswith("text/event-stream") or ctype.startswith("application/json")
+
+
+def _pass_headers(resp: aiohttp.ClientResponse, extra: dict[str, str]) -> dict[str, str]:
+    headers = dict(extra)
+    for name in _PASS_HEADERS:
+        value = resp.headers.get(name)
+        if value is not None:
+            headers[name] = value
+    return headers
+
+
+def _shutdown_error() -> ServiceUnavailable:
+    return ServiceUnavailable("The gateway is shutting down; the stream was ended.", code="server_shutdown")
+
+
+async def _try_write(out: web.StreamResponse, data: bytes) -> None:
+    try:
+        await out.write(data)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError):
+        pass
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex

@@ -1,0 +1,245 @@
+"""In-process limiter: exact within one process (semantics: see the comment in base.py).
+
+Check-and-reserve runs without any await in between, so on one event loop it is atomic
+without locks. The only await is the spend seed, which happens before the check.
+Entries are kept in arrival order, which is time order as long as the clock does not
+step backwards (if it does, old entries are merely pruned a little late).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Callable
+
+from proxy.limits.base import (
+    US_PER_S,
+    WINDOW_US,
+    Decision,
+    LimiterUnavailable,
+    LimitSpec,
+    Reason,
+    Reservation,
+    SpendSeed,
+    check_spec,
+    make_decision,
+    usd_to_nano,
+)
+
+# Spend counters of periods older than this are dropped when a newer period is seeded
+# (late settlements of the previous period still find theirs).
+_KEEP_PERIODS_S = 32 * 86_400
+
+
+def period_bounds(now_s: int, period: str | None) -> tuple[int, int | None]:
+    """(start, end) of the budget period containing `now_s`, unix seconds, UTC."""
+    if period is None:
+        return 0, None
+    now = datetime.fromtimestamp(now_s, tz=timezone.utc)
+    if period == "day":
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = start + timedelta(days=1)
+    else:
+        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = (start + timedelta(days=32)).replace(day=1)
+    return int(start.timestamp()), int(end.timestamp())
+
+
+# Mutable per-key state (not frozen on purpose: it is the counter itself).
+@dataclass(slots=True)
+class _Tokens:
+    ts_us: int
+    tokens: int
+
+
+@dataclass(slots=True)
+class _Held:
+    expiry_us: int
+    cost_nano: int          # counted in `reserved_nano` while the reservation is live
+    period: int | None      # budget period the actual cost is charged to; None: no budget
+
+
+@dataclass(slots=True)
+class _KeyState:
+    requests: deque[int] = field(default_factory=deque)                       # admission stamps
+    tokens: OrderedDict[str, _Tokens] = field(default_factory=OrderedDict)
+    tokens_sum: int = 0
+    live: OrderedDict[str, _Held] = field(default_factory=OrderedDict)        # holding a slot
+    stale: OrderedDict[str, _Held] = field(default_factory=OrderedDict)       # expired, unsettled
+    reserved_nano: int = 0
+    spent: dict[int, int] = field(default_factory=dict)                       # period -> nano-USD
+
+
+class MemoryLimiter:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        reservation_ttl_s: float = 900,
+        spend_seed: SpendSeed | None = None,
+    ) -> None:
+        self._clock = clock
+        self._ttl_us = round(reservation_ttl_s * US_PER_S)
+        self._spend_seed = spend_seed
+        self._keys: dict[str, _KeyState] = {}
+        # Seeding is rare (once per key and period); one lock keeps concurrent first
+        # requests of a key from all querying the store.
+        self._seed_lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    async def admit(self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float) -> Decision:
+        tokens = max(0, tokens)
+        reservation = Reservation(key_id, request_id, tokens, cost_usd, spec)
+        if spec.empty:
+            return Decision(admitted=True, reservation=reservation)
+        check_spec(spec)
+        cost = usd_to_nano(cost_usd)
+        st = self._keys.setdefault(key_id, _KeyState())
+        now = await self._seeded_now(key_id, st, spec)
+        # No await from here on: check and reserve are one atomic step.
+        self._prune(st, now)
+        period, period_end = period_bounds(now // US_PER_S, spec.budget_period)
+
+        refusals: list[tuple[Reason, int]] = []
+        if spec.budget_usd is not None:
+            budget, spent = usd_to_nano(spec.budget_usd), st.spent[period]
+            if spent + st.reserved_nano + cost > budget:
+                if spent + cost <= budget:
+                    wait = US_PER_S                 # only in-flight reservations are in the way
+                elif period_end is None:
+                    wait = -1                       # lifetime budget: waiting cannot help
+                else:
+                    wait = period_end * US_PER_S - now
+                refusals.append(("budget", wait))
+        if spec.rpm is not None and len(st.requests) >= spec.rpm:
+            # The (count - rpm)-th oldest admission must leave before one more fits.
+            idx = len(st.requests) - spec.rpm
+            wait = st.requests[idx] + WINDOW_US - now if idx < len(st.requests) else WINDOW_US
+            refusals.append(("rpm", wait))
+        if spec.tpm is not None and st.tokens_sum + tokens > spec.tpm:
+            refusals.append(("tpm", self._tokens_wait(st, spec.tpm, tokens, now)))
+        if spec.max_parallel is not None and len(st.live) >= spec.max_parallel:
+            refusals.append(("parallel", US_PER_S))
+
+        if refusals:
+            reason = refusals[0][0]
+            wait = refusals[0][1] if reason == "budget" else max(w for _, w in refusals)
+            return self._decision(st, spec, None, reason, wait, now)
+
+        if spec.rpm is not None:
+            st.requests.append(now)
+        if spec.tpm is not None:
+            old = st.tokens.pop(request_id, None)
+            st.tokens_sum += tokens - (old.tokens if old else 0)
+            st.tokens[request_id] = _Tokens(now, tokens)
+        if spec.max_parallel is not None or spec.budget_usd is not None:
+            self._release(st, request_id)
+            held_cost = cost if spec.budget_usd is not None else 0
+            st.reserved_nano += held_cost
+            st.live[request_id] = _Held(now + self._ttl_us, held_cost, period if spec.budget_usd is not None else None)
+        return self._decision(st, spec, reservation, None, 0, now)
+
+    async def settle(self, reservation: Reservation, tokens: int, cost_usd: float) -> None:
+        st = self._keys.get(reservation.key_id)
+        if st is None or reservation.spec.empty:
+            return
+        self._prune(st, self._now_us())   # a reservation past its forget time is not charged
+        rid, tokens = reservation.request_id, max(0, tokens)
+        entry = st.tokens.get(rid)
+        if entry is not None:                       # still in the window: correct in place
+            st.tokens_sum += tokens - entry.tokens
+            entry.tokens = tokens
+        held = self._release(st, rid)
+        # Charged once: the held record is gone after the first settlement.
+        if held is not None and held.period is not None and held.period in st.spent:
+            st.spent[held.period] += usd_to_nano(cost_usd)
+
+    # --- internals ---
+
+    def _now_us(self) -> int:
+        return round(self._clock() * US_PER_S)
+
+    async def _seeded_now(self, key_id: str, st: _KeyState, spec: LimitSpec) -> int:
+        """The current time, after making sure the budget period's spend counter exists."""
+        while True:
+            now = self._now_us()
+            if spec.budget_usd is None:
+                return now
+            period, _ = period_bounds(now // US_PER_S, spec.budget_period)
+            if period in st.spent:
+                return now
+            async with self._seed_lock:
+                if period not in st.spent:
+                    value = await self._seed(key_id, period)
+                    st.spent = {p: v for p, v in st.spent.items() if p >= period - _KEEP_PERIODS_S}
+                    st.spent[period] = value
+            # Loop: the clock moved during the await (and may have crossed into a new period).
+
+    async def _seed(self, key_id: str, period: int) -> int:
+        if self._spend_seed is None:
+            return 0
+        try:
+            return usd_to_nano(await self._spend_seed(key_id, float(period)))
+        except Exception as exc:  # the store behind the seed is down: same as backend down
+            raise LimiterUnavailable("spend seed failed") from exc
+
+    def _prune(self, st: _KeyState, now: int) -> None:
+        cutoff = now - WINDOW_US
+        while st.requests and st.requests[0] <= cutoff:
+            st.requests.popleft()
+        while st.tokens:
+            rid, entry = next(iter(st.tokens.items()))
+            if entry.ts_us > cutoff:
+                break
+            del st.tokens[rid]
+            st.tokens_sum -= entry.tokens
+        while st.live:
+            rid, held = next(iter(st.live.items()))
+            if held.expiry_us > now:
+                break
+            del st.live[rid]
+            st.reserved_nano -= held.cost_nano
+            st.stale[rid] = held
+        while st.stale:
+            rid, held = next(iter(st.stale.items()))
+            if held.expiry_us + self._ttl_us > now:
+                break
+            del st.stale[rid]
+
+    @staticmethod
+    def _release(st: _KeyState, rid: str) -> _Held | None:
+        held = st.live.pop(rid, None)
+        if held is not None:
+            st.reserved_nano -= held.cost_nano
+            return held
+        return st.stale.pop(rid, None)
+
+    @staticmethod
+    def _tokens_wait(st: _KeyState, tpm: int, tokens: int, now: int) -> int:
+        """Until enough of the oldest token entries have left the window for `tokens`."""
+        left = st.tokens_sum
+        for entry in st.tokens.values():
+            left -= entry.tokens
+            if left + tokens <= tpm:
+                return entry.ts_us + WINDOW_US - now
+        return WINDOW_US
+
+    @staticmethod
+    def _decision(
+        st: _KeyState, spec: LimitSpec, reservation: Reservation | None, reason: Reason | None, wait: int, now: int
+    ) -> Decision:
+        requests_reset = st.requests[-1] + WINDOW_US - now if st.requests else 0
+        tokens_reset = next(reversed(st.tokens.values())).ts_us + WINDOW_US - now if st.tokens else 0
+        return make_decision(
+            spec, reservation, reason, wait, len(st.requests), requests_reset, st.tokens_sum, tokens_reset
+        )

@@ -1,0 +1,131 @@
+"""Outermost middleware: request id, CORS, error rendering in the caller's dialect.
+
+Every response carries `x-request-id` (and `request-id`, which Anthropic SDKs read).
+Every error the gateway produces itself, including aiohttp's own 404/405/413, is
+rendered here, once, in the dialect of the route that was called.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from proxy.dialects import ANTHROPIC, GEMINI, OPENAI, Dialect
+from proxy.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    ProxyError,
+    RequestTooLarge,
+    UnsupportedMediaType,
+)
+
+log = logging.getLogger("llm_proxy.http")
+
+REQUEST_ID = web.RequestKey("llm_proxy_request_id", str)
+DIALECT = web.RequestKey("llm_proxy_dialect", object)
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_CORS_ALLOW_HEADERS = (
+    "authorization, content-type, x-api-key, api-key, anthropic-version, anthropic-beta, "
+    "anthropic-dangerous-direct-browser-access, x-goog-api-key, x-goog-api-client, x-request-id, "
+    "x-stainless-arch, x-stainless-lang, x-stainless-os, x-stainless-package-version, "
+    "x-stainless-retry-count, x-stainless-runtime, x-stainless-runtime-version, x-stainless-timeout"
+)
+_EXPOSE = "x-request-id, request-id, retry-after, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def dialect_for(request: web.Request) -> Dialect:
+    """Which API family the caller speaks, from the path (and Anthropic's headers on /v1/models)."""
+    path = request.path
+    if path.startswith(("/v1beta/", "/v1beta")) or ":generateContent" in path or ":streamGenerateContent" in path:
+        return GEMINI
+    if path.startswith(("/v1/messages", "/messages")):
+        return ANTHROPIC
+    if path.rstrip("/") in ("/v1/models", "/models") and (
+        "anthropic-version" in request.headers or "x-api-key" in request.headers
+    ):
+        return ANTHROPIC
+    return OPENAI
+
+
+def cors_headers(request: web.Request) -> dict[str, str]:
+    origin = request.headers.get("Origin")
+    return {"Access-Control-Allow-Origin": origin or "*", "Vary": "Origin"} if origin else {}
+
+
+def _preflight(request: web.Request) -> web.Response:
+    headers = cors_headers(request) or {"Access-Control-Allow-Origin": "*"}
+    headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+    headers["Access-Control-Allow-Headers"] = request.headers.get("Access-Control-Request-Headers", _CORS_ALLOW_HEADERS)
+    headers["Access-Control-Max-Age"] = "86400"
+    return web.Response(status=204, headers=headers)
+
+
+def _from_http_exception(exc: web.HTTPException) -> ProxyError:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return RequestTooLarge("The request body is larger than this gateway accepts.")
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound("No such endpoint.")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowed("This method is not allowed on this endpoint.")
+    if isinstance(exc, web.HTTPUnsupportedMediaType):
+        return UnsupportedMediaType("Unsupported request encoding.")
+    if exc.status >= 500:
+        return ProxyError("Internal error.")
+    return InvalidRequest(exc.reason or "Bad request.")
+
+
+def render_error(request: web.Request, err: ProxyError) -> web.Response:
+    dialect = dialect_for(request)
+    rid = request.get(REQUEST_ID, "")
+    headers = {"Content-Type": "application/json", **err.headers}
+    return web.Response(status=dialect.error_status(err), body=dialect.error_body(err, rid), headers=headers)
+
+
+def make_context_middleware(in_flight: Callable[[int], None]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def context(request: web.Request, handler: Handler) -> web.StreamResponse:
+        sent = request.headers.get("x-request-id")
+        rid = sent if sent and _SANE_ID.match(sent) else "req_" + uuid.uuid4().hex
+        request[REQUEST_ID] = rid
+        if request.method == "OPTIONS":
+            return _preflight(request)
+        in_flight(1)
+        try:
+            return await handler(request)
+        except ProxyError as err:
+            return render_error(request, err)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return render_error(request, _from_http_exception(exc))
+        except (ConnectionResetError, OSError) as exc:
+            # The client went away mid-request; nothing to answer.
+            log.debug("client connection lost (%s)", type(exc).__name__)
+            raise
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            return render_error(request, ProxyError("Internal error."))
+        finally:
+            in_flight(-1)
+
+    return context
+
+
+async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers every response gets, streams and errors included (runs at prepare time)."""
+    rid = request.get(REQUEST_ID)
+    if rid:
+        response.headers["x-request-id"] = rid
+        response.headers["request-id"] = rid
+    origin = request.headers.get("Origin")
+    if origin:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = _EXPOSE
+        response.headers.setdefault("Vary", "Origin")

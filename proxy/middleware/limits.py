@@ -1,0 +1,95 @@
+"""Admission: turn a key's limits into one atomic limiter call, and its answer into
+429s and `x-ratelimit-*` headers. Settlement runs off the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+from proxy.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from proxy.limits.base import Decision, Limiter, LimiterUnavailable, LimitSpec, Reservation
+from proxy.store.base import KeyRecord
+
+log = logging.getLogger("llm_proxy.limits")
+
+_WHAT = {"rpm": "requests per minute", "tpm": "tokens per minute", "parallel": "parallel requests"}
+
+
+def spec_of(key: KeyRecord) -> LimitSpec:
+    return LimitSpec(key.rpm, key.tpm, key.max_parallel, key.budget_usd, key.budget_period)
+
+
+def ratelimit_headers(d: Decision) -> dict[str, str]:
+    h: dict[str, str] = {}
+    if d.limit_requests is not None:
+        h["x-ratelimit-limit-requests"] = str(d.limit_requests)
+        h["x-ratelimit-remaining-requests"] = str(max(0, d.remaining_requests or 0))
+        h["x-ratelimit-reset-requests"] = f"{math.ceil(d.reset_requests_s or 0)}s"
+    if d.limit_tokens is not None:
+        h["x-ratelimit-limit-tokens"] = str(d.limit_tokens)
+        h["x-ratelimit-remaining-tokens"] = str(max(0, d.remaining_tokens or 0))
+        h["x-ratelimit-reset-tokens"] = f"{math.ceil(d.reset_tokens_s or 0)}s"
+    return h
+
+
+class Admission:
+    def __init__(self, limiter: Limiter, fail_open: bool) -> None:
+        self._limiter = limiter
+        self._fail_open = fail_open
+        self._settling: set[asyncio.Task[None]] = set()
+
+    async def admit(
+        self, key: KeyRecord | None, request_id: str, tokens: int, cost_usd: float
+    ) -> tuple[Reservation | None, dict[str, str]]:
+        if key is None:
+            return None, {}
+        spec = spec_of(key)
+        if spec.empty:
+            return None, {}
+        try:
+            decision = await self._limiter.admit(key.id, spec, request_id, tokens, cost_usd)
+        except LimiterUnavailable:
+            if self._fail_open:
+                log.warning("limits backend unavailable; admitting %s (fail_open)", key.name)
+                return None, {}
+            raise ServiceUnavailable(
+                "Rate limiting is temporarily unavailable; please retry.",
+                code="rate_limiter_unavailable",
+                retry_after_s=2,
+            ) from None
+        headers = ratelimit_headers(decision)
+        if decision.admitted:
+            return decision.reservation, headers
+        wait = max(1, int(decision.retry_after_s))
+        if decision.reason == "budget":
+            headers["x-should-retry"] = "false"
+            raise QuotaExceeded(
+                "This key's budget is spent. Ask the gateway operator to raise it.", headers=headers
+            )
+        what = _WHAT.get(decision.reason or "", "requests")
+        raise RateLimited(
+            f"Rate limit reached for this key ({what}). Please try again in {wait}s.",
+            retry_after_s=min(wait, 60),
+            headers=headers,
+        )
+
+    def settle(self, reservation: Reservation | None, tokens: int, cost_usd: float) -> None:
+        """Called from `finally` (also while cancelled): settle in a task of its own."""
+        if reservation is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._settle(reservation, tokens, cost_usd))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, reservation: Reservation, tokens: int, cost_usd: float) -> None:
+        try:
+            await self._limiter.settle(reservation, tokens, cost_usd)
+        except LimiterUnavailable:
+            # The reservation expires by its TTL; the usage store still has the record.
+            log.warning("could not settle a reservation; it will expire")
+
+    async def drain(self) -> None:
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)

@@ -1,0 +1,89 @@
+"""Model name → upstream route. Only operator config chooses hosts; client text never does."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+from proxy.config import Config, ModelConfig, UpstreamConfig
+from proxy.errors import InvalidRequest, ModelNotFound
+
+log = logging.getLogger("llm_proxy.routing")
+
+
+@dataclass(frozen=True)
+class Route:
+    model: ModelConfig
+    upstream: UpstreamConfig
+    upstream_model: str
+    weight: float
+
+
+class Router:
+    """Resolves a client model name to the routes that can serve it, in attempt order."""
+
+    def __init__(self, config: Config, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+        self._routes: dict[str, tuple[Route, ...]] = {}
+        self._models: dict[str, ModelConfig] = {}
+        self.skipped: list[str] = []
+        for model in config.models:
+            routes = []
+            for r in model.routes:
+                up = config.upstream(r.upstream)
+                if not up.api_key and not up.is_mock:
+                    continue
+                routes.append(Route(model, up, r.model, r.weight))
+            if routes:
+                self._routes[model.name] = tuple(routes)
+                self._models[model.name] = model
+            else:
+                self.skipped.append(model.name)
+
+    @property
+    def models(self) -> list[ModelConfig]:
+        return list(self._models.values())
+
+    def protocols(self, name: str) -> set[str]:
+        return {r.upstream.protocol for r in self._routes.get(name, ())}
+
+    def plan(self, name: str, protocol: str) -> list[Route]:
+        """The routes to try for `name` in order: a weighted pick first, then fallbacks.
+
+        Raises ModelNotFound for unknown names and InvalidRequest when the model is only
+        served by upstreams of another dialect (until cross-dialect translation exists).
+        """
+        routes = self._routes.get(name)
+        if routes is None:
+            raise ModelNotFound(f"The model '{_short(name)}' does not exist or is not served here.", param="model")
+        usable = [r for r in routes if r.upstream.protocol == protocol]
+        if not usable:
+            others = ", ".join(sorted(self.protocols(name)))
+            raise InvalidRequest(
+                f"The model '{_short(name)}' is served by a {others} upstream and cannot be called "
+                f"through the {protocol} API; call it through the {others} API.",
+                param="model",
+                code="dialect_mismatch",
+            )
+        plan = self._weighted_order(usable)
+        for fb in self._models[name].fallbacks:
+            plan.extend(r for r in self._weighted_order(list(self._routes.get(fb, ()))) if r.upstream.protocol == protocol)
+        return plan
+
+    def _weighted_order(self, routes: list[Route]) -> list[Route]:
+        if len(routes) <= 1:
+            return list(routes)
+        remaining = list(routes)
+        out: list[Route] = []
+        while remaining:
+            pick = self._rng.choices(remaining, weights=[r.weight for r in remaining])[0]
+            out.append(pick)
+            remaining.remove(pick)
+        return out
+
+
+def _short(name: str) -> str:
+    """Echo at most a short, printable prefix of client text in messages."""
+    clean = "".join(c if c.isprintable() else "?" for c in name[:64])
+    return clean + ("…" if len(name) > 64 else "")

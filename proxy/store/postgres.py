@@ -1,0 +1,356 @@
+"""PostgreSQL store: the scaled-out backend (several proxy processes, one database).
+
+An asyncpg pool, same schema semantics as the SQLite store. Migrations run in one
+transaction under a transaction-scoped advisory lock, so processes starting together
+apply each step exactly once and nobody sees a half-migrated schema.
+
+Driver errors become `StoreError` with a generic message: asyncpg's own text can carry
+host names, SQL or (for a malformed DSN) parts of the DSN, and none of that may reach a
+log line or a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Sequence
+
+import asyncpg
+import orjson
+
+from proxy.store.base import (
+    DuplicateName,
+    GroupBy,
+    KeyLimits,
+    KeyRecord,
+    StoreError,
+    UsageRecord,
+    mint_key,
+)
+
+POOL_MIN = 1
+POOL_MAX = 10
+CONNECT_TIMEOUT_S = 10.0
+COMMAND_TIMEOUT_S = 30.0
+CLOSE_TIMEOUT_S = 10.0
+# Any fixed bigint shared by every process of this app: ASCII "llmproxy".
+MIGRATION_LOCK = 0x6C6C6D70726F7879
+_GROUPS = ("key", "model", "day")
+# What the driver and the network can raise; anything else is a bug and stays visible.
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
+
+# Step i takes the schema from version i to i + 1. Append only: never edit a released step.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE keys (
+            id            TEXT PRIMARY KEY,
+            name          TEXT NOT NULL UNIQUE,
+            prefix        TEXT NOT NULL,
+            digest        TEXT NOT NULL UNIQUE,
+            models        TEXT NOT NULL DEFAULT '[]',
+            rpm           BIGINT,
+            tpm           BIGINT,
+            max_parallel  BIGINT,
+            budget_usd    DOUBLE PRECISION,
+            budget_period TEXT,
+            expires_at    DOUBLE PRECISION,
+            revoked_at    DOUBLE PRECISION,
+            created_at    DOUBLE PRECISION NOT NULL
+        )""",
+        # No foreign key to keys: the ledger must keep every row whatever happens to keys.
+        """CREATE TABLE usage (
+            id                    TEXT PRIMARY KEY,
+            ts                    DOUBLE PRECISION NOT NULL,
+            key_id                TEXT,
+            key_name              TEXT,
+            endpoint              TEXT NOT NULL,
+            model                 TEXT NOT NULL,
+            upstream              TEXT NOT NULL,
+            upstream_model        TEXT NOT NULL,
+            stream                BOOLEAN NOT NULL,
+            status                INTEGER NOT NULL,
+            prompt_tokens         BIGINT NOT NULL,
+            completion_tokens     BIGINT NOT NULL,
+            cached_tokens         BIGINT NOT NULL,
+            cache_creation_tokens BIGINT NOT NULL,
+            reasoning_tokens      BIGINT NOT NULL,
+            cost_usd              DOUBLE PRECISION NOT NULL,
+            estimated             BOOLEAN NOT NULL,
+            ttft_ms               DOUBLE PRECISION,
+            duration_ms           DOUBLE PRECISION NOT NULL,
+            error                 TEXT,
+            outcome               TEXT NOT NULL
+        )""",
+        "CREATE INDEX usage_ts ON usage (ts)",
+        "CREATE INDEX usage_key_ts ON usage (key_id, ts)",
+    ),
+)
+
+
+class PostgresStore:
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn  # holds the password: never logged, never put into an error
+        self._pool: asyncpg.Pool | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=POOL_MIN,
+                max_size=POOL_MAX,
+                timeout=CONNECT_TIMEOUT_S,
+                command_timeout=COMMAND_TIMEOUT_S,
+            )
+        except Exception as exc:  # DSN parsing raises plain ValueErrors too; all mean "cannot connect"
+            raise StoreError(f"postgres store: cannot connect ({type(exc).__name__})") from None
+        self._pool = pool
+        try:
+            await self._migrate()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_S)
+        except asyncio.CancelledError:
+            pool.terminate()
+            raise
+        except _DRIVER_ERRORS:
+            pool.terminate()  # a stuck or broken connection must neither hang nor fail shutdown
+
+    async def ping(self) -> None:
+        async with self._conn("ping") as conn:
+            await conn.fetchval("SELECT MAX(version) FROM schema_version")
+
+    async def _migrate(self) -> None:
+        async with self._conn("migrate") as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute(
+                """CREATE TABLE IF NOT EXISTS schema_version (
+                       version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"""
+            )
+            current = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            if current > len(MIGRATIONS):
+                raise StoreError("postgres store: the database schema is newer than this build")
+            for version in range(current + 1, len(MIGRATIONS) + 1):
+                for statement in MIGRATIONS[version - 1]:
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)", version, time.time()
+                )
+
+    @asynccontextmanager
+    async def _conn(self, what: str) -> AsyncIterator[asyncpg.Connection]:
+        pool = self._pool
+        if pool is None:
+            raise StoreError("postgres store is not open")
+        try:
+            async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
+                yield conn
+        except _DRIVER_ERRORS as exc:
+            # The class name (e.g. ConnectionRefusedError, UniqueViolationError) is enough
+            # to act on; the driver's message is not carried over.
+            raise StoreError(f"postgres store: {what} failed ({type(exc).__name__})") from None
+
+    # -- keys ------------------------------------------------------------------------
+
+    async def create_key(self, name: str, limits: KeyLimits) -> tuple[KeyRecord, str]:
+        r, plaintext = mint_key(name, limits, time.time())
+        async with self._conn("create key") as conn:
+            inserted = await conn.fetchval(
+                """INSERT INTO keys (id, name, prefix, digest, models, rpm, tpm, max_parallel,
+                                     budget_usd, budget_period, expires_at, revoked_at, created_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                   ON CONFLICT (name) DO NOTHING
+                   RETURNING id""",
+                r.id, r.name, r.prefix, r.digest, _models_json(r.models), r.rpm, r.tpm, r.max_parallel,
+                r.budget_usd, r.budget_period, r.expires_at, r.revoked_at, r.created_at,
+            )
+        if inserted is None:
+            raise DuplicateName("a key with this name already exists")
+        return r, plaintext
+
+    async def key_by_digest(self, digest: str) -> KeyRecord | None:
+        async with self._conn("key lookup") as conn:
+            row = await conn.fetchrow("SELECT * FROM keys WHERE digest = $1", digest)
+        return _key_from_row(row) if row else None
+
+    async def get_key(self, id_or_name: str) -> KeyRecord | None:
+        # An id match wins, so a key *named* like another key's id can never shadow it.
+        async with self._conn("key lookup") as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM keys WHERE id = $1 OR name = $1 ORDER BY id = $1 DESC LIMIT 1", id_or_name
+            )
+        return _key_from_row(row) if row else None
+
+    async def list_keys(self) -> list[KeyRecord]:
+        async with self._conn("list keys") as conn:
+            rows = await conn.fetch("SELECT * FROM keys ORDER BY created_at, id")
+        return [_key_from_row(row) for row in rows]
+
+    async def update_key(self, id_or_name: str, limits: KeyLimits) -> KeyRecord | None:
+        async with self._conn("update key") as conn:
+            row = await conn.fetchrow(
+                """UPDATE keys SET models = $2, rpm = $3, tpm = $4, max_parallel = $5,
+                                   budget_usd = $6, budget_period = $7, expires_at = $8
+                   WHERE id = (SELECT id FROM keys WHERE id = $1 OR name = $1 ORDER BY id = $1 DESC LIMIT 1)
+                   RETURNING *""",
+                id_or_name, _models_json(limits.models), limits.rpm, limits.tpm, limits.max_parallel,
+                limits.budget_usd, limits.budget_period, limits.expires_at,
+            )
+        return _key_from_row(row) if row else None
+
+    async def revoke_key(self, id_or_name: str) -> KeyRecord | None:
+        # COALESCE keeps the first revocation time: revoking twice changes nothing.
+        async with self._conn("revoke key") as conn:
+            row = await conn.fetchrow(
+                """UPDATE keys SET revoked_at = COALESCE(revoked_at, $2)
+                   WHERE id = (SELECT id FROM keys WHERE id = $1 OR name = $1 ORDER BY id = $1 DESC LIMIT 1)
+                   RETURNING *""",
+                id_or_name, time.time(),
+            )
+        return _key_from_row(row) if row else None
+
+    # -- usage -----------------------------------------------------------------------
+
+    async def write_usage(self, records: Sequence[UsageRecord]) -> None:
+        if not records:
+            return
+        # One transaction per batch; a replayed id is skipped (first write wins), so retries
+        # and spool replays never double-bill (RELIABILITY §5 I1).
+        async with self._conn("write usage") as conn, conn.transaction():
+            await conn.executemany(
+                """INSERT INTO usage (id, ts, key_id, key_name, endpoint, model, upstream, upstream_model,
+                                      stream, status, prompt_tokens, completion_tokens, cached_tokens,
+                                      cache_creation_tokens, reasoning_tokens, cost_usd, estimated,
+                                      ttft_ms, duration_ms, error, outcome)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                           $18, $19, $20, $21)
+                   ON CONFLICT (id) DO NOTHING""",
+                [_usage_row(r) for r in records],
+            )
+
+    async def list_usage(self, since: float, key_id: str | None = None, limit: int = 10_000) -> list[UsageRecord]:
+        if limit <= 0:
+            return []
+        async with self._conn("list usage") as conn:
+            rows = await conn.fetch(
+                """SELECT * FROM usage
+                   WHERE ts >= $1 AND ($2::text IS NULL OR key_id = $2)
+                   ORDER BY ts, id LIMIT $3""",
+                since, key_id, limit,
+            )
+        return [_usage_from_row(row) for row in rows]
+
+    async def summarize_usage(self, since: float, by: GroupBy, key_id: str | None = None) -> list[dict[str, object]]:
+        if by not in _GROUPS:
+            raise ValueError("by must be one of: key, model, day")
+        # Days are UTC calendar days of the whole second (floor), whatever the session
+        # TimeZone; the "C" collation orders groups bytewise, exactly like SQLite.
+        async with self._conn("summarize usage") as conn:
+            rows = await conn.fetch(
+                """SELECT (CASE $2::text WHEN 'key' THEN key_name
+                                         WHEN 'model' THEN model
+                                         ELSE to_char(to_timestamp(floor(ts)) AT TIME ZONE 'UTC', 'YYYY-MM-DD')
+                          END) COLLATE "C" AS grp,
+                          COUNT(*) AS requests,
+                          SUM(prompt_tokens)::bigint AS prompt_tokens,
+                          SUM(completion_tokens)::bigint AS completion_tokens,
+                          SUM(cached_tokens)::bigint AS cached_tokens,
+                          SUM(cost_usd) AS cost_usd,
+                          COUNT(*) FILTER (WHERE estimated) AS estimated
+                   FROM usage
+                   WHERE ts >= $1 AND ($3::text IS NULL OR key_id = $3)
+                   GROUP BY grp
+                   ORDER BY grp NULLS LAST""",
+                since, by, key_id,
+            )
+        return [
+            {
+                "group": row["grp"],
+                "requests": row["requests"],
+                "prompt_tokens": row["prompt_tokens"],
+                "completion_tokens": row["completion_tokens"],
+                "cached_tokens": row["cached_tokens"],
+                "cost_usd": row["cost_usd"],
+                "estimated": row["estimated"],
+            }
+            for row in rows
+        ]
+
+    async def spend_usd(self, key_id: str, since: float) -> float:
+        async with self._conn("spend") as conn:
+            total = await conn.fetchval(
+                "SELECT COALESCE(SUM(cost_usd), 0)::float8 FROM usage WHERE key_id = $1 AND ts >= $2", key_id, since
+            )
+        return float(total)
+
+
+# -- row mapping ---------------------------------------------------------------------
+
+
+def _models_json(models: Sequence[str]) -> str:
+    return orjson.dumps(list(models)).decode()
+
+
+def _key_from_row(row: asyncpg.Record) -> KeyRecord:
+    return KeyRecord(
+        id=row["id"],
+        name=row["name"],
+        prefix=row["prefix"],
+        digest=row["digest"],
+        models=tuple(orjson.loads(row["models"])),
+        rpm=row["rpm"],
+        tpm=row["tpm"],
+        max_parallel=row["max_parallel"],
+        budget_usd=row["budget_usd"],
+        budget_period=row["budget_period"],
+        expires_at=row["expires_at"],
+        revoked_at=row["revoked_at"],
+        created_at=row["created_at"],
+    )
+
+
+def _usage_row(r: UsageRecord) -> tuple[object, ...]:
+    # Same order as the INSERT column list in write_usage.
+    return (
+        r.id, r.ts, r.key_id, r.key_name, r.endpoint, r.model, r.upstream, r.upstream_model,
+        r.stream, r.status, r.prompt_tokens, r.completion_tokens, r.cached_tokens,
+        r.cache_creation_tokens, r.reasoning_tokens, r.cost_usd, r.estimated,
+        r.ttft_ms, r.duration_ms, r.error, r.outcome,
+    )
+
+
+def _usage_from_row(row: asyncpg.Record) -> UsageRecord:
+    return UsageRecord(
+        id=row["id"],
+        ts=row["ts"],
+        key_id=row["key_id"],
+        key_name=row["key_name"],
+        endpoint=row["endpoint"],
+        model=row["model"],
+        upstream=row["upstream"],
+        upstream_model=row["upstream_model"],
+        stream=row["stream"],
+        status=row["status"],
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        cached_tokens=row["cached_tokens"],
+        cache_creation_tokens=row["cache_creation_tokens"],
+        reasoning_tokens=row["reasoning_tokens"],
+        cost_usd=row["cost_usd"],
+        estimated=row["estimated"],
+        ttft_ms=row["ttft_ms"],
+        duration_ms=row["duration_ms"],
+        error=row["error"],
+        outcome=row["outcome"],
+    )

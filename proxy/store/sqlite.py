@@ -1,0 +1,444 @@
+"""SQLite store: the single-node default backend.
+
+sqlite3 blocks, so every call runs on one dedicated worker thread that creates and owns
+the only connection; the event loop just awaits futures. A single thread also means this
+process never contends with itself for the write lock; `busy_timeout` covers other
+processes (the CLI creating a key while the server runs).
+
+WAL lets readers (auth lookups) proceed while a usage batch is being written.
+`synchronous=FULL` fsyncs every commit: writes arrive in batches, so the cost is small,
+and a committed usage row must survive a power cut (RELIABILITY §5 I7/I8).
+
+If a caller is cancelled while its call runs, the call still completes on the worker
+thread. That is safe: usage writes are idempotent on the request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import orjson
+
+from proxy.store.base import (
+    DuplicateName,
+    GroupBy,
+    KeyLimits,
+    KeyRecord,
+    StoreError,
+    UsageRecord,
+    mint_key,
+)
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_S = 5.0
+MEMORY = ":memory:"
+_MIN_SQLITE = (3, 35, 0)  # RETURNING (3.35) and upsert (3.24)
+_GROUPS = ("key", "model", "day")
+
+# Step i takes the schema from version i to i + 1. Append only: never edit a released step.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE keys (
+            id            TEXT PRIMARY KEY,
+            name          TEXT NOT NULL UNIQUE,
+            prefix        TEXT NOT NULL,
+            digest        TEXT NOT NULL UNIQUE,
+            models        TEXT NOT NULL DEFAULT '[]',
+            rpm           INTEGER,
+            tpm           INTEGER,
+            max_parallel  INTEGER,
+            budget_usd    REAL,
+            budget_period TEXT,
+            expires_at    REAL,
+            revoked_at    REAL,
+            created_at    REAL NOT NULL
+        )""",
+        # No foreign key to keys: the ledger must keep every row whatever happens to keys.
+        """CREATE TABLE usage (
+            id                    TEXT PRIMARY KEY,
+            ts                    REAL NOT NULL,
+            key_id                TEXT,
+            key_name              TEXT,
+            endpoint              TEXT NOT NULL,
+            model                 TEXT NOT NULL,
+            upstream              TEXT NOT NULL,
+            upstream_model        TEXT NOT NULL,
+            stream                INTEGER NOT NULL,
+            status                INTEGER NOT NULL,
+            prompt_tokens         INTEGER NOT NULL,
+            completion_tokens     INTEGER NOT NULL,
+            cached_tokens         INTEGER NOT NULL,
+            cache_creation_tokens INTEGER NOT NULL,
+            reasoning_tokens      INTEGER NOT NULL,
+            cost_usd              REAL NOT NULL,
+            estimated             INTEGER NOT NULL,
+            ttft_ms               REAL,
+            duration_ms           REAL NOT NULL,
+            error                 TEXT,
+            outcome               TEXT NOT NULL
+        )""",
+        "CREATE INDEX usage_ts ON usage (ts)",
+        "CREATE INDEX usage_key_ts ON usage (key_id, ts)",
+    ),
+)
+
+class SQLiteStore:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None  # touched only on the worker thread
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._executor is not None:
+            return
+        if sqlite3.sqlite_version_info < _MIN_SQLITE:
+            raise StoreError("sqlite store: SQLite 3.35 or newer is required")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        try:
+            await self._submit("open", self._open_sync)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        # Refuse new calls first; calls already queued run before the close (FIFO).
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, _guarded, "close", self._close_sync, ())
+        finally:
+            # The queue is drained by now; wait=False keeps the loop from ever blocking
+            # here, even if this coroutine was cancelled while the close ran.
+            executor.shutdown(wait=False)
+
+    async def ping(self) -> None:
+        await self._call("ping", _ping)
+
+    # -- keys ------------------------------------------------------------------------
+
+    async def create_key(self, name: str, limits: KeyLimits) -> tuple[KeyRecord, str]:
+        record, plaintext = mint_key(name, limits, time.time())
+        await self._call("create key", _insert_key, record)
+        return record, plaintext
+
+    async def key_by_digest(self, digest: str) -> KeyRecord | None:
+        return await self._call("key lookup", _key_by_digest, digest)
+
+    async def get_key(self, id_or_name: str) -> KeyRecord | None:
+        return await self._call("key lookup", _get_key, id_or_name)
+
+    async def list_keys(self) -> list[KeyRecord]:
+        return await self._call("list keys", _list_keys)
+
+    async def update_key(self, id_or_name: str, limits: KeyLimits) -> KeyRecord | None:
+        return await self._call("update key", _update_key, id_or_name, limits)
+
+    async def revoke_key(self, id_or_name: str) -> KeyRecord | None:
+        return await self._call("revoke key", _revoke_key, id_or_name, time.time())
+
+    # -- usage -----------------------------------------------------------------------
+
+    async def write_usage(self, records: Sequence[UsageRecord]) -> None:
+        if records:
+            await self._call("write usage", _write_usage, [_usage_row(r) for r in records])
+
+    async def list_usage(self, since: float, key_id: str | None = None, limit: int = 10_000) -> list[UsageRecord]:
+        if limit <= 0:
+            return []
+        return await self._call("list usage", _list_usage, since, key_id, limit)
+
+    async def summarize_usage(self, since: float, by: GroupBy, key_id: str | None = None) -> list[dict[str, object]]:
+        if by not in _GROUPS:
+            raise ValueError("by must be one of: key, model, day")
+        return await self._call("summarize usage", _summarize_usage, since, by, key_id)
+
+    async def spend_usd(self, key_id: str, since: float) -> float:
+        return await self._call("spend", _spend_usd, key_id, since)
+
+    # -- worker thread ---------------------------------------------------------------
+
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(connection, *args)` on the worker thread."""
+        return await self._submit(what, self._with_conn, fn, *args)
+
+    async def _submit(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        executor = self._executor
+        if executor is None:
+            raise StoreError("sqlite store is not open")
+        return await asyncio.get_running_loop().run_in_executor(executor, _guarded, what, fn, args)
+
+    def _with_conn(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._conn is None:
+            raise StoreError("sqlite store is not open")
+        return fn(self._conn, *args)
+
+    def _open_sync(self) -> None:
+        if self.path != MEMORY:
+            try:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"sqlite store: cannot create the data directory ({type(exc).__name__})") from None
+        # isolation_level=None: no implicit transactions; writes open their own below.
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            conn.execute("PRAGMA synchronous = FULL")
+            _migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _close_sync(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()  # the last connection checkpoints the WAL into the main file
+
+
+# -- statements (all run on the worker thread) -------------------------------------------
+
+
+def _guarded(what: str, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    try:
+        return fn(*args)
+    except sqlite3.Error as exc:
+        # The error name (e.g. SQLITE_BUSY) is enough to act on; driver text may quote
+        # SQL or paths, so it is not carried over.
+        code = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+        raise StoreError(f"sqlite store: {what} failed ({code})") from None
+
+
+@contextmanager
+def _write_txn(conn: sqlite3.Connection) -> Iterator[None]:
+    # IMMEDIATE takes the write lock up front (waiting up to busy_timeout), so a
+    # transaction never fails half-way on a read-to-write lock upgrade.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.commit()
+    except BaseException:
+        if conn.in_transaction:
+            conn.rollback()
+        raise
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    # One write transaction: processes opening the same file at once apply each step once.
+    with _write_txn(conn):
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+        )
+        current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+        if current > len(MIGRATIONS):
+            raise StoreError("sqlite store: the database schema is newer than this build")
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            for statement in MIGRATIONS[version - 1]:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, time.time())
+            )
+
+
+def _ping(conn: sqlite3.Connection) -> None:
+    conn.execute("SELECT MAX(version) FROM schema_version").fetchall()  # reads a page, not just the parser
+
+
+def _insert_key(conn: sqlite3.Connection, r: KeyRecord) -> None:
+    cursor = conn.execute(
+        """INSERT INTO keys (id, name, prefix, digest, models, rpm, tpm, max_parallel,
+                             budget_usd, budget_period, expires_at, revoked_at, created_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+           ON CONFLICT (name) DO NOTHING""",
+        (
+            r.id, r.name, r.prefix, r.digest, _models_json(r.models), r.rpm, r.tpm, r.max_parallel,
+            r.budget_usd, r.budget_period, r.expires_at, r.revoked_at, r.created_at,
+        ),
+    )
+    if cursor.rowcount == 0:
+        raise DuplicateName("a key with this name already exists")
+
+
+def _key_by_digest(conn: sqlite3.Connection, digest: str) -> KeyRecord | None:
+    return _one_key(conn.execute("SELECT * FROM keys WHERE digest = ?", (digest,)).fetchall())
+
+
+def _get_key(conn: sqlite3.Connection, ref: str) -> KeyRecord | None:
+    rows = conn.execute(
+        "SELECT * FROM keys WHERE id = :ref OR name = :ref ORDER BY id = :ref DESC LIMIT 1", {"ref": ref}
+    ).fetchall()
+    return _one_key(rows)
+
+
+def _list_keys(conn: sqlite3.Connection) -> list[KeyRecord]:
+    return [_key_from_row(row) for row in conn.execute("SELECT * FROM keys ORDER BY created_at, id")]
+
+
+def _update_key(conn: sqlite3.Connection, ref: str, limits: KeyLimits) -> KeyRecord | None:
+    # fetchall() steps the statement to completion, which is what commits it.
+    rows = conn.execute(
+        """UPDATE keys SET models = :models, rpm = :rpm, tpm = :tpm, max_parallel = :max_parallel,
+                           budget_usd = :budget_usd, budget_period = :budget_period,
+                           expires_at = :expires_at
+           WHERE id = (SELECT id FROM keys WHERE id = :ref OR name = :ref ORDER BY id = :ref DESC LIMIT 1)
+           RETURNING *""",
+        {
+            "ref": ref,
+            "models": _models_json(limits.models),
+            "rpm": limits.rpm,
+            "tpm": limits.tpm,
+            "max_parallel": limits.max_parallel,
+            "budget_usd": limits.budget_usd,
+            "budget_period": limits.budget_period,
+            "expires_at": limits.expires_at,
+        },
+    ).fetchall()
+    return _one_key(rows)
+
+
+def _revoke_key(conn: sqlite3.Connection, ref: str, now: float) -> KeyRecord | None:
+    # COALESCE keeps the first revocation time: revoking twice changes nothing.
+    rows = conn.execute(
+        """UPDATE keys SET revoked_at = COALESCE(revoked_at, :now)
+           WHERE id = (SELECT id FROM keys WHERE id = :ref OR name = :ref ORDER BY id = :ref DESC LIMIT 1)
+           RETURNING *""",
+        {"ref": ref, "now": now},
+    ).fetchall()
+    return _one_key(rows)
+
+
+def _write_usage(conn: sqlite3.Connection, rows: list[tuple[object, ...]]) -> None:
+    # One transaction per batch; a replayed id is skipped (first write wins), so retries
+    # and spool replays never double-bill (RELIABILITY §5 I1).
+    with _write_txn(conn):
+        conn.executemany(
+            """INSERT INTO usage (id, ts, key_id, key_name, endpoint, model, upstream, upstream_model,
+                                  stream, status, prompt_tokens, completion_tokens, cached_tokens,
+                                  cache_creation_tokens, reasoning_tokens, cost_usd, estimated,
+                                  ttft_ms, duration_ms, error, outcome)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (id) DO NOTHING""",
+            rows,
+        )
+
+
+def _list_usage(conn: sqlite3.Connection, since: float, key_id: str | None, limit: int) -> list[UsageRecord]:
+    rows = conn.execute(
+        """SELECT * FROM usage
+           WHERE ts >= :since AND (:key_id IS NULL OR key_id = :key_id)
+           ORDER BY ts, id LIMIT :limit""",
+        {"since": since, "key_id": key_id, "limit": limit},
+    ).fetchall()
+    return [_usage_from_row(row) for row in rows]
+
+
+def _summarize_usage(conn: sqlite3.Connection, since: float, by: str, key_id: str | None) -> list[dict[str, object]]:
+    # Days are UTC calendar days of the whole second (CAST floors), matching PostgreSQL.
+    rows = conn.execute(
+        """SELECT CASE :by WHEN 'key' THEN key_name
+                           WHEN 'model' THEN model
+                           ELSE strftime('%Y-%m-%d', CAST(ts AS INTEGER), 'unixepoch') END AS grp,
+                  COUNT(*) AS requests,
+                  SUM(prompt_tokens) AS prompt_tokens,
+                  SUM(completion_tokens) AS completion_tokens,
+                  SUM(cached_tokens) AS cached_tokens,
+                  TOTAL(cost_usd) AS cost_usd,
+                  SUM(estimated) AS estimated
+           FROM usage
+           WHERE ts >= :since AND (:key_id IS NULL OR key_id = :key_id)
+           GROUP BY grp
+           ORDER BY grp NULLS LAST""",
+        {"by": by, "since": since, "key_id": key_id},
+    ).fetchall()
+    return [
+        {
+            "group": row["grp"],
+            "requests": int(row["requests"]),
+            "prompt_tokens": int(row["prompt_tokens"]),
+            "completion_tokens": int(row["completion_tokens"]),
+            "cached_tokens": int(row["cached_tokens"]),
+            "cost_usd": float(row["cost_usd"]),
+            "estimated": int(row["estimated"]),
+        }
+        for row in rows
+    ]
+
+
+def _spend_usd(conn: sqlite3.Connection, key_id: str, since: float) -> float:
+    row = conn.execute("SELECT TOTAL(cost_usd) FROM usage WHERE key_id = ? AND ts >= ?", (key_id, since)).fetchone()
+    return float(row[0])
+
+
+# -- row mapping ---------------------------------------------------------------------
+
+
+def _models_json(models: Sequence[str]) -> str:
+    return orjson.dumps(list(models)).decode()
+
+
+def _one_key(rows: list[sqlite3.Row]) -> KeyRecord | None:
+    return _key_from_row(rows[0]) if rows else None
+
+
+def _key_from_row(row: sqlite3.Row) -> KeyRecord:
+    return KeyRecord(
+        id=row["id"],
+        name=row["name"],
+        prefix=row["prefix"],
+        digest=row["digest"],
+        models=tuple(orjson.loads(row["models"])),
+        rpm=row["rpm"],
+        tpm=row["tpm"],
+        max_parallel=row["max_parallel"],
+        budget_usd=row["budget_usd"],
+        budget_period=row["budget_period"],
+        expires_at=row["expires_at"],
+        revoked_at=row["revoked_at"],
+        created_at=row["created_at"],
+    )
+
+
+def _usage_row(r: UsageRecord) -> tuple[object, ...]:
+    # Same order as the INSERT column list in _write_usage.
+    return (
+        r.id, r.ts, r.key_id, r.key_name, r.endpoint, r.model, r.upstream, r.upstream_model,
+        r.stream, r.status, r.prompt_tokens, r.completion_tokens, r.cached_tokens,
+        r.cache_creation_tokens, r.reasoning_tokens, r.cost_usd, r.estimated,
+        r.ttft_ms, r.duration_ms, r.error, r.outcome,
+    )
+
+
+def _usage_from_row(row: sqlite3.Row) -> UsageRecord:
+    return UsageRecord(
+        id=row["id"],
+        ts=row["ts"],
+        key_id=row["key_id"],
+        key_name=row["key_name"],
+        endpoint=row["endpoint"],
+        model=row["model"],
+        upstream=row["upstream"],
+        upstream_model=row["upstream_model"],
+        stream=bool(row["stream"]),  # SQLite has no boolean type: stored as 0/1
+        status=row["status"],
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        cached_tokens=row["cached_tokens"],
+        cache_creation_tokens=row["cache_creation_tokens"],
+        reasoning_tokens=row["reasoning_tokens"],
+        cost_usd=row["cost_usd"],
+        estimated=bool(row["estimated"]),
+        ttft_ms=row["ttft_ms"],
+        duration_ms=row["duration_ms"],
+        error=row["error"],
+        outcome=row["outcome"],
+    )
