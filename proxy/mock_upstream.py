@@ -1274,10 +1274,6 @@ async def _get_model(request: web.Request) -> web.StreamResponse:
     return await _serve(request, dialect, _model_entry(dialect, model_id))
 
 
-async def _gemini_models_route(request: web.Request) -> web.StreamResponse:
-    return await _serve(request, _Dialect.GEMINI, _gemini_models)
-
-
 async def _gemini_get_model(request: web.Request) -> web.StreamResponse:
     model_id = request.match_info["model"]
     return await _serve(request, _Dialect.GEMINI, _model_entry(_Dialect.GEMINI, model_id))
@@ -1342,7 +1338,7 @@ def build_mock_app(options: MockOptions = MockOptions()) -> web.Application:
     router.add_get("/v1/models", _list_models)
     router.add_post("/v1/messages", _route(anthropic, _messages))
     router.add_post("/v1/messages/count_tokens", _route(anthropic, _count_tokens))
-    router.add_get("/v1beta/models", _gemini_models_route)
+    router.add_get("/v1beta/models", _route(_Dialect.GEMINI, _gemini_models))
     for version in ("v1beta", "v1"):
         router.add_post(f"/{version}/models/{{model:[^/:]+}}:{{method:[A-Za-z]+}}", _gemini_method)
     router.add_get("/v1beta/models/{model}", _gemini_get_model)

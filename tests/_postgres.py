@@ -38,13 +38,13 @@ SESSION_DB = "llm_proxy"
 START_ATTEMPTS = 3  # a free port can be taken between probing and binding
 TIMEOUT_S = 60
 
-# Test-cluster settings: no durability (speed), loopback TCP only, the unix socket kept
+# Test-cluster settings: no fsync (speed; commits still survive a server crash, only not an
+# OS crash, so `stop("immediate")` keeps them), loopback TCP only, the unix socket kept
 # inside the temp dir, and a non-UTC time zone with a half-hour offset so code that
 # forgets to pin UTC for "days" fails here rather than in production.
 _SETTINGS = """
 listen_addresses = '127.0.0.1'
 fsync = off
-synchronous_commit = off
 full_page_writes = off
 max_connections = 200
 timezone = 'Asia/Kolkata'

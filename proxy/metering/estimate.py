@@ -22,9 +22,10 @@ How the estimate is made
   `obfuscation` field, so sizes say little; the 40-byte slack keeps that noise out while
   chunks with real bulk (Azure batches several tokens per chunk) still count by size.
   Anthropic and Gemini deltas carry several tokens each, so their size term dominates.
-  On the test vectors the estimate is within about 1x-3x of the provider's count and
-  leans high (JSON escapes and Gemini thought signatures count as text): the record is
-  flagged `estimated` anyway, and over-counting is the safe side of I3.
+  On the test vectors the estimate is 0.5x-2.6x of the provider's count for OpenAI and
+  Anthropic and up to 4x for the short Gemini ones (their envelope grows as
+  usageMetadata fills in, and thought signatures count as text). Errors lean high: the
+  record is flagged `estimated` anyway, and over-counting is the safe side of I3.
 """
 
 from __future__ import annotations

@@ -54,8 +54,8 @@ class OpenAIChatMeter(MeterBase):
     """chat.completions and completions: usage on the body, or in the stream's final
     chunk (`"choices": []` + usage object, sent when stream_options.include_usage)."""
 
-    ENVELOPE_CAP = 240
-    ENVELOPE_SLACK = 40
+    ENVELOPE_CAP = 400     # ~1 token per chunk: let the smallest chunk define the envelope
+    ENVELOPE_SLACK = 40    # random-length "obfuscation" padding, finish/role chunk variance
 
     def _on_event(self, event: bytes) -> None:
         # With include_usage every chunk has `"usage":null`; only an object is decoded.
@@ -78,7 +78,7 @@ class OpenAIResponsesMeter(MeterBase):
     """Responses API: usage only in the final event's `response.usage`
     (`response.completed`, or `response.incomplete` / `response.failed`)."""
 
-    ENVELOPE_CAP = 180
+    ENVELOPE_CAP = 400
     ENVELOPE_SLACK = 40
 
     def _on_event(self, event: bytes) -> None:
