@@ -157,7 +157,7 @@ class MemoryLimiter:
         rid, tokens = reservation.request_id, max(0, tokens)
         entry = st.tokens.get(rid)
         if entry is not None:                       # still in the window: correct in place
-            st.tokens_sum += tokens
+            st.tokens_sum += tokens - entry.tokens
             entry.tokens = tokens
         held = self._release(st, rid)
         # Charged once: the held record is gone after the first settlement.

@@ -1,0 +1,165 @@
+"""Per-key limits through the gateway: 429 shapes, headers, bursts, budgets, Redis, processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from proxy.config import LimitsConfig
+
+CHAT = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+
+
+async def _burst(url: str, headers: dict[str, str], n: int, body: dict | None = None, path: str = "/v1/chat/completions"):
+    async with aiohttp.ClientSession() as s:
+        async def one() -> tuple[int, dict[str, str], bytes]:
+            async with s.post(url + path, json=body or CHAT, headers=headers) as r:
+                return r.status, r.headers.copy(), await r.read()
+
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def test_rpm_burst_admits_exactly_limit_with_openai_429(gateway):
+    gw = await gateway()
+    key = await gw.create_key("rpm5", rpm=5)
+    results = await _burst(gw.url, gw.headers(key), 20)
+    statuses = sorted(s for s, _, _ in results)
+    assert statuses.count(200) == 5 and statuses.count(429) == 15
+    ok = next(h for s, h, _ in results if s == 200)
+    assert ok["x-ratelimit-limit-requests"] == "5" and "x-ratelimit-remaining-requests" in ok
+    status, headers, raw = next(r for r in results if r[0] == 429)
+    err = orjson.loads(raw)["error"]
+    assert err["code"] == "rate_limit_exceeded" and err["type"] == "rate_limit_error"
+    wait = int(headers["Retry-After"])
+    assert 1 <= wait <= 60 and f"Please try again in {wait}s" in err["message"]
+    recs = await gw.wait_records(5)
+    assert len(recs) == 5  # refused requests never reached an upstream
+
+
+async def test_429_in_anthropic_and_gemini_shape(gateway):
+    gw = await gateway()
+    key = await gw.create_key("rpm1", rpm=1)
+    body = {"model": "mock-claude", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+    results = await _burst(gw.url, {"x-api-key": key}, 2, body, "/v1/messages")
+    _, headers, raw = next(r for r in results if r[0] == 429)
+    err = orjson.loads(raw)
+    assert err["type"] == "error" and err["error"]["type"] == "rate_limit_error" and headers["Retry-After"]
+    key2 = await gw.create_key("rpm1-gemini", rpm=1)
+    results = await _burst(gw.url, {"x-goog-api-key": key2}, 2, {"contents": [{"parts": [{"text": "x"}]}]},
+                           "/v1beta/models/mock-gemini:generateContent")
+    _, _, raw = next(r for r in results if r[0] == 429)
+    err = orjson.loads(raw)["error"]
+    assert err["status"] == "RESOURCE_EXHAUSTED"
+    assert any(d.get("@type", "").endswith("RetryInfo") for d in err["details"])
+
+
+async def test_max_parallel_released_on_every_path(gateway):
+    gw = await gateway()
+    key = await gw.create_key("par2", max_parallel=2)
+    slow = {**gw.headers(key), "x-mock-delay-ms": "40", "x-mock-chunks": "5"}
+    stream = {**CHAT, "stream": True}
+    results = await _burst(gw.url, slow, 6, stream)
+    assert sorted(s for s, _, _ in results).count(200) == 2
+    # A client that leaves mid-stream releases its slot too.
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(gw.url + "/v1/chat/completions", json=stream, headers=slow)
+        await r.content.readany()
+        r.close()
+    await asyncio.sleep(0.3)
+    results = await _burst(gw.url, gw.headers(key), 2)
+    assert [s for s, _, _ in results] == [200, 200]
+
+
+async def test_budget_never_overspent_by_more_than_one_request(gateway):
+    gw = await gateway()
+    # mock-gpt costs $1/M input and $2/M output: one request reserves about 10 output tokens.
+    key = await gw.create_key("budget", budget_usd=0.0004)
+    results = await _burst(gw.url, gw.headers(key), 50)
+    refused = [orjson.loads(raw)["error"] for s, _, raw in results if s == 429]
+    assert refused and all(e["code"] == "insufficient_quota" for e in refused)
+    recs = await gw.wait_records(1)
+    spent = sum(r.cost_usd for r in recs)
+    one_request_max = max(r.cost_usd for r in recs)
+    assert spent <= 0.0004 + one_request_max
+
+
+# ---------------------------------------------------------------------- Redis
+
+
+async def test_redis_limits_and_fail_closed_then_recover(gateway, redis_server):
+    gw = await gateway(limits=LimitsConfig(url=redis_server.url))
+    key = await gw.create_key("redis-rpm", rpm=3)
+    results = await _burst(gw.url, gw.headers(key), 10)
+    assert sorted(s for s, _, _ in results).count(200) == 3
+    other = await gw.create_key("redis-open", rpm=1000)
+    redis_server.kill()
+    t0 = time.monotonic()
+    status, headers, raw = (await _burst(gw.url, gw.headers(other), 1))[0]
+    assert status == 503 and orjson.loads(raw)["error"]["code"] == "rate_limiter_unavailable"
+    assert headers["Retry-After"] and time.monotonic() - t0 < 3
+    # A key without limits never touches Redis.
+    assert (await _burst(gw.url, gw.headers(), 1))[0][0] == 200
+    redis_server.start()
+    for _ in range(50):
+        if (await _burst(gw.url, gw.headers(other), 1))[0][0] == 200:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the gateway did not recover after Redis came back")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_two_gateway_processes_share_one_redis_exactly(tmp_path: Path, redis_server):
+    db = tmp_path / "gw.db"
+    ports = [_free_port(), _free_port()]
+    config = tmp_path / "proxy.yaml"
+    config.write_text(
+        f"""
+server: {{host: 127.0.0.1, shutdown_grace_s: 2}}
+storage: {{url: "sqlite:///{db}", spool_path: "{tmp_path}/spool.jsonl"}}
+limits: {{url: "{redis_server.url}"}}
+upstreams: [{{name: mock, protocol: openai, base_url: "mock://"}}]
+models: [{{name: demo, routes: [{{upstream: mock, model: mock-gpt}}]}}]
+"""
+    )
+    env = {**os.environ, "LLM_PROXY_LOG_LEVEL": "WARNING"}
+    out = subprocess.run([sys.executable, "-m", "proxy", "keys", "create", "--name", "shared", "--rpm", "7", "--json", "--config", str(config)],
+                         capture_output=True, env=env, check=True, timeout=30)
+    key = orjson.loads(out.stdout)["key"]
+    procs = [subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(p)], env=env)
+             for p in ports]
+    try:
+        async with aiohttp.ClientSession() as s:
+            for p in ports:
+                for _ in range(100):
+                    try:
+                        async with s.get(f"http://127.0.0.1:{p}/readyz") as r:
+                            if r.status == 200:
+                                break
+                    except aiohttp.ClientError:
+                        pass
+                    await asyncio.sleep(0.1)
+        body = {"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5}
+        results = await asyncio.gather(*(_burst(f"http://127.0.0.1:{p}", {"Authorization": f"Bearer {key}"}, 15, body) for p in ports))
+        statuses = [s for batch in results for s, _, _ in batch]
+        assert statuses.count(200) == 7 and statuses.count(429) == 23
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            assert p.wait(timeout=15) == 0
