@@ -24,6 +24,7 @@ from proxy.errors import (
     ModelNotAllowed,
     ProxyError,
     ServiceUnavailable,
+    UnsupportedMediaType,
     UnsupportedParameter,
     UpstreamError,
     UpstreamTimeout,
@@ -102,8 +103,12 @@ class Forwarder:
     async def handle(
         self, request: web.Request, endpoint: Endpoint, path_model: str | None = None
     ) -> web.StreamResponse:
+        if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+            # Compressed request bodies are a decompression-bomb surface; no client needs them.
+            raise UnsupportedMediaType("Compressed request bodies are not accepted.", code="unsupported_content_encoding")
         raw = await request.read()
         body = _parse_body(raw)
+        _check_fields(body, endpoint)
         model = _model_of(body, endpoint, path_model)
         stream = _stream_flag(body, endpoint)
         key = request.get(KEY)
@@ -408,6 +413,18 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
         name = sorted(bad)[0]
         raise UnsupportedParameter(f"The parameter '{name}' is not accepted by this gateway.", param=name)
     return body
+
+
+def _check_fields(body: dict[str, Any], endpoint: Endpoint) -> None:
+    for name in endpoint.required:
+        if name not in body:
+            for field_name, route in endpoint.misdirected:
+                if field_name in body:
+                    raise InvalidRequest(
+                        f"'{field_name}' belongs to another API; this endpoint needs '{name}'. Use {route}.",
+                        param=field_name,
+                    )
+            raise InvalidRequest(f"Missing required parameter: '{name}'.", param=name)
 
 
 def _model_of(body: dict[str, Any], endpoint: Endpoint, path_model: str | None) -> str:

@@ -290,3 +290,38 @@ async def test_include_usage_rejected_is_retried_without(gateway):
     assert ["stream_options" in b for b in sent] == [True, False, False]
     recs = await gw.wait_records(2)
     assert len(recs) == 2 and all(r.estimated for r in recs)
+
+
+async def test_sdk_responses_and_legacy_completions(gateway):
+    gw = await gateway()
+    async with sdk(gw) as client:
+        r = await client.responses.create(model="mock-gpt", input="hello")
+        assert r.output_text and r.usage.output_tokens > 0
+        events = [e async for e in await client.responses.create(model="mock-gpt", input="hello", stream=True)]
+        done = [e for e in events if e.type == "response.completed"]
+        assert len(done) == 1 and done[0].response.usage.total_tokens > 0
+        assert any(e.type == "response.output_item.done" for e in events)
+        c = await client.completions.create(model="mock-gpt", prompt="def f(", suffix="):")
+        assert c.choices[0].text
+        chunks = [x async for x in await client.completions.create(model="mock-gpt", prompt="x", stream=True)]
+        assert chunks and all(ch.choices for ch in chunks)
+    recs = await gw.wait_records(4)
+    assert [r.estimated for r in recs] == [False] * 4
+    assert {r.endpoint for r in recs} == {"responses", "completions"}
+
+
+async def test_bad_bodies_never_500(gateway):
+    gw = await gateway()
+    cursor_body = {"model": "mock-gpt", "input": [{"role": "user", "content": "x"}], "store": False}
+    status, _, raw = await _post(gw, "/v1/chat/completions", cursor_body)
+    assert status == 400 and orjson.loads(raw)["error"]["param"] == "input"
+    for raw_body in (b"[" * 100_000, b'{"model": "mock-gpt", "x": "\xff\xfe"}', b'{"model":"\\ud800"}', b"null", b'"str"', b"1e999"):
+        status, _, raw = await _post(gw, "/v1/chat/completions", raw=raw_body)
+        assert status == 400, raw_body[:20]
+        assert orjson.loads(raw)["error"]["type"] == "invalid_request_error"
+    status, _, raw = await _post(gw, "/v1/chat/completions", raw=b"\x1f\x8b", headers={**gw.headers(), "Content-Encoding": "gzip"})
+    assert status == 415
+    for value in ("10", -1, 1.5, True):
+        status, _, raw = await _post(gw, "/v1/chat/completions", {**CHAT, "max_tokens": value})
+        assert status == 400 and orjson.loads(raw)["error"]["param"] == "max_tokens"
+    assert gw.upstream.received == []

@@ -340,7 +340,7 @@ async def test_summarize_usage(store: Store) -> None:
     records = [
         rec("old", T0 - 1, a, prompt_tokens=1000, cost_usd=9.0),  # before `since`
         rec("u1", T0 + 10, a, model="m1", prompt_tokens=10, completion_tokens=5, cached_tokens=2, cost_usd=0.1),
-        rec("u2", T0 + DAY - 0.0001, a, model="m2", prompt_tokens=20, completion_tokens=6, cost_usd=0.2),
+        rec("u2", math.nextafter(T0 + DAY, 0), a, model="m2", prompt_tokens=20, completion_tokens=6, cost_usd=0.2),
         rec("u3", T0 + DAY, b, model="m1", prompt_tokens=30, completion_tokens=7, cached_tokens=1, cost_usd=0.3),
         rec("u4", T0 + DAY + 5, None, model="m2", prompt_tokens=40, completion_tokens=8, cost_usd=0.4),
         rec("u5", T0 + 2 * DAY + 1, b, model="m1", prompt_tokens=50, completion_tokens=9, cost_usd=0.5,
@@ -349,7 +349,7 @@ async def test_summarize_usage(store: Store) -> None:
     await store.write_usage(records)
 
     by_day = await store.summarize_usage(T0, "day")
-    # UTC calendar days, the second before midnight included in its own day
+    # UTC calendar days; the last instant before midnight still counts for its own day
     assert [row["group"] for row in by_day] == ["2026-01-01", "2026-01-02", "2026-01-03"]
     assert [row["requests"] for row in by_day] == [2, 2, 1]
     for by in ("key", "model", "day"):

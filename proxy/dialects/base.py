@@ -51,3 +51,7 @@ class Endpoint:
     can_stream: bool = True
     # Whether the gateway asks this endpoint's upstream for a usage chunk (OpenAI chat/completions).
     wants_include_usage: bool = False
+    # Body fields the endpoint cannot do without, checked before any upstream call.
+    required: tuple[str, ...] = ()
+    # Fields that mean the caller is speaking another API on this route, and which route.
+    misdirected: tuple[tuple[str, str], ...] = ()

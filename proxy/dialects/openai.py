@@ -51,7 +51,15 @@ class OpenAIDialect:
 
 
 OPENAI = OpenAIDialect()
-CHAT = Endpoint("chat.completions", OPENAI, wants_include_usage=True)
-COMPLETIONS = Endpoint("completions", OPENAI, wants_include_usage=True)
-EMBEDDINGS = Endpoint("embeddings", OPENAI, can_stream=False)
+# Cursor sends Responses-shaped bodies (`input`, `previous_response_id`) to chat
+# completions; answer with a 400 that names the field instead of an upstream 500.
+CHAT = Endpoint(
+    "chat.completions",
+    OPENAI,
+    wants_include_usage=True,
+    required=("messages",),
+    misdirected=(("input", "/v1/responses"), ("previous_response_id", "/v1/responses")),
+)
+COMPLETIONS = Endpoint("completions", OPENAI, wants_include_usage=True, required=("prompt",))
+EMBEDDINGS = Endpoint("embeddings", OPENAI, can_stream=False, required=("input",))
 RESPONSES = Endpoint("responses", OPENAI)

@@ -87,7 +87,7 @@ local function period_bounds(now_s, kind)
   elseif kind == 'month' then
     local y, m = civil_from_days(math.floor(now_s / 86400))
     local start = days_from_civil(y, m, 1) * 86400
-    m = m + 1
+    if m == 12 then y, m = y + 1, 1 else m = m + 1 end
     return start, days_from_civil(y, m, 1) * 86400
   end
   return 0, -1
