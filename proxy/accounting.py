@@ -1,12 +1,42 @@
 """The usage sink: records leave the hot path through a bounded queue.
 
-`record()` is synchronous and never blocks: the handler calls it from `finally`, also
+`record()` is synchronous and never awaits: the handler calls it from `finally`, also
 while being cancelled. A background task writes batches every `flush_interval_s`.
-A batch leaves memory only after the store committed it; when the store fails the
-batch is appended to an fsync'd spool file (JSON lines) and replayed, idempotently
-(unique request id), once the store answers again. On shutdown `close()` writes what
-is left (store, else spool). Worst case on SIGKILL: the records of the last flush
-interval that were still in memory (≤ `flush_interval_s` of traffic).
+
+Where a record is, at any moment (RELIABILITY §5 I7/I8):
+
+* in memory, in the queue, until the store committed its batch or the batch was
+  appended to the spool and fsync'd. A batch being written stays at the head of the
+  queue; it is removed only after that, so a failed or cancelled write loses nothing.
+* in the spool: a JSON-lines file (mode 0600), appended under an exclusive `flock`,
+  fsync'd per batch (and its directory when the file is new). Replay first renames the
+  spool to `<spool>.replaying.<pid>.<rand>` (new records go to a fresh spool), writes
+  it to the store in batches, then deletes it. Writes are idempotent on the request id,
+  so replaying a file twice (crash between commit and delete, two workers) never
+  double-bills. A torn last line (crash mid-append) is skipped; the next append starts
+  on a new line, so nothing after it is lost.
+* in the store.
+
+A store write that fails or takes longer than `write_timeout_s` sends its batch to the
+spool, and the store is then given a rest (0.5 s doubling to 15 s) during which batches
+go straight to the spool. The spool is replayed once the store answers again; a batch
+whose write timed out may still commit later, which the idempotent write absorbs.
+
+Bounded queue: when more than `queue_max` records wait (the store is slow, not down:
+a failing store already sends every batch to the spool), every queued record that is
+not part of the batch being written is appended to the spool synchronously, on the
+event loop. That blocks the loop for one fsync, which is the price of the bound:
+records are never dropped to keep memory bounded.
+
+On shutdown `close()` (after the handlers drained) makes one last store attempt, else
+spools. A record that still arrives after `close()` goes straight to the spool.
+
+Worst case on SIGKILL: the records still in memory, i.e. those completed during the
+last `flush_interval_s` (default 0.25 s), plus those that arrived while a store write
+was in progress (a write is abandoned for the spool after `write_timeout_s`), and never
+more than about `queue_max` records. Requests still in flight at the kill have no
+record yet: there is no write-ahead "pending" row (RELIABILITY §5 I2 is not built).
+Everything committed or spooled survives and is replayed on the next start.
 """
 
 from __future__ import annotations
@@ -14,16 +44,42 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import fcntl
+import itertools
 import logging
 import os
+import secrets
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import orjson
 
 from proxy.store.base import Store, UsageRecord
 
 log = logging.getLogger("llm_proxy.usage")
+
+_REPLAYING = ".replaying."
+_BACKOFF_FIRST_S = 0.5
+_BACKOFF_MAX_S = 15.0
+_REPLAY_FILES_PER_PASS = 8
+
+# Spool lines are checked before they reach the store: one malformed line must not
+# block the replay of every line after it.
+_FIELDS = {f.name: f for f in dataclasses.fields(UsageRecord)}
+_REQUIRED = frozenset(
+    name for name, f in _FIELDS.items()
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+)
+_NUMBER = (int, float)
+_TYPES: dict[str, tuple[type, ...]] = {
+    "id": (str,), "ts": _NUMBER, "key_id": (str, type(None)), "key_name": (str, type(None)),
+    "endpoint": (str,), "model": (str,), "upstream": (str,), "upstream_model": (str,),
+    "stream": (bool,), "status": (int,), "prompt_tokens": (int,), "completion_tokens": (int,),
+    "cached_tokens": (int,), "cache_creation_tokens": (int,), "reasoning_tokens": (int,),
+    "cost_usd": _NUMBER, "estimated": (bool,), "ttft_ms": (int, float, type(None)),
+    "duration_ms": _NUMBER, "error": (str, type(None)), "outcome": (str,),
+}
 
 
 class UsageSink:
@@ -34,20 +90,42 @@ class UsageSink:
         *,
         flush_interval_s: float = 0.25,
         max_batch: int = 1000,
+        queue_max: int = 100_000,
+        write_timeout_s: float = 5.0,
         on_record: Callable[[UsageRecord], None] | None = None,
     ) -> None:
         self._store = store
         self._spool = Path(spool_path)
         self._interval = flush_interval_s
-        self._max_batch = max_batch
+        self._max_batch = max(1, max_batch)
+        self._queue_max = max(1, queue_max)
+        self._write_timeout = write_timeout_s
         self._queue: collections.deque[UsageRecord] = collections.deque()
         self._on_record = on_record
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
-        # Flushes and spool replays never interleave: a replay unlinks the spool file.
+        self._closed = False
+        # How many records at the head of the queue are being written right now: the
+        # overflow spill takes only what is behind them.
+        self._inflight = 0
+        # Flushes and spool replays never interleave (they share the store and counters).
         self._lock = asyncio.Lock()
-        self.written = 0
+        # Store health: while it fails, batches go straight to the spool until _retry_at.
+        self._store_ok = True
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        # Spool files this process claimed for replay and has not finished yet.
+        self._claimed: list[Path] = []
+        self._replay_done: set[str] = set()
+        # Counters (exported by proxy.metrics).
+        self.written = 0        # committed to the store from memory
+        self.spooled = 0        # appended (fsync'd) to the spool
+        self.replayed = 0       # committed to the store from the spool
+        self.store_errors = 0   # failed or timed-out store writes
+        self.spool_errors = 0   # failed spool appends (the records stayed in memory)
+
+    # ------------------------------------------------------------------ state
 
     @property
     def depth(self) -> int:
@@ -55,19 +133,60 @@ class UsageSink:
 
     @property
     def spool_bytes(self) -> int:
-        try:
-            return self._spool.stat().st_size
-        except OSError:
-            return 0
+        """Bytes waiting on disk: the spool and any file claimed for replay."""
+        total = 0
+        for path in itertools.chain((self._spool,), self._replay_files()):
+            try:
+                total += path.stat().st_size
+            except OSError:
+                pass
+        return total
+
+    @property
+    def store_ok(self) -> bool:
+        return self._store_ok
+
+    # ------------------------------------------------------------------ hot path
 
     def record(self, rec: UsageRecord) -> None:
-        self._queue.append(rec)
+        """Queue one record. Synchronous, never raises for storage reasons."""
+        if self._closed:
+            # Nothing flushes memory any more: straight to disk, replayed on next start.
+            self._spill([rec])
+        else:
+            self._queue.append(rec)
         if self._on_record is not None:
-            self._on_record(rec)
-        if len(self._queue) >= self._max_batch:
+            try:
+                self._on_record(rec)
+            except Exception:  # metrics must never cost a record
+                log.exception("usage record observer failed")
+        n = len(self._queue)
+        if n > self._queue_max:
+            self._spill_overflow()
+        elif n >= self._max_batch:
             self._wake.set()
 
+    def _spill_overflow(self) -> None:
+        behind = list(itertools.islice(self._queue, self._inflight, None))
+        if behind and self._spill(behind):
+            for _ in behind:
+                self._queue.pop()
+        self._wake.set()
+
+    def _spill(self, records: list[UsageRecord]) -> bool:
+        try:
+            self._append_spool(records)
+        except OSError as exc:
+            self.spool_errors += 1
+            log.error("usage spool append failed (%s); %d records kept in memory", type(exc).__name__, len(records))
+            return False
+        self.spooled += len(records)
+        return True
+
+    # ------------------------------------------------------------------ life cycle
+
     async def start(self) -> None:
+        self._claimed = sorted(self._leftover_files())
         await self._replay_spool()
         self._task = asyncio.create_task(self._run(), name="usage-sink")
 
@@ -75,63 +194,189 @@ class UsageSink:
         """Write everything still queued (store, else spool). Called after handlers drained."""
         self._closing = True
         self._wake.set()
-        if self._task is not None:
-            await asyncio.shield(self._task)
-        await self._flush_all()
+        task = self._task
+        if task is not None:
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+            except Exception:
+                log.exception("usage sink task failed")
+        self._retry_at = 0.0  # one last attempt at the store, whatever the backoff says
+        try:
+            await self._flush_all()
+        except Exception:
+            log.exception("final usage flush failed")
+        finally:
+            self._closed = True
+        if self._queue and not self._spill(list(self._queue)):
+            log.critical("%d usage records could be neither written nor spooled", len(self._queue))
+        else:
+            self._queue.clear()
 
     async def flush(self) -> None:
+        """Write what is queued now; replay the spool if the store is answering."""
         await self._flush_all()
+        if self._has_spool() and self._store_available():
+            await self._replay_spool()
 
     async def _run(self) -> None:
         while not self._closing:
             try:
-                await asyncio.wait_for(self._wake.wait(), self._interval)
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
-            await self._flush_all()
-            if self.spool_bytes and not self._queue:
-                await self._replay_spool()
+            try:
+                await self._flush_all()
+                if self._has_spool() and self._store_available():
+                    await self._replay_spool()
+            except Exception:
+                # Only the spool itself failing gets here (disk full, permissions); the
+                # batch is still queued. Keep the task alive and try again.
+                log.exception("usage flush failed; records stay queued")
+                await asyncio.sleep(max(self._interval, _BACKOFF_FIRST_S))
+
+    # ------------------------------------------------------------------ flushing
 
     async def _flush_all(self) -> None:
         async with self._lock:
-            await self._flush_locked()
+            while self._queue:
+                k = min(self._max_batch, len(self._queue))
+                batch = list(itertools.islice(self._queue, 0, k))
+                self._inflight = k
+                try:
+                    await self._write_or_spool(batch)
+                finally:
+                    self._inflight = 0
+                # Only now, after commit or fsync, do the records leave memory.
+                for _ in range(k):
+                    self._queue.popleft()
 
-    async def _flush_locked(self) -> None:
-        while self._queue:
-            batch = [self._queue[i] for i in range(min(self._max_batch, len(self._queue)))]
+    async def _write_or_spool(self, batch: list[UsageRecord]) -> None:
+        if self._store_available():
             try:
-                await self._store.write_usage(batch)
+                await asyncio.wait_for(self._store.write_usage(batch), self._write_timeout)
             except Exception as exc:  # the store's failure must not lose records
-                log.warning("usage store write failed (%s); spooling %d records", type(exc).__name__, len(batch))
-                await asyncio.to_thread(self._append_spool, batch)
-            # Only now, after commit or fsync, do the records leave memory.
-            for _ in batch:
-                self._queue.popleft()
-            self.written += len(batch)
+                self._store_failed(exc, len(batch))
+            else:
+                self._store_answered()
+                self.written += len(batch)
+                return
+        try:
+            await asyncio.to_thread(self._append_spool, batch)
+        except OSError:
+            self.spool_errors += 1
+            raise
+        self.spooled += len(batch)
+
+    def _store_available(self) -> bool:
+        return self._store_ok or time.monotonic() >= self._retry_at
+
+    def _store_failed(self, exc: BaseException, n: int) -> None:
+        self.store_errors += 1
+        self._backoff = min(self._backoff * 2 or _BACKOFF_FIRST_S, _BACKOFF_MAX_S)
+        self._retry_at = time.monotonic() + self._backoff
+        if self._store_ok:
+            log.warning("usage store write failed (%s); spooling %d records", type(exc).__name__, n)
+        else:
+            log.info("usage store still failing (%s); next try in %.1fs", type(exc).__name__, self._backoff)
+        self._store_ok = False
+
+    def _store_answered(self) -> None:
+        if not self._store_ok:
+            log.info("usage store answers again")
+        self._store_ok = True
+        self._backoff = 0.0
+
+    # ------------------------------------------------------------------ spool files
 
     def _append_spool(self, batch: list[UsageRecord]) -> None:
+        """Append and fsync. Runs in a worker thread (flushes) or on the loop (overflow)."""
+        data = b"".join(orjson.dumps(r) + b"\n" for r in batch)
         self._spool.parent.mkdir(parents=True, exist_ok=True)
-        data = b"".join(orjson.dumps(dataclasses.asdict(r)) + b"\n" for r in batch)
-        fd = os.open(self._spool, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        while True:
+            fd = os.open(self._spool, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                st = os.fstat(fd)
+                try:
+                    current = os.stat(self._spool).st_ino == st.st_ino
+                except FileNotFoundError:
+                    current = False
+                if not current:
+                    continue  # claimed for replay while we waited for the lock: reopen
+                prefix = b""
+                if st.st_size == 0:
+                    os.fchmod(fd, 0o600)  # whatever the umask says
+                elif os.pread(fd, 1, st.st_size - 1) != b"\n":
+                    prefix = b"\n"  # a torn line from a crash: do not glue onto it
+                _write_all(fd, prefix + data)
+                os.fsync(fd)
+                if st.st_size == 0:
+                    _fsync_dir(self._spool.parent)
+                return
+            finally:
+                os.close(fd)  # releases the lock
+
+    def _claim_spool(self) -> Path | None:
+        """Rename the spool aside for replay; new records then go to a fresh file."""
         try:
-            os.write(fd, data)
-            os.fsync(fd)
+            fd = os.open(self._spool, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                st = os.stat(self._spool)
+            except FileNotFoundError:
+                return None
+            if st.st_ino != os.fstat(fd).st_ino:
+                return None  # another process claimed it; the new file is for next time
+            if st.st_size == 0:
+                os.unlink(self._spool)
+                return None
+            target = self._spool.with_name(f"{self._spool.name}{_REPLAYING}{os.getpid()}.{secrets.token_hex(4)}")
+            os.rename(self._spool, target)
+            _fsync_dir(self._spool.parent)
+            return target
         finally:
             os.close(fd)
 
-    def _read_spool(self) -> list[UsageRecord]:
+    def _replay_files(self) -> list[Path]:
+        return list(self._claimed)
+
+    def _leftover_files(self) -> list[Path]:
+        """Files claimed for replay by a process that died before finishing."""
         try:
-            lines = self._spool.read_bytes().splitlines()
+            return list(self._spool.parent.glob(self._spool.name + _REPLAYING + "*"))
+        except OSError:
+            return []
+
+    def _has_spool(self) -> bool:
+        return bool(self._claimed) or self._spool.exists()
+
+    @staticmethod
+    def _read_spool(path: Path) -> list[UsageRecord]:
+        try:
+            data = path.read_bytes()
         except FileNotFoundError:
             return []
-        out = []
-        for line in lines:
-            try:
-                out.append(UsageRecord(**orjson.loads(line)))
-            except (orjson.JSONDecodeError, TypeError):
-                # A torn last line from a crash mid-append; the rest is intact.
-                log.warning("skipping an unreadable spool line")
+        out: list[UsageRecord] = []
+        bad = 0
+        for line in data.split(b"\n"):
+            if not line.strip():
+                continue
+            rec = _parse_line(line)
+            if rec is None:
+                bad += 1  # a torn line from a crash mid-append; the rest is intact
+            else:
+                out.append(rec)
+        if bad:
+            log.warning("skipped %d unreadable line(s) in the usage spool %s", bad, path.name)
         return out
 
     async def _replay_spool(self) -> None:
@@ -139,16 +384,87 @@ class UsageSink:
             await self._replay_locked()
 
     async def _replay_locked(self) -> None:
-        records = await asyncio.to_thread(self._read_spool)
-        if not records:
-            return
-        try:
-            for i in range(0, len(records), self._max_batch):
-                await self._store.write_usage(records[i : i + self._max_batch])
-        except Exception as exc:
-            log.warning("usage spool replay deferred (%s)", type(exc).__name__)
-            return
-        # Writes are idempotent on the request id, so a crash between commit and
-        # unlink only replays rows the store already has.
-        self._spool.unlink(missing_ok=True)
-        log.info("replayed %d spooled usage records", len(records))
+        for _ in range(_REPLAY_FILES_PER_PASS):
+            if self._claimed:
+                path = self._claimed[0]
+            else:
+                try:
+                    claimed = await asyncio.to_thread(self._claim_spool)
+                except OSError as exc:
+                    log.error("cannot claim the usage spool for replay (%s)", type(exc).__name__)
+                    return
+                if claimed is None:
+                    return
+                path = claimed
+                self._claimed.append(path)
+            records = await asyncio.to_thread(self._read_spool, path)
+            # Each id once; ids of this file already committed by an earlier pass skipped.
+            done = self._replay_done
+            todo: list[UsageRecord] = []
+            ids: set[str] = set()
+            for r in records:
+                if r.id not in done and r.id not in ids:
+                    ids.add(r.id)
+                    todo.append(r)
+            for i in range(0, len(todo), self._max_batch):
+                chunk = todo[i : i + self._max_batch]
+                try:
+                    await asyncio.wait_for(self._store.write_usage(chunk), self._write_timeout)
+                except Exception as exc:
+                    self._store_failed(exc, 0)
+                    log.warning("usage spool replay deferred (%s)", type(exc).__name__)
+                    return
+                self._store_answered()
+                done.update(r.id for r in chunk)
+                self.replayed += len(chunk)
+            # Writes are idempotent on the request id, so a crash between commit and
+            # unlink only replays rows the store already has.
+            try:
+                await asyncio.to_thread(_unlink_durably, path)
+            except OSError as exc:
+                log.error("cannot remove the replayed usage spool (%s)", type(exc).__name__)
+                return
+            self._claimed.remove(path)
+            done.clear()
+            log.info("replayed %d spooled usage records", len(todo))
+
+
+def _parse_line(line: bytes) -> UsageRecord | None:
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or not _REQUIRED.issubset(obj):
+        return None
+    fields: dict[str, Any] = {}
+    for name, value in obj.items():
+        types = _TYPES.get(name)
+        if types is None:
+            continue  # a field from a newer version: keep what this one knows
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            return None
+        fields[name] = value
+    try:
+        return UsageRecord(**fields)
+    except TypeError:
+        return None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_durably(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    _fsync_dir(path.parent)

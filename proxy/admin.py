@@ -18,9 +18,10 @@ from proxy.errors import Conflict, InvalidApiKey, InvalidRequest, NotFound, Perm
 from proxy.middleware.auth import KEY, extract_key
 from proxy.middleware.limits import spec_of
 from proxy.store.base import DuplicateName, KeyLimits, KeyRecord
-from proxy.views import key_json, parse_since, period_start, usage_json
+from proxy.views import MAX_LIMIT, check_name, key_json, parse_since, parse_ts, period_start, usage_json
 
 _PERIODS = (None, "day", "month")
+MAX_DAYS = 36_500
 _LIMIT_FIELDS = ("models", "rpm", "tpm", "max_parallel", "budget_usd", "budget_period", "expires_at", "expires_in_days")
 
 
@@ -32,16 +33,18 @@ def _opt_int(body: dict[str, Any], name: str) -> int | None:
     v = body.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise InvalidRequest(f"'{name}' must be a non-negative integer or null.", param=name)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_LIMIT:
+        raise InvalidRequest(f"'{name}' must be an integer from 0 to {MAX_LIMIT}, or null.", param=name)
     return v
 
 
 def parse_limits(body: dict[str, Any], base: KeyRecord | None = None) -> KeyLimits:
     """Limits from a JSON body; fields left out keep `base`'s values (PATCH semantics)."""
-    unknown = set(body) - set(_LIMIT_FIELDS) - {"name"}
+    allowed = set(_LIMIT_FIELDS) | ({"name"} if base is None else set())
+    unknown = sorted(set(body) - allowed)
     if unknown:
-        raise InvalidRequest(f"Unknown field '{sorted(unknown)[0]}'.", param=sorted(unknown)[0])
+        what = "A key cannot be renamed" if unknown[0] == "name" else "Unknown field"
+        raise InvalidRequest(f"{what}: '{unknown[0][:64]}'.", param=unknown[0][:64])
 
     def pick(name: str, parse: Callable[[dict[str, Any], str], Any]) -> Any:
         if name in body:
@@ -49,17 +52,19 @@ def parse_limits(body: dict[str, Any], base: KeyRecord | None = None) -> KeyLimi
         return getattr(base, name) if base is not None else None
 
     def models(b: dict[str, Any], n: str) -> tuple[str, ...]:
-        v = b.get(n) or []
-        if not isinstance(v, list) or not all(isinstance(m, str) and m for m in v):
+        v = b.get(n)
+        if v is None:
+            return ()
+        if not isinstance(v, list) or not all(isinstance(m, str) and 0 < len(m) <= 256 for m in v):
             raise InvalidRequest("'models' must be a list of model names.", param="models")
-        return tuple(v)
+        return tuple(dict.fromkeys(v))
 
     def budget(b: dict[str, Any], n: str) -> float | None:
         v = b.get(n)
         if v is None:
             return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise InvalidRequest("'budget_usd' must be a non-negative number or null.", param=n)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1e12:
+            raise InvalidRequest("'budget_usd' must be a number from 0 to 1e12, or null.", param=n)
         return float(v)
 
     def period(b: dict[str, Any], n: str) -> str | None:
@@ -72,14 +77,22 @@ def parse_limits(body: dict[str, Any], base: KeyRecord | None = None) -> KeyLimi
         v = b.get(n)
         if v is None:
             return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise InvalidRequest(f"'{n}' must be a number.", param=n)
-        return float(v)
+        try:
+            return parse_ts(v)
+        except ValueError:
+            raise InvalidRequest(f"'{n}' must be unix seconds or an ISO date/time, up to year 9999.", param=n) from None
 
     expires_at = pick("expires_at", expires)
     if "expires_in_days" in body:
-        days = expires(body, "expires_in_days")
-        expires_at = None if days is None else time.time() + days * 86400
+        if "expires_at" in body:
+            raise InvalidRequest("Give 'expires_at' or 'expires_in_days', not both.", param="expires_in_days")
+        days = body["expires_in_days"]
+        if days is None:
+            expires_at = None
+        elif isinstance(days, bool) or not isinstance(days, (int, float)) or not 0 <= days <= MAX_DAYS:
+            raise InvalidRequest(f"'expires_in_days' must be a number from 0 to {MAX_DAYS}, or null.", param="expires_in_days")
+        else:
+            expires_at = time.time() + days * 86400
     return KeyLimits(
         models=pick("models", models) or (),
         rpm=pick("rpm", _opt_int),
@@ -115,9 +128,10 @@ def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
 
     async def create_key(request: web.Request) -> web.Response:
         body = await body_of(request)
-        name = body.get("name")
-        if not isinstance(name, str) or not name or len(name) > 128:
-            raise InvalidRequest("'name' must be a non-empty string of at most 128 characters.", param="name")
+        try:
+            name = check_name(body.get("name"))
+        except ValueError as exc:
+            raise InvalidRequest(f"'name': {exc}.", param="name") from None
         limits = parse_limits(body)
         try:
             record, key = await request.app[state_key].store.create_key(name, limits)
@@ -141,15 +155,22 @@ def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
     async def update_key(request: web.Request) -> web.Response:
         record = await found(request)
         limits = parse_limits(await body_of(request), base=record)
-        updated = await request.app[state_key].store.update_key(record.id, limits)
+        state = request.app[state_key]
+        updated = await state.store.update_key(record.id, limits)
+        if state.authenticator is not None:
+            state.authenticator.forget(record.digest)  # new limits apply at once in this process
+        if updated is None:
+            raise NotFound("No such key.", code="key_not_found")
         return _json(key_json(updated))
 
     async def revoke_key(request: web.Request) -> web.Response:
         record = await found(request)
-        revoked = await request.app[state_key].store.revoke_key(record.id)
         state = request.app[state_key]
+        revoked = await state.store.revoke_key(record.id)
         if state.authenticator is not None:
             state.authenticator.forget(record.digest)  # effective at once in this process
+        if revoked is None:
+            raise NotFound("No such key.", code="key_not_found")
         return _json(key_json(revoked))
 
     async def usage(request: web.Request) -> web.Response:

@@ -10,12 +10,14 @@ from typing import Any, Sequence
 
 import orjson
 
-from proxy.config import ConfigError, load_config, masked
+from proxy.admin import MAX_DAYS
+from proxy.config import ConfigError, load_config, mask, masked
 from proxy.mock_upstream import MockOptions, run_mock
 from proxy.server import configure_logging, install_uvloop, run
 from proxy.store import open_store
 from proxy.store.base import DuplicateName, KeyLimits, Store, StoreError
-from proxy.views import key_json, parse_since, usage_json
+from proxy.views import check_limits, check_name, key_json, parse_since, usage_json
+
 
 def _print_json(doc: Any) -> None:
     sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -26,6 +28,14 @@ def _table(rows: list[dict[str, Any]], cols: Sequence[str]) -> None:
     print("  ".join(c.upper().ljust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(str("" if r.get(c) is None else r.get(c)).ljust(widths[c]) for c in cols))
+
+
+def _mask_headers(doc: dict[str, Any]) -> dict[str, Any]:
+    """Upstream `headers` may carry credentials (Authorization, api-key, ...): mask their values."""
+    for u in doc.get("upstreams") or []:
+        if isinstance(u, dict) and isinstance(u.get("headers"), dict):
+            u["headers"] = {k: mask(v) if isinstance(v, str) else v for k, v in u["headers"].items()}
+    return doc
 
 
 # ---------------------------------------------------------------------- commands
@@ -40,17 +50,27 @@ async def _with_store(url: str, fn: Any) -> Any:
         await store.close()
 
 
-def cmd_keys(args: argparse.Namespace, url: str) -> int:
+def cmd_keys(args: argparse.Namespace, url: str, cache_ttl_s: float = 5.0) -> int:
     if args.keys_cmd == "create":
-        limits = KeyLimits(
-            models=tuple(m.strip() for m in (args.models or "").split(",") if m.strip()),
-            rpm=args.rpm,
-            tpm=args.tpm,
-            max_parallel=args.max_parallel,
-            budget_usd=args.budget_usd,
-            budget_period=args.budget_period,
-            expires_at=time.time() + args.expires_in_days * 86400 if args.expires_in_days else None,
-        )
+        days = args.expires_in_days
+        try:
+            check_name(args.name)
+            if days is not None and not 0 <= days <= MAX_DAYS:
+                raise ValueError(f"--expires-in-days must be from 0 to {MAX_DAYS}")
+            limits = check_limits(
+                KeyLimits(
+                    models=tuple(dict.fromkeys(m.strip() for m in (args.models or "").split(",") if m.strip())),
+                    rpm=args.rpm,
+                    tpm=args.tpm,
+                    max_parallel=args.max_parallel,
+                    budget_usd=args.budget_usd,
+                    budget_period=args.budget_period,
+                    expires_at=time.time() + days * 86400 if days is not None else None,
+                )
+            )
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         try:
             record, key = asyncio.run(_with_store(url, lambda s: s.create_key(args.name, limits)))
         except DuplicateName:
@@ -76,7 +96,7 @@ def cmd_keys(args: argparse.Namespace, url: str) -> int:
     if args.json:
         _print_json(key_json(record))
     else:
-        print(f"Revoked key '{record.name}' ({record.id}). It stops working within the auth cache time (5 s).")
+        print(f"Revoked key '{record.name}' ({record.id}). It stops working within the auth cache time ({cache_ttl_s:g} s).")
     return 0
 
 
@@ -106,9 +126,14 @@ def _since_arg(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llm-proxy", description="An LLM API gateway.")
+    # --config is accepted at every level (`llm-proxy --config F keys list`, `keys --config F
+    # list`, `keys list --config F`). SUPPRESS: a nested parser that did not see the option
+    # must not reset what an outer one parsed; main() reads it with a None default.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="config file (default: $LLM_PROXY_CONFIG, ./config/proxy.yaml, built-in)")
+    common.add_argument(
+        "--config", default=argparse.SUPPRESS, help="config file (default: $LLM_PROXY_CONFIG, ./config/proxy.yaml, built-in)"
+    )
+    p = argparse.ArgumentParser(prog="llm-proxy", description="An LLM API gateway.", parents=[common])
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", parents=[common], help="run the gateway")
@@ -152,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.config = getattr(args, "config", None)
     configure_logging()
     if args.cmd == "mock-upstream":
         install_uvloop()
@@ -168,14 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.cmd == "check-config":
-            _print_json(masked(config))
+            _print_json(_mask_headers(masked(config)))
             return 0
         if args.cmd == "serve":
             host = args.host or config.server.host
             port = args.port or config.server.port
             return run(config, args.config, host, port, args.workers or config.server.workers)
         if args.cmd == "keys":
-            return cmd_keys(args, config.storage.url)
+            return cmd_keys(args, config.storage.url, config.auth.cache_ttl_s)
         if args.cmd == "usage":
             return cmd_usage(args, config.storage.url)
     except StoreError as exc:

@@ -9,7 +9,7 @@ import secrets
 KEY_PREFIX = "sk-"
 # "sk-" + 43 url-safe chars (32 random bytes). Anything not of this shape is rejected
 # before any store lookup, so junk and SQL-shaped keys never cost a query.
-_KEY_SHAPE = re.compile(r"^sk-[A-Za-z0-9_-]{43}$")
+_KEY_SHAPE = re.compile(r"sk-[A-Za-z0-9_-]{43}", re.ASCII)
 DISPLAY_CHARS = 8
 
 
@@ -23,7 +23,8 @@ def digest_key(key: str) -> str:
 
 
 def well_formed(key: str) -> bool:
-    return _KEY_SHAPE.match(key) is not None
+    # fullmatch, not match: `$` would also accept a trailing newline.
+    return _KEY_SHAPE.fullmatch(key) is not None
 
 
 def display_prefix(key: str) -> str:

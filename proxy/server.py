@@ -1,12 +1,15 @@
 """`llm-proxy serve`: uvloop, an aiohttp AppRunner with explicit limits, graceful stop.
 
-SIGTERM / SIGINT: stop accepting, /readyz turns 503, new requests on open
-connections get 503, in-flight requests and streams may finish within
-`shutdown_grace_s`; then the rest are cancelled (streams get a shutdown error
-event), the usage sink flushes, stores close, and the process exits 0.
+SIGTERM / SIGINT: stop accepting, /readyz turns 503, idle keep-alive connections close,
+new requests on busy connections get 503; in-flight requests and streams may finish
+within `shutdown_grace_s`. Then the rest are cancelled (streams get a shutdown error
+event first), the usage sink flushes, stores close, and the process exits 0. A second
+signal ends the grace period at once.
 
-`--workers N` runs N such processes on one port (SO_REUSEPORT); the parent
-forwards signals and exits 0 once every worker has drained.
+`--workers N` runs N such processes on one port (SO_REUSEPORT). The parent tells
+systemd READY=1 once every worker listens, forwards SIGTERM / SIGINT to them, and
+exits 0 once all of them drained. A worker that dies on its own takes the others
+down gracefully and the parent exits 1, so the service manager restarts the set.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
 import sys
 import time
+from typing import Any, Awaitable, Callable
 
 import uvloop
 from aiohttp import web
@@ -28,6 +33,18 @@ from proxy.app import STATE, build_app
 from proxy.config import Config, load_config
 
 log = logging.getLogger("llm_proxy.server")
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# After the grace period: how long cancelled handlers get to write their shutdown error
+# event and record usage, and how long aiohttp then waits for anything left over.
+_CANCEL_WAIT_S = 5.0
+_LEFTOVER_S = 2.0
+# How long the --workers parent waits for every worker to listen.
+_START_TIMEOUT_S = 60.0
+
+# Stop signals that arrived before the event loop took them over (a worker process
+# starts with them blocked; see `run`).
+_early_signals: list[int] = []
 
 
 def install_uvloop() -> None:
@@ -49,90 +66,250 @@ def sd_notify(message: str) -> None:
             log.warning("sd_notify failed: %s", exc.strerror)
 
 
-async def serve(config: Config, host: str, port: int, *, reuse_port: bool = False, notify: bool = True) -> None:
+def _request_tracker(tasks: set[asyncio.Task[Any]]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """A middleware that keeps the handler task of every request in flight in `tasks`."""
+
+    @web.middleware
+    async def track(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover
+            return await handler(request)
+        tasks.add(task)
+        try:
+            return await handler(request)
+        finally:
+            tasks.discard(task)
+
+    return track
+
+
+async def serve(
+    config: Config,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool = False,
+    notify: bool = True,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve until SIGTERM / SIGINT, then drain (see the module docstring) and return."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal)
+    for _ in _early_signals:
+        on_signal()
+
     app = build_app(config)
     state = app[STATE]
+    handlers: set[asyncio.Task[Any]] = set()
+    app.middlewares.append(_request_tracker(handlers))
     runner = web.AppRunner(
         app,
         handle_signals=False,
         access_log_class=AccessLogger,
         access_log=logging.getLogger("llm_proxy.access") if config.server.access_log else None,
         keepalive_timeout=config.server.keepalive_s,
-        shutdown_timeout=config.server.shutdown_grace_s,
+        # The grace period is ours (below); this only bounds what is left after it.
+        shutdown_timeout=_LEFTOVER_S,
         # A client that goes away cancels its handler at once: the upstream request is
         # closed promptly and the usage record is written in `finally`.
         handler_cancellation=True,
         max_headers=config.server.max_headers,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
-    await site.start()
-    log.info("llm-proxy listening on http://%s:%d", host, port)
-    if notify:
-        sd_notify("READY=1")
+    try:
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+        await site.start()
+        log.info("llm-proxy listening on http://%s:%d (pid %d)", host, port, os.getpid())
+        if notify:
+            sd_notify("READY=1")
+        if on_ready is not None:
+            on_ready()
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-    log.info("stopping: draining %d requests (grace %.0fs)", state.in_flight, config.server.shutdown_grace_s)
-    if notify:
-        sd_notify("STOPPING=1")
-    state.streams.stopping = True
-    # aiohttp stops listening, waits up to shutdown_timeout for handlers, cancels the
-    # rest (our streams write a shutdown error event then), then runs cleanup_ctx in
-    # reverse: the usage sink flushes before stores close.
-    await runner.cleanup()
+        await stop.wait()
+        if notify:
+            sd_notify("STOPPING=1")
+        await _drain(runner, state, handlers, config.server.shutdown_grace_s, hurry)
+    finally:
+        # Closes what is left, then runs cleanup_ctx in reverse: the usage sink flushes
+        # before the upstream pools and stores close.
+        await runner.cleanup()
+        for sig in _STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
     log.info("stopped")
 
 
-def _worker(config_path: str | None, host: str, port: int) -> None:
+async def _drain(runner: web.AppRunner, state: Any, handlers: set[asyncio.Task[Any]], grace_s: float, hurry: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    log.info("stopping: draining %d requests (grace %gs)", len(handlers), grace_s)
+    # New requests on open connections get 503 and /readyz turns 503 from here on.
+    state.streams.stopping = True
+    for site in list(runner.sites):
+        await site.stop()  # stop accepting: with SO_REUSEPORT the other workers take over
+    if runner.server is not None:
+        runner.server.pre_shutdown()  # idle keep-alive connections close, busy ones after their response
+    deadline = loop.time() + grace_s
+    while handlers and not hurry.is_set() and loop.time() < deadline:
+        try:
+            await asyncio.wait_for(hurry.wait(), min(0.05, max(0.0, deadline - loop.time())))
+        except TimeoutError:
+            pass
+    if not handlers:
+        return
+    left = list(handlers)
+    log.warning("grace period over: ending %d requests", len(left))
+    # Cancelled stream handlers write a shutdown error event to their client and
+    # record the usage delivered so far (outcome "shutdown") before they finish.
+    for task in left:
+        task.cancel()
+    _done, pending = await asyncio.wait(left, timeout=_CANCEL_WAIT_S)
+    if pending:
+        log.warning("%d requests did not end within %gs of cancellation", len(pending), _CANCEL_WAIT_S)
+
+
+# ---------------------------------------------------------------------- --workers N
+
+
+def _worker(config_path: str | None, host: str, port: int, ready: multiprocessing.connection.Connection, index: int) -> None:
+    # The parent started this process with SIGTERM / SIGINT blocked, so a stop signal
+    # sent while it was starting up waits until it can be handled gracefully.
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, lambda signum, _frame: _early_signals.append(signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     install_uvloop()
     configure_logging()
-    asyncio.run(serve(load_config(config_path), host, port, reuse_port=True, notify=False))
+
+    def on_ready() -> None:
+        ready.send_bytes(b"ready")
+        ready.close()
+
+    try:
+        config = load_config(config_path)
+        asyncio.run(serve(config, host, port, reuse_port=True, notify=False, on_ready=on_ready))
+    except Exception:
+        log.exception("worker %d failed", index)
+        sys.exit(1)
 
 
-def _wait_listening(host: str, port: int, procs: list[multiprocessing.process.BaseProcess], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not all(p.is_alive() for p in procs):
-            return False
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
+class _Workers:
+    def __init__(self, config_path: str | None, host: str, port: int, count: int) -> None:
+        self._ctx = multiprocessing.get_context("spawn")
+        self.host, self.port = host, port
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        self.ready_pipes: list[multiprocessing.connection.Connection] = []
+        self.stopping = False
+        for i in range(count):
+            reader, writer = self._ctx.Pipe(duplex=False)
+            proc = self._ctx.Process(
+                target=_worker, args=(config_path, host, port, writer, i), name=f"llm-proxy-worker-{i}"
+            )
+            self.procs.append(proc)
+            self.ready_pipes.append(reader)
+            self._writers = getattr(self, "_writers", []) + [writer]
+
+    def start(self) -> None:
+        for proc in self.procs:
+            proc.start()
+        for writer in self._writers:
+            writer.close()  # the workers hold their own copies
+
+    def signal_all(self, signum: int) -> None:
+        for proc in self.procs:
+            if proc.is_alive() and proc.pid is not None:
+                try:
+                    os.kill(proc.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        if not self.stopping:
+            self.stopping = True
+            sd_notify("STOPPING=1")
+        self.signal_all(signum)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once every worker listens; False if one exited first or time ran out."""
+        waiting = {p.fileno(): p for p in self.ready_pipes}
+        deadline = time.monotonic() + timeout
+        while waiting and not self.stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.error("workers did not start within %gs", timeout)
+                return False
+            sentinels = [p.sentinel for p in self.procs]
+            for obj in multiprocessing.connection.wait([*waiting.values(), *sentinels], timeout=min(remaining, 0.5)):
+                if isinstance(obj, int):
+                    return False  # a worker exited before listening
+                try:
+                    obj.recv_bytes()
+                except EOFError:
+                    return False
+                obj.close()
+                waiting.pop(obj.fileno() if not obj.closed else next(k for k, v in waiting.items() if v is obj), None)
+        return not waiting
+
+    def wait_exit(self) -> None:
+        """Return once every worker has exited; one exiting on its own stops the rest."""
+        alive = list(self.procs)
+        while alive:
+            multiprocessing.connection.wait([p.sentinel for p in alive])
+            for proc in [p for p in alive if not p.is_alive()]:
+                alive.remove(proc)
+                proc.join()
+                if not self.stopping:
+                    log.error("%s (pid %s) exited with code %s: stopping the other workers", proc.name, proc.pid, proc.exitcode)
+                    self.stop()
 
 
 def run(config: Config, config_path: str | None, host: str, port: int, workers: int) -> int:
     if workers <= 1:
         install_uvloop()
-        asyncio.run(serve(config, host, port))
+        try:
+            asyncio.run(serve(config, host, port))
+        except OSError as exc:
+            log.error("cannot serve on %s:%d: %s", host, port, exc.strerror or exc)
+            return 1
         return 0
     if config.limits.url.startswith("memory://"):
         log.warning("limits.url is memory://: rate limits and budgets are enforced per worker process (x%d)", workers)
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(config_path, host, port), name=f"llm-proxy-worker-{i}") for i in range(workers)]
-    for p in procs:
-        p.start()
+    group = _Workers(config_path, host, port, workers)
 
-    def forward(signum: int, _frame: object) -> None:
-        for p in procs:
-            if p.is_alive() and p.pid is not None:
-                os.kill(p.pid, signum)
+    def on_signal(signum: int, _frame: object) -> None:
+        group.stop(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    if _wait_listening(host, port, procs, 30):
-        sd_notify("READY=1")
-        log.info("%d workers serving on http://%s:%d", workers, host, port)
-    for p in procs:
-        p.join()
-    codes = [p.exitcode for p in procs]
-    return 0 if all(c == 0 for c in codes) else 1
+    # Block stop signals while the workers are spawned: they inherit the mask, so a
+    # signal cannot kill one half-started (it is handled once the worker is set up).
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    previous = {sig: signal.signal(sig, on_signal) for sig in _STOP_SIGNALS}
+    try:
+        try:
+            group.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        if group.wait_ready(_START_TIMEOUT_S):
+            sd_notify("READY=1")
+            log.info("%d workers serving on http://%s:%d", workers, host, port)
+        elif not group.stopping:
+            log.error("not every worker started: stopping")
+            group.stop()
+        group.wait_exit()
+    finally:
+        group.stop(signal.SIGTERM) if any(p.is_alive() for p in group.procs) else None
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    codes = [p.exitcode for p in group.procs]
+    if any(c != 0 for c in codes):
+        log.error("worker exit codes: %s", codes)
+        return 1
+    return 0
 
 
 def configure_logging(level: str | None = None) -> None:
@@ -143,4 +320,4 @@ def configure_logging(level: str | None = None) -> None:
     )
 
 
-__all__ = ["configure_logging", "run", "sd_notify", "serve"]
+__all__ = ["configure_logging", "install_uvloop", "run", "sd_notify", "serve"]

@@ -5,33 +5,95 @@ from __future__ import annotations
 import calendar
 import dataclasses
 import datetime
+import math
 import re
 import time
 from typing import Any
 
-from proxy.store.base import KeyRecord, UsageRecord
+from proxy.store.base import KeyLimits, KeyRecord, UsageRecord
 
-_SINCE = re.compile(r"^(\d+)([mhdw])$")
+_SINCE = re.compile(r"(\d{1,9})([mhdw])", re.ASCII)
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
+# Timestamps operators may set (expires_at): up to the end of year 9999, what iso() can show.
+MAX_TS = 253_402_300_799.0
+# Limits are stored as 64-bit integers; anything near that is a typo, not a limit.
+MAX_LIMIT = 10**12
+# Key names are shown in logs and tables: printable, no surrounding blanks, and never
+# shaped like a key id (lookups take an id or a name).
+_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
+_KEY_ID = re.compile(r"key_[0-9a-f]{16}", re.ASCII)
 
 
 def parse_since(text: str, now: float | None = None) -> float:
     """'24h', '7d', '30m', '2w' or an ISO date/time (UTC when no zone is given)."""
     now = time.time() if now is None else now
-    m = _SINCE.match(text.strip())
+    m = _SINCE.fullmatch(text.strip())
     if m:
-        return now - int(m.group(1)) * _UNITS[m.group(2)]
+        return max(0.0, now - int(m.group(1)) * _UNITS[m.group(2)])
     try:
         dt = datetime.datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(f"expected 24h, 7d or an ISO date, got {text[:40]!r}") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=datetime.UTC)
-    return dt.timestamp()
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=datetime.UTC)
+        return max(0.0, dt.timestamp())
+    except (ValueError, OverflowError):
+        raise ValueError("expected 24h, 7d or an ISO date") from None
+
+
+def parse_ts(value: object) -> float:
+    """A point in time given as unix seconds or an ISO date/time (UTC unless a zone is given)."""
+    if isinstance(value, str):
+        try:
+            dt = datetime.datetime.fromisoformat(value.strip())
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=datetime.UTC)
+            ts = dt.timestamp()
+        except (ValueError, OverflowError):
+            raise ValueError("expected unix seconds or an ISO date") from None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        ts = float(value)
+    else:
+        raise ValueError("expected unix seconds or an ISO date")
+    if not 0 <= ts <= MAX_TS:
+        raise ValueError("the time is out of range")
+    return ts
+
+
+def check_name(name: object) -> str:
+    """A key name as operators may set it; ValueError says what is wrong (never echoing it)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name != name.strip():
+        raise ValueError("a key name must be 1 to 128 printable characters without surrounding blanks")
+    if _KEY_ID.fullmatch(name):
+        raise ValueError("a key name must not look like a key id (key_ + 16 hex digits)")
+    return name
+
+
+def check_limits(limits: KeyLimits) -> KeyLimits:
+    """Range checks shared by the admin API and the CLI; ValueError names the field."""
+    for name in ("rpm", "tpm", "max_parallel"):
+        v = getattr(limits, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_LIMIT):
+            raise ValueError(f"{name} must be an integer from 0 to {MAX_LIMIT}")
+    b = limits.budget_usd
+    if b is not None and not (isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and 0 <= b <= 1e12):
+        raise ValueError("budget_usd must be a number from 0 to 1e12")
+    if limits.budget_period not in (None, "day", "month"):
+        raise ValueError("budget_period must be day, month or null")
+    e = limits.expires_at
+    if e is not None and not (isinstance(e, (int, float)) and math.isfinite(e) and 0 <= e <= MAX_TS):
+        raise ValueError("expires_at is out of range")
+    if not all(isinstance(m, str) and m and len(m) <= 256 for m in limits.models):
+        raise ValueError("models must be model names")
+    return limits
 
 
 def iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat().replace("+00:00", "Z")
+    if ts is None:
+        return None
+    try:
+        return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat().replace("+00:00", "Z")
+    except (ValueError, OverflowError, OSError):
+        # A value no operator input can produce any more; show it rather than fail the listing.
+        return str(ts)
 
 
 def key_json(k: KeyRecord) -> dict[str, Any]:

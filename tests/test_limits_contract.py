@@ -214,17 +214,18 @@ async def test_headers_and_retry_after(backend: Backend) -> None:
 
 
 async def test_reservation_ttl_frees_slot_and_late_settle_still_charges(backend: Backend) -> None:
-    lim = backend.make(ttl_s=1.0)
+    lim = backend.make(ttl_s=0.5)           # expires 0.5 s after admission, forgotten at 1 s
     par, spec = LimitSpec(max_parallel=1), LimitSpec(budget_usd=0.05)
     assert (await lim.admit(KEY, par, "p1", 1, 0.0)).admitted
     r1 = await lim.admit("key-b", spec, "b1", 1, 0.05)
-    assert r1.reservation is not None
-    await backend.advance(0.5)
+    f1 = await lim.admit("key-f", spec, "f1", 1, 0.05)
+    assert r1.reservation is not None and f1.reservation is not None
+    await backend.advance(0.25)
     assert (await lim.admit(KEY, par, "p2", 1, 0.0)).reason == "parallel"
     refused = await lim.admit("key-b", spec, "b2", 1, 0.01)
     assert refused.reason == "budget" and refused.retry_after_s == 1
 
-    await backend.advance(0.6)              # both reservations are 1.1 s old: expired
+    await backend.advance(0.3)              # expired, not yet forgotten
     assert (await lim.admit(KEY, par, "p3", 1, 0.0)).admitted
     r2 = await lim.admit("key-b", spec, "b3", 1, 0.01)
     assert r2.admitted and r2.reservation is not None
@@ -233,6 +234,10 @@ async def test_reservation_ttl_frees_slot_and_late_settle_still_charges(backend:
     assert (await lim.admit("key-b", spec, "b4", 1, 0.01)).reason == "budget"
     await lim.settle(r2.reservation, 1, 0.0)
     assert (await lim.admit("key-b", spec, "b5", 1, 0.01)).admitted   # 0.04 + 0.01 <= 0.05
+
+    await backend.advance(0.5)              # f1 is forgotten: settling it charges nothing
+    await lim.settle(f1.reservation, 1, 0.05)
+    assert (await lim.admit("key-f", spec, "f2", 1, 0.05)).admitted
 
 
 def _period_start(now: float, period: str) -> tuple[float, float]:
@@ -361,8 +366,10 @@ async def test_redis_outage_fails_fast_and_recovers(redis_server: RedisServer) -
         await lim.close()
 
 
-def test_make_limiter_picks_backend() -> None:
+async def test_make_limiter_picks_backend() -> None:
     assert isinstance(make_limiter("memory://"), MemoryLimiter)
-    assert isinstance(make_limiter("redis://127.0.0.1:1/0"), RedisLimiter)
+    lim = make_limiter("redis://127.0.0.1:1/0")
+    assert isinstance(lim, RedisLimiter)
+    await lim.close()
     with pytest.raises(ValueError):
         make_limiter("http://nope")

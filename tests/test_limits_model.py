@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from proxy.limits.base import Decision, LimitSpec, Reservation
 from proxy.limits.memory import MemoryLimiter, period_bounds
-from proxy.limits.redis import _LUA_PERIOD
+from proxy.limits.redis import LUA_PERIOD_BOUNDS
 
 T0_MS = 1_000_000_000        # fake epoch start, in ms (small enough for exact float µs)
 W_MS = 60_000                # the window
@@ -199,7 +199,7 @@ async def test_lua_budget_periods_match_python(redis_url: str) -> None:
     ]
     rnd = random.Random(20240229)
     instants = [int(t) for t in edges] + [rnd.randrange(0, 4_102_444_800) for _ in range(3000)]
-    script = _LUA_PERIOD + """
+    script = LUA_PERIOD_BOUNDS + """
 local out = {}
 for i = 1, #ARGV do
   for _, kind in ipairs({'day', 'month'}) do

@@ -108,7 +108,9 @@ class MemoryLimiter:
         now = await self._seeded_now(key_id, st, spec)
         # No await from here on: check and reserve are one atomic step.
         self._prune(st, now)
-        period, period_end = period_bounds(now // US_PER_S, spec.budget_period)
+        period, period_end = 0, None
+        if spec.budget_usd is not None:
+            period, period_end = period_bounds(now // US_PER_S, spec.budget_period)
 
         refusals: list[tuple[Reason, int]] = []
         if spec.budget_usd is not None:

@@ -19,6 +19,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from proxy.limits.base import (
@@ -60,7 +61,7 @@ local now = now_s * 1000000 + tonumber(t[2])
 
 # period_bounds(now_s, kind) -> start, end (unix s, UTC; end -1 for a lifetime budget).
 # Civil-date algorithms (proleptic Gregorian): Lua in Redis has no calendar.
-_LUA_PERIOD = """
+LUA_PERIOD_BOUNDS = """
 local function days_from_civil(y, m, d)
   if m <= 2 then y = y - 1 end
   local era = math.floor(y / 400)
@@ -103,7 +104,7 @@ end
 #   spent hash  period start (s) -> nano-USD
 # ARGV after the common six: rpm, tpm, max_parallel, budget (-1 = unset), period kind
 #       (life|day|month), seed period (-1 none offered, -2 start at zero), seed value
-_ADMIT_LUA = _LUA_COMMON + _LUA_PERIOD + """
+_ADMIT_LUA = _LUA_COMMON + LUA_PERIOD_BOUNDS + """
 local rpm, tpm, maxp, budget = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local pkind, seed_period, seed_value = ARGV[11], tonumber(ARGV[12]), tonumber(ARGV[13])
 
@@ -269,21 +270,24 @@ if old then
   redis.call('PEXPIRE', K_SUMS, SUMS_MS)
 end
 -- The held record exists until the first settlement: charge once, release the slot.
+-- Charged only before its forget time (expiry + ttl), judged by the clock, not by
+-- whether an admission has pruned it yet (so both backends agree).
 local h = redis.call('HGET', K_HELD, rid)
 if h then
   local held_cost, period = string.match(h, '^(%S+) (%S+)$')
-  local charge = true
-  redis.call('HDEL', K_HELD, rid)
-  if redis.call('ZREM', K_LIVE, rid) == 1 then
+  local forget = 0
+  local expiry = redis.call('ZSCORE', K_LIVE, rid)
+  if expiry then
+    forget = tonumber(expiry) + ttl
+    redis.call('ZREM', K_LIVE, rid)
     redis.call('HINCRBY', K_SUMS, 'reserved', I(-tonumber(held_cost)))
     redis.call('PEXPIRE', K_SUMS, SUMS_MS)
   else
-    -- Expired: still charged until its forget time (as if pruned right now).
-    local forget = redis.call('ZSCORE', K_STALE, rid)
-    charge = forget ~= false and tonumber(forget) > now
+    forget = tonumber(redis.call('ZSCORE', K_STALE, rid) or '0')
     redis.call('ZREM', K_STALE, rid)
   end
-  if charge and tonumber(period) >= 0 and redis.call('HEXISTS', K_SPENT, period) == 1 then
+  redis.call('HDEL', K_HELD, rid)
+  if forget > now and tonumber(period) >= 0 and redis.call('HEXISTS', K_SPENT, period) == 1 then
     redis.call('HINCRBY', K_SPENT, period, I(cost))
     redis.call('PEXPIRE', K_SPENT, SPEND_MS)
   end
@@ -297,7 +301,7 @@ def _keys(key_id: str) -> list[str]:
     return [prefix + name for name in ("rpm", "tpm", "tpmv", "live", "stale", "held", "sums", "spent")]
 
 
-def _opt(value: float | None) -> int:
+def _opt(value: int | None) -> int:
     return -1 if value is None else int(value)
 
 
@@ -313,16 +317,17 @@ class RedisLimiter:
     ) -> None:
         self._ttl_us = round(reservation_ttl_s * US_PER_S)
         self._spend_seed = spend_seed
-        # Fail fast when Redis is gone: short timeouts, one immediate retry (a pooled
-        # connection may be stale after a Redis restart; the retry reconnects), and a
-        # bounded pool that waits at most one timeout for a free connection.
+        # Fail fast when Redis is gone: short timeouts; one immediate retry on connection
+        # errors only (a pooled connection may be stale after a Redis restart: the retry
+        # reconnects; a timed-out script is not re-run); a bounded pool that waits at
+        # most one timeout for a free connection.
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
             timeout=socket_timeout_s,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s / 2,
-            retry=Retry(NoBackoff(), 1),
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         self._redis = Redis.from_pool(pool)
         # Scripts are sent by SHA; redis-py reloads them on NOSCRIPT (e.g. after a restart).

@@ -63,6 +63,12 @@ class GeminiMeter(MeterBase):
             # A chunk with finishReason (or a blocked prompt) is the last one.
             self._last_final = b'"finishReason"' in event or b'"blockReason"' in event
 
+    def finish(self) -> None:
+        # Decode the last whole event first: an unterminated tail that fails to parse
+        # must not hide the usage that came before it.
+        self._decode_last()
+        super().finish()
+
     def usage(self) -> Usage | None:
         self._decode_last()
         return self._usage

@@ -3,18 +3,24 @@
 The key may come as `Authorization: Bearer`, `api-key`, `x-api-key`, `x-goog-api-key`,
 or `?key=` (Gemini routes only). It is checked for shape first (junk never costs a
 store query), then looked up by SHA-256 digest. Answers are cached for
-`cache_ttl_s` (so a revocation takes effect within that time) and misses are cached
-too, so unknown keys cannot hammer the store. The cache is keyed by the full digest.
+`cache_ttl_s` (so a revocation made by another process takes effect within that time;
+the admin API of this process drops the entry at once) and misses are cached too, so
+unknown keys cannot hammer the store. Concurrent lookups of one digest share one store
+query. The cache is keyed by the full digest; misses live in their own bounded table,
+so a flood of random keys cannot push valid keys out.
 
-Fail closed: when the store errors and nothing is cached, the request gets 503;
-no code path builds a default identity.
+Fail closed: when the store errors or does not answer within `lookup_timeout_s` and
+nothing is cached, the request gets 503 `auth_unavailable`; a key answered before keeps
+working from its stale entry for at most `max_stale_s`. No code path builds a default
+identity.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import Callable
+from typing import Callable, TypeVar
 
 from aiohttp import web
 
@@ -25,10 +31,16 @@ from proxy.store.base import KeyRecord, Store
 log = logging.getLogger("llm_proxy.auth")
 
 KEY = web.RequestKey("llm_proxy_key", KeyRecord)
+V = TypeVar("V")
 _HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
 
 
 def extract_key(request: web.Request, allow_query: bool) -> str | None:
+    """The credential the caller presented, or None.
+
+    `Authorization` wins when present; a scheme other than Bearer gives "" (a present
+    but unusable credential: 401, never a fall-through to another header).
+    """
     auth = request.headers.get("Authorization")
     if auth is not None:
         scheme, _, value = auth.partition(" ")
@@ -43,64 +55,122 @@ def extract_key(request: web.Request, allow_query: bool) -> str | None:
 
 
 class KeyCache:
-    """digest → (KeyRecord | None, expires_at). Bounded; oldest entries dropped first."""
+    """digest → (KeyRecord | None, expires_at). Bounded; oldest entries dropped first.
 
-    def __init__(self, ttl_s: float, negative_ttl_s: float, max_entries: int = 100_000) -> None:
+    Hits and misses are kept in separate tables of `max_entries` each.
+    """
+
+    def __init__(
+        self, ttl_s: float, negative_ttl_s: float, max_entries: int = 100_000, max_stale_s: float = 300.0
+    ) -> None:
         self._ttl = ttl_s
         self._neg_ttl = negative_ttl_s
-        self._max = max_entries
-        self._entries: dict[str, tuple[KeyRecord | None, float]] = {}
+        self._max = max(1, max_entries)
+        self._max_stale = max_stale_s
+        self._hits: dict[str, tuple[KeyRecord, float]] = {}
+        self._misses: dict[str, float] = {}
 
     def get(self, digest: str, now: float) -> tuple[bool, KeyRecord | None]:
-        hit = self._entries.get(digest)
-        if hit is None or hit[1] <= now:
-            return False, None
-        return True, hit[0]
+        hit = self._hits.get(digest)
+        if hit is not None and hit[1] > now:
+            return True, hit[0]
+        miss = self._misses.get(digest)
+        if miss is not None and miss > now:
+            return True, None
+        return False, None
 
-    def stale(self, digest: str) -> KeyRecord | None:
-        hit = self._entries.get(digest)
-        return hit[0] if hit else None
+    def stale(self, digest: str, now: float | None = None) -> KeyRecord | None:
+        """A known key's last answer, for when the store cannot answer (bounded age)."""
+        hit = self._hits.get(digest)
+        if hit is None:
+            return None
+        if now is not None and now - hit[1] > self._max_stale:
+            return None
+        return hit[0]
 
     def put(self, digest: str, record: KeyRecord | None, now: float) -> None:
-        if len(self._entries) >= self._max:
-            self._entries.pop(next(iter(self._entries)))
-        self._entries[digest] = (record, now + (self._ttl if record else self._neg_ttl))
+        if record is None:
+            self._hits.pop(digest, None)
+            _bounded_set(self._misses, digest, now + self._neg_ttl, self._max)
+        else:
+            self._misses.pop(digest, None)
+            _bounded_set(self._hits, digest, (record, now + self._ttl), self._max)
 
     def forget(self, digest: str) -> None:
-        self._entries.pop(digest, None)
+        self._hits.pop(digest, None)
+        self._misses.pop(digest, None)
+
+    def __len__(self) -> int:
+        return len(self._hits) + len(self._misses)
+
+
+def _bounded_set(table: dict[str, V], key: str, value: V, limit: int) -> None:
+    table.pop(key, None)  # re-insert at the end: the oldest entry is the first one
+    while len(table) >= limit:
+        table.pop(next(iter(table)))
+    table[key] = value
 
 
 class Authenticator:
-    def __init__(self, store: Store, cache: KeyCache, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        cache: KeyCache,
+        clock: Callable[[], float] = time.time,
+        lookup_timeout_s: float = 5.0,
+    ) -> None:
         self._store = store
         self._cache = cache
         self._clock = clock
+        self._timeout = lookup_timeout_s
+        self._inflight: dict[str, asyncio.Future[KeyRecord | None]] = {}
+        self._generation = 0  # bumped by forget(): answers fetched before it are not cached
 
     async def authenticate(self, presented: str | None) -> KeyRecord:
         if not presented or not well_formed(presented):
             raise InvalidApiKey()
         digest = digest_key(presented)
-        now = self._clock()
-        hit, record = self._cache.get(digest, now)
+        hit, record = self._cache.get(digest, self._clock())
         if not hit:
             try:
-                record = await self._store.key_by_digest(digest)
+                record = await self._lookup(digest)
             except Exception as exc:
-                # A known key keeps working from the stale cache entry; unknown ones get 503.
-                record = self._cache.stale(digest)
+                # A known key keeps working from its stale entry; unknown ones get 503.
+                record = self._cache.stale(digest, self._clock())
                 if record is None:
                     log.warning("key store unavailable during auth (%s)", type(exc).__name__)
                     raise ServiceUnavailable(
                         "Authentication is temporarily unavailable.", code="auth_unavailable", retry_after_s=5
                     ) from None
-            else:
-                self._cache.put(digest, record, now)
-        if record is None or not record.is_active(now):
+        if record is None or not record.is_active(self._clock()):
             raise InvalidApiKey()
+        return record
+
+    async def _lookup(self, digest: str) -> KeyRecord | None:
+        """One store query per digest at a time; waiters share it (and may leave early)."""
+        fut = self._inflight.get(digest)
+        if fut is None:
+            fut = asyncio.ensure_future(self._fetch(digest))
+            self._inflight[digest] = fut
+            fut.add_done_callback(lambda f, d=digest: self._done(d, f))
+        return await asyncio.shield(fut)
+
+    def _done(self, digest: str, fut: asyncio.Future[KeyRecord | None]) -> None:
+        if self._inflight.get(digest) is fut:
+            del self._inflight[digest]
+        if not fut.cancelled():
+            fut.exception()  # retrieved: every waiter may have gone away
+
+    async def _fetch(self, digest: str) -> KeyRecord | None:
+        generation = self._generation
+        async with asyncio.timeout(self._timeout):
+            record = await self._store.key_by_digest(digest)
+        if generation == self._generation:
+            self._cache.put(digest, record, self._clock())
         return record
 
     def forget(self, digest: str) -> None:
         """Drop a cached answer (the admin API revoked or changed that key here)."""
+        self._generation += 1
+        self._inflight.pop(digest, None)
         self._cache.forget(digest)
-
-
