@@ -193,6 +193,7 @@ class UsageSink:
     async def close(self) -> None:
         """Write everything still queued (store, else spool). Called after handlers drained."""
         self._closing = True
+        self._retry_at = 0.0  # one last attempt at the store, whatever the backoff says
         self._wake.set()
         task = self._task
         if task is not None:
@@ -204,7 +205,6 @@ class UsageSink:
                     raise
             except Exception:
                 log.exception("usage sink task failed")
-        self._retry_at = 0.0  # one last attempt at the store, whatever the backoff says
         try:
             await self._flush_all()
         except Exception:
@@ -299,7 +299,7 @@ class UsageSink:
         data = b"".join(orjson.dumps(r) + b"\n" for r in batch)
         self._spool.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self._spool, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            fd = os.open(self._spool, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 st = os.fstat(fd)

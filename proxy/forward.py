@@ -51,7 +51,7 @@ FORBIDDEN_FIELDS = frozenset(
 )
 _MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # Upstream response headers worth passing to the client.
-_PASS_HEADERS = ("Content-Type", "Retry-After", "x-should-retry")
+_PASS_HEADERS = ("Content-Type", "Content-Encoding", "Retry-After", "x-should-retry")
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _UPSTREAM_BODY_CAP = 64 * 1024 * 1024
 
@@ -394,6 +394,13 @@ class StreamRegistry:
 
     def __len__(self) -> int:
         return len(self._active)
+
+    def end_all(self) -> None:
+        """At the end of the grace period: cancel every stream's handler. Each one writes
+        a shutdown error event while its connection is still open, and records itself."""
+        self.stopping = True
+        for task in list(self._active):
+            task.cancel()
 
 
 # ---------------------------------------------------------------------- helpers

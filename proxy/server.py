@@ -110,7 +110,7 @@ async def serve(
     app = build_app(config)
     state = app[STATE]
     handlers: set[asyncio.Task[Any]] = set()
-    app.middlewares.append(_request_tracker(handlers))
+    app.middlewares.insert(0, _request_tracker(handlers))
     runner = web.AppRunner(
         app,
         handle_signals=False,
@@ -200,72 +200,75 @@ def _worker(config_path: str | None, host: str, port: int, ready: multiprocessin
 
 
 class _Workers:
+    """N spawned worker processes and the parent's view of them."""
+
     def __init__(self, config_path: str | None, host: str, port: int, count: int) -> None:
-        self._ctx = multiprocessing.get_context("spawn")
-        self.host, self.port = host, port
+        ctx = multiprocessing.get_context("spawn")
         self.procs: list[multiprocessing.process.BaseProcess] = []
-        self.ready_pipes: list[multiprocessing.connection.Connection] = []
+        self._ready: list[multiprocessing.connection.Connection] = []
+        self._writers: list[multiprocessing.connection.Connection] = []
         self.stopping = False
         for i in range(count):
-            reader, writer = self._ctx.Pipe(duplex=False)
-            proc = self._ctx.Process(
-                target=_worker, args=(config_path, host, port, writer, i), name=f"llm-proxy-worker-{i}"
+            reader, writer = ctx.Pipe(duplex=False)
+            self.procs.append(
+                ctx.Process(target=_worker, args=(config_path, host, port, writer, i), name=f"llm-proxy-worker-{i}")
             )
-            self.procs.append(proc)
-            self.ready_pipes.append(reader)
-            self._writers = getattr(self, "_writers", []) + [writer]
+            self._ready.append(reader)
+            self._writers.append(writer)
 
     def start(self) -> None:
         for proc in self.procs:
             proc.start()
         for writer in self._writers:
-            writer.close()  # the workers hold their own copies
+            writer.close()  # each worker holds its own copy
 
-    def signal_all(self, signum: int) -> None:
+    def alive(self) -> bool:
+        return any(p.is_alive() for p in self.procs)
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Ask every worker to drain and exit (again: a second signal ends the grace)."""
+        if not self.stopping:
+            self.stopping = True
+            sd_notify("STOPPING=1")
         for proc in self.procs:
-            if proc.is_alive() and proc.pid is not None:
+            if proc.pid is not None and proc.exitcode is None:
                 try:
                     os.kill(proc.pid, signum)
                 except ProcessLookupError:
                     pass
 
-    def stop(self, signum: int = signal.SIGTERM) -> None:
-        if not self.stopping:
-            self.stopping = True
-            sd_notify("STOPPING=1")
-        self.signal_all(signum)
-
     def wait_ready(self, timeout: float) -> bool:
-        """True once every worker listens; False if one exited first or time ran out."""
-        waiting = {p.fileno(): p for p in self.ready_pipes}
+        """True once every worker listens; False if one exited first, time ran out or
+        a stop signal came."""
+        waiting = list(self._ready)
         deadline = time.monotonic() + timeout
         while waiting and not self.stopping:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                log.error("workers did not start within %gs", timeout)
+                log.error("the workers did not start within %gs", timeout)
                 return False
             sentinels = [p.sentinel for p in self.procs]
-            for obj in multiprocessing.connection.wait([*waiting.values(), *sentinels], timeout=min(remaining, 0.5)):
+            for obj in multiprocessing.connection.wait([*waiting, *sentinels], timeout=min(remaining, 0.5)):
                 if isinstance(obj, int):
-                    return False  # a worker exited before listening
+                    return False  # a worker exited before it listened
                 try:
                     obj.recv_bytes()
                 except EOFError:
                     return False
+                waiting.remove(obj)
                 obj.close()
-                waiting.pop(obj.fileno() if not obj.closed else next(k for k, v in waiting.items() if v is obj), None)
         return not waiting
 
     def wait_exit(self) -> None:
         """Return once every worker has exited; one exiting on its own stops the rest."""
-        alive = list(self.procs)
+        alive = [p for p in self.procs if p.pid is not None]
         while alive:
             multiprocessing.connection.wait([p.sentinel for p in alive])
             for proc in [p for p in alive if not p.is_alive()]:
                 alive.remove(proc)
                 proc.join()
                 if not self.stopping:
-                    log.error("%s (pid %s) exited with code %s: stopping the other workers", proc.name, proc.pid, proc.exitcode)
+                    log.error("%s (pid %s) exited with code %s: stopping the others", proc.name, proc.pid, proc.exitcode)
                     self.stop()
 
 
@@ -285,8 +288,8 @@ def run(config: Config, config_path: str | None, host: str, port: int, workers: 
     def on_signal(signum: int, _frame: object) -> None:
         group.stop(signum)
 
-    # Block stop signals while the workers are spawned: they inherit the mask, so a
-    # signal cannot kill one half-started (it is handled once the worker is set up).
+    # Stop signals are blocked while the workers are spawned and they inherit that mask:
+    # a signal cannot kill a half-started worker, it is handled once the worker can.
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     previous = {sig: signal.signal(sig, on_signal) for sig in _STOP_SIGNALS}
     try:
@@ -302,7 +305,9 @@ def run(config: Config, config_path: str | None, host: str, port: int, workers: 
             group.stop()
         group.wait_exit()
     finally:
-        group.stop(signal.SIGTERM) if any(p.is_alive() for p in group.procs) else None
+        if group.alive():  # only on an unexpected error in this process
+            group.stop()
+            group.wait_exit()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     codes = [p.exitcode for p in group.procs]

@@ -228,3 +228,16 @@ async def test_models_list_shapes(gateway):
         async with s.get(gw.url + "/models", headers=gw.headers()) as r:
             assert r.status == 200
 
+
+
+async def test_gemini_json_array_stream_without_alt_sse(gateway):
+    gw = await gateway()
+    async with aiohttp.ClientSession() as s:
+        url = gw.url + "/v1beta/models/mock-gemini:streamGenerateContent"
+        async with s.post(url, json={"contents": [{"parts": [{"text": "x"}]}]}, headers={"x-goog-api-key": gw.key}) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("application/json")
+            items = orjson.loads(await r.read())
+    assert items[-1]["candidates"][0]["finishReason"] == "STOP"
+    rec = (await gw.wait_records(1))[0]
+    assert rec.stream and not rec.estimated
+    assert rec.completion_tokens == items[-1]["usageMetadata"]["candidatesTokenCount"]

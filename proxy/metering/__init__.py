@@ -15,6 +15,7 @@ count_tokens is free (its response is a count, not a charge): both ignore `strea
 from __future__ import annotations
 
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any
 
 from .anthropic import AnthropicMeter
@@ -38,13 +39,13 @@ __all__ = [
     "meter_for", "settle",
 ]
 
-_METERS: dict[str, type[MeterBase]] = {
+_METERS: MappingProxyType[str, type[MeterBase]] = MappingProxyType({
     "chat.completions": OpenAIChatMeter,
     "completions": OpenAIChatMeter,
     "responses": OpenAIResponsesMeter,
     "messages": AnthropicMeter,
     "generateContent": GeminiMeter,
-}
+})
 
 
 class FreeMeter:

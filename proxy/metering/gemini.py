@@ -143,7 +143,7 @@ class GeminiArrayStreamMeter(GeminiMeter):
         while (m := _USAGE_KEY.search(tail, pos)) is not None:
             end = _object_end(tail, m.end())
             meta = load_json(tail[m.end():end]) if end is not None else None
-            if isinstance(meta, dict):
+            if end is not None and isinstance(meta, dict):
                 self._set_usage(gemini_usage(meta, self._bound), complete=False)
                 self._delivery.add(self._base + end - self._mark)   # one element
                 self._mark = self._base + end
