@@ -30,7 +30,7 @@ from proxy.errors import (
     UpstreamTimeout,
 )
 from proxy.limits.base import Reservation
-from proxy.metering import meter_for
+from proxy.metering import meter_for, settle
 from proxy.metering.base import Meter, Usage
 from proxy.metering.estimate import estimate_prompt_tokens
 from proxy.metering.openai import UsageChunkDropper, ensure_include_usage
@@ -155,7 +155,8 @@ class Forwarder:
                     # Nothing reached the client yet: the next route may do better.
                     self._fail(call, UpstreamError(f"The upstream failed with status {resp.status}."))
                     continue
-                call.meter = meter_for(call.endpoint.name, call.stream, sse="alt=sse" in request.query_string)
+                if resp.status < 400:
+                    call.meter = meter_for(call.endpoint.name, call.stream, sse="alt=sse" in request.query_string)
                 if call.stream and resp.status == 200 and _is_stream(resp):
                     dropper = UsageChunkDropper() if dropper_needed else None
                     return await self._relay_stream(request, call, target, resp, dropper, limit_headers)
@@ -233,8 +234,9 @@ class Forwarder:
             raise UpstreamError(f"The upstream failed with status {resp.status}.")
         if resp.status >= 400 and target.secret and target.secret.encode() in data:
             raise UpstreamError(f"The upstream refused the request with status {resp.status}.")
-        if resp.status < 300 and call.meter is not None:
+        if call.meter is not None:
             call.meter.feed_body(data)
+            call.meter.finish()
         elif resp.status >= 400:
             call.outcome, call.error = "upstream_error", f"upstream_{resp.status}"
         headers = _pass_headers(resp, limit_headers)
@@ -250,7 +252,7 @@ class Forwarder:
         limit_headers: dict[str, str],
     ) -> web.StreamResponse:
         meter = call.meter
-        assert meter is not None
+        assert meter is not None  # set for every 2xx answer
         headers = _pass_headers(resp, limit_headers)
         headers.update(_STREAM_HEADERS)
         out = web.StreamResponse(status=200, headers=headers)
@@ -277,6 +279,7 @@ class Forwarder:
                     await out.write(keepalive)  # type: ignore[arg-type]
                     continue
                 if not chunk:
+                    meter.finish()
                     break
                 last_data = loop.time()
                 meter.feed(chunk)
@@ -339,17 +342,13 @@ class Forwarder:
     def _emit(self, call: Call) -> None:
         route = call.route
         assert route is not None
-        usage = call.meter.usage() if call.meter is not None else None
-        estimated = False
-        if usage is None:
-            delivered = call.meter.delivered_tokens() if call.meter is not None else 0
-            if call.status and call.status < 400 or delivered:
-                usage = Usage(prompt_tokens=call.prompt_estimate, completion_tokens=delivered)
-                estimated = True
-            else:
-                usage = Usage()
-        elif usage.flagged:
-            estimated = True
+        if call.meter is not None:
+            usage, estimated = settle(call.meter, call.prompt_estimate)
+        elif call.outcome in ("client_abort", "shutdown"):
+            # Left while the upstream was working on it: the provider bills the prompt.
+            usage, estimated = Usage(prompt_tokens=call.prompt_estimate), True
+        else:
+            usage, estimated = Usage(), False   # refused or unreachable: nothing billable
         now = time.time()
         rec = UsageRecord(
             id=call.request_id if call.attempt == 0 else f"{call.request_id}.{call.attempt}",

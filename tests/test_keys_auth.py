@@ -53,11 +53,11 @@ SQL_SHAPED = [
 
 async def call(
     gw: Any, surface: str, headers: dict[str, str] | None = None, query: str = ""
-) -> tuple[int, dict[str, str], bytes]:
+) -> tuple[int, Any, bytes]:
     method, path, body, _ = SURFACES[surface]
     async with aiohttp.ClientSession() as s:
         async with s.request(method, gw.url + path + query, json=body, headers=headers or {}) as r:
-            return r.status, dict(r.headers), await r.read()
+            return r.status, r.headers.copy(), await r.read()
 
 
 def without_request_id(body: bytes) -> Any:
@@ -385,7 +385,7 @@ async def test_store_failure_fails_closed_in_every_dialect(gateway, monkeypatch)
     monkeypatch.setattr(gw.state.store, "key_by_digest", broken)
     await asyncio.sleep(0.3)  # the cached answer is past its TTL: only stale now
     for surface, (_, _, _, dialect) in SURFACES.items():
-        status, headers, body = await call(gw, surface, STYLES["x-api-key"](other))
+        status, headers, body = await call(gw, surface, STYLES["api-key"](other))
         assert status == 503, (surface, body)
         assert headers.get("Retry-After")
         doc = orjson.loads(body)
