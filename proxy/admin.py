@@ -18,10 +18,9 @@ from proxy.errors import Conflict, InvalidApiKey, InvalidRequest, NotFound, Perm
 from proxy.middleware.auth import KEY, extract_key
 from proxy.middleware.limits import spec_of
 from proxy.store.base import DuplicateName, KeyLimits, KeyRecord
-from proxy.views import MAX_LIMIT, check_name, key_json, parse_since, parse_ts, period_start, usage_json
+from proxy.views import MAX_DAYS, MAX_LIMIT, check_name, key_json, parse_since, parse_ts, period_start, usage_json
 
 _PERIODS = (None, "day", "month")
-MAX_DAYS = 36_500
 _LIMIT_FIELDS = ("models", "rpm", "tpm", "max_parallel", "budget_usd", "budget_period", "expires_at", "expires_in_days")
 
 

@@ -10,13 +10,12 @@ from typing import Any, Sequence
 
 import orjson
 
-from proxy.admin import MAX_DAYS
 from proxy.config import ConfigError, load_config, mask, masked
 from proxy.mock_upstream import MockOptions, run_mock
 from proxy.server import configure_logging, install_uvloop, run
 from proxy.store import open_store
 from proxy.store.base import DuplicateName, KeyLimits, Store, StoreError
-from proxy.views import check_limits, check_name, key_json, parse_since, usage_json
+from proxy.views import MAX_DAYS, check_limits, check_name, key_json, parse_since, usage_json
 
 
 def _print_json(doc: Any) -> None:

@@ -3,8 +3,8 @@
 SIGTERM / SIGINT: stop accepting, /readyz turns 503, idle keep-alive connections close,
 new requests on busy connections get 503; in-flight requests and streams may finish
 within `shutdown_grace_s`. Then the rest are cancelled (streams get a shutdown error
-event first), the usage sink flushes, stores close, and the process exits 0. A second
-signal ends the grace period at once.
+event first), the usage sink flushes, stores close, and the process exits 0. In a
+single process a second signal ends the grace period at once.
 
 `--workers N` runs N such processes on one port (SO_REUSEPORT). The parent tells
 systemd READY=1 once every worker listens, forwards SIGTERM / SIGINT to them, and
@@ -29,7 +29,7 @@ import uvloop
 from aiohttp import web
 
 from proxy.access_log import AccessLogger
-from proxy.app import STATE, build_app
+from proxy.app import STATE, AppState, build_app
 from proxy.config import Config, load_config
 
 log = logging.getLogger("llm_proxy.server")
@@ -41,6 +41,7 @@ _CANCEL_WAIT_S = 5.0
 _LEFTOVER_S = 2.0
 # How long the --workers parent waits for every worker to listen.
 _START_TIMEOUT_S = 60.0
+_PR_SET_PDEATHSIG = 1
 
 # Stop signals that arrived before the event loop took them over (a worker process
 # starts with them blocked; see `run`).
@@ -91,20 +92,27 @@ async def serve(
     reuse_port: bool = False,
     notify: bool = True,
     on_ready: Callable[[], None] | None = None,
+    second_signal_ends_grace: bool = True,
 ) -> None:
-    """Serve until SIGTERM / SIGINT, then drain (see the module docstring) and return."""
+    """Serve until SIGTERM / SIGINT, then drain (see the module docstring) and return.
+
+    `notify`: send READY=1 / STOPPING=1 on $NOTIFY_SOCKET. `on_ready`: called once the
+    port accepts connections. `second_signal_ends_grace`: off in --workers children, which
+    may get one signal twice (from the terminal's process group and from the parent).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     hurry = asyncio.Event()
 
     def on_signal() -> None:
-        if stop.is_set():
+        if stop.is_set() and second_signal_ends_grace:
             hurry.set()
         stop.set()
 
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal)
-    for _ in _early_signals:
+    early, _early_signals[:] = list(_early_signals), []
+    for _ in early:
         on_signal()
 
     app = build_app(config)
@@ -141,13 +149,13 @@ async def serve(
     finally:
         # Closes what is left, then runs cleanup_ctx in reverse: the usage sink flushes
         # before the upstream pools and stores close.
+        # The signal handlers stay until the loop closes: a late duplicate signal must
+        # not kill the process while it flushes.
         await runner.cleanup()
-        for sig in _STOP_SIGNALS:
-            loop.remove_signal_handler(sig)
     log.info("stopped")
 
 
-async def _drain(runner: web.AppRunner, state: Any, handlers: set[asyncio.Task[Any]], grace_s: float, hurry: asyncio.Event) -> None:
+async def _drain(runner: web.AppRunner, state: AppState, handlers: set[asyncio.Task[Any]], grace_s: float, hurry: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     log.info("stopping: draining %d requests (grace %gs)", len(handlers), grace_s)
     # New requests on open connections get 503 and /readyz turns 503 from here on.
@@ -166,10 +174,12 @@ async def _drain(runner: web.AppRunner, state: Any, handlers: set[asyncio.Task[A
         return
     left = list(handlers)
     log.warning("grace period over: ending %d requests", len(left))
-    # Cancelled stream handlers write a shutdown error event to their client and
-    # record the usage delivered so far (outcome "shutdown") before they finish.
+    # Stream handlers write a shutdown error event to their client and record the usage
+    # delivered so far (outcome "shutdown"); other requests are cancelled and recorded.
+    state.streams.end_all()
     for task in left:
-        task.cancel()
+        if not task.done() and not task.cancelling():
+            task.cancel()
     _done, pending = await asyncio.wait(left, timeout=_CANCEL_WAIT_S)
     if pending:
         log.warning("%d requests did not end within %gs of cancellation", len(pending), _CANCEL_WAIT_S)
@@ -178,11 +188,27 @@ async def _drain(runner: web.AppRunner, state: Any, handlers: set[asyncio.Task[A
 # ---------------------------------------------------------------------- --workers N
 
 
-def _worker(config_path: str | None, host: str, port: int, ready: multiprocessing.connection.Connection, index: int) -> None:
+def _stop_with_parent(parent_pid: int) -> None:
+    """Have the kernel send SIGTERM when the parent dies (Linux), so that a killed
+    parent does not leave workers serving on their own; they drain and exit."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if os.getppid() != parent_pid:  # it died before the request took effect
+        _early_signals.append(signal.SIGTERM)
+
+
+def _worker(
+    config_path: str | None, host: str, port: int, ready: multiprocessing.connection.Connection, index: int, parent_pid: int
+) -> None:
     # The parent started this process with SIGTERM / SIGINT blocked, so a stop signal
     # sent while it was starting up waits until it can be handled gracefully.
     for sig in _STOP_SIGNALS:
         signal.signal(sig, lambda signum, _frame: _early_signals.append(signum))
+    _stop_with_parent(parent_pid)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     install_uvloop()
     configure_logging()
@@ -193,7 +219,7 @@ def _worker(config_path: str | None, host: str, port: int, ready: multiprocessin
 
     try:
         config = load_config(config_path)
-        asyncio.run(serve(config, host, port, reuse_port=True, notify=False, on_ready=on_ready))
+        asyncio.run(serve(config, host, port, reuse_port=True, notify=False, on_ready=on_ready, second_signal_ends_grace=False))
     except Exception:
         log.exception("worker %d failed", index)
         sys.exit(1)
@@ -208,10 +234,11 @@ class _Workers:
         self._ready: list[multiprocessing.connection.Connection] = []
         self._writers: list[multiprocessing.connection.Connection] = []
         self.stopping = False
+        self.signalled = False  # a stop signal came from outside (not a worker failure)
         for i in range(count):
             reader, writer = ctx.Pipe(duplex=False)
             self.procs.append(
-                ctx.Process(target=_worker, args=(config_path, host, port, writer, i), name=f"llm-proxy-worker-{i}")
+                ctx.Process(target=_worker, args=(config_path, host, port, writer, i, os.getpid()), name=f"llm-proxy-worker-{i}")
             )
             self._ready.append(reader)
             self._writers.append(writer)
@@ -226,7 +253,8 @@ class _Workers:
         return any(p.is_alive() for p in self.procs)
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
-        """Ask every worker to drain and exit (again: a second signal ends the grace)."""
+        """Ask every worker to drain and exit (a repeated signal is forwarded too; the
+        workers treat it as the same request)."""
         if not self.stopping:
             self.stopping = True
             sd_notify("STOPPING=1")
@@ -277,8 +305,8 @@ def run(config: Config, config_path: str | None, host: str, port: int, workers: 
         install_uvloop()
         try:
             asyncio.run(serve(config, host, port))
-        except OSError as exc:
-            log.error("cannot serve on %s:%d: %s", host, port, exc.strerror or exc)
+        except OSError as exc:  # e.g. the address is in use, the spool is not writable
+            log.error("cannot start: %s", exc)
             return 1
         return 0
     if config.limits.url.startswith("memory://"):
@@ -286,6 +314,7 @@ def run(config: Config, config_path: str | None, host: str, port: int, workers: 
     group = _Workers(config_path, host, port, workers)
 
     def on_signal(signum: int, _frame: object) -> None:
+        group.signalled = True
         group.stop(signum)
 
     # Stop signals are blocked while the workers are spawned and they inherit that mask:
@@ -310,8 +339,11 @@ def run(config: Config, config_path: str | None, host: str, port: int, workers: 
             group.wait_exit()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    # A worker ended by the stop signal itself (one that arrived while it was already
+    # closing its event loop) stopped as asked.
+    asked = {0} | ({-signal.SIGTERM, -signal.SIGINT} if group.signalled else set())
     codes = [p.exitcode for p in group.procs]
-    if any(c != 0 for c in codes):
+    if any(c not in asked for c in codes):
         log.error("worker exit codes: %s", codes)
         return 1
     return 0

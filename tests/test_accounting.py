@@ -80,15 +80,20 @@ async def make_sink(spool: Path):
     async def make(store: FakeStore, **kw: object) -> UsageSink:
         kw.setdefault("flush_interval_s", 0.05)
         sink = UsageSink(store, kw.pop("spool_path", spool), **kw)  # type: ignore[arg-type]
-        await sink.start()
+        await asyncio.wait_for(sink.start(), 5)
         sinks.append(sink)
         return sink
 
     yield make
     for s in sinks:
-        s._retry_at = 0.0
+        store = s._store
+        if isinstance(store, FakeStore) and store.gate is not None:
+            store.gate.set()  # a test that failed half-way must not hang the teardown
         if s._task is not None and not s._task.done():
-            await s.close()
+            try:
+                await asyncio.wait_for(s.close(), 5)
+            except TimeoutError:
+                s._task.cancel()
 
 
 # ---------------------------------------------------------------------- batching
@@ -261,23 +266,48 @@ async def test_a_replay_file_left_by_a_crashed_process_is_replayed_at_start(make
 
 
 async def test_two_workers_sharing_one_spool_lose_nothing(make_sink, spool):
-    a_store, b_store = FakeStore(), FakeStore()
-    a_store.fail = b_store.fail = True
-    a = await make_sink(a_store)
-    b = await make_sink(b_store)
+    store = FakeStore()  # one database behind two worker processes, one spool path
+    store.fail = True
+    a = await make_sink(store)
+    b = await make_sink(store)
     for i in range(10):
         a.record(rec(f"a{i}"))
         b.record(rec(f"b{i}"))
     await until(lambda: a.depth == b.depth == 0)
-    a_store.fail = False  # a's store recovers; b keeps spooling while a replays
+    store.fail = False
     a._retry_at = 0.0
+    b._retry_at = time.monotonic() + 60  # b still backs off: it keeps appending while a replays
     for i in range(10, 30):
         b.record(rec(f"b{i}"))
         await asyncio.sleep(0.01)
-    await until(lambda: b.depth == 0)
-    await until(lambda: not a._has_spool(), timeout=5)
-    assert set(a_store.rows) == {f"req_a{i}" for i in range(10)} | {f"req_b{i}" for i in range(30)}
-    assert set(a_store.inserts.values()) == {1}
+    expected = {f"req_a{i}" for i in range(10)} | {f"req_b{i}" for i in range(30)}
+    await until(lambda: set(store.rows) == expected and not any(spool.parent.iterdir()), timeout=5)
+    assert set(store.rows) == expected
+    assert set(store.inserts.values()) == {1}
+
+
+def test_an_append_waiting_for_the_lock_follows_a_claim_to_the_new_file(spool):
+    """The replayer renames the spool under the lock; an appender that opened the old
+    file before that must not write into the claimed (already read) file."""
+    import fcntl
+    import threading
+
+    spool.parent.mkdir(parents=True)
+    spool.write_bytes(orjson.dumps(rec("old")) + b"\n")
+    sink = UsageSink(FakeStore(), spool)  # type: ignore[arg-type]
+    fd = os.open(spool, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # we are the replayer, mid-claim
+    appender = threading.Thread(target=sink._append_spool, args=([rec("new")],))
+    appender.start()
+    time.sleep(0.2)  # the appender has opened the file and waits for the lock
+    claimed = spool.with_name(spool.name + ".replaying.test")
+    os.rename(spool, claimed)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    appender.join(5)
+    assert not appender.is_alive()
+    assert [d["id"] for d in spool_lines(claimed)] == ["req_old"]
+    assert [d["id"] for d in spool_lines(spool)] == ["req_new"]
 
 
 # ---------------------------------------------------------------------- shutdown
@@ -290,6 +320,19 @@ async def test_close_writes_everything_to_the_store(make_sink):
         sink.record(rec(i))
     await sink.close()
     assert len(store.rows) == 7 and sink.depth == 0
+
+
+async def test_records_arriving_while_close_flushes_reach_the_store(make_sink, spool):
+    store = FakeStore()
+    store.gate = asyncio.Event()
+    sink = await make_sink(store, flush_interval_s=30)
+    sink.record(rec(1))
+    closing = asyncio.create_task(sink.close())
+    await until(lambda: store.waiting == 1)
+    sink.record(rec(2))  # a handler finishing while the last batch is being written
+    store.gate.set()
+    await closing
+    assert set(store.rows) == {"req_1", "req_2"} and not spool.exists()
 
 
 async def test_close_spools_when_the_store_is_down_and_later_records_too(make_sink, spool):

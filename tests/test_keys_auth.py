@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import re
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -20,10 +21,10 @@ import pytest
 
 from _gateway import MASTER_KEY
 from proxy.app import PUBLIC_PATHS
-from proxy.config import AuthConfig
+from proxy.config import AuthConfig, StorageConfig
 from proxy.keys import digest_key, generate_key, well_formed
 from proxy.middleware.auth import Authenticator, KeyCache
-from proxy.store import SQLiteStore
+from proxy.store import open_store
 from proxy.store.base import KeyRecord, StoreError
 
 OPENAI_BODY = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}
@@ -77,12 +78,13 @@ def assert_401(dialect: str, status: int, body: bytes) -> None:
         assert doc["error"]["code"] == 401 and doc["error"]["status"] == "UNAUTHENTICATED"
 
 
-def count_lookups(gw: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def count_lookups(gw: Any, monkeypatch: pytest.MonkeyPatch, delay_s: float = 0.0) -> list[str]:
     calls: list[str] = []
     real = gw.state.store.key_by_digest
 
     async def counted(digest: str) -> KeyRecord | None:
         calls.append(digest)
+        await asyncio.sleep(delay_s)  # a store under load: lookups overlap
         return await real(digest)
 
     monkeypatch.setattr(gw.state.store, "key_by_digest", counted)
@@ -249,13 +251,22 @@ async def test_expired_key_is_refused_also_when_cached(gateway):
     assert_401("openai", status, body)  # ... but expiry is checked on every request
 
 
-async def test_revocation_by_another_process_takes_effect_within_the_cache_ttl(gateway):
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    if request.param == "sqlite":
+        return {}
+    url = request.getfixturevalue("pg_store_url")
+    return {"storage": StorageConfig(url=url, spool_path=str(tmp_path / "pg-spool.jsonl"), flush_interval_s=0.05)}
+
+
+async def test_revocation_by_another_process_takes_effect_within_the_cache_ttl(backend, gateway):
+    # `backend` first: its database must outlive the gateway (torn down in reverse order).
     ttl = 0.5
-    gw = await gateway(auth=AuthConfig(master_key=MASTER_KEY, cache_ttl_s=ttl, negative_cache_ttl_s=ttl))
+    gw = await gateway(auth=AuthConfig(master_key=MASTER_KEY, cache_ttl_s=ttl, negative_cache_ttl_s=ttl), **backend)
     status, _, _ = await call(gw, "openai-chat", gw.headers())
     assert status == 200
-    # Another process (the CLI) revokes it: a second connection to the same file.
-    other = SQLiteStore(gw.state.store.path)
+    # Another process (the CLI) revokes it: a second connection to the same database.
+    other = open_store(gw.state.config.storage.url)
     await other.open()
     try:
         assert (await other.revoke_key("test-key")).revoked_at is not None
@@ -340,10 +351,10 @@ async def test_allowlist_is_enforced_and_listed_in_every_dialect(gateway):
 
 async def test_negative_cache_spares_the_store(gateway, monkeypatch):
     gw = await gateway()
-    lookups = count_lookups(gw, monkeypatch)
+    lookups = count_lookups(gw, monkeypatch, delay_s=0.05)
     unknown = generate_key()
     async with aiohttp.ClientSession() as s:
-        for _ in range(100):
+        for _ in range(200):
             async with s.get(gw.url + "/v1/models", headers=STYLES["bearer"](unknown)) as r:
                 assert r.status == 401
         assert len(lookups) <= 2
