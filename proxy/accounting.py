@@ -206,7 +206,7 @@ class UsageSink:
             except Exception:
                 log.exception("usage sink task failed")
         try:
-            pass
+            await self._flush_all()
         except Exception:
             log.exception("final usage flush failed")
         finally:
@@ -232,8 +232,6 @@ class UsageSink:
             self._wake.clear()
             try:
                 await self._flush_all()
-                if self._has_spool() and self._store_available():
-                    await self._replay_spool()
             except Exception:
                 # Only the spool itself failing gets here (disk full, permissions); the
                 # batch is still queued. Keep the task alive and try again.

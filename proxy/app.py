@@ -160,9 +160,13 @@ async def metrics_handler(request: web.Request) -> web.Response:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     route = request.match_info.route
-    if request.match_info.http_exception is not None or request.path in PUBLIC_PATHS:
+    if request.match_info.http_exception is not None:
+        return await handler(request)  # 404 / 405: no handler runs
+    # Decide by the route the router matched, never by the raw path or Host.
+    canonical = route.resource.canonical if route.resource is not None else ""
+    if canonical in PUBLIC_PATHS:
         return await handler(request)
-    if request.path.startswith("/admin/") or request.path == "/admin":
+    if canonical.startswith("/admin/"):
         return await handler(request)  # master key checked by proxy.admin
     state = request.app[STATE]
     if state.streams.stopping:

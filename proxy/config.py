@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import os
 import re
@@ -194,7 +195,7 @@ def _convert(node: yaml.Node, tp: Any, path: str, env: Mapping[str, str]) -> Any
         if not isinstance(node, yaml.SequenceNode):
             raise ConfigError(f"{_where(node, path)}: expected a list")
         return tuple(_convert(n, item_tp, f"{path}[{i}]", env) for i, n in enumerate(node.value))
-    if origin in (Mapping, dict) or tp is Mapping:
+    if origin in (collections.abc.Mapping, dict) or tp is Mapping:
         if not isinstance(node, yaml.MappingNode):
             raise ConfigError(f"{_where(node, path)}: expected a mapping")
         out: dict[str, str] = {}
@@ -315,7 +316,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
 
 
 def _mask_url(url: str) -> str:
-    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1****@", url)
+    url = re.sub(r"(//[^:/@]*:)[^@]*@", r"\1****@", url)
+    return re.sub(r"(?i)([?&](?:password|pass|pwd)=)[^&]*", r"\1****", url)
 
 
 def mask(value: str | None) -> str | None:

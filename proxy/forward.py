@@ -118,10 +118,10 @@ class Forwarder:
         price = plan[0].model.price
         prompt_estimate = estimate_prompt_tokens(raw)
         max_out = _max_output_tokens(body, self._config.limits.default_max_tokens)
+        call = Call(_record_id(request), time.time(), endpoint, key, model, stream, prompt_estimate)
         reservation, limit_headers = await self._admission.admit(
-            key, request[REQUEST_ID], prompt_estimate + max_out, max_cost_usd(price, prompt_estimate, max_out)
+            key, call.request_id, prompt_estimate + max_out, max_cost_usd(price, prompt_estimate, max_out)
         )
-        call = Call(request[REQUEST_ID], time.time(), endpoint, key, model, stream, prompt_estimate)
         try:
             return await self._run(request, call, body, raw, plan, limit_headers)
         finally:
@@ -500,3 +500,11 @@ async def _try_write(out: web.StreamResponse, data: bytes) -> None:
 
 def new_request_id() -> str:
     return "req_" + uuid.uuid4().hex
+
+
+def _record_id(request: web.Request) -> str:
+    """The id of the usage record and limit reservation: the request id when the gateway
+    made it, a fresh one when the client chose its x-request-id (echoed in headers) so a
+    reused id cannot collide with another request's record or slot and go unbilled."""
+    rid = request[REQUEST_ID]
+    return new_request_id() if request.headers.get("x-request-id") == rid else rid

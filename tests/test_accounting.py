@@ -335,6 +335,17 @@ async def test_records_arriving_while_close_flushes_reach_the_store(make_sink, s
     assert set(store.rows) == {"req_1", "req_2"} and not spool.exists()
 
 
+async def test_close_flushes_even_if_the_flush_task_was_cancelled(make_sink, spool):
+    store = FakeStore()
+    sink = await make_sink(store, flush_interval_s=30)
+    assert sink._task is not None
+    sink._task.cancel()  # e.g. a careless cancel-all at loop shutdown (RELIABILITY E7)
+    await asyncio.sleep(0)
+    sink.record(rec(1))
+    await sink.close()
+    assert set(store.rows) == {"req_1"} and not spool.exists()
+
+
 async def test_close_spools_when_the_store_is_down_and_later_records_too(make_sink, spool):
     store = FakeStore()
     store.fail = True

@@ -468,7 +468,6 @@ def test_check_config_masks_upstream_header_values():
     assert secret[:-4] not in out and "****" in out
 
 
-@pytest.mark.xfail(strict=True, reason="proxy/config.py rejects every upstream `headers` mapping (see report)")
 def test_check_config_masks_upstream_headers_from_yaml(tmp_path):
     header_canary = "org-CANARY-77aa88bb99cc"
     extra = f"""  - name: org
@@ -483,7 +482,6 @@ def test_check_config_masks_upstream_headers_from_yaml(tmp_path):
     assert header_canary[:-4] not in r.stdout + r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="proxy/config.py _mask_url misses passwords without a user name (see report)")
 def test_check_config_masks_a_redis_password_without_user(tmp_path):
     cfg = write_config(tmp_path)
     secret = "redispw-CANARY-0a1b2c3d"
