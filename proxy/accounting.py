@@ -10,8 +10,8 @@ Where a record is, at any moment (RELIABILITY §5 I7/I8):
   queue; it is removed only after that, so a failed or cancelled write loses nothing.
 * in the spool: a JSON-lines file (mode 0600), appended under an exclusive `flock`,
   fsync'd per batch (and its directory when the file is new). Replay first renames the
-  spool to `<spool>.replaying.<pid>.<rand>` (new records go to a fresh spool), writes
-  it to the store in batches, then deletes it. Writes are idempotent on the request id,
+  spool to `<spool>.replaying.<pid>.<rand>` (new records go to a fresh spool), reads
+  and writes it a batch at a time from a remembered offset, then deletes it. Writes are idempotent on the request id,
   so replaying a file twice (crash between commit and delete, two workers) never
   double-bills. A torn last line (crash mid-append) is skipped; the next append starts
   on a new line, so nothing after it is lost.
@@ -62,7 +62,7 @@ log = logging.getLogger("llm_proxy.usage")
 _REPLAYING = ".replaying."
 _BACKOFF_FIRST_S = 0.5
 _BACKOFF_MAX_S = 5.0
-_REPLAY_FILES_PER_PASS = 8
+_START_REPLAY_STEPS = 10
 
 # Spool lines are checked before they reach the store: one malformed line must not
 # block the replay of every line after it.
@@ -117,7 +117,8 @@ class UsageSink:
         self._retry_at = 0.0
         # Spool files this process claimed for replay and has not finished yet.
         self._claimed: list[Path] = []
-        self._replay_done: set[str] = set()
+        self._replay_offset = 0        # in _claimed[0]: everything before it is committed
+        self._replayed_in_file = 0
         # Counters (exported by proxy.metrics).
         self.written = 0        # committed to the store from memory
         self.spooled = 0        # appended (fsync'd) to the spool
@@ -187,7 +188,8 @@ class UsageSink:
 
     async def start(self) -> None:
         self._claimed = sorted(self._leftover_files())
-        await self._replay_spool()
+        # A first slice before serving; a large spool goes on in the background.
+        await self._replay_spool(max_steps=_START_REPLAY_STEPS)
         self._task = asyncio.create_task(self._run(), name="usage-sink")
 
     async def close(self) -> None:
@@ -232,6 +234,8 @@ class UsageSink:
             self._wake.clear()
             try:
                 await self._flush_all()
+                if self._has_spool() and self._store_available():
+                    await self._replay_spool()
             except Exception:
                 # Only the spool itself failing gets here (disk full, permissions); the
                 # batch is still queued. Keep the task alive and try again.
@@ -356,76 +360,103 @@ class UsageSink:
     def _has_spool(self) -> bool:
         return bool(self._claimed) or self._spool.exists()
 
-    @staticmethod
-    def _read_spool(path: Path) -> list[UsageRecord]:
+    async def _replay_spool(self, max_steps: int | None = None) -> None:
+        """Replay spooled records, one batch per step, until none is left or the store fails.
+
+        The file is read a batch at a time from a remembered offset (a long outage can
+        leave a large spool), and the queue is flushed between batches, so a replay never
+        holds fresh records in memory for longer than one batch write.
+        """
+        steps = 0
+        while not self._closing and (max_steps is None or steps < max_steps):
+            async with self._lock:
+                more = await self._replay_step()
+            if not more:
+                return
+            steps += 1
+            if self._queue:
+                await self._flush_all()
+
+    async def _replay_step(self) -> bool:
+        if not self._claimed:
+            # Listed before the rename, so the records are never on disk unaccounted for.
+            target = self._spool.with_name(f"{self._spool.name}{_REPLAYING}{os.getpid()}.{secrets.token_hex(4)}")
+            self._claimed.append(target)
+            try:
+                claimed = await asyncio.to_thread(self._claim_spool, target)
+            except OSError as exc:
+                claimed = False
+                log.error("cannot claim the usage spool for replay (%s)", type(exc).__name__)
+            if not claimed:
+                self._claimed.remove(target)
+                return False
+            self._replay_offset = 0
+        path = self._claimed[0]
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return []
-        out: list[UsageRecord] = []
-        bad = 0
-        for line in data.split(b"\n"):
-            if not line.strip():
-                continue
-            rec = _parse_line(line)
-            if rec is None:
-                bad += 1  # a torn line from a crash mid-append; the rest is intact
-            else:
-                out.append(rec)
-        if bad:
-            log.warning("skipped %d unreadable line(s) in the usage spool %s", bad, path.name)
-        return out
-
-    async def _replay_spool(self) -> None:
-        async with self._lock:
-            await self._replay_locked()
-
-    async def _replay_locked(self) -> None:
-        for _ in range(_REPLAY_FILES_PER_PASS):
-            if self._claimed:
-                path = self._claimed[0]
-            else:
-                # Listed before the rename, so the records are never on disk unaccounted for.
-                path = self._spool.with_name(f"{self._spool.name}{_REPLAYING}{os.getpid()}.{secrets.token_hex(4)}")
-                self._claimed.append(path)
-                try:
-                    claimed = await asyncio.to_thread(self._claim_spool, path)
-                except OSError as exc:
-                    claimed = False
-                    log.error("cannot claim the usage spool for replay (%s)", type(exc).__name__)
-                if not claimed:
-                    self._claimed.remove(path)
-                    return
-            records = await asyncio.to_thread(self._read_spool, path)
-            # Each id once; ids of this file already committed by an earlier pass skipped.
-            done = self._replay_done
-            todo: list[UsageRecord] = []
-            ids: set[str] = set()
-            for r in records:
-                if r.id not in done and r.id not in ids:
-                    ids.add(r.id)
-                    todo.append(r)
-            for i in range(0, len(todo), self._max_batch):
-                chunk = todo[i : i + self._max_batch]
-                try:
-                    await asyncio.wait_for(self._store.write_usage(chunk), self._write_timeout)
-                except Exception as exc:
-                    self._store_failed(exc, 0)
-                    log.warning("usage spool replay deferred (%s)", type(exc).__name__)
-                    return
-                self._store_answered()
-                done.update(r.id for r in chunk)
-                self.replayed += len(chunk)
-            # Writes are idempotent on the request id, so a crash between commit and
-            # unlink only replays rows the store already has.
+            records, offset, eof = await asyncio.to_thread(_read_chunk, path, self._replay_offset, self._max_batch)
+        except OSError as exc:
+            log.error("cannot read the usage spool %s (%s)", path.name, type(exc).__name__)
+            return False
+        if records:
+            try:
+                await asyncio.wait_for(self._store.write_usage(records), self._write_timeout)
+            except Exception as exc:
+                self._store_failed(exc, 0)
+                log.warning("usage spool replay deferred (%s)", type(exc).__name__)
+                return False
+            self._store_answered()
+            self.replayed += len(records)
+            self._replayed_in_file += len(records)
+        # Only after the commit does the offset move past these records.
+        self._replay_offset = offset
+        if eof:
+            # Writes are idempotent on the request id, so a crash between the commit and
+            # this unlink only replays rows the store already has.
             try:
                 await asyncio.to_thread(_unlink_durably, path)
             except OSError as exc:
                 log.error("cannot remove the replayed usage spool (%s)", type(exc).__name__)
-                return
-            self._claimed.remove(path)
-            done.clear()
-            log.info("replayed %d spooled usage records", len(todo))
+                return False
+            self._claimed.pop(0)
+            self._replay_offset = 0
+            log.info("replayed %d spooled usage records from %s", self._replayed_in_file, path.name)
+            self._replayed_in_file = 0
+        return True
+
+
+def _read_chunk(path: Path, offset: int, n: int) -> tuple[list[UsageRecord], int, bool]:
+    """Up to `n` records (distinct ids) from `offset`: (records, next offset, at end of file).
+
+    A claimed file is never appended to again, so a last line without its newline is a
+    torn write from a crash: it is skipped, like any unreadable line, and nothing after
+    it is lost (the next append to a spool always starts on a new line).
+    """
+    records: list[UsageRecord] = []
+    ids: set[str] = set()
+    bad = 0
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return [], offset, True  # another process replayed and removed it
+    with f:
+        f.seek(offset)
+        while len(records) < n:
+            line = f.readline()
+            if not line:
+                break
+            offset += len(line)
+            if not line.strip():
+                continue
+            rec = _parse_line(line)
+            if rec is None:
+                bad += 1
+            elif rec.id not in ids:
+                ids.add(rec.id)
+                records.append(rec)
+        eof = not f.read(1)
+    if bad:
+        log.warning("skipped %d unreadable line(s) in the usage spool %s", bad, path.name)
+    return records, offset, eof
 
 
 def _parse_line(line: bytes) -> UsageRecord | None:

@@ -235,6 +235,7 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         state.store,
         cfg.storage.spool_path,
         flush_interval_s=cfg.storage.flush_interval_s,
+        queue_max=cfg.storage.queue_max,
         on_record=state.metrics.observe_record,
     )
     await sink.start()

@@ -286,6 +286,26 @@ async def test_two_workers_sharing_one_spool_lose_nothing(make_sink, spool):
     assert set(store.inserts.values()) == {1}
 
 
+async def test_a_large_spool_is_replayed_in_batches_with_fresh_records_in_between(make_sink, spool):
+    spool.parent.mkdir(parents=True)
+    spool.write_bytes(b"".join(orjson.dumps(rec(f"s{i}")) + b"\n" for i in range(100)))
+    store = FakeStore()
+    sink: UsageSink | None = None
+
+    def inject(records: Sequence[UsageRecord]) -> bool:
+        if records[0].id == "req_s60" and sink is not None:
+            sink.record(rec("fresh"))  # traffic while the replay goes on
+        return False
+
+    store.fail_when = inject
+    sink = await make_sink(store, max_batch=5)
+    assert len(store.rows) == 50  # start() replays a first slice, then serves
+    await until(lambda: len(store.rows) == 101 and not sink._has_spool())
+    order = [rid for rid in store.inserts]
+    assert order.index("req_fresh") < order.index("req_s65")  # not held back until the replay ended
+    assert all(n <= 5 for _, n in store.batches) and set(store.inserts.values()) == {1}
+
+
 def test_an_append_waiting_for_the_lock_follows_a_claim_to_the_new_file(spool):
     """The replayer renames the spool under the lock; an appender that opened the old
     file before that must not write into the claimed (already read) file."""

@@ -31,7 +31,17 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.config import AuthConfig, LimitsConfig, ServerConfig, StorageConfig
+from proxy.config import (
+    AuthConfig,
+    LimitsConfig,
+    ModelConfig,
+    Price,
+    RouteConfig,
+    ServerConfig,
+    StorageConfig,
+    Timeouts,
+    UpstreamConfig,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "deploy/systemd/llm-proxy.service"
@@ -489,6 +499,16 @@ def test_production_config_is_commented_throughout() -> None:
     for section, cls in (("server", ServerConfig), ("auth", AuthConfig), ("storage", StorageConfig), ("limits", LimitsConfig)):
         missing = {f.name for f in dataclasses.fields(cls)} - set(doc[section])
         assert not missing, f"config/production.yaml does not show (and explain) {section}.{sorted(missing)}"
+    # The first upstream and the first model show every field of their kind.
+    for where, item, cls in (
+        ("upstreams[0]", doc["upstreams"][0], UpstreamConfig),
+        ("upstreams[0].timeouts", doc["upstreams"][0]["timeouts"], Timeouts),
+        ("models[0]", doc["models"][0], ModelConfig),
+        ("models[0].routes[0]", doc["models"][0]["routes"][0], RouteConfig),
+        ("models[].price", {k: 1 for m in doc["models"] for k in m.get("price", {})}, Price),
+    ):
+        missing = {f.name for f in dataclasses.fields(cls)} - set(item)
+        assert not missing, f"config/production.yaml does not show (and explain) {where}.{sorted(missing)}"
     lines = PRODUCTION.read_text().splitlines()
     seen: set[str] = set()
     for i, line in enumerate(lines):
