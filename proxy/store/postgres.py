@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator, Sequence
 
 import asyncpg
-import orjson
 
 from proxy.store.base import (
     DuplicateName,
@@ -28,6 +27,7 @@ from proxy.store.base import (
     UsageRecord,
     mint_key,
 )
+from proxy.store.rows import key_from_row, models_json, usage_from_row, usage_row
 
 POOL_MIN = 1
 POOL_MAX = 10
@@ -172,7 +172,7 @@ class PostgresStore:
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
                    ON CONFLICT (name) DO NOTHING
                    RETURNING id""",
-                r.id, r.name, r.prefix, r.digest, _models_json(r.models), r.rpm, r.tpm, r.max_parallel,
+                r.id, r.name, r.prefix, r.digest, models_json(r.models), r.rpm, r.tpm, r.max_parallel,
                 r.budget_usd, r.budget_period, r.expires_at, r.revoked_at, r.created_at,
             )
         if inserted is None:
@@ -182,7 +182,7 @@ class PostgresStore:
     async def key_by_digest(self, digest: str) -> KeyRecord | None:
         async with self._conn("key lookup") as conn:
             row = await conn.fetchrow("SELECT * FROM keys WHERE digest = $1", digest)
-        return _key_from_row(row) if row else None
+        return key_from_row(row) if row else None
 
     async def get_key(self, id_or_name: str) -> KeyRecord | None:
         # An id match wins, so a key *named* like another key's id can never shadow it.
@@ -190,12 +190,12 @@ class PostgresStore:
             row = await conn.fetchrow(
                 "SELECT * FROM keys WHERE id = $1 OR name = $1 ORDER BY id = $1 DESC LIMIT 1", id_or_name
             )
-        return _key_from_row(row) if row else None
+        return key_from_row(row) if row else None
 
     async def list_keys(self) -> list[KeyRecord]:
         async with self._conn("list keys") as conn:
             rows = await conn.fetch("SELECT * FROM keys ORDER BY created_at, id")
-        return [_key_from_row(row) for row in rows]
+        return [key_from_row(row) for row in rows]
 
     async def update_key(self, id_or_name: str, limits: KeyLimits) -> KeyRecord | None:
         async with self._conn("update key") as conn:
@@ -204,10 +204,10 @@ class PostgresStore:
                                    budget_usd = $6, budget_period = $7, expires_at = $8
                    WHERE id = (SELECT id FROM keys WHERE id = $1 OR name = $1 ORDER BY id = $1 DESC LIMIT 1)
                    RETURNING *""",
-                id_or_name, _models_json(limits.models), limits.rpm, limits.tpm, limits.max_parallel,
+                id_or_name, models_json(limits.models), limits.rpm, limits.tpm, limits.max_parallel,
                 limits.budget_usd, limits.budget_period, limits.expires_at,
             )
-        return _key_from_row(row) if row else None
+        return key_from_row(row) if row else None
 
     async def revoke_key(self, id_or_name: str) -> KeyRecord | None:
         # COALESCE keeps the first revocation time: revoking twice changes nothing.
@@ -218,7 +218,7 @@ class PostgresStore:
                    RETURNING *""",
                 id_or_name, time.time(),
             )
-        return _key_from_row(row) if row else None
+        return key_from_row(row) if row else None
 
     # -- usage -----------------------------------------------------------------------
 
@@ -236,7 +236,7 @@ class PostgresStore:
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
                            $18, $19, $20, $21)
                    ON CONFLICT (id) DO NOTHING""",
-                [_usage_row(r) for r in records],
+                [usage_row(r) for r in records],
             )
 
     async def list_usage(self, since: float, key_id: str | None = None, limit: int = 10_000) -> list[UsageRecord]:
@@ -249,7 +249,7 @@ class PostgresStore:
                    ORDER BY ts, id LIMIT $3""",
                 since, key_id, limit,
             )
-        return [_usage_from_row(row) for row in rows]
+        return [usage_from_row(row) for row in rows]
 
     async def summarize_usage(self, since: float, by: GroupBy, key_id: str | None = None) -> list[dict[str, object]]:
         if by not in _GROUPS:
@@ -294,63 +294,3 @@ class PostgresStore:
             )
         return float(total)
 
-
-# -- row mapping ---------------------------------------------------------------------
-
-
-def _models_json(models: Sequence[str]) -> str:
-    return orjson.dumps(list(models)).decode()
-
-
-def _key_from_row(row: asyncpg.Record) -> KeyRecord:
-    return KeyRecord(
-        id=row["id"],
-        name=row["name"],
-        prefix=row["prefix"],
-        digest=row["digest"],
-        models=tuple(orjson.loads(row["models"])),
-        rpm=row["rpm"],
-        tpm=row["tpm"],
-        max_parallel=row["max_parallel"],
-        budget_usd=row["budget_usd"],
-        budget_period=row["budget_period"],
-        expires_at=row["expires_at"],
-        revoked_at=row["revoked_at"],
-        created_at=row["created_at"],
-    )
-
-
-def _usage_row(r: UsageRecord) -> tuple[object, ...]:
-    # Same order as the INSERT column list in write_usage.
-    return (
-        r.id, r.ts, r.key_id, r.key_name, r.endpoint, r.model, r.upstream, r.upstream_model,
-        r.stream, r.status, r.prompt_tokens, r.completion_tokens, r.cached_tokens,
-        r.cache_creation_tokens, r.reasoning_tokens, r.cost_usd, r.estimated,
-        r.ttft_ms, r.duration_ms, r.error, r.outcome,
-    )
-
-
-def _usage_from_row(row: asyncpg.Record) -> UsageRecord:
-    return UsageRecord(
-        id=row["id"],
-        ts=row["ts"],
-        key_id=row["key_id"],
-        key_name=row["key_name"],
-        endpoint=row["endpoint"],
-        model=row["model"],
-        upstream=row["upstream"],
-        upstream_model=row["upstream_model"],
-        stream=row["stream"],
-        status=row["status"],
-        prompt_tokens=row["prompt_tokens"],
-        completion_tokens=row["completion_tokens"],
-        cached_tokens=row["cached_tokens"],
-        cache_creation_tokens=row["cache_creation_tokens"],
-        reasoning_tokens=row["reasoning_tokens"],
-        cost_usd=row["cost_usd"],
-        estimated=row["estimated"],
-        ttft_ms=row["ttft_ms"],
-        duration_ms=row["duration_ms"],
-        error=row["error"],
-        outcome=row["outcome"],
-    )

@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-import orjson
 
 from proxy.store.base import (
     DuplicateName,
@@ -34,6 +33,7 @@ from proxy.store.base import (
     UsageRecord,
     mint_key,
 )
+from proxy.store.rows import key_from_row, models_json, usage_from_row, usage_row
 
 T = TypeVar("T")
 
@@ -150,7 +150,7 @@ class SQLiteStore:
 
     async def write_usage(self, records: Sequence[UsageRecord]) -> None:
         if records:
-            await self._call("write usage", _write_usage, [_usage_row(r) for r in records])
+            await self._call("write usage", _write_usage, [usage_row(r) for r in records])
 
     async def list_usage(self, since: float, key_id: str | None = None, limit: int = 10_000) -> list[UsageRecord]:
         if limit <= 0:
@@ -261,7 +261,7 @@ def _insert_key(conn: sqlite3.Connection, r: KeyRecord) -> None:
            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
            ON CONFLICT (name) DO NOTHING""",
         (
-            r.id, r.name, r.prefix, r.digest, _models_json(r.models), r.rpm, r.tpm, r.max_parallel,
+            r.id, r.name, r.prefix, r.digest, models_json(r.models), r.rpm, r.tpm, r.max_parallel,
             r.budget_usd, r.budget_period, r.expires_at, r.revoked_at, r.created_at,
         ),
     )
@@ -281,7 +281,7 @@ def _get_key(conn: sqlite3.Connection, ref: str) -> KeyRecord | None:
 
 
 def _list_keys(conn: sqlite3.Connection) -> list[KeyRecord]:
-    return [_key_from_row(row) for row in conn.execute("SELECT * FROM keys ORDER BY created_at, id")]
+    return [key_from_row(row) for row in conn.execute("SELECT * FROM keys ORDER BY created_at, id")]
 
 
 def _update_key(conn: sqlite3.Connection, ref: str, limits: KeyLimits) -> KeyRecord | None:
@@ -294,7 +294,7 @@ def _update_key(conn: sqlite3.Connection, ref: str, limits: KeyLimits) -> KeyRec
            RETURNING *""",
         {
             "ref": ref,
-            "models": _models_json(limits.models),
+            "models": models_json(limits.models),
             "rpm": limits.rpm,
             "tpm": limits.tpm,
             "max_parallel": limits.max_parallel,
@@ -339,7 +339,7 @@ def _list_usage(conn: sqlite3.Connection, since: float, key_id: str | None, limi
            ORDER BY ts, id LIMIT :limit""",
         {"since": since, "key_id": key_id, "limit": limit},
     ).fetchall()
-    return [_usage_from_row(row) for row in rows]
+    return [usage_from_row(row) for row in rows]
 
 
 def _summarize_usage(conn: sqlite3.Connection, since: float, by: str, key_id: str | None) -> list[dict[str, object]]:
@@ -379,66 +379,5 @@ def _spend_usd(conn: sqlite3.Connection, key_id: str, since: float) -> float:
     return float(row[0])
 
 
-# -- row mapping ---------------------------------------------------------------------
-
-
-def _models_json(models: Sequence[str]) -> str:
-    return orjson.dumps(list(models)).decode()
-
-
 def _one_key(rows: list[sqlite3.Row]) -> KeyRecord | None:
-    return _key_from_row(rows[0]) if rows else None
-
-
-def _key_from_row(row: sqlite3.Row) -> KeyRecord:
-    return KeyRecord(
-        id=row["id"],
-        name=row["name"],
-        prefix=row["prefix"],
-        digest=row["digest"],
-        models=tuple(orjson.loads(row["models"])),
-        rpm=row["rpm"],
-        tpm=row["tpm"],
-        max_parallel=row["max_parallel"],
-        budget_usd=row["budget_usd"],
-        budget_period=row["budget_period"],
-        expires_at=row["expires_at"],
-        revoked_at=row["revoked_at"],
-        created_at=row["created_at"],
-    )
-
-
-def _usage_row(r: UsageRecord) -> tuple[object, ...]:
-    # Same order as the INSERT column list in _write_usage.
-    return (
-        r.id, r.ts, r.key_id, r.key_name, r.endpoint, r.model, r.upstream, r.upstream_model,
-        r.stream, r.status, r.prompt_tokens, r.completion_tokens, r.cached_tokens,
-        r.cache_creation_tokens, r.reasoning_tokens, r.cost_usd, r.estimated,
-        r.ttft_ms, r.duration_ms, r.error, r.outcome,
-    )
-
-
-def _usage_from_row(row: sqlite3.Row) -> UsageRecord:
-    return UsageRecord(
-        id=row["id"],
-        ts=row["ts"],
-        key_id=row["key_id"],
-        key_name=row["key_name"],
-        endpoint=row["endpoint"],
-        model=row["model"],
-        upstream=row["upstream"],
-        upstream_model=row["upstream_model"],
-        stream=bool(row["stream"]),  # SQLite has no boolean type: stored as 0/1
-        status=row["status"],
-        prompt_tokens=row["prompt_tokens"],
-        completion_tokens=row["completion_tokens"],
-        cached_tokens=row["cached_tokens"],
-        cache_creation_tokens=row["cache_creation_tokens"],
-        reasoning_tokens=row["reasoning_tokens"],
-        cost_usd=row["cost_usd"],
-        estimated=bool(row["estimated"]),
-        ttft_ms=row["ttft_ms"],
-        duration_ms=row["duration_ms"],
-        error=row["error"],
-        outcome=row["outcome"],
-    )
+    return key_from_row(rows[0]) if rows else None
