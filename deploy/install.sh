@@ -65,6 +65,8 @@ fi
 say "installing llm-proxy from $SOURCE"
 "$VENV/bin/pip" install --quiet --disable-pip-version-check --upgrade pip
 "$VENV/bin/pip" install --quiet --disable-pip-version-check --upgrade "$SOURCE"
+# The same version number from a newer checkout still replaces the installed code.
+"$VENV/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps "$SOURCE"
 "$VENV/bin/llm-proxy" --help >/dev/null
 
 # ---- 4. configuration and secrets (never overwritten) -----------------------------------------

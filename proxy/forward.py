@@ -304,6 +304,7 @@ class Forwarder:
             if self._streams.stopping:
                 call.outcome, call.error = "shutdown", "server_shutdown"
                 await _try_write(out, dialect.stream_error_event(_shutdown_error(), call.request_id))
+                await _try_write_eof(out)
             else:
                 call.outcome, call.error = "client_abort", "client_abort"
             raise
@@ -314,10 +315,7 @@ class Forwarder:
     async def _end_stream(self, call: Call, out: web.StreamResponse, err: ProxyError, outcome: Outcome) -> None:
         call.outcome, call.error = outcome, err.code
         await _try_write(out, call.endpoint.dialect.stream_error_event(err, call.request_id))
-        try:
-            await out.write_eof()
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError):
-            pass
+        await _try_write_eof(out)
 
     # ------------------------------------------------------------------ records
 
@@ -494,6 +492,13 @@ def _shutdown_error() -> ServiceUnavailable:
 async def _try_write(out: web.StreamResponse, data: bytes) -> None:
     try:
         await out.write(data)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError):
+        pass
+
+
+async def _try_write_eof(out: web.StreamResponse) -> None:
+    try:
+        await out.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError):
         pass
 

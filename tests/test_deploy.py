@@ -527,6 +527,7 @@ def test_production_config_is_commented_throughout() -> None:
 @pytest.mark.parametrize(
     ("unset_or_bad", "where"),
     [({"LLM_PROXY_STORAGE_URL": None}, "storage.url"), ({"LLM_PROXY_LIMITS_URL": None}, "limits.url"), ({"LLM_PROXY_PORT": "eighty"}, "server.port (line ")],
+    ids=["storage-url-unset", "limits-url-unset", "port-not-a-number"],
 )
 def test_production_config_names_the_key_of_a_problem(unset_or_bad: dict[str, str | None], where: str) -> None:
     env = _base_env(LLM_PROXY_STORAGE_URL="postgresql://u:p@db/x", LLM_PROXY_LIMITS_URL="redis://r:6379/0")
@@ -853,13 +854,12 @@ async def test_sigterm_with_a_stream_longer_than_the_grace(tmp_path: Path, slow_
                 signalled = time.monotonic()
                 events: list[dict[str, Any]] = []
                 ended_after = None
-                with contextlib.suppress(aiohttp.ClientPayloadError):
-                    async with asyncio.timeout(10):
-                        async for line in resp.content:
-                            if line.startswith(b"data: {"):
-                                events.append(json.loads(line[6:]))
-                                if "error" in events[-1]:
-                                    ended_after = time.monotonic() - signalled
+                async with asyncio.timeout(10):
+                    async for line in resp.content:
+                        if line.startswith(b"data: {"):
+                            events.append(json.loads(line[6:]))
+                            if "error" in events[-1]:
+                                ended_after = time.monotonic() - signalled
         assert events and events[-1].get("error", {}).get("code") == "server_shutdown", events[-2:]
         assert sum(1 for e in events if "choices" in e) >= 3, "the stream did not go on during the grace period"
         assert ended_after is not None and grace_s - 0.2 < ended_after < grace_s + 1.0, ended_after
