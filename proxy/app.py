@@ -7,10 +7,11 @@ unwinds in reverse, so the usage sink flushes before any pool or store closes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -51,10 +52,15 @@ class AppState:
     upstreams: UpstreamPool = field(default_factory=UpstreamPool)
     streams: StreamRegistry = field(default_factory=StreamRegistry)
     metrics: Metrics = field(default_factory=Metrics)
-    in_flight: int = 0
+    handlers: set[asyncio.Task[Any]] = field(default_factory=set)   # requests in flight
     ready: bool = False
     started: float = field(default_factory=time.time)
     sink: UsageSink | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.handlers)
+
     forwarder: Forwarder | None = None
     admission: Admission | None = None
     authenticator: Authenticator | None = None
@@ -258,11 +264,8 @@ def build_app(config: Config, *, store: Store | None = None, limiter: Limiter | 
     if state.limiter is None:
         state.limiter = make_limiter(config.limits.url, spend_seed=lambda key_id, since: _spend_seed(state, key_id, since))
 
-    def in_flight(delta: int) -> None:
-        state.in_flight += delta
-
     app = web.Application(
-        middlewares=[make_context_middleware(in_flight), auth_middleware],
+        middlewares=[make_context_middleware(state.handlers), auth_middleware],
         client_max_size=int(config.server.max_body_mb * 1024 * 1024),
         handler_args={"max_line_size": config.server.max_line_size, "max_field_size": config.server.max_field_size},
     )

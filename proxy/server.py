@@ -15,6 +15,7 @@ down gracefully and the parent exits 1, so the service manager restarts the set.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -23,7 +24,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Awaitable, Callable
+from typing import Callable
 
 import uvloop
 from aiohttp import web
@@ -67,23 +68,6 @@ def sd_notify(message: str) -> None:
             log.warning("sd_notify failed: %s", exc.strerror)
 
 
-def _request_tracker(tasks: set[asyncio.Task[Any]]) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """A middleware that keeps the handler task of every request in flight in `tasks`."""
-
-    @web.middleware
-    async def track(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        task = asyncio.current_task()
-        if task is None:  # pragma: no cover
-            return await handler(request)
-        tasks.add(task)
-        try:
-            return await handler(request)
-        finally:
-            tasks.discard(task)
-
-    return track
-
-
 async def serve(
     config: Config,
     host: str,
@@ -117,8 +101,6 @@ async def serve(
 
     app = build_app(config)
     state = app[STATE]
-    handlers: set[asyncio.Task[Any]] = set()
-    app.middlewares.insert(0, _request_tracker(handlers))
     runner = web.AppRunner(
         app,
         handle_signals=False,
@@ -145,7 +127,7 @@ async def serve(
         await stop.wait()
         if notify:
             sd_notify("STOPPING=1")
-        await _drain(runner, state, handlers, config.server.shutdown_grace_s, hurry)
+        await _drain(runner, state, config.server.shutdown_grace_s, hurry)
     finally:
         # Closes what is left, then runs cleanup_ctx in reverse: the usage sink flushes
         # before the upstream pools and stores close.
@@ -155,8 +137,9 @@ async def serve(
     log.info("stopped")
 
 
-async def _drain(runner: web.AppRunner, state: AppState, handlers: set[asyncio.Task[Any]], grace_s: float, hurry: asyncio.Event) -> None:
+async def _drain(runner: web.AppRunner, state: AppState, grace_s: float, hurry: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
+    handlers = state.handlers
     log.info("stopping: draining %d requests (grace %gs)", len(handlers), grace_s)
     # New requests on open connections get 503 and /readyz turns 503 from here on.
     state.streams.stopping = True
@@ -192,8 +175,6 @@ def _stop_with_parent(parent_pid: int) -> None:
     """Have the kernel send SIGTERM when the parent dies (Linux), so that a killed
     parent does not leave workers serving on their own; they drain and exit."""
     try:
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         return

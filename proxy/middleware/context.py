@@ -7,10 +7,11 @@ rendered here, once, in the dialect of the route that was called.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
@@ -88,7 +89,9 @@ def render_error(request: web.Request, err: ProxyError) -> web.Response:
     return web.Response(status=dialect.error_status(err), body=dialect.error_body(err, rid), headers=headers)
 
 
-def make_context_middleware(in_flight: Callable[[int], None]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def make_context_middleware(handlers: set[asyncio.Task[Any]]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """`handlers` holds the task of every request in flight (shutdown drains them)."""
+
     @web.middleware
     async def context(request: web.Request, handler: Handler) -> web.StreamResponse:
         sent = request.headers.get("x-request-id")
@@ -96,7 +99,9 @@ def make_context_middleware(in_flight: Callable[[int], None]) -> Callable[[web.R
         request[REQUEST_ID] = rid
         if request.method == "OPTIONS":
             return _preflight(request)
-        in_flight(1)
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
         try:
             return await handler(request)
         except ProxyError as err:
@@ -113,7 +118,7 @@ def make_context_middleware(in_flight: Callable[[int], None]) -> Callable[[web.R
             log.exception("unhandled error in %s %s", request.method, request.path)
             return render_error(request, ProxyError("Internal error."))
         finally:
-            in_flight(-1)
+            handlers.discard(task)
 
     return context
 
