@@ -301,7 +301,7 @@ class Forwarder:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             call.outcome, call.error = "client_abort", "client_abort"
         except asyncio.CancelledError:
-            if self._streams.stopping:
+            if self._streams.ending:
                 call.outcome, call.error = "shutdown", "server_shutdown"
                 await _try_write(out, dialect.stream_error_event(_shutdown_error(), call.request_id))
                 await _try_write_eof(out)
@@ -329,9 +329,9 @@ class Forwarder:
         if call.route is not None and not call.emitted:
             if call.status == 0 and call.outcome == "ok":
                 # Cancelled while waiting for the upstream: the client left (or shutdown).
-                stopping = self._streams.stopping
-                call.outcome = "shutdown" if stopping else "client_abort"
-                call.error = "server_shutdown" if stopping else "client_abort"
+                ending = self._streams.ending
+                call.outcome = "shutdown" if ending else "client_abort"
+                call.error = "server_shutdown" if ending else "client_abort"
             self._emit(call)
         total_tokens = sum(r.prompt_tokens + r.completion_tokens for r in call.records)
         total_cost = sum(r.cost_usd for r in call.records)
@@ -381,7 +381,8 @@ class StreamRegistry:
 
     def __init__(self) -> None:
         self._active: set[asyncio.Task[Any]] = set()
-        self.stopping = False
+        self.stopping = False   # draining: no new requests, /readyz 503
+        self.ending = False     # grace period over: cancellations are the server's, not clients'
 
     def add(self, task: asyncio.Task[Any]) -> None:
         self._active.add(task)
@@ -395,7 +396,7 @@ class StreamRegistry:
     def end_all(self) -> None:
         """At the end of the grace period: cancel every stream's handler. Each one writes
         a shutdown error event while its connection is still open, and records itself."""
-        self.stopping = True
+        self.stopping = self.ending = True
         for task in list(self._active):
             task.cancel()
 
