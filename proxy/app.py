@@ -267,7 +267,11 @@ def build_app(config: Config, *, store: Store | None = None, limiter: Limiter | 
     app = web.Application(
         middlewares=[make_context_middleware(state.handlers), auth_middleware],
         client_max_size=int(config.server.max_body_mb * 1024 * 1024),
-        handler_args={"max_line_size": config.server.max_line_size, "max_field_size": config.server.max_field_size},
+        handler_args={
+            "max_line_size": config.server.max_line_size,
+            "max_field_size": config.server.max_field_size,
+            "max_headers": config.server.max_headers,
+        },
     )
     app[STATE] = state
     app.on_response_prepare.append(on_prepare)

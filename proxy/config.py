@@ -77,7 +77,7 @@ class LimitsConfig:
 class Timeouts:
     connect_s: float = 10
     first_byte_s: float = 120
-    idle_s: float = 60
+    idle_s: float = 300  # > Claude Code's 120 s pauses; keep-alives cover the client meanwhile
 
 
 @dataclass(frozen=True)

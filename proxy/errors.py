@@ -121,6 +121,10 @@ class ServiceUnavailable(ProxyError):
     type = "api_error"
 
 
+class UpstreamOverloaded(ServiceUnavailable):
+    code = "upstream_overloaded"
+
+
 class UpstreamTimeout(ProxyError):
     status = 504
     code = "upstream_timeout"

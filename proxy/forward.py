@@ -27,6 +27,7 @@ from proxy.errors import (
     UnsupportedMediaType,
     UnsupportedParameter,
     UpstreamError,
+    UpstreamOverloaded,
     UpstreamTimeout,
 )
 from proxy.limits.base import Reservation
@@ -34,6 +35,7 @@ from proxy.metering import meter_for, settle
 from proxy.metering.base import Meter, Usage
 from proxy.metering.estimate import estimate_prompt_tokens
 from proxy.metering.openai import UsageChunkDropper, ensure_include_usage
+from proxy.metering.sse import SSEEventTooLarge, SSESplitter
 from proxy.middleware.auth import KEY
 from proxy.middleware.context import REQUEST_ID
 from proxy.middleware.limits import Admission
@@ -155,12 +157,20 @@ class Forwarder:
                     # Nothing reached the client yet: the next route may do better.
                     self._fail(call, UpstreamError(f"The upstream failed with status {resp.status}."))
                     continue
-                if resp.status < 400:
+                if 300 <= resp.status < 400:
+                    # Never followed (allow_redirects=False) nor passed on: a redirect could
+                    # send the caller, or a later hop, to an internal host.
+                    raise UpstreamError(f"The upstream answered with a redirect (status {resp.status}).")
+                if resp.status < 300:
                     call.meter = meter_for(call.endpoint.name, call.stream, sse="alt=sse" in request.query_string)
                 if call.stream and resp.status == 200 and _is_stream(resp):
-                    dropper = UsageChunkDropper() if dropper_needed else None
+                    dropper: UsageChunkDropper | WholeEvents | None = None
+                    if dropper_needed:
+                        dropper = UsageChunkDropper()
+                    elif resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+                        dropper = WholeEvents()
                     return await self._relay_stream(request, call, target, resp, dropper, limit_headers)
-                return await self._relay_body(call, target, resp, limit_headers)
+                return await self._relay_body(call, target, resp, limit_headers, request[REQUEST_ID])
             except ProxyError as exc:
                 call.outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error"
                 call.error, call.status = exc.code, exc.status
@@ -215,7 +225,12 @@ class Forwarder:
     # ------------------------------------------------------------------ relays
 
     async def _relay_body(
-        self, call: Call, target: UpstreamTarget, resp: aiohttp.ClientResponse, limit_headers: dict[str, str]
+        self,
+        call: Call,
+        target: UpstreamTarget,
+        resp: aiohttp.ClientResponse,
+        limit_headers: dict[str, str],
+        request_id: str,
     ) -> web.Response:
         try:
             async with asyncio.timeout(target.config.timeouts.idle_s):
@@ -230,6 +245,8 @@ class Forwarder:
             # The provider rejected the operator's credential; its body may echo it.
             log.error("upstream %s rejected the gateway's credential (status %d)", target.name, resp.status)
             raise UpstreamError("The upstream rejected the gateway's credentials.", code="upstream_auth_error")
+        if resp.status == 529:
+            raise UpstreamOverloaded("The upstream is overloaded; please retry.")
         if resp.status >= 500:
             raise UpstreamError(f"The upstream failed with status {resp.status}.")
         if resp.status >= 400 and target.secret and target.secret.encode() in data:
@@ -240,6 +257,8 @@ class Forwarder:
         elif resp.status >= 400:
             call.outcome, call.error = "upstream_error", f"upstream_{resp.status}"
         headers = _pass_headers(resp, limit_headers)
+        if resp.status >= 400:
+            data = call.endpoint.dialect.relay_error_body(data, request_id)
         return web.Response(status=resp.status, body=data, headers=headers)
 
     async def _relay_stream(
@@ -248,7 +267,7 @@ class Forwarder:
         call: Call,
         target: UpstreamTarget,
         resp: aiohttp.ClientResponse,
-        dropper: UsageChunkDropper | None,
+        dropper: UsageChunkDropper | WholeEvents | None,
         limit_headers: dict[str, str],
     ) -> web.StreamResponse:
         meter = call.meter
@@ -265,6 +284,8 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         content = resp.content
         last_data = loop.time()
+        # The last two chunks sent (references, not copies): is the final event terminated?
+        before = last = b""
         task = asyncio.current_task()
         assert task is not None
         self._streams.add(task)
@@ -290,8 +311,13 @@ class Forwarder:
                 if call.ttft_ms is None:
                     call.ttft_ms = (time.time() - call.started) * 1000
                 await out.write(chunk)
+                before, last = last, chunk
             if dropper is not None and (rest := dropper.flush()):
                 await out.write(rest)
+                before, last = last, rest
+            sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
+            if sse and (end := _sse_terminator((before[-4:] + last)[-4:])):
+                await out.write(end)
             await out.write_eof()
         except (UpstreamTimeout, UpstreamError) as exc:
             await self._end_stream(call, out, exc, "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error")
@@ -374,6 +400,38 @@ class Forwarder:
         call.records.append(rec)
         call.emitted = True
         self._record(rec)
+
+
+class WholeEvents:
+    """Relay only complete SSE events; an incomplete one is held until its blank line.
+
+    The gateway's own bytes (keep-alive, error event) then always land between two
+    events, and a stream cut mid-event never shows the client half an event. Output is
+    byte-identical to the input (the held rest goes out at EOF via `flush`). A chunk
+    that is exactly whole events is passed on as the same object.
+    """
+
+    __slots__ = ("_splitter",)
+
+    def __init__(self) -> None:
+        self._splitter: SSESplitter | None = SSESplitter()
+
+    def feed(self, chunk: bytes) -> bytes:
+        splitter = self._splitter
+        if splitter is None:
+            return chunk
+        had_pending = splitter.buffered
+        try:
+            events = splitter.feed(chunk)
+        except SSEEventTooLarge:
+            self._splitter = None   # oversized event: plain pass-through from here on
+            return splitter.flush()
+        if not had_pending and not splitter.buffered:
+            return chunk
+        return b"".join(events)
+
+    def flush(self) -> bytes:
+        return self._splitter.flush() if self._splitter is not None else b""
 
 
 class StreamRegistry:
@@ -484,6 +542,15 @@ def _pass_headers(resp: aiohttp.ClientResponse, extra: dict[str, str]) -> dict[s
         if value is not None:
             headers[name] = value
     return headers
+
+
+def _sse_terminator(tail: bytes) -> bytes:
+    """What ends an SSE stream whose upstream left the last event open (CLIENTS.md item 57)."""
+    if not tail or tail.endswith((b"\n\n", b"\r\r", b"\r\n\r\n")):
+        return b""
+    if tail.endswith(b"\r\n"):
+        return b"\r\n"
+    return tail[-1:] if tail.endswith((b"\n", b"\r")) else b"\n\n"
 
 
 def _shutdown_error() -> ServiceUnavailable:

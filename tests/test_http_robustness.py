@@ -14,16 +14,23 @@ import gc
 import logging
 import os
 import re
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-
 from _gateway import MASTER_KEY, PRICE, UPSTREAM_KEY, Reply
-from proxy.config import ModelConfig, RouteConfig, ServerConfig, Timeouts, UpstreamConfig
+
+from proxy.config import (
+    ModelConfig,
+    RouteConfig,
+    ServerConfig,
+    Timeouts,
+    UpstreamConfig,
+)
 
 CHAT = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -247,11 +254,6 @@ async def test_a10_smuggling_corpus_is_refused_and_closed(gateway, caplog, case)
 
 # ---------------------------------------------------------------------- A11 head limits
 
-_MAX_HEADERS_REASON = (
-    "build_app() sets max_line_size/max_field_size in handler_args but not max_headers; only "
-    "server.serve() passes max_headers=100 to its AppRunner, so any other runner of build_app "
-    "(this harness, aiohttp-devtools, web.run_app) accepts up to aiohttp's default 128 headers"
-)
 
 
 def _head_limit_cases(key: str) -> dict[str, list[bytes]]:
@@ -275,14 +277,14 @@ def _head_limit_cases(key: str) -> dict[str, list[bytes]]:
         "request_line_9k",
         "header_9k",
         "header_9k_fragmented",
-        pytest.param("headers_101", marks=pytest.mark.xfail(strict=True, reason=_MAX_HEADERS_REASON)),
+        "headers_101",
     ],
 )
 async def test_a11_oversized_heads_get_4xx_and_close(gateway, caplog, case):
     caplog.set_level(logging.DEBUG)
     gw = await gateway()
     pieces = _head_limit_cases(gw.key)[case]
-    raw, closed = await exchange(gw, *pieces, gap=0.02, timeout=3)
+    raw, closed = await exchange(gw, *pieces, gap=0.02, timeout=1.5)
     got = responses(raw)
     assert len(got) == 1 and got[0].status in (400, 414, 431), raw[:300]
     assert closed
@@ -429,8 +431,9 @@ async def test_clients8_startup_probes_answer_quickly(gateway):
 # ---------------------------------------------------------------------- D1, D7
 
 
+@pytest.mark.parametrize("how", ["fin", "rst"])
 @pytest.mark.parametrize("stream", [False, True])
-async def test_d1_disconnect_before_headers_cancels_upstream(gateway, caplog, stream):
+async def test_d1_disconnect_before_headers_cancels_upstream(gateway, caplog, stream, how):
     caplog.set_level(logging.DEBUG)
     gw = await gateway()
     ctype = "text/event-stream" if stream else "application/json"
@@ -444,7 +447,10 @@ async def test_d1_disconnect_before_headers_cancels_upstream(gateway, caplog, st
     assert len(server.connections) == 1
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    writer.close()
+    if how == "rst":
+        writer.transport.abort()
+    else:
+        writer.close()
     with suppress(ConnectionError):
         await writer.wait_closed()
     # CLIENTS 52: the upstream sees its connection closed promptly (well before ttfb).
@@ -462,7 +468,8 @@ async def test_d1_disconnect_before_headers_cancels_upstream(gateway, caplog, st
 _HALF_CLOSE_REASON = (
     "with handler_cancellation=True a client FIN (shutdown(SHUT_WR)) ends the request: aiohttp's "
     "RequestHandler.eof_received() returns None, so asyncio closes the transport, connection_lost() "
-    "cancels the handler and the response is never sent"
+    "cancels the handler and the response is never sent. A FIN cannot be told from a full close, "
+    "so honouring D7 means giving up D1 (fin) for non-streaming requests: a policy decision"
 )
 
 
@@ -525,7 +532,13 @@ async def test_c5_crlf_bytewise_comments_2mib_line_no_final_blank_line(gateway, 
         async with s.post(gw.url + "/v1/chat/completions", json=body, headers=gw.headers()) as r:
             assert r.status == 200
             got = await r.read()
-    assert got == payload  # byte-identical, CRLF and comments included
+    # Byte-identical, CRLF and comments included; the gateway may only complete the open
+    # last event with its missing line ending(s) (CLIENTS 57), nothing else.
+    assert got[: len(payload)] == payload
+    extra = got[len(payload) :]
+    assert extra in (b"", b"\r\n", b"\n\n", b"\r\n\r\n"), extra
+    if extra:
+        assert got.endswith((b"\n\n", b"\r\n\r\n"))
     rec = (await gw.wait_records(1))[0]
     assert rec.outcome == "ok" and not rec.estimated
     assert (rec.prompt_tokens, rec.completion_tokens) == (11, 7)
@@ -592,13 +605,8 @@ class Listener:
             await self.server.wait_closed()
 
 
-_REDIRECT_REASON = (
-    "a 3xx from the upstream is relayed to the client as is (status 3xx, body and all) instead of "
-    "502: forward._run only treats >=500 as failure and _relay_body passes any status < 500 through"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=_REDIRECT_REASON)
 async def test_c12_upstream_redirect_is_not_followed_and_becomes_502(gateway):
     gw = await gateway()
     internal = Listener()
@@ -736,7 +744,6 @@ async def test_clients56_utf8_at_one_byte_chunks_is_byte_identical_and_metered(g
             assert r.status == 200
             got = await r.read()
     assert got == payload
-    assert "".join(TEXTS) in got.decode("utf-8").encode("utf-8").decode("unicode_escape", "ignore") or got.decode("utf-8")
     rec = (await gw.wait_records(1))[0]
     assert rec.outcome == "ok" and not rec.estimated, rec
     assert (rec.prompt_tokens, rec.completion_tokens) == (11, 7), rec
@@ -785,10 +792,15 @@ class OpenStream:
         got = responses(self.raw)
         return got[0].body if got else b""
 
-    async def read_until(self, pred: Callable[[bytes], bool], timeout: float = 5) -> None:
+    def done(self) -> bool:
+        got = responses(self.raw)
+        return bool(got) and got[0].complete
+
+    async def read_until(self, pred: Callable[[bytes], bool], timeout: float = 5, done: bool = False) -> None:
+        """Read until `pred(body)`, EOF, the timeout or (with `done`) the end of the body."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not pred(self.body()) and not self.closed and loop.time() < deadline:
+        while not pred(self.body()) and not (done and self.done()) and not self.closed and loop.time() < deadline:
             try:
                 chunk = await asyncio.wait_for(self.reader.read(65536), max(0.01, deadline - loop.time()))
             except TimeoutError:
@@ -844,20 +856,14 @@ async def test_clients57_shutdown_event_ends_with_blank_line_in_every_dialect(ga
         tail = body[len(first_two) :]
         assert _ends_with_blank_line(st.dialect, tail), (st.dialect, tail)
         assert len(sse_events(tail)) == 1 and _is_error_event(st.dialect, sse_events(tail)[0]), (st.dialect, tail)
-        assert b"server_shutdown" in tail.upper().replace(b"SERVER_SHUTDOWN", b"server_shutdown") or b"shutting down" in tail
+        assert b"shutting down" in tail
         await st.close()
     recs = await gw.wait_records(3)
     assert sorted(r.outcome for r in recs) == ["shutdown"] * 3
 
 
-_PARTIAL_EVENT_REASON = (
-    "the gateway writes its own bytes (error event, keep-alive) right after whatever it relayed, "
-    "even mid-event: after an upstream cut inside an event, the error event is glued onto the "
-    "partial line; a keep-alive during a stall inside an event corrupts that event"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=_PARTIAL_EVENT_REASON)
 @pytest.mark.parametrize("mode", ["cut", "shutdown", "keepalive"])
 async def test_clients57_gateway_bytes_never_land_inside_an_upstream_event(gateway, mode):
     gw = await gateway(server=ServerConfig(host="127.0.0.1", port=0, shutdown_grace_s=2, stream_keepalive_s=0.1))
@@ -866,7 +872,6 @@ async def test_clients57_gateway_bytes_never_land_inside_an_upstream_event(gatew
     done = b"data: [DONE]\n\n"
     body = {**CHAT, "model": "up-gpt", "stream": True, "stream_options": {"include_usage": True}}
     st = OpenStream(gw, "openai")
-    st.gw = gw
     if mode == "cut":
         gw.upstream.script(Reply(chunks=[first, second[:split], second[split:]], cut_after=2))
     elif mode == "shutdown":
@@ -878,10 +883,11 @@ async def test_clients57_gateway_bytes_never_land_inside_an_upstream_event(gatew
     st.reader, st.writer = await asyncio.open_connection(*addr(gw))
     st.writer.write(post_bytes(path, data, gw.key))
     await st.writer.drain()
-    await st.read_until(lambda b: b.startswith(first + second[:split]))
     if mode == "shutdown":
+        await st.read_until(lambda b: b.startswith(first))
+        await asyncio.sleep(0.2)  # the partial event is with the gateway (and, today, the client)
         gw.state.streams.end_all()
-    await st.read_until(lambda b: False, timeout=3)
+    await st.read_until(lambda b: False, timeout=3, done=True)
     await st.close()
     events = sse_events(st.body())
     assert st.body().endswith(b"\n\n")

@@ -34,10 +34,11 @@ class AnthropicDialect:
     keepalive: bytes | None = b'event: ping\ndata: {"type": "ping"}\n\n'
 
     def error_status(self, err: ProxyError) -> int:
-        return err.status
+        # Anthropic's own "overloaded" status: its SDKs raise OverloadedError for it.
+        return 529 if err.code == "upstream_overloaded" else err.status
 
     def _error(self, err: ProxyError, request_id: str) -> dict[str, object]:
-        kind = _TYPES.get(err.status, "api_error")
+        kind = _TYPES.get(self.error_status(err), "api_error")
         return {"type": "error", "error": {"type": kind, "message": err.message}, "request_id": request_id}
 
     def error_body(self, err: ProxyError, request_id: str) -> bytes:
@@ -45,6 +46,16 @@ class AnthropicDialect:
 
     def stream_error_event(self, err: ProxyError, request_id: str) -> bytes:
         return b"event: error\ndata: " + orjson.dumps(self._error(err, request_id)) + b"\n\n"
+
+    def relay_error_body(self, body: bytes, request_id: str) -> bytes:
+        """An upstream error passed on under this gateway's id, as in the `request-id` header."""
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body
+        if not isinstance(doc, dict) or "request_id" not in doc:
+            return body
+        return orjson.dumps({**doc, "request_id": request_id})
 
     def upstream_headers(self, api_key: str | None) -> Mapping[str, str]:
         return {"x-api-key": api_key} if api_key else {}
@@ -58,7 +69,17 @@ class AnthropicDialect:
             limit = max(1, min(1000, int(query.get("limit", "1000"))))
         except ValueError:
             limit = 1000
-        shown = list(models)[:limit]
+        items = list(models)
+        ids = [m.id for m in items]
+        # The SDKs page with after_id (or before_id) while has_more is true (CLIENTS.md item 44).
+        if (after := query.get("after_id")) is not None:
+            items = items[ids.index(after) + 1 :] if after in ids else []
+            shown = items[:limit]
+        elif (before := query.get("before_id")) is not None:
+            items = items[: ids.index(before)] if before in ids else []
+            shown = items[-limit:]
+        else:
+            shown = items[:limit]
         data = [
             {
                 "type": "model",
@@ -71,7 +92,7 @@ class AnthropicDialect:
         return orjson.dumps(
             {
                 "data": data,
-                "has_more": len(models) > len(shown),
+                "has_more": len(items) > len(shown),
                 "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None,
             }

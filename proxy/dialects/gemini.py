@@ -38,16 +38,22 @@ class GeminiDialect:
         details: list[dict[str, object]] = [
             {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": err.code.upper(), "domain": "llm-proxy"}
         ]
+        message = err.message
         if err.retry_after_s is not None:
+            # gemini-cli reads the delay with /Please retry in ([0-9.]+(?:ms|s))/ (CLIENTS.md item 48).
+            message = message.replace("Please try again in", "Please retry in")
             details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{err.retry_after_s}s"})
         # `error` must be the first key: google-genai checks startswith('{"error":').
-        return {"error": {"code": err.status, "message": err.message, "status": _STATUS.get(err.status, "UNKNOWN"), "details": details}}
+        return {"error": {"code": err.status, "message": message, "status": _STATUS.get(err.status, "UNKNOWN"), "details": details}}
 
     def error_body(self, err: ProxyError, request_id: str) -> bytes:
         return orjson.dumps(self._error(err))
 
     def stream_error_event(self, err: ProxyError, request_id: str) -> bytes:
         return b"data: " + orjson.dumps(self._error(err)) + b"\r\n\r\n"
+
+    def relay_error_body(self, body: bytes, request_id: str) -> bytes:
+        return body
 
     def upstream_headers(self, api_key: str | None) -> Mapping[str, str]:
         return {"x-goog-api-key": api_key} if api_key else {}

@@ -35,6 +35,9 @@ class OpenAIDialect:
         # One data event, then the stream closes without [DONE] (truncation is visible).
         return b"data: " + orjson.dumps(self._error(err)) + b"\n\n"
 
+    def relay_error_body(self, body: bytes, request_id: str) -> bytes:
+        return body
+
     def upstream_headers(self, api_key: str | None) -> Mapping[str, str]:
         return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
