@@ -80,24 +80,36 @@ class Metrics:
         self.in_flight = Gauge("llm_proxy_in_flight_requests", "Requests being handled", registry=r)
         self._sink = _SinkCollector()
         r.register(self._sink)
+        # `labels()` takes a lock and builds a key on every call; the label sets are few
+        # (configured models × endpoints × statuses), so the children are kept here.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe_record(self, rec: UsageRecord) -> None:
-        self.requests.labels(rec.endpoint, rec.model, str(rec.status)).inc()
+        child = self._child
+        child(self.requests, rec.endpoint, rec.model, str(rec.status)).inc()
         for kind, value in zip(
             _TOKEN_KINDS,
             (rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens, rec.cache_creation_tokens, rec.reasoning_tokens),
+            strict=True,
         ):
             if value > 0:
-                self.tokens.labels(rec.model, kind).inc(value)
+                child(self.tokens, rec.model, kind).inc(value)
         if rec.estimated:
-            self.estimated.labels(rec.model).inc()
+            child(self.estimated, rec.model).inc()
         if rec.cost_usd > 0:
-            self.cost.labels(rec.model).inc(rec.cost_usd)
+            child(self.cost, rec.model).inc(rec.cost_usd)
         if rec.outcome in ("upstream_error", "timeout"):
-            self.upstream_errors.labels(rec.upstream, rec.outcome).inc()
+            child(self.upstream_errors, rec.upstream, rec.outcome).inc()
         if rec.ttft_ms is not None:
-            self.ttft.labels(rec.endpoint).observe(max(0.0, rec.ttft_ms) / 1000)
-        self.duration.labels(rec.endpoint).observe(max(0.0, rec.duration_ms) / 1000)
+            child(self.ttft, rec.endpoint).observe(max(0.0, rec.ttft_ms) / 1000)
+        child(self.duration, rec.endpoint).observe(max(0.0, rec.duration_ms) / 1000)
 
     def render(self, state: Any) -> tuple[bytes, str]:
         self.open_streams.set(len(state.streams))
