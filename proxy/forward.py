@@ -234,7 +234,7 @@ class Forwarder:
     ) -> web.Response:
         try:
             async with asyncio.timeout(target.config.timeouts.idle_s):
-                data = await resp.content.read(_UPSTREAM_BODY_CAP)
+                data = await _read_body(resp, _UPSTREAM_BODY_CAP)
         except TimeoutError:
             raise UpstreamTimeout("The upstream stopped sending its answer.") from None
         except (aiohttp.ClientError, OSError):
@@ -527,6 +527,18 @@ def _max_output_tokens(body: dict[str, Any], default: int) -> int:
     if isinstance(config, dict) and isinstance(config.get("maxOutputTokens"), int):
         return max(0, min(config["maxOutputTokens"], 10_000_000))
     return default
+
+
+async def _read_body(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The whole body, however many reads it takes (`read(n)` returns what is buffered)."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await resp.content.readany():
+        size += len(chunk)
+        if size > cap:
+            raise UpstreamError("The upstream's answer is larger than this gateway relays.")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _is_stream(resp: aiohttp.ClientResponse) -> bool:

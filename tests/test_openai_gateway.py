@@ -325,3 +325,16 @@ async def test_bad_bodies_never_500(gateway):
         status, _, raw = await _post(gw, "/v1/chat/completions", {**CHAT, "max_tokens": value})
         assert status == 400 and orjson.loads(raw)["error"]["param"] == "max_tokens"
     assert gw.upstream.received == []
+
+
+async def test_non_stream_body_arriving_in_several_reads_is_whole(gateway):
+    gw = await gateway()
+    content = "x" * 300_000
+    body = orjson.dumps({"id": "c", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": 5, "completion_tokens": 75_000, "total_tokens": 75_005}})
+    thirds = [body[: len(body) // 3], body[len(body) // 3 : 2 * len(body) // 3], body[2 * len(body) // 3 :]]
+    gw.upstream.script(Reply(headers={"Content-Type": "application/json"}, chunks=thirds, delay_s=0.02))
+    status, _, raw = await _post(gw, "/v1/chat/completions", {**CHAT, "model": "up-gpt"})
+    assert status == 200 and raw == body
+    rec = (await gw.wait_records(1))[0]
+    assert (rec.completion_tokens, rec.estimated) == (75_000, False)
