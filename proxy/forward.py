@@ -35,7 +35,7 @@ from proxy.metering import meter_for, settle
 from proxy.metering.base import Meter, Usage
 from proxy.metering.estimate import estimate_prompt_tokens
 from proxy.metering.openai import UsageChunkDropper, ensure_include_usage
-from proxy.metering.sse import SSEEventTooLarge, SSESplitter
+from proxy.metering.sse import WholeEvents
 from proxy.middleware.auth import KEY
 from proxy.middleware.context import REQUEST_ID
 from proxy.middleware.limits import Admission
@@ -400,38 +400,6 @@ class Forwarder:
         call.records.append(rec)
         call.emitted = True
         self._record(rec)
-
-
-class WholeEvents:
-    """Relay only complete SSE events; an incomplete one is held until its blank line.
-
-    The gateway's own bytes (keep-alive, error event) then always land between two
-    events, and a stream cut mid-event never shows the client half an event. Output is
-    byte-identical to the input (the held rest goes out at EOF via `flush`). A chunk
-    that is exactly whole events is passed on as the same object.
-    """
-
-    __slots__ = ("_splitter",)
-
-    def __init__(self) -> None:
-        self._splitter: SSESplitter | None = SSESplitter()
-
-    def feed(self, chunk: bytes) -> bytes:
-        splitter = self._splitter
-        if splitter is None:
-            return chunk
-        had_pending = splitter.buffered
-        try:
-            events = splitter.feed(chunk)
-        except SSEEventTooLarge:
-            self._splitter = None   # oversized event: plain pass-through from here on
-            return splitter.flush()
-        if not had_pending and not splitter.buffered:
-            return chunk
-        return b"".join(events)
-
-    def flush(self) -> bytes:
-        return self._splitter.flush() if self._splitter is not None else b""
 
 
 class StreamRegistry:

@@ -202,11 +202,15 @@ class MeterBase:
         return self._delivery.tokens() + estimate_tokens_from_bytes(self._raw_bytes)
 
     # -- for subclasses --------------------------------------------------------------
+    # Hooks, not placeholders: a meter for a route that never streams (embeddings)
+    # has no events, so these are not abstract; reaching one there is a bug.
     def _on_event(self, event: bytes) -> None:
-        raise NotImplementedError
+        """One complete SSE event of this dialect's stream."""
+        raise NotImplementedError(f"{type(self).__name__} does not meter streams")
 
     def _body_usage(self, obj: dict) -> Usage | None:
-        raise NotImplementedError
+        """The usage in a decoded non-streamed answer."""
+        raise NotImplementedError(f"{type(self).__name__} does not meter bodies")
 
     def _body_json(self, body: bytes | bytearray) -> object:
         return None if self._body_truncated else load_json(body)

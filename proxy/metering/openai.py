@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from .base import USAGE_OBJECT, MeterBase, Usage, build_usage, load_event_json, load_json
-from .sse import DEFAULT_MAX_EVENT_SIZE, SSEEventTooLarge, SSESplitter
+from .sse import WholeEvents
 
 # Responses events whose `response` object carries the final usage.
 _RESPONSE_FINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
@@ -149,37 +149,11 @@ def is_usage_only_event(event: bytes) -> bool:
     )
 
 
-class UsageChunkDropper:
-    """Forward an OpenAI stream minus the usage-only chunk the client did not ask for.
+class UsageChunkDropper(WholeEvents):
+    """Forward an OpenAI stream minus the usage-only chunk the client did not ask for:
+    byte-identical otherwise, complete events at once, only an incomplete one held."""
 
-    Output is byte-identical to the input except that usage-only events are removed.
-    Complete events go out at once; only an incomplete event is held. A chunk that is
-    whole events with nothing dropped is returned as the same object. An oversized
-    event switches to plain pass-through (nothing is lost, nothing more is dropped).
-    """
+    __slots__ = ()
 
-    __slots__ = ("_splitter",)
-
-    def __init__(self, max_event_size: int = DEFAULT_MAX_EVENT_SIZE) -> None:
-        self._splitter: SSESplitter | None = SSESplitter(max_event_size)
-
-    def feed(self, chunk: bytes) -> bytes:
-        splitter = self._splitter
-        if splitter is None:
-            return chunk
-        had_pending = splitter.buffered
-        try:
-            events = splitter.feed(chunk)
-        except SSEEventTooLarge:
-            self._splitter = None
-            return splitter.flush()
-        kept = [event for event in events if not is_usage_only_event(event)]
-        if len(kept) == len(events) and not had_pending and not splitter.buffered:
-            return chunk
-        return b"".join(kept)
-
-    def flush(self) -> bytes:
-        if self._splitter is None:
-            return b""
-        rest = self._splitter.flush()
-        return b"" if is_usage_only_event(rest) else rest
+    def keep(self, event: bytes) -> bool:
+        return not is_usage_only_event(event)

@@ -177,3 +177,43 @@ def event_name(event: bytes) -> bytes | None:
         if name == b"event":
             name_value = value
     return name_value
+
+
+class WholeEvents:
+    """Relay only complete SSE events; an incomplete one is held until its blank line.
+
+    The gateway's own bytes (keep-alive, error event) then always land between two
+    events, and a stream cut mid-event never shows the client half an event. Output is
+    byte-identical to the input minus the events `keep` refuses (none here); the held
+    rest goes out at EOF via `flush`. A chunk that is exactly whole, kept events is
+    returned as the same object. An oversized event switches to plain pass-through.
+    """
+
+    __slots__ = ("_splitter",)
+
+    def __init__(self, max_event_size: int = DEFAULT_MAX_EVENT_SIZE) -> None:
+        self._splitter: SSESplitter | None = SSESplitter(max_event_size)
+
+    def keep(self, event: bytes) -> bool:
+        return True
+
+    def feed(self, chunk: bytes) -> bytes:
+        splitter = self._splitter
+        if splitter is None:
+            return chunk
+        had_pending = splitter.buffered
+        try:
+            events = splitter.feed(chunk)
+        except SSEEventTooLarge:
+            self._splitter = None   # oversized event: plain pass-through from here on
+            return splitter.flush()
+        kept = [event for event in events if self.keep(event)]
+        if len(kept) == len(events) and not had_pending and not splitter.buffered:
+            return chunk
+        return b"".join(kept)
+
+    def flush(self) -> bytes:
+        if self._splitter is None:
+            return b""
+        rest = self._splitter.flush()
+        return rest if not rest or self.keep(rest) else b""
