@@ -17,10 +17,9 @@ from aiohttp import web
 
 from proxy.accounting import UsageSink
 from proxy.config import Config
-from proxy.dialects import Endpoint, ModelInfo
-from proxy.dialects.anthropic import COUNT_TOKENS, MESSAGES
-from proxy.dialects.gemini import GEMINI, GENERATE, STREAM_GENERATE
-from proxy.dialects.openai import CHAT, COMPLETIONS, EMBEDDINGS, OPENAI, RESPONSES
+from proxy.dialects import ModelInfo
+from proxy.dialects.gemini import GEMINI
+from proxy.dialects.openai import OPENAI
 from proxy.errors import NotFound, ProxyError, ServiceUnavailable
 from proxy.forward import Forwarder, StreamRegistry
 from proxy.limits import make_limiter
@@ -76,24 +75,10 @@ PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics"})
 # ---------------------------------------------------------------------- handlers
 
 
-def _model_call(endpoint: Endpoint) -> Handler:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        forwarder = request.app[STATE].forwarder
-        assert forwarder is not None
-        return await forwarder.handle(request, endpoint)
-
-    return handler
-
-
-async def gemini_call(request: web.Request) -> web.StreamResponse:
-    """POST /v1beta/models/{model}:{method} (also under /v1/models/)."""
-    model, _, method = request.match_info["tail"].rpartition(":")
-    endpoint = {"generateContent": GENERATE, "streamGenerateContent": STREAM_GENERATE}.get(method)
-    if endpoint is None or not model:
-        raise NotFound(f"Unknown Gemini method '{method[:64]}'.")
-    forwarder = request.app[STATE].forwarder
-    assert forwarder is not None
-    return await forwarder.handle(request, endpoint, path_model=model)
+async def served_by_front(request: web.Request) -> web.StreamResponse:
+    """Model calls are served by proxy/front.py before they could reach this app; the
+    routes are registered so that other methods on them get 405, not 404."""
+    raise NotFound("No such endpoint.")
 
 
 def _visible_models(request: web.Request) -> list[ModelInfo]:
@@ -178,8 +163,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if state.streams.stopping:
         raise ServiceUnavailable("The gateway is shutting down.", code="server_shutting_down", retry_after_s=1)
     assert state.authenticator is not None and route is not None
-    allow_query = dialect_for(request) is GEMINI
-    request[KEY] = await state.authenticator.authenticate(extract_key(request, allow_query))
+    query = (lambda: request.query) if dialect_for(request) is GEMINI else None
+    request[KEY] = await state.authenticator.authenticate(extract_key(request.headers, query))
     return await handler(request)
 
 
@@ -265,7 +250,7 @@ def build_app(config: Config, *, store: Store | None = None, limiter: Limiter | 
         state.limiter = make_limiter(config.limits.url, spend_seed=lambda key_id, since: _spend_seed(state, key_id, since))
 
     app = web.Application(
-        middlewares=[make_context_middleware(state.handlers), auth_middleware],
+        middlewares=[make_context_middleware(), auth_middleware],
         client_max_size=int(config.server.max_body_mb * 1024 * 1024),
         handler_args={
             "max_line_size": config.server.max_line_size,
@@ -281,16 +266,12 @@ def build_app(config: Config, *, store: Store | None = None, limiter: Limiter | 
 
     r = app.router
     for prefix in ("/v1", ""):
-        r.add_post(f"{prefix}/chat/completions", _model_call(CHAT))
-        r.add_post(f"{prefix}/completions", _model_call(COMPLETIONS))
-        r.add_post(f"{prefix}/embeddings", _model_call(EMBEDDINGS))
-        r.add_post(f"{prefix}/responses", _model_call(RESPONSES))
-        r.add_post(f"{prefix}/messages", _model_call(MESSAGES))
-        r.add_post(f"{prefix}/messages/count_tokens", _model_call(COUNT_TOKENS))
+        for path in ("/chat/completions", "/completions", "/embeddings", "/responses", "/messages", "/messages/count_tokens"):
+            r.add_post(prefix + path, served_by_front)
         r.add_get(f"{prefix}/models", list_models)
     r.add_get("/v1beta/models", list_gemini_models)
-    r.add_post("/v1beta/models/{tail:.+}", gemini_call)
-    r.add_post("/v1/models/{tail:.+}", gemini_call)
+    r.add_post("/v1beta/models/{tail:.+}", served_by_front)
+    r.add_post("/v1/models/{tail:.+}", served_by_front)
     r.add_get("/v1beta/models/{model:.+}", get_model)
     r.add_get("/v1/models/{model:.+}", get_model)
     r.add_get("/", root)

@@ -13,9 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import aiohttp
 import orjson
-from aiohttp import web
 
 from proxy.config import Config
 from proxy.dialects import Endpoint
@@ -35,14 +33,14 @@ from proxy.metering import meter_for, settle
 from proxy.metering.base import Meter, Usage
 from proxy.metering.estimate import estimate_prompt_tokens
 from proxy.metering.openai import UsageChunkDropper, ensure_include_usage
+from proxy.http1.client import Http1Response, UpstreamConnectionError
+from proxy.http1.server import Exchange
 from proxy.metering.sse import WholeEvents
-from proxy.middleware.auth import KEY
-from proxy.middleware.context import REQUEST_ID
 from proxy.middleware.limits import Admission
 from proxy.pricing import cost_usd, max_cost_usd
 from proxy.routing import Route, Router
 from proxy.store.base import KeyRecord, Outcome, UsageRecord
-from proxy.upstream import UpstreamPool, UpstreamTarget, open_response, request_headers
+from proxy.upstream import UpstreamPool, UpstreamTarget, open_response, request_head
 
 log = logging.getLogger("llm_proxy.forward")
 
@@ -54,7 +52,8 @@ FORBIDDEN_FIELDS = frozenset(
 _MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # Upstream response headers worth passing to the client.
 _PASS_HEADERS = ("Content-Type", "Content-Encoding", "Retry-After", "x-should-retry")
-_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_STREAM_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+HeaderList = list[tuple[str, str]]
 _UPSTREAM_BODY_CAP = 64 * 1024 * 1024
 
 
@@ -62,7 +61,8 @@ _UPSTREAM_BODY_CAP = 64 * 1024 * 1024
 class Call:
     """What one model call knows as it goes; becomes one usage record per attempt."""
 
-    request_id: str
+    request_id: str              # the record's id (see record_id)
+    client_request_id: str       # what the client sees in x-request-id
     started: float
     endpoint: Endpoint
     key: KeyRecord | None
@@ -103,29 +103,41 @@ class Forwarder:
     # ------------------------------------------------------------------ entry point
 
     async def handle(
-        self, request: web.Request, endpoint: Endpoint, path_model: str | None = None
-    ) -> web.StreamResponse:
-        if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+        self,
+        ex: Exchange,
+        endpoint: Endpoint,
+        key: KeyRecord | None,
+        request_id: str,
+        common: HeaderList,
+        path_model: str | None = None,
+    ) -> None:
+        """Serve one model call. `common` headers go on every response (request id, CORS).
+
+        ProxyErrors raised before anything was sent are the caller's to render; once a
+        stream has started, failures end it in the caller's dialect here.
+        """
+        request = ex.request
+        if request.headers.get("content-encoding", "identity").lower() != "identity":
             # Compressed request bodies are a decompression-bomb surface; no client needs them.
             raise UnsupportedMediaType("Compressed request bodies are not accepted.", code="unsupported_content_encoding")
-        raw = await request.read()
+        raw = request.body
         body = _parse_body(raw)
         _check_fields(body, endpoint)
         model = _model_of(body, endpoint, path_model)
         stream = _stream_flag(body, endpoint)
-        key = request.get(KEY)
         if key is not None and key.models and model not in key.models:
             raise ModelNotAllowed(f"This key may not use the model '{model[:64]}'.", param="model")
         plan = self._router.plan(model, endpoint.dialect.name)
         price = plan[0].model.price
         prompt_estimate = estimate_prompt_tokens(raw)
         max_out = _max_output_tokens(body, self._config.limits.default_max_tokens)
-        call = Call(_record_id(request), time.time(), endpoint, key, model, stream, prompt_estimate)
+        record_id = record_id_for(request.headers.get("x-request-id"), request_id)
+        call = Call(record_id, request_id, time.time(), endpoint, key, model, stream, prompt_estimate)
         reservation, limit_headers = await self._admission.admit(
             key, call.request_id, prompt_estimate + max_out, max_cost_usd(price, prompt_estimate, max_out)
         )
         try:
-            return await self._run(request, call, body, raw, plan, limit_headers)
+            await self._run(ex, call, body, raw, plan, common + list(limit_headers.items()))
         finally:
             self._finish(call, reservation)
 
@@ -133,13 +145,13 @@ class Forwarder:
 
     async def _run(
         self,
-        request: web.Request,
+        ex: Exchange,
         call: Call,
         body: dict[str, Any],
         raw: bytes,
         plan: list[Route],
-        limit_headers: dict[str, str],
-    ) -> web.StreamResponse:
+        headers: HeaderList,
+    ) -> None:
         last_error: ProxyError = UpstreamError("No upstream could serve the request.")
         for attempt, route in enumerate(plan):
             call.attempt, call.route, call.emitted = attempt, route, False
@@ -147,7 +159,7 @@ class Forwarder:
             target = self._upstreams.get(route.upstream.name)
             out, dropper_needed = self._upstream_body(call, body, raw, route)
             try:
-                resp = await self._open(request, call, target, out, dropper_needed, body, raw, route)
+                resp = await self._open(ex, call, target, out, dropper_needed, body, raw, route)
             except (UpstreamError, UpstreamTimeout) as exc:
                 self._fail(call, exc)
                 last_error = exc
@@ -158,19 +170,19 @@ class Forwarder:
                     self._fail(call, UpstreamError(f"The upstream failed with status {resp.status}."))
                     continue
                 if 300 <= resp.status < 400:
-                    # Never followed (allow_redirects=False) nor passed on: a redirect could
+                    # Never followed nor passed on: a redirect could
                     # send the caller, or a later hop, to an internal host.
                     raise UpstreamError(f"The upstream answered with a redirect (status {resp.status}).")
                 if resp.status < 300:
-                    call.meter = meter_for(call.endpoint.name, call.stream, sse="alt=sse" in request.query_string)
+                    call.meter = meter_for(call.endpoint.name, call.stream, sse="alt=sse" in ex.request.query_string)
                 if call.stream and resp.status == 200 and _is_stream(resp):
                     dropper: UsageChunkDropper | WholeEvents | None = None
                     if dropper_needed:
                         dropper = UsageChunkDropper()
-                    elif resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+                    elif (resp.headers.get("content-type") or "").startswith("text/event-stream"):
                         dropper = WholeEvents()
-                    return await self._relay_stream(request, call, target, resp, dropper, limit_headers)
-                return await self._relay_body(call, target, resp, limit_headers, request[REQUEST_ID])
+                    return await self._relay_stream(ex, call, target, resp, dropper, headers)
+                return await self._relay_body(ex, call, target, resp, headers)
             except ProxyError as exc:
                 call.outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error"
                 call.error, call.status = exc.code, exc.status
@@ -198,7 +210,7 @@ class Forwarder:
 
     async def _open(
         self,
-        request: web.Request,
+        ex: Exchange,
         call: Call,
         target: UpstreamTarget,
         out: bytes,
@@ -206,12 +218,12 @@ class Forwarder:
         body: dict[str, Any],
         raw: bytes,
         route: Route,
-    ) -> aiohttp.ClientResponse:
-        url = target.dialect.upstream_url(
-            target.base_url, call.endpoint.name, route.upstream_model, call.stream, request.query_string
+    ) -> Http1Response:
+        path = target.dialect.upstream_url(
+            target.base_path, call.endpoint.name, route.upstream_model, call.stream, ex.request.query_string
         )
-        headers = request_headers(request.headers, target, call.request_id)
-        resp = await open_response(target, url, out, headers)
+        head = request_head(ex.request.headers, target, call.request_id)
+        resp = await open_response(target, path, out, head)
         if resp.status == 400 and dropper_needed:
             # Some OpenAI-compatible servers reject stream_options: ask once without it,
             # remember, and estimate usage for those streams.
@@ -219,25 +231,20 @@ class Forwarder:
             self._no_include_usage.add((route.upstream.name, route.upstream_model))
             log.info("upstream %s rejects include_usage for %s; estimating", target.name, route.upstream_model)
             out, _ = self._upstream_body(call, body, raw, route)
-            resp = await open_response(target, url, out, headers)
+            resp = await open_response(target, path, out, head)
         return resp
 
     # ------------------------------------------------------------------ relays
 
     async def _relay_body(
-        self,
-        call: Call,
-        target: UpstreamTarget,
-        resp: aiohttp.ClientResponse,
-        limit_headers: dict[str, str],
-        request_id: str,
-    ) -> web.Response:
+        self, ex: Exchange, call: Call, target: UpstreamTarget, resp: Http1Response, headers: HeaderList
+    ) -> None:
         try:
             async with asyncio.timeout(target.config.timeouts.idle_s):
-                data = await _read_body(resp, _UPSTREAM_BODY_CAP)
+                data = await resp.read_all(_UPSTREAM_BODY_CAP)
         except TimeoutError:
             raise UpstreamTimeout("The upstream stopped sending its answer.") from None
-        except (aiohttp.ClientError, OSError):
+        except (UpstreamConnectionError, OSError):
             raise UpstreamError("The upstream connection failed while reading the answer.") from None
         call.status = resp.status
         call.ttft_ms = (time.time() - call.started) * 1000
@@ -256,33 +263,28 @@ class Forwarder:
             call.meter.finish()
         elif resp.status >= 400:
             call.outcome, call.error = "upstream_error", f"upstream_{resp.status}"
-        headers = _pass_headers(resp, limit_headers)
         if resp.status >= 400:
-            data = call.endpoint.dialect.relay_error_body(data, request_id)
-        return web.Response(status=resp.status, body=data, headers=headers)
+            data = call.endpoint.dialect.relay_error_body(data, call.client_request_id)
+        ex.respond(resp.status, _pass_headers(resp, headers), data)
 
     async def _relay_stream(
         self,
-        request: web.Request,
+        ex: Exchange,
         call: Call,
         target: UpstreamTarget,
-        resp: aiohttp.ClientResponse,
+        resp: Http1Response,
         dropper: UsageChunkDropper | WholeEvents | None,
-        limit_headers: dict[str, str],
-    ) -> web.StreamResponse:
+        headers: HeaderList,
+    ) -> None:
         meter = call.meter
         assert meter is not None  # set for every 2xx answer
-        headers = _pass_headers(resp, limit_headers)
-        headers.update(_STREAM_HEADERS)
-        out = web.StreamResponse(status=200, headers=headers)
-        await out.prepare(request)
+        ex.start(200, _pass_headers(resp, headers) + _STREAM_HEADERS)
         call.status = 200
         dialect = call.endpoint.dialect
         keepalive = dialect.keepalive
         idle_s = target.config.timeouts.idle_s
         wait_s = min(idle_s, self._keepalive_s) if keepalive else idle_s
         loop = asyncio.get_running_loop()
-        content = resp.content
         last_data = loop.time()
         # The last two chunks sent (references, not copies): is the final event terminated?
         before = last = b""
@@ -293,11 +295,11 @@ class Forwarder:
             while True:
                 try:
                     async with asyncio.timeout(wait_s):
-                        chunk = await content.readany()
+                        chunk = await resp.read()
                 except TimeoutError:
                     if loop.time() - last_data >= idle_s:
                         raise UpstreamTimeout("The upstream stopped sending data.") from None
-                    await out.write(keepalive)  # type: ignore[arg-type]
+                    await ex.write(keepalive)  # type: ignore[arg-type]
                     continue
                 if not chunk:
                     meter.finish()
@@ -310,38 +312,37 @@ class Forwarder:
                         continue
                 if call.ttft_ms is None:
                     call.ttft_ms = (time.time() - call.started) * 1000
-                await out.write(chunk)
+                await ex.write(chunk)
                 before, last = last, chunk
             if dropper is not None and (rest := dropper.flush()):
-                await out.write(rest)
+                await ex.write(rest)
                 before, last = last, rest
-            sse = resp.headers.get("Content-Type", "").startswith("text/event-stream")
+            sse = (resp.headers.get("content-type") or "").startswith("text/event-stream")
             if sse and (end := _sse_terminator((before[-4:] + last)[-4:])):
-                await out.write(end)
-            await out.write_eof()
+                await ex.write(end)
+            ex.end()
         except (UpstreamTimeout, UpstreamError) as exc:
-            await self._end_stream(call, out, exc, "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error")
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            await self._end_stream(call, ex, exc, "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error")
+        except UpstreamConnectionError as exc:
             log.warning("upstream %s cut the stream (%s)", target.name, type(exc).__name__)
-            await self._end_stream(call, out, UpstreamError("The upstream connection failed mid-stream."), "upstream_error")
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            await self._end_stream(call, ex, UpstreamError("The upstream connection failed mid-stream."), "upstream_error")
+        except ConnectionResetError:
             call.outcome, call.error = "client_abort", "client_abort"
         except asyncio.CancelledError:
             if self._streams.ending:
                 call.outcome, call.error = "shutdown", "server_shutdown"
-                await _try_write(out, dialect.stream_error_event(_shutdown_error(), call.request_id))
-                await _try_write_eof(out)
+                await _try_write(ex, dialect.stream_error_event(_shutdown_error(), call.client_request_id))
+                _try_end(ex)
             else:
                 call.outcome, call.error = "client_abort", "client_abort"
             raise
         finally:
             self._streams.discard(task)
-        return out
 
-    async def _end_stream(self, call: Call, out: web.StreamResponse, err: ProxyError, outcome: Outcome) -> None:
+    async def _end_stream(self, call: Call, out: Exchange, err: ProxyError, outcome: Outcome) -> None:
         call.outcome, call.error = outcome, err.code
-        await _try_write(out, call.endpoint.dialect.stream_error_event(err, call.request_id))
-        await _try_write_eof(out)
+        await _try_write(out, call.endpoint.dialect.stream_error_event(err, call.client_request_id))
+        _try_end(out)
 
     # ------------------------------------------------------------------ records
 
@@ -497,31 +498,19 @@ def _max_output_tokens(body: dict[str, Any], default: int) -> int:
     return default
 
 
-async def _read_body(resp: aiohttp.ClientResponse, cap: int) -> bytes:
-    """The whole body, however many reads it takes (`read(n)` returns what is buffered)."""
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await resp.content.readany():
-        size += len(chunk)
-        if size > cap:
-            raise UpstreamError("The upstream's answer is larger than this gateway relays.")
-        chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def _is_stream(resp: aiohttp.ClientResponse) -> bool:
-    ctype = resp.headers.get("Content-Type", "")
+def _is_stream(resp: Http1Response) -> bool:
+    ctype = resp.headers.get("content-type") or ""
     # Gemini's streamGenerateContent without alt=sse streams a JSON array.
     return ctype.startswith("text/event-stream") or ctype.startswith("application/json")
 
 
-def _pass_headers(resp: aiohttp.ClientResponse, extra: dict[str, str]) -> dict[str, str]:
-    headers = dict(extra)
+def _pass_headers(resp: Http1Response, headers: HeaderList) -> HeaderList:
+    out = list(headers)
     for name in _PASS_HEADERS:
         value = resp.headers.get(name)
         if value is not None:
-            headers[name] = value
-    return headers
+            out.append((name, value))
+    return out
 
 
 def _sse_terminator(tail: bytes) -> bytes:
@@ -537,17 +526,17 @@ def _shutdown_error() -> ServiceUnavailable:
     return ServiceUnavailable("The gateway is shutting down; the stream was ended.", code="server_shutdown")
 
 
-async def _try_write(out: web.StreamResponse, data: bytes) -> None:
+async def _try_write(out: Exchange, data: bytes) -> None:
     try:
         await out.write(data)
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError):
+    except (ConnectionResetError, RuntimeError):
         pass
 
 
-async def _try_write_eof(out: web.StreamResponse) -> None:
+def _try_end(out: Exchange) -> None:
     try:
-        await out.write_eof()
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError):
+        out.end()
+    except (ConnectionResetError, RuntimeError):
         pass
 
 
@@ -555,9 +544,8 @@ def new_request_id() -> str:
     return "req_" + uuid.uuid4().hex
 
 
-def _record_id(request: web.Request) -> str:
+def record_id_for(sent: str | None, request_id: str) -> str:
     """The id of the usage record and limit reservation: the request id when the gateway
     made it, a fresh one when the client chose its x-request-id (echoed in headers) so a
     reused id cannot collide with another request's record or slot and go unbilled."""
-    rid = request[REQUEST_ID]
-    return new_request_id() if request.headers.get("x-request-id") == rid else rid
+    return new_request_id() if sent == request_id else request_id

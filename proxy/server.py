@@ -1,4 +1,4 @@
-"""`llm-proxy serve`: uvloop, an aiohttp AppRunner with explicit limits, graceful stop.
+"""`llm-proxy serve`: uvloop, the front HTTP/1.1 server before the aiohttp app, graceful stop.
 
 SIGTERM / SIGINT: stop accepting, /readyz turns 503, idle keep-alive connections close,
 new requests on busy connections get 503; in-flight requests and streams may finish
@@ -30,9 +30,12 @@ from typing import Callable
 import uvloop
 from aiohttp import web
 
-from proxy.access_log import AccessLogger
+from proxy.access_log import AccessLog
 from proxy.app import STATE, AppState, build_app
 from proxy.config import Config, load_config
+from proxy.front import Front, internal_connector, protocol_error
+from proxy.http1.client import Http1Client
+from proxy.http1.server import Http1Server, ServerLimits
 
 log = logging.getLogger("llm_proxy.server")
 
@@ -100,22 +103,7 @@ async def serve(
     for _ in early:
         on_signal()
 
-    app = build_app(config)
-    state = app[STATE]
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log_class=AccessLogger,
-        access_log=logging.getLogger("llm_proxy.access") if config.server.access_log else None,
-        keepalive_timeout=config.server.keepalive_s,
-        # The grace period is ours (below); this only bounds what is left after it.
-        shutdown_timeout=_LEFTOVER_S,
-        # A client that goes away cancels its handler at once: the upstream request is
-        # closed promptly and the usage record is written in `finally`.
-        handler_cancellation=True,
-        max_headers=config.server.max_headers,
-    )
-    await runner.setup()
+    running = await Running.start(config, host, port, reuse_port=reuse_port)
     # Everything made at start-up lives until exit: keep it out of every collection, and
     # collect the young generation less often (the hot path allocates many short-lived
     # objects but builds no cycles worth chasing every 700 allocations).
@@ -123,9 +111,7 @@ async def serve(
     gc.freeze()
     gc.set_threshold(10_000, 50, 100)
     try:
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
-        await site.start()
-        log.info("llm-proxy listening on http://%s:%d (pid %d)", host, port, os.getpid())
+        log.info("llm-proxy listening on http://%s:%d (pid %d)", host, running.port, os.getpid())
         if notify:
             sd_notify("READY=1")
         if on_ready is not None:
@@ -134,45 +120,113 @@ async def serve(
         await stop.wait()
         if notify:
             sd_notify("STOPPING=1")
-        await _drain(runner, state, config.server.shutdown_grace_s, hurry)
+        await running.drain(config.server.shutdown_grace_s, hurry)
     finally:
         # Closes what is left, then runs cleanup_ctx in reverse: the usage sink flushes
         # before the upstream pools and stores close.
         # The signal handlers stay until the loop closes: a late duplicate signal must
         # not kill the process while it flushes.
-        await runner.cleanup()
+        await running.close()
     log.info("stopped")
 
 
-async def _drain(runner: web.AppRunner, state: AppState, grace_s: float, hurry: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    handlers = state.handlers
-    log.info("stopping: draining %d requests (grace %gs)", len(handlers), grace_s)
-    # New requests on open connections get 503 and /readyz turns 503 from here on.
-    state.streams.stopping = True
-    for site in list(runner.sites):
-        await site.stop()  # stop accepting: with SO_REUSEPORT the other workers take over
-    if runner.server is not None:
-        runner.server.pre_shutdown()  # idle keep-alive connections close, busy ones after their response
-    deadline = loop.time() + grace_s
-    while handlers and not hurry.is_set() and loop.time() < deadline:
+class Running:
+    """A started gateway: the aiohttp application (backends, admin API, health) and the
+    front HTTP/1.1 server that every client connection reaches (proxy/front.py)."""
+
+    def __init__(self, app: web.Application, runner: web.AppRunner, internal: Http1Client, http: Http1Server,
+                 access_log: AccessLog | None) -> None:
+        self.app = app
+        self.state: AppState = app[STATE]
+        self.runner = runner
+        self.internal = internal
+        self.http = http
+        self.access_log = access_log
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    @classmethod
+    async def start(cls, config: Config, host: str, port: int, *, reuse_port: bool = False) -> "Running":
+        app = build_app(config)
+        srv = config.server
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,  # the front server logs every request
+            # A client that goes away cancels its handler at once.
+            handler_cancellation=True,
+            shutdown_timeout=_LEFTOVER_S,
+        )
+        await runner.setup()  # opens the store, limiter, upstream pools and usage sink
+        assert runner.server is not None
+        internal = Http1Client(
+            "http://llm-proxy.internal", max_connections=64, connect_timeout_s=5, connect=internal_connector(runner.server)
+        )
+        access_log = AccessLog() if srv.access_log else None
+        http = Http1Server(
+            Front(app[STATE], internal, access_log).handle,
+            limits=ServerLimits(
+                max_line_size=srv.max_line_size,
+                max_field_size=srv.max_field_size,
+                max_headers=srv.max_headers,
+                max_body_bytes=int(srv.max_body_mb * 1024 * 1024),
+                keepalive_s=srv.keepalive_s,
+            ),
+            render_error=protocol_error,
+        )
+        running = cls(app, runner, internal, http, access_log)
+        running.state.handlers = http.tasks  # requests in flight: drained at shutdown
         try:
-            await asyncio.wait_for(hurry.wait(), min(0.05, max(0.0, deadline - loop.time())))
-        except TimeoutError:
-            pass
-    if not handlers:
-        return
-    left = list(handlers)
-    log.warning("grace period over: ending %d requests", len(left))
-    # Stream handlers write a shutdown error event to their client and record the usage
-    # delivered so far (outcome "shutdown"); other requests are cancelled and recorded.
-    state.streams.end_all()
-    for task in left:
-        if not task.done() and not task.cancelling():
-            task.cancel()
-    _done, pending = await asyncio.wait(left, timeout=_CANCEL_WAIT_S)
-    if pending:
-        log.warning("%d requests did not end within %gs of cancellation", len(pending), _CANCEL_WAIT_S)
+            running.server = await asyncio.get_running_loop().create_server(
+                http.protocol, host, port, reuse_port=reuse_port or None, backlog=1024
+            )
+        except BaseException:
+            await running.close()
+            raise
+        running.port = running.server.sockets[0].getsockname()[1]
+        return running
+
+    async def drain(self, grace_s: float, hurry: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        handlers = self.http.tasks
+        log.info("stopping: draining %d requests (grace %gs)", len(handlers), grace_s)
+        # New requests on open connections get 503 and /readyz turns 503 from here on.
+        self.state.streams.stopping = True
+        if self.server is not None:
+            self.server.close()  # stop accepting: with SO_REUSEPORT the other workers take over
+        self.http.shutdown()  # idle keep-alive connections close, busy ones after their response
+        deadline = loop.time() + grace_s
+        while handlers and not hurry.is_set() and loop.time() < deadline:
+            try:
+                await asyncio.wait_for(hurry.wait(), min(0.05, max(0.0, deadline - loop.time())))
+            except TimeoutError:
+                pass
+        if not handlers:
+            return
+        left = list(handlers)
+        log.warning("grace period over: ending %d requests", len(left))
+        # Stream handlers write a shutdown error event to their client and record the usage
+        # delivered so far (outcome "shutdown"); other requests are cancelled and recorded.
+        self.state.streams.end_all()
+        for task in left:
+            if not task.done() and not task.cancelling():
+                task.cancel()
+        _done, pending = await asyncio.wait(left, timeout=_CANCEL_WAIT_S)
+        if pending:
+            log.warning("%d requests did not end within %gs of cancellation", len(pending), _CANCEL_WAIT_S)
+
+    async def close(self) -> None:
+        self.state.streams.stopping = True
+        if self.server is not None:
+            self.server.close()
+        self.http.abort_all()  # cancels the handlers still running: they record their usage
+        if self.http.tasks:
+            await asyncio.wait(list(self.http.tasks), timeout=_CANCEL_WAIT_S)
+        await self.internal.close()
+        if self.access_log is not None:
+            self.access_log.flush()
+        # Runs cleanup_ctx in reverse: the usage sink flushes before pools and stores close.
+        await self.runner.cleanup()
 
 
 # ---------------------------------------------------------------------- --workers N

@@ -1,17 +1,16 @@
-"""Upstream connections: one pooled ClientSession per upstream, made at start-up."""
+"""Upstream connections: one pooled HTTP/1.1 client per upstream, made at start-up."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
 from typing import Mapping
-
-import aiohttp
-from multidict import CIMultiDict
+from urllib.parse import urlsplit
 
 from proxy.config import UpstreamConfig
 from proxy.dialects import BY_PROTOCOL, Dialect
 from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.http1.client import Http1Client, Http1Response, UpstreamConnectionError
 
 # Request headers a client may send that are meaningful to providers and safe to pass on.
 # Everything else (its credentials, hop-by-hop headers, Host, cookies, forwarding
@@ -34,9 +33,9 @@ class UpstreamTarget:
 
     config: UpstreamConfig
     dialect: Dialect
-    base_url: str
-    headers: Mapping[str, str]   # credential + operator headers, in the provider's style
-    session: aiohttp.ClientSession
+    base_path: str               # the path part of the upstream's base URL ("/v1", "")
+    head: bytes                  # fixed request header lines: content type, credential, operator headers
+    client: Http1Client
     secret: str | None           # the credential, only to scrub it from upstream bodies
 
     @property
@@ -44,32 +43,26 @@ class UpstreamTarget:
         return self.config.name
 
 
+def encode_head(headers: Mapping[str, str]) -> bytes:
+    return b"".join(f"{name}: {value}\r\n".encode("latin-1") for name, value in headers.items())
+
+
 class UpstreamPool:
     def __init__(self) -> None:
         self._targets: dict[str, UpstreamTarget] = {}
 
     def add(self, config: UpstreamConfig, base_url: str, api_key: str | None) -> UpstreamTarget:
-        # aiohttp's default pool silently caps at 100 connections; set it from config.
-        connector = aiohttp.TCPConnector(
-            limit=config.max_parallel,
-            limit_per_host=0,
-            ttl_dns_cache=300,
-            enable_cleanup_closed=False,
-            keepalive_timeout=30,
-        )
-        session = aiohttp.ClientSession(
-            connector=connector,
-            # No total timeout: streams may run for many minutes. First byte and idle
-            # gaps are enforced by the forwarder; connect here.
-            timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=config.timeouts.connect_s),
-            auto_decompress=False,
-            trust_env=False,          # HTTP(S)_PROXY must not reroute provider traffic
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            raise_for_status=False,
+        client = Http1Client(
+            base_url,
+            max_connections=config.max_parallel,
+            connect_timeout_s=config.timeouts.connect_s,
+            keepalive_s=30,
         )
         dialect = BY_PROTOCOL[config.protocol]
-        headers = {**dict(config.headers), **dialect.upstream_headers(api_key)}
-        target = UpstreamTarget(config, dialect, base_url, headers, session, api_key)
+        # Streams pass through byte for byte: never let an upstream compress them.
+        fixed = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+        head = encode_head({**fixed, **dict(config.headers), **dialect.upstream_headers(api_key)})
+        target = UpstreamTarget(config, dialect, urlsplit(base_url).path.rstrip("/"), head, client, api_key)
         self._targets[config.name] = target
         return target
 
@@ -77,31 +70,29 @@ class UpstreamPool:
         return self._targets[name]
 
     async def close(self) -> None:
-        await asyncio.gather(*(t.session.close() for t in self._targets.values()))
+        await asyncio.gather(*(t.client.close() for t in self._targets.values()))
         self._targets.clear()
 
 
-def request_headers(client_headers: Mapping[str, str], target: UpstreamTarget, request_id: str) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in client_headers.items():
-        if name.lower() in FORWARDED_REQUEST_HEADERS:
-            out.add(name, value)
-    out["Content-Type"] = "application/json"
-    out["Accept-Encoding"] = "identity"   # streams pass through byte for byte, never gzip
-    out["X-Request-Id"] = request_id
-    out.update(target.headers)
-    return out
+def request_head(client_headers: Mapping[str, str], target: UpstreamTarget, request_id: str) -> bytes:
+    """The header lines of the upstream request: a few client headers, then ours."""
+    lines = [
+        f"{name}: {value}\r\n".encode("latin-1")
+        for name, value in client_headers.items()
+        if name in FORWARDED_REQUEST_HEADERS
+    ]
+    lines.append(f"X-Request-Id: {request_id}\r\n".encode("latin-1"))
+    lines.append(target.head)
+    return b"".join(lines)
 
 
-async def open_response(
-    target: UpstreamTarget, url: str, body: bytes, headers: CIMultiDict[str]
-) -> aiohttp.ClientResponse:
+async def open_response(target: UpstreamTarget, path: str, body: bytes, head: bytes) -> Http1Response:
     """Send the request; return once response headers are in (within first_byte_s)."""
     try:
         async with asyncio.timeout(target.config.timeouts.first_byte_s):
-            return await target.session.post(url, data=body, headers=headers, allow_redirects=False)
+            return await target.client.request("POST", path, head, body)
     except TimeoutError:
         raise UpstreamTimeout("The upstream did not answer in time.") from None
-    except (aiohttp.ClientError, OSError) as exc:
+    except (UpstreamConnectionError, OSError) as exc:
         # No upstream URL or exception text in the message: it can name internal hosts.
         raise UpstreamError(f"The upstream is unreachable ({type(exc).__name__}).") from None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +23,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.access_log import AccessLogger
-from proxy.app import STATE, build_app
+from proxy.app import STATE
 from proxy.config import (
     AuthConfig,
     Config,
@@ -39,6 +37,7 @@ from proxy.config import (
     UpstreamConfig,
 )
 from proxy.mock_upstream import MockOptions, build_mock_app
+from proxy.server import Running
 from proxy.store.base import KeyLimits, UsageRecord
 
 UPSTREAM_KEY = "sk-upstream-CANARY-7f3e9a1c2b4d6e8f"
@@ -172,9 +171,9 @@ def test_config(tmp: Path, upstream_base: str, mock_base: str, **overrides: Any)
 
 
 class Gateway:
-    def __init__(self, app: web.Application, runner: web.AppRunner, upstream: ScriptedUpstream, mock_stats: Any) -> None:
-        self.app = app
-        self.runner = runner
+    def __init__(self, running: Running, upstream: ScriptedUpstream, mock_stats: Any) -> None:
+        self.running = running
+        self.app = running.app
         self.upstream = upstream
         self.mock_stats = mock_stats
         self.key = ""
@@ -206,24 +205,13 @@ class Gateway:
             await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
-        self.state.streams.stopping = True
-        await self.runner.cleanup()
+        await self.running.close()
 
 
 async def _start_gateway(config: Config, upstream: ScriptedUpstream, mock_stats: Any) -> Gateway:
-    app = build_app(config)
-    runner = web.AppRunner(
-        app,
-        access_log_class=AccessLogger,
-        access_log=logging.getLogger("llm_proxy.access"),
-        handler_cancellation=True,
-        shutdown_timeout=config.server.shutdown_grace_s,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    gw = Gateway(app, runner, upstream, mock_stats)
-    gw.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    running = await Running.start(config, "127.0.0.1", 0)
+    gw = Gateway(running, upstream, mock_stats)
+    gw.url = f"http://127.0.0.1:{running.port}"
     gw.key = await gw.create_key("test-key")
     return gw
 

@@ -87,6 +87,8 @@ class MemoryLimiter:
         # Seeding is rare (once per key and period); one lock keeps concurrent first
         # requests of a key from all querying the store.
         self._seed_lock = asyncio.Lock()
+        # The current day / month bounds: two datetime computations per request otherwise.
+        self._periods: dict[str | None, tuple[int, int | None]] = {}
 
     async def open(self) -> None:
         return None
@@ -110,7 +112,7 @@ class MemoryLimiter:
         self._prune(st, now)
         period, period_end = 0, None
         if spec.budget_usd is not None:
-            period, period_end = period_bounds(now // US_PER_S, spec.budget_period)
+            period, period_end = self._period(now // US_PER_S, spec.budget_period)
 
         refusals: list[tuple[Reason, int]] = []
         if spec.budget_usd is not None:
@@ -168,6 +170,12 @@ class MemoryLimiter:
 
     # --- internals ---
 
+    def _period(self, now_s: int, kind: str | None) -> tuple[int, int | None]:
+        bounds = self._periods.get(kind)
+        if bounds is None or not (bounds[0] <= now_s and (bounds[1] is None or now_s < bounds[1])):
+            bounds = self._periods[kind] = period_bounds(now_s, kind)
+        return bounds
+
     def _now_us(self) -> int:
         return round(self._clock() * US_PER_S)
 
@@ -177,7 +185,7 @@ class MemoryLimiter:
             now = self._now_us()
             if spec.budget_usd is None:
                 return now
-            period, _ = period_bounds(now // US_PER_S, spec.budget_period)
+            period, _ = self._period(now // US_PER_S, spec.budget_period)
             if period in st.spent:
                 return now
             async with self._seed_lock:

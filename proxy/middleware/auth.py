@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, TypeVar
+from typing import Callable, Mapping, TypeVar
 
 from aiohttp import web
 
@@ -35,22 +35,23 @@ V = TypeVar("V")
 _HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
 
 
-def extract_key(request: web.Request, allow_query: bool) -> str | None:
+def extract_key(headers: Mapping[str, str], query: Callable[[], Mapping[str, str]] | None) -> str | None:
     """The credential the caller presented, or None.
 
     `Authorization` wins when present; a scheme other than Bearer gives "" (a present
-    but unusable credential: 401, never a fall-through to another header).
+    but unusable credential: 401, never a fall-through to another header). `query`
+    (Gemini routes only) is called only when no header carries a key.
     """
-    auth = request.headers.get("Authorization")
+    auth = headers.get("Authorization")
     if auth is not None:
         scheme, _, value = auth.partition(" ")
         return value if scheme.lower() == "bearer" else ""
     for name in _HEADERS:
-        value = request.headers.get(name)
+        value = headers.get(name)
         if value is not None:
             return value
-    if allow_query:
-        return request.query.get("key")
+    if query is not None:
+        return query().get("key")
     return None
 
 

@@ -7,11 +7,10 @@ rendered here, once, in the dialect of the route that was called.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import uuid
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
@@ -42,17 +41,36 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def dialect_for(request: web.Request) -> Dialect:
+    return dialect_for_path(request.path, request.headers)
+
+
+def dialect_for_path(path: str, headers: Mapping[str, str]) -> Dialect:
     """Which API family the caller speaks, from the path (and Anthropic's headers on /v1/models)."""
-    path = request.path
     if path.startswith(("/v1beta/", "/v1beta")) or ":generateContent" in path or ":streamGenerateContent" in path:
         return GEMINI
     if path.startswith(("/v1/messages", "/messages")):
         return ANTHROPIC
-    if path.rstrip("/") in ("/v1/models", "/models") and (
-        "anthropic-version" in request.headers or "x-api-key" in request.headers
-    ):
+    if path.rstrip("/") in ("/v1/models", "/models") and ("anthropic-version" in headers or "x-api-key" in headers):
         return ANTHROPIC
     return OPENAI
+
+
+def new_request_id(sent: str | None) -> str:
+    """The client's x-request-id when it is sane, else a fresh one."""
+    return sent if sent and _SANE_ID.match(sent) else "req_" + uuid.uuid4().hex
+
+
+def response_headers(rid: str, origin: str | None) -> list[tuple[str, str]]:
+    """Headers every response gets (what `on_prepare` adds on aiohttp's side)."""
+    headers = [("x-request-id", rid), ("request-id", rid)]
+    if origin:
+        headers += [("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers", _EXPOSE), ("Vary", "Origin")]
+    return headers
+
+
+def error_parts(dialect: Dialect, err: ProxyError, rid: str) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of an error the gateway answers itself."""
+    return dialect.error_status(err), {"Content-Type": "application/json", **err.headers}, dialect.error_body(err, rid)
 
 
 def cors_headers(request: web.Request) -> dict[str, str]:
@@ -83,25 +101,16 @@ def _from_http_exception(exc: web.HTTPException) -> ProxyError:
 
 
 def render_error(request: web.Request, err: ProxyError) -> web.Response:
-    dialect = dialect_for(request)
-    rid = request.get(REQUEST_ID, "")
-    headers = {"Content-Type": "application/json", **err.headers}
-    return web.Response(status=dialect.error_status(err), body=dialect.error_body(err, rid), headers=headers)
+    status, headers, body = error_parts(dialect_for(request), err, request.get(REQUEST_ID, ""))
+    return web.Response(status=status, body=body, headers=headers)
 
 
-def make_context_middleware(handlers: set[asyncio.Task[Any]]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """`handlers` holds the task of every request in flight (shutdown drains them)."""
-
+def make_context_middleware() -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     @web.middleware
     async def context(request: web.Request, handler: Handler) -> web.StreamResponse:
-        sent = request.headers.get("x-request-id")
-        rid = sent if sent and _SANE_ID.match(sent) else "req_" + uuid.uuid4().hex
-        request[REQUEST_ID] = rid
+        request[REQUEST_ID] = new_request_id(request.headers.get("x-request-id"))
         if request.method == "OPTIONS":
             return _preflight(request)
-        task = asyncio.current_task()
-        assert task is not None
-        handlers.add(task)
         try:
             return await handler(request)
         except ProxyError as err:
@@ -117,8 +126,6 @@ def make_context_middleware(handlers: set[asyncio.Task[Any]]) -> Callable[[web.R
         except Exception:
             log.exception("unhandled error in %s %s", request.method, request.path)
             return render_error(request, ProxyError("Internal error."))
-        finally:
-            handlers.discard(task)
 
     return context
 

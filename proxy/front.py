@@ -1,0 +1,172 @@
+"""The gateway's HTTP entry point: every client connection lands here.
+
+Model calls (POST on a model route) are served right here, on the lean HTTP/1.1 server
+(proxy/http1/server.py): request id, CORS headers, auth, then the Forwarder. Every other
+request (admin API, health, metrics, model lists, preflights, 404/405s) is relayed over
+an in-process socket pair to the aiohttp application, which keeps its routes and
+middlewares; those requests are rare and not latency critical, model calls are both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Awaitable, Callable
+from urllib.parse import parse_qsl, unquote
+
+from aiohttp import web
+
+from proxy.access_log import AccessLog
+from proxy.app import AppState
+from proxy.dialects import GEMINI, Endpoint
+from proxy.dialects.anthropic import COUNT_TOKENS, MESSAGES
+from proxy.dialects.gemini import GENERATE, STREAM_GENERATE
+from proxy.dialects.openai import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
+from proxy.errors import InvalidRequest, NotFound, ProxyError, RequestTooLarge, ServiceUnavailable
+from proxy.http1.client import Http1Client, UpstreamConnectionError
+from proxy.http1.server import Exchange, Request
+from proxy.middleware.auth import extract_key
+from proxy.middleware.context import dialect_for_path, error_parts, new_request_id, response_headers
+from proxy.store.base import KeyRecord
+
+log = logging.getLogger("llm_proxy.http")
+
+MODEL_ROUTES: dict[str, Endpoint] = {
+    prefix + path: endpoint
+    for prefix in ("/v1", "")
+    for path, endpoint in (
+        ("/chat/completions", CHAT),
+        ("/completions", COMPLETIONS),
+        ("/embeddings", EMBEDDINGS),
+        ("/responses", RESPONSES),
+        ("/messages", MESSAGES),
+        ("/messages/count_tokens", COUNT_TOKENS),
+    )
+}
+_GEMINI_PREFIXES = ("/v1beta/models/", "/v1/models/")
+_GEMINI_METHODS = {"generateContent": GENERATE, "streamGenerateContent": STREAM_GENERATE}
+# Not relayed to the in-process app: hop-by-hop, framing (re-made by our client), Host.
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "upgrade", "expect", "host", "proxy-connection"}
+)
+_INTERNAL_BODY_CAP = 256 * 1024 * 1024
+_STATUS_ERRORS: dict[int, tuple[type[ProxyError], str]] = {
+    400: (InvalidRequest, "bad_request"),
+    408: (InvalidRequest, "request_timeout"),
+    413: (RequestTooLarge, "request_too_large"),
+    414: (InvalidRequest, "uri_too_long"),
+    431: (InvalidRequest, "request_header_fields_too_large"),
+    503: (ServiceUnavailable, "server_shutting_down"),
+}
+
+
+def model_route(path: str) -> tuple[Endpoint, str | None] | None:
+    """The endpoint (and, for Gemini, the model from the path) a POST to `path` calls."""
+    endpoint = MODEL_ROUTES.get(path)
+    if endpoint is not None:
+        return endpoint, None
+    if path.startswith(_GEMINI_PREFIXES):
+        tail = unquote(path.split("/models/", 1)[1])
+        model, _, method = tail.rpartition(":")
+        found = _GEMINI_METHODS.get(method)
+        if found is None or not model:
+            raise NotFound(f"Unknown Gemini method '{method[:64]}'.")
+        return found, model
+    return None
+
+
+def protocol_error(status: int, message: str, request: Request | None) -> tuple[list[tuple[str, str]], bytes]:
+    """Errors the HTTP layer answers itself (malformed, too large, slow, shutting down),
+    in the dialect of the path when the request line got that far. Quotes nothing."""
+    cls, code = _STATUS_ERRORS.get(status, (ProxyError, "internal_error"))
+    err = cls(message, code=code)
+    err.status = status
+    path, headers = (request.path, request.headers) if request is not None else ("/", {})
+    rid = new_request_id(None)
+    _, extra, body = error_parts(dialect_for_path(path, headers), err, rid)
+    return [*extra.items(), ("x-request-id", rid)], body
+
+
+def internal_connector(server: web.Server) -> Callable[[Callable[[], asyncio.Protocol]], Awaitable[tuple[asyncio.Transport, asyncio.Protocol]]]:
+    """Connections to the aiohttp application over socket pairs: no port, no network."""
+
+    async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, asyncio.Protocol]:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        await loop.connect_accepted_socket(server, theirs)
+        transport, protocol = await loop.create_connection(factory, sock=ours)
+        return transport, protocol  # type: ignore[return-value]
+
+    return connect
+
+
+class Front:
+    def __init__(self, state: AppState, internal: Http1Client, access_log: AccessLog | None) -> None:
+        self._state = state
+        self._internal = internal
+        self._access_log = access_log
+
+    async def handle(self, ex: Exchange) -> None:
+        request = ex.request
+        key: KeyRecord | None = None
+        rid = "-"
+        try:
+            route = model_route(request.path) if request.method == "POST" else None
+            if route is None:
+                rid = await self._relay_internal(ex)
+            else:
+                rid = new_request_id(request.headers.get("x-request-id"))
+                key = await self._model_call(ex, rid, *route)
+        except NotFound as err:  # an unknown Gemini method
+            self._render(ex, err, new_request_id(None) if rid == "-" else rid)
+        finally:
+            if self._access_log is not None:
+                self._access_log.line(ex, key.name if key is not None else "-", rid)
+
+    async def _model_call(self, ex: Exchange, rid: str, endpoint: Endpoint, path_model: str | None) -> KeyRecord | None:
+        request = ex.request
+        state = self._state
+        common = response_headers(rid, request.headers.get("origin"))
+        key: KeyRecord | None = None
+        try:
+            if state.streams.stopping:
+                raise ServiceUnavailable("The gateway is shutting down.", code="server_shutting_down", retry_after_s=1)
+            assert state.authenticator is not None and state.forwarder is not None
+            query = (lambda: dict(parse_qsl(request.query_string))) if endpoint.dialect is GEMINI else None
+            key = await state.authenticator.authenticate(extract_key(request.headers, query))
+            await state.forwarder.handle(ex, endpoint, key, rid, common, path_model)
+        except ProxyError as err:
+            if not ex.head_sent:
+                status, headers, body = error_parts(endpoint.dialect, err, rid)
+                ex.respond(status, common + list(headers.items()), body)
+        return key
+
+    def _render(self, ex: Exchange, err: ProxyError, rid: str) -> None:
+        request = ex.request
+        status, headers, body = error_parts(dialect_for_path(request.path, request.headers), err, rid)
+        ex.respond(status, response_headers(rid, request.headers.get("origin")) + list(headers.items()), body)
+
+    async def _relay_internal(self, ex: Exchange) -> str:
+        """Relay to the aiohttp application; returns the request id it chose."""
+        request = ex.request
+        head = b"".join(
+            f"{name}: {value}\r\n".encode("latin-1") for name, value in request.headers.items() if name not in _HOP_BY_HOP
+        )
+        target = request.path + ("?" + request.query_string if request.query_string else "")
+        # HEAD is asked as GET (our client expects a body) and answered without one.
+        method = "GET" if request.method == "HEAD" else request.method
+        try:
+            resp = await self._internal.request(method, target, head, request.body)
+            try:
+                body = await resp.read_all(_INTERNAL_BODY_CAP)
+            finally:
+                resp.close()
+        except UpstreamConnectionError:
+            log.exception("the in-process application did not answer %s %s", method, request.path[:200])
+            rid = new_request_id(None)
+            self._render(ex, ProxyError("Internal error."), rid)
+            return rid
+        headers = [(name, value) for name, value in resp.headers.items() if name not in _HOP_BY_HOP]
+        ex.respond(resp.status, headers, b"" if request.method == "HEAD" else body)
+        return resp.headers.get("x-request-id") or "-"

@@ -1,0 +1,28 @@
+"""Case-insensitive header mapping shared by the HTTP/1.1 server and client."""
+
+from __future__ import annotations
+
+
+class Headers(dict[str, str]):
+    """Header names lower-cased (latin-1 decoded), repeated fields joined with ", ".
+
+    `get` and `in` accept any case. Built once per message by the parsers through
+    `add`; never mutated by readers.
+    """
+
+    __slots__ = ()
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return dict.get(self, name.lower(), default)
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name.lower() if isinstance(name, str) else name)
+
+    def __getitem__(self, name: str) -> str:
+        return dict.__getitem__(self, name.lower())
+
+    def add(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        old = dict.get(self, key)
+        dict.__setitem__(self, key, text if old is None else f"{old}, {text}")

@@ -1,0 +1,750 @@
+"""A lean HTTP/1.1 server: one asyncio.Protocol per connection, httptools for parsing.
+
+The gateway's hot path runs here instead of aiohttp's server, whose per-request CPU
+is several times nginx's. Generic HTTP/1.1 only: the app gives one async handler per
+request and one error renderer; this module knows nothing of LLMs, keys or dialects.
+
+Per connection:
+- Requests are handled one at a time, in order. The connection keeps being read while
+  a handler runs, so a client that goes away (RST or FIN) is seen at once and the
+  handler's task is cancelled. Pipelined requests that arrive meanwhile are parsed and
+  queued; past ~1 MiB of queued data reading pauses until the current response ends.
+- One timer, re-armed only when it fires, enforces the keep-alive idle limit, the
+  request-head deadline and the body gap limit (slowloris defence).
+- Nothing here logs header values or bodies: they may carry API keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Awaitable, Callable, Coroutine, cast
+
+import httptools
+
+from .headers import Headers
+
+__all__ = [
+    "ErrorRenderer",
+    "Exchange",
+    "Handler",
+    "Http1Server",
+    "Request",
+    "ServerLimits",
+]
+
+_log = logging.getLogger("llm_proxy.http")
+
+SHUTDOWN_MESSAGE = "The gateway is shutting down."
+_MALFORMED = "Malformed HTTP request."
+_INTERNAL = "Internal server error."
+
+# Queued pipelined data (bodies plus a per-request allowance) above which reading
+# pauses while a response is in flight.
+_PIPELINE_BYTES = 1 << 20
+_QUEUED_OVERHEAD = 1024
+
+# Framing and hop-by-hop headers are this module's business; a handler that forwards
+# an upstream's headers must not duplicate or contradict them.
+_OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CLOSE = b"Connection: close\r\n"
+_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_line_size: int = 8190  # request target bytes -> 414
+    max_field_size: int = 8190  # one header's name + value -> 431
+    max_headers: int = 100  # header count -> 431
+    max_body_bytes: int = 32 * 1024 * 1024  # -> 413 (by Content-Length before reading)
+    keepalive_s: float = 60.0  # idle keep-alive connection closed after this
+    head_timeout_s: float = 30.0  # head within this of its first byte; no body gap longer -> 408
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str  # raw (not percent-decoded), without the query
+    query_string: str  # without "?"
+    headers: Headers
+    body: bytes
+    remote: str  # peer IP, or ""
+    http_version: str  # "1.1" or "1.0"
+    keep_alive: bool
+    started: float  # loop.time() when the request's first byte arrived
+
+
+Handler = Callable[["Exchange"], Awaitable[None]]
+# (status, message, the request if its head was parsed) -> (headers, body)
+ErrorRenderer = Callable[[int, str, "Request | None"], tuple[list[tuple[str, str]], bytes]]
+
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        if not 200 <= status <= 999:
+            # 1xx would need protocol switching or more responses to follow.
+            raise ValueError(f"unsupported response status {status}")
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = "Unknown"
+        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")
+    return line
+
+
+def _encode_head(status: int, headers: list[tuple[str, str]]) -> bytes:
+    """Status line and the handler's header lines (without the final blank line)."""
+    lines = []
+    for name, value in headers:
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+            # Response splitting; the value itself is not echoed (it may be a secret).
+            raise ValueError(f"CR or LF in response header {name!r}")
+        if name.lower() in _OWN_HEADERS:
+            continue
+        lines.append(f"{name}: {value}\r\n")
+    text = "".join(lines)
+    try:
+        raw = text.encode("latin-1")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8")
+    return _status_line(status) + raw
+
+
+def _split_target(url: bytes) -> tuple[str, str]:
+    """(path, query) of a request target; absolute-form keeps only its path."""
+    text = url.decode("latin-1")
+    if "#" in text:
+        text = text.split("#", 1)[0]
+    if not text.startswith("/") and "://" in text:
+        rest = text.split("://", 1)[1]
+        cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+        text = rest[cut:]
+        if not text.startswith("/"):
+            text = "/" + text
+    path, _, query = text.partition("?")
+    return path, query
+
+
+class _StopParsing(Exception):
+    """Raised from a parser callback: the request is refused with this status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(slots=True)
+class _Failure:
+    """A refused request queued behind the one in flight; the connection closes after it."""
+
+    status: int
+    message: str
+    request: Request | None
+
+
+class Exchange:
+    """The response side of one request, handed to the handler."""
+
+    __slots__ = (
+        "request", "head_sent", "client_gone", "status", "bytes_sent",
+        "_conn", "_task", "_chunked", "_no_body", "_close", "_linger", "_ended", "_done",
+    )
+
+    def __init__(self, conn: _Connection, request: Request) -> None:
+        self.request = request
+        self.head_sent = False
+        self.client_gone = False  # the connection was lost before the response ended
+        self.status = 0
+        self.bytes_sent = 0
+        self._conn = conn
+        self._task: asyncio.Task[None] | None = None
+        self._chunked = False
+        self._no_body = False
+        self._close = False
+        self._linger = False  # close with a lingering half-close (request not fully read)
+        self._ended = False
+        self._done = False
+
+    def respond(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        """The whole response in one write; the connection is then ready for the next request."""
+        if self.head_sent:
+            raise RuntimeError("response already started")
+        conn = self._conn
+        head = _encode_head(status, headers)
+        no_body = self.request.method == "HEAD" or status in (204, 304)
+        close = conn._must_close(self.request)
+        parts = [head]
+        if status not in (204, 304):
+            parts.append(b"Content-Length: %d\r\n" % len(body))
+        parts.append(_CLOSE if close else _KEEP_ALIVE if self.request.http_version == "1.0" else b"")
+        parts.append(b"\r\n")
+        if not no_body:
+            parts.append(body)
+            self.bytes_sent = len(body)
+        self.head_sent = True
+        self.status = status
+        self._close = close
+        conn._send(b"".join(parts))
+        conn._response_ended(self)
+
+    def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+        """Send the head of a streamed response: chunked on HTTP/1.1, close-delimited on 1.0."""
+        if self.head_sent:
+            raise RuntimeError("response already started")
+        conn = self._conn
+        head = _encode_head(status, headers)
+        no_body = self.request.method == "HEAD" or status in (204, 304)
+        close = conn._must_close(self.request)
+        framing = b""
+        if not no_body:
+            if self.request.http_version == "1.1":
+                framing = _CHUNKED
+                self._chunked = True
+            else:
+                close = True  # only the close can mark the end of the body
+        self.head_sent = True
+        self.status = status
+        self._no_body = no_body
+        self._close = close
+        keep = _KEEP_ALIVE if self.request.http_version == "1.0" else b""
+        conn._send(b"".join((head, framing, _CLOSE if close else keep, b"\r\n")))
+
+    async def write(self, data: bytes) -> None:
+        """Send one body chunk; waits only while the transport's buffer is over its high-water mark."""
+        if self.client_gone:
+            raise ConnectionResetError("client disconnected")
+        conn = self._conn
+        if not self.head_sent or self._ended:
+            raise RuntimeError("write() needs start() and no end()")
+        if not data or self._no_body:
+            return
+        size = len(data)
+        conn._send(b"".join((b"%x\r\n" % size, data, b"\r\n")) if self._chunked else data)
+        self.bytes_sent += size
+        if conn._write_paused:
+            await conn._writable()
+
+    def end(self) -> None:
+        """Finish a streamed response (terminating chunk, or close when close-delimited)."""
+        if self._ended:
+            return
+        if not self.head_sent:
+            raise RuntimeError("end() before start()")
+        if self._chunked:
+            self._conn._send(_LAST_CHUNK)
+        self._conn._response_ended(self)
+
+    def _finish(self) -> None:
+        """Report the request once (access log); a failing callback never reaches the protocol."""
+        if self._done:
+            return
+        self._done = True
+        on_done = self._conn._server._on_done
+        if on_done is not None:
+            try:
+                on_done(self)
+            except Exception:
+                _log.exception("on_done callback failed")
+
+    def _respond_error(self, status: int, message: str) -> None:
+        headers, body = self._conn._render(status, message, self.request)
+        try:
+            self.respond(status, headers, body)
+        except ValueError:
+            _log.exception("render_error returned an unusable response")
+            self.respond(status, [("Content-Type", "text/plain; charset=utf-8")], message.encode())
+
+
+class _Connection(asyncio.Protocol):
+    __slots__ = (
+        "_server", "_loop", "_limits", "_transport", "_parser", "_remote", "_now",
+        "_url", "_headers", "_nheaders", "_body", "_body_len", "_started", "_in_head", "_head_bytes",
+        "_req", "_raw_left", "_continue_pending", "_failure",
+        "_queue", "_queued_bytes", "_exchange", "_dead", "_closing", "_gone",
+        "_read_paused", "_write_paused", "_drain_waiter",
+        "_timer", "_idle_since", "_recv_mark", "_close_by",
+    )
+
+    def __init__(self, server: Http1Server) -> None:
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._limits = server._limits
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._remote = ""
+        self._now = 0.0  # loop time of the current data_received
+        # The request being parsed.
+        self._url = b""
+        self._headers = Headers()
+        self._nheaders = 0  # header lines (Headers merges repeated names)
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self._started = 0.0
+        self._in_head = False
+        self._head_bytes = 0
+        self._req: Request | None = None  # set once its head is parsed, until its body is complete
+        self._raw_left = 0  # body bytes read past the parser (upgrade requests)
+        self._continue_pending = False
+        self._failure: _StopParsing | None = None
+        # Requests waiting for the one in flight.
+        self._queue: collections.deque[Request | _Failure] = collections.deque()
+        self._queued_bytes = 0
+        self._exchange: Exchange | None = None  # in flight: its response has not ended
+        self._dead = False  # the parser is done with (error, upgrade): later bytes are dropped
+        self._closing = False
+        self._gone = False
+        self._read_paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0
+        self._recv_mark = 0.0  # head: its first byte; body: the last bytes received
+        self._close_by = 0.0  # a closing connection is aborted after this
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self._remote = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        self._idle_since = self._loop.time()
+        self._server._conns.add(self)
+        self._timer = self._loop.call_at(self._idle_since + self._server._tick, self._on_timer)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._now = self._loop.time()
+        if self._raw_left:
+            data = self._take_raw(data)
+        if self._dead:
+            return  # refused or upgraded: nothing more is parsed, but EOF still tells us of a departure
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # Upgrades (h2c, websocket, CONNECT) are not supported: the request is
+            # answered as plain HTTP/1.1 and the connection closes after it.
+            self._dead = True
+            if self._raw_left:
+                self._take_raw(data[upgrade.args[0]:])
+            return
+        except httptools.HttpParserError as exc:
+            failure, self._failure = self._failure, None
+            if failure is not None:
+                self._fail(failure.status, failure.message)
+            elif isinstance(exc.__context__, Exception):
+                _log.error("HTTP request parsing failed", exc_info=exc.__context__)
+                self._fail(500, _INTERNAL)
+            else:
+                self._fail(400, _MALFORMED)
+            return
+        if self._in_head:
+            # httptools buffers a header line whole before calling on_header; bound the
+            # head's size here (over-counted by at most one read) so one huge line
+            # cannot grow that buffer.
+            self._head_bytes += len(data)
+            if self._head_bytes > self._server._max_head_bytes:
+                self._fail(431, "Request headers too large.")
+                return
+        elif self._req is not None:
+            self._recv_mark = self._now
+        if (
+            self._exchange is not None
+            and not self._read_paused
+            and self._queued_bytes + self._body_len > _PIPELINE_BYTES
+            and self._transport is not None
+        ):
+            self._transport.pause_reading()
+            self._read_paused = True
+
+    def eof_received(self) -> bool:
+        # A FIN from a client with a request pending or in flight means it gave up (nginx
+        # and aiohttp treat it so too); idle, it is just a close. Either way the
+        # transport closes (False) and connection_lost follows.
+        self._client_gone()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client_gone()
+        self._transport = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._server._conns.discard(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._started = self._recv_mark = self._now
+        self._url = b""
+        self._headers = Headers()
+        self._nheaders = 0
+        self._body = []
+        self._body_len = 0
+        self._in_head = True
+        self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url  # usually a single piece
+        if len(self._url) > self._limits.max_line_size:
+            self._stop(414, "Request URL too long.")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        limits = self._limits
+        self._nheaders += 1
+        if self._nheaders > limits.max_headers or len(name) + len(value) > limits.max_field_size:
+            self._stop(431, "Request headers too large.")
+        self._headers.add(name, value)
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        self._in_head = False
+        self._recv_mark = self._now
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._stop(505, "HTTP version not supported.")
+        headers = self._headers
+        path, query = _split_target(self._url)
+        req = self._req = Request(
+            method=parser.get_method().decode("ascii", "replace"),
+            path=path,
+            query_string=query,
+            headers=headers,
+            body=b"",
+            remote=self._remote,
+            http_version=version,
+            keep_alive=parser.should_keep_alive(),
+            started=self._started,
+        )
+        te = headers.get("transfer-encoding")
+        length = headers.get("content-length")
+        if te is not None:
+            # llhttp already refuses most of these; this keeps the rule in one place.
+            if length is not None:
+                self._stop(400, _MALFORMED)
+            if te.strip().lower() != "chunked":
+                self._stop(400, "Unsupported Transfer-Encoding.")
+        size = int(length) if length else 0
+        if size > self._limits.max_body_bytes:
+            self._stop(413, "Request body too large.")
+        if parser.should_upgrade():
+            # httptools stops before an upgrade request's body; read it raw (see data_received).
+            req.keep_alive = False
+            if te is not None:
+                self._stop(400, "Upgrade with a chunked body is not supported.")
+            self._raw_left = size
+        expect = headers.get("expect")
+        if expect is not None and version == "1.1" and expect.lower() == "100-continue":
+            if self._exchange is None and not self._queue:
+                self._send(_CONTINUE)
+            else:
+                self._continue_pending = True  # sent when the responses before it are done
+
+    def on_body(self, body: bytes) -> None:
+        self._body_len += len(body)
+        if self._body_len > self._limits.max_body_bytes:
+            self._stop(413, "Request body too large.")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if not self._raw_left:
+            self._complete()
+
+    # request intake
+
+    def _stop(self, status: int, message: str) -> None:
+        # httptools turns a callback's exception into HttpParserCallbackError; keep ours aside.
+        self._failure = _StopParsing(status, message)
+        raise self._failure
+
+    def _take_raw(self, data: bytes) -> bytes:
+        """Feed an upgrade request's body past the parser; returns what is left over."""
+        n = min(len(data), self._raw_left)
+        if n:
+            self._body.append(data[:n])
+            self._body_len += n
+            self._raw_left -= n
+            self._recv_mark = self._now
+            if not self._raw_left:
+                self._complete()
+        return data[n:]
+
+    def _complete(self) -> None:
+        req = self._req
+        if req is None:
+            return
+        body = self._body
+        req.body = body[0] if len(body) == 1 else b"".join(body)
+        self._req = None
+        self._body = []
+        self._body_len = 0
+        self._enqueue(req)
+
+    def _fail(self, status: int, message: str) -> None:
+        """Refuse the request being received; the connection closes after the answer."""
+        req = self._req
+        self._req = None
+        self._in_head = False
+        self._raw_left = 0
+        self._body = []
+        self._body_len = 0
+        self._dead = True
+        self._enqueue(_Failure(status, message, req))
+
+    def _enqueue(self, item: Request | _Failure) -> None:
+        if self._closing:
+            return
+        if self._exchange is None and not self._queue:
+            self._dispatch(item)
+        else:
+            self._queue.append(item)
+            if isinstance(item, Request):
+                self._queued_bytes += len(item.body) + _QUEUED_OVERHEAD
+
+    def _dispatch(self, item: Request | _Failure) -> None:
+        if isinstance(item, _Failure):
+            if item.request is None:
+                headers, body = self._render(item.status, item.message, None)
+                try:
+                    head = _encode_head(item.status, headers)
+                except ValueError:
+                    _log.exception("render_error returned an unusable response")
+                    head = _encode_head(item.status, [("Content-Type", "text/plain; charset=utf-8")])
+                    body = item.message.encode()
+                self._send(b"".join((head, b"Content-Length: %d\r\n" % len(body), _CLOSE, b"\r\n", body)))
+                self._close(linger=True)
+                return
+            ex = Exchange(self, item.request)
+            ex._linger = True
+            self._exchange = ex
+            item.request.keep_alive = False
+            ex._respond_error(item.status, item.message)
+            return
+        ex = Exchange(self, item)
+        self._exchange = ex
+        if self._server._draining:
+            item.keep_alive = False
+            ex._respond_error(503, SHUTDOWN_MESSAGE)
+            return
+        server = self._server
+        task = self._loop.create_task(cast("Coroutine[Any, Any, None]", server._handler(ex)))
+        ex._task = task
+        server.tasks.add(task)
+        task.add_done_callback(lambda t: self._handler_done(ex, t))
+
+    # response side
+
+    def _must_close(self, req: Request) -> bool:
+        return not req.keep_alive or self._server._draining
+
+    def _send(self, data: bytes) -> None:
+        # Once closing, the answer that closes was already written; a write after
+        # write_eof() would raise.
+        if self._transport is not None and not self._gone and not self._closing:
+            self._transport.write(data)
+
+    async def _writable(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is None:
+            waiter = self._drain_waiter = self._loop.create_future()
+        await waiter
+
+    def _render(self, status: int, message: str, req: Request | None) -> tuple[list[tuple[str, str]], bytes]:
+        try:
+            return self._server._render_error(status, message, req)
+        except Exception:
+            _log.exception("render_error failed")
+            return [("Content-Type", "text/plain; charset=utf-8")], message.encode()
+
+    def _response_ended(self, ex: Exchange) -> None:
+        ex._ended = True
+        if self._exchange is ex:
+            self._exchange = None
+        ex._finish()
+        if self._transport is None or self._gone or self._closing:
+            return
+        if ex._close:
+            self._close(linger=ex._linger)
+            return
+        self._idle_since = self._recv_mark = self._loop.time()
+        if self._read_paused:
+            self._read_paused = False
+            self._transport.resume_reading()
+        if self._queue:
+            item = self._queue.popleft()
+            if isinstance(item, Request):
+                self._queued_bytes -= len(item.body) + _QUEUED_OVERHEAD
+            self._dispatch(item)
+        elif self._continue_pending:
+            self._continue_pending = False
+            if self._req is not None:
+                self._send(_CONTINUE)
+        elif self._server._draining and self._req is None and not self._in_head:
+            self._close(linger=False)
+
+    def _handler_done(self, ex: Exchange, task: asyncio.Task[None]) -> None:
+        self._server.tasks.discard(task)
+        req = ex.request
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            # Method and path only: headers and the query string may carry keys.
+            _log.error("handler failed: %s %s", req.method, req.path, exc_info=exc)
+        if ex._ended:
+            return
+        if self._gone or self._transport is None or self._closing:
+            ex._ended = True
+            if self._exchange is ex:
+                self._exchange = None
+            ex._finish()
+            return
+        if not ex.head_sent:
+            if exc is None and not task.cancelled():
+                _log.error("handler returned without a response: %s %s", req.method, req.path)
+            if task.cancelled() and self._server._draining:
+                ex._respond_error(503, SHUTDOWN_MESSAGE)
+            else:
+                ex._respond_error(500, _INTERNAL)
+            return
+        # The head is out, so the client can only learn the body is incomplete from the close.
+        ex._ended = True
+        self._exchange = None
+        ex._finish()
+        self._close(linger=False)
+
+    # lifecycle
+
+    def _client_gone(self) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        self._queue.clear()
+        ex = self._exchange
+        if ex is not None:
+            ex.client_gone = True
+            if ex._task is not None and not ex._task.done():
+                ex._task.cancel()
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("client disconnected"))
+
+    def _close(self, *, linger: bool) -> None:
+        """Close after the buffered output is sent, aborting if that takes over keepalive_s.
+
+        With linger, only our side is shut (FIN) and the rest of the request is read and
+        dropped until the client closes: closing with unread input would send a RST that
+        can destroy the error response before the client reads it.
+        """
+        transport = self._transport
+        if transport is None or self._closing:
+            return
+        self._closing = True
+        self._close_by = self._loop.time() + self._limits.keepalive_s
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        if linger and transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
+
+    def _drain(self) -> None:
+        """Server shutdown: close now if idle, otherwise after the current response."""
+        if self._exchange is None and not self._queue and self._req is None and not self._in_head:
+            self._close(linger=False)
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        transport = self._transport
+        if transport is None:
+            return
+        now = self._loop.time()
+        limits = self._limits
+        deadline: float | None
+        if self._closing:
+            deadline = self._close_by
+        elif self._exchange is not None or self._queue:
+            deadline = None  # a handler at work: its time is the app's business
+        elif self._in_head or self._req is not None:
+            deadline = self._recv_mark + limits.head_timeout_s
+        else:
+            deadline = self._idle_since + limits.keepalive_s
+        if deadline is not None and now >= deadline:
+            if self._closing:
+                transport.abort()
+            elif self._in_head or self._req is not None:
+                self._fail(408, "Request timed out.")
+            else:
+                self._close(linger=False)
+            if self._transport is None:
+                return
+        # Re-armed here only: state changes never touch the timer, and since the tick is
+        # no longer than any limit, each phase is seen before its deadline passes.
+        when = now + self._server._tick
+        if deadline is not None and now < deadline < when:
+            when = deadline
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+
+class Http1Server:
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        limits: ServerLimits,
+        render_error: ErrorRenderer,
+        on_done: Callable[[Exchange], None] | None = None,
+    ) -> None:
+        self._handler = handler
+        self._limits = limits
+        self._render_error = render_error
+        self._on_done = on_done
+        self._draining = False
+        self._conns: set[_Connection] = set()
+        self._tick = max(0.01, min(limits.keepalive_s, limits.head_timeout_s))
+        # A head cannot legitimately exceed its line plus every header at full size.
+        self._max_head_bytes = limits.max_line_size + limits.max_headers * (limits.max_field_size + 4) + 1024
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def protocol(self) -> asyncio.Protocol:
+        """Protocol factory for loop.create_server."""
+        return _Connection(self)
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def shutdown(self) -> None:
+        """Start draining: idle connections close now, busy ones after their current response;
+        requests still arriving are answered 503."""
+        self._draining = True
+        for conn in list(self._conns):
+            conn._drain()
+
+    def abort_all(self) -> None:
+        """Close every connection at once (the end of a shutdown)."""
+        for conn in list(self._conns):
+            conn._abort()
