@@ -109,7 +109,7 @@ def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
             master = request.app[state_key].config.auth.master_key
             if not master:
                 raise PermissionDenied("The admin API is disabled: no master key is configured.", code="admin_disabled")
-            presented = extract_key(request, allow_query=False) or ""
+            presented = extract_key(request.headers, None) or ""
             if not hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), master.encode()):
                 raise InvalidApiKey()
             return await handler(request)  # type: ignore[no-any-return]

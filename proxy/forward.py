@@ -278,8 +278,9 @@ class Forwarder:
     ) -> None:
         meter = call.meter
         assert meter is not None  # set for every 2xx answer
-        ex.start(200, _pass_headers(resp, headers) + _STREAM_HEADERS)
-        call.status = 200
+        # The head goes out with the first data or keep-alive: an upstream that fails
+        # before sending anything still gets a plain 502 in the caller's dialect.
+        head = _pass_headers(resp, headers) + _STREAM_HEADERS
         dialect = call.endpoint.dialect
         keepalive = dialect.keepalive
         idle_s = target.config.timeouts.idle_s
@@ -293,12 +294,11 @@ class Forwarder:
         self._streams.add(task)
         try:
             while True:
-                try:
-                    async with asyncio.timeout(wait_s):
-                        chunk = await resp.read()
-                except TimeoutError:
+                chunk = await resp.read_within(wait_s)
+                if chunk is None:
                     if loop.time() - last_data >= idle_s:
-                        raise UpstreamTimeout("The upstream stopped sending data.") from None
+                        raise UpstreamTimeout("The upstream stopped sending data.")
+                    _begin(ex, call, head)
                     await ex.write(keepalive)  # type: ignore[arg-type]
                     continue
                 if not chunk:
@@ -312,8 +312,10 @@ class Forwarder:
                         continue
                 if call.ttft_ms is None:
                     call.ttft_ms = (time.time() - call.started) * 1000
+                _begin(ex, call, head)
                 await ex.write(chunk)
                 before, last = last, chunk
+            _begin(ex, call, head)
             if dropper is not None and (rest := dropper.flush()):
                 await ex.write(rest)
                 before, last = last, rest
@@ -322,15 +324,21 @@ class Forwarder:
                 await ex.write(end)
             ex.end()
         except (UpstreamTimeout, UpstreamError) as exc:
+            if not ex.head_sent:
+                raise
             await self._end_stream(call, ex, exc, "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error")
         except UpstreamConnectionError as exc:
             log.warning("upstream %s cut the stream (%s)", target.name, type(exc).__name__)
+            if not ex.head_sent:
+                raise UpstreamError("The upstream connection failed before its answer.") from None
             await self._end_stream(call, ex, UpstreamError("The upstream connection failed mid-stream."), "upstream_error")
         except ConnectionResetError:
             call.outcome, call.error = "client_abort", "client_abort"
         except asyncio.CancelledError:
             if self._streams.ending:
                 call.outcome, call.error = "shutdown", "server_shutdown"
+                if not ex.client_gone:
+                    _begin(ex, call, head)
                 await _try_write(ex, dialect.stream_error_event(_shutdown_error(), call.client_request_id))
                 _try_end(ex)
             else:
@@ -496,6 +504,13 @@ def _max_output_tokens(body: dict[str, Any], default: int) -> int:
     if isinstance(config, dict) and isinstance(config.get("maxOutputTokens"), int):
         return max(0, min(config["maxOutputTokens"], 10_000_000))
     return default
+
+
+def _begin(ex: Exchange, call: Call, head: HeaderList) -> None:
+    """Send the stream's head, once."""
+    if not ex.head_sent:
+        ex.start(200, head)
+        call.status = 200
 
 
 def _is_stream(resp: Http1Response) -> bool:

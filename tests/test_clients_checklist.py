@@ -809,10 +809,17 @@ async def test_relayed_anthropic_error_request_id_matches_header(gateway):
 
 async def test_stream_timeouts_defaults_keepalive_and_no_total_timeout(gateway):
     """Items 32, 53: pings at most every 30 s by default; no total timeout on upstream streams."""
-    gw = await gateway()
     assert ServerConfig().stream_keepalive_s <= 30
-    for name in ("up", "up-anthropic", "up-gemini"):
-        assert gw.state.upstreams.get(name).session.timeout.total is None
+    # A stream longer than the first-byte and idle timeouts together, with no gap over
+    # either, runs to its end: nothing bounds a stream's total time.
+    gw = await gateway(timeouts=Timeouts(connect_s=2, first_byte_s=0.5, idle_s=0.5))
+    events = [b'data: {"n":%d}\n\n' % i for i in range(6)] + [b"data: [DONE]\n\n"]
+    gw.upstream.script(Reply(headers=dict(SSE_HEADERS), chunks=events, delay_s=0.25))
+    async with aiohttp.ClientSession() as s:
+        body = {"model": "up-gpt", "stream": True, "messages": [USER], "stream_options": {"include_usage": True}}
+        async with s.post(gw.url + "/v1/chat/completions", json=body, headers=gw.headers()) as r:
+            raw = await r.read()
+    assert raw.replace(b": keep-alive\n\n", b"") == b"".join(events)
 
 
 def test_default_idle_timeout_outlasts_a_120s_upstream_pause():

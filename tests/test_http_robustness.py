@@ -847,7 +847,8 @@ async def test_clients57_shutdown_event_ends_with_blank_line_in_every_dialect(ga
         await st.read_until(lambda b, x=first_two: b == x)
         assert st.body() == first_two, (dialect, st.raw[:300])
         streams.append((st, first_two))
-    gw.state.streams.end_all()  # what server._drain does when the grace period is over
+    gw.running.http.shutdown()  # what Running.drain does first,
+    gw.state.streams.end_all()  # and when the grace period is over
     for st, first_two in streams:
         await st.read_until(lambda b: False, timeout=3)
         assert st.closed

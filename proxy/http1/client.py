@@ -68,7 +68,10 @@ class Http1Response:
     `close()`; until then the connection stays busy and holds a pool slot.
     """
 
-    __slots__ = ("status", "reason", "headers", "_conn", "_chunks", "_size", "_eof", "_exc", "_waiter")
+    __slots__ = (
+        "status", "reason", "headers", "_conn", "_chunks", "_size", "_eof", "_exc", "_waiter",
+        "_loop", "_arrived", "_quiet_s", "_timer", "_timed_out",
+    )  # fmt: skip
 
     def __init__(self, conn: _Conn, status: int, reason: str, headers: Headers) -> None:
         self.status = status
@@ -80,6 +83,12 @@ class Http1Response:
         self._eof = False  # the whole body arrived
         self._exc: UpstreamConnectionError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # read_within(): one timer per response, re-armed only when it fires.
+        self._loop = asyncio.get_running_loop()
+        self._arrived = self._loop.time()  # when body data last arrived (or a quiet spell ended)
+        self._quiet_s = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed_out = False
 
     async def read(self) -> bytes:
         """The body bytes that arrived since the last call, b"" at the end of the body.
@@ -113,6 +122,43 @@ class Http1Response:
             conn.resume()
         return data
 
+    async def read_within(self, quiet_s: float) -> bytes | None:
+        """Like `read()`, but None when no body data arrived for `quiet_s` seconds (since
+        the last data or the last None); the response stays usable and loses nothing.
+
+        For relaying streams with keep-alives and idle timeouts without creating a
+        timeout per read: one timer per response, checked lazily when it fires.
+        """
+        if not self._chunks and not self._eof and self._exc is None:
+            self._quiet_s = quiet_s
+            if self._timer is None:
+                self._timer = self._loop.call_at(self._arrived + quiet_s, self._on_timer)
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                self._abandon()
+                raise
+            finally:
+                self._waiter = None
+            if self._timed_out:
+                self._timed_out = False
+                self._arrived = self._loop.time()
+                return None
+        return await self.read()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody is waiting; the next read_within() arms it again
+        deadline = self._arrived + self._quiet_s
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._on_timer)  # data came meanwhile
+            return
+        self._timed_out = True
+        waiter.set_result(None)
+
     async def read_all(self, cap: int) -> bytes:
         """The whole body; BodyTooLarge (and the connection closed) past `cap` bytes."""
         length = self.headers.get("content-length")
@@ -141,9 +187,13 @@ class Http1Response:
             self._abandon()
         self._chunks.clear()
         self._size = 0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     # -- fed by the connection -------------------------------------------------
     def _feed(self, data: bytes) -> None:
+        self._arrived = self._loop.time()
         self._chunks.append(data)
         self._size += len(data)
         conn = self._conn

@@ -438,7 +438,12 @@ class _Connection(asyncio.Protocol):
         )
         te = headers.get("transfer-encoding")
         length = headers.get("content-length")
+        host = headers.get("host")
+        if host is not None and "," in host:
+            self._stop(400, _MALFORMED)  # two Host headers: requests smuggled past a front proxy
         if te is not None:
+            if version == "1.0":
+                self._stop(400, _MALFORMED)  # HTTP/1.0 has no chunked framing (RFC 9112 6.1)
             # llhttp already refuses most of these; this keeps the rule in one place.
             if length is not None:
                 self._stop(400, _MALFORMED)
