@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -36,6 +35,7 @@ from proxy.metering.openai import UsageChunkDropper, ensure_include_usage
 from proxy.http1.client import Http1Response, UpstreamConnectionError
 from proxy.http1.server import Exchange
 from proxy.metering.sse import WholeEvents
+from proxy.middleware.context import fresh_request_id
 from proxy.middleware.limits import Admission
 from proxy.pricing import cost_usd, max_cost_usd
 from proxy.routing import Route, Router
@@ -152,7 +152,7 @@ class Forwarder:
         plan: list[Route],
         headers: HeaderList,
     ) -> None:
-        last_error: ProxyError = UpstreamError("No upstream could serve the request.")
+        last_error: ProxyError | None = None
         for attempt, route in enumerate(plan):
             call.attempt, call.route, call.emitted = attempt, route, False
             call.outcome, call.error, call.status, call.meter, call.ttft_ms = "ok", None, 0, None, None
@@ -189,7 +189,7 @@ class Forwarder:
                 raise
             finally:
                 resp.close()
-        raise last_error
+        raise last_error or UpstreamError("No upstream could serve the request.")
 
     def _upstream_body(self, call: Call, body: dict[str, Any], raw: bytes, route: Route) -> tuple[bytes, bool]:
         """Re-encode only when something must change; say whether to drop a usage event."""
@@ -555,12 +555,8 @@ def _try_end(out: Exchange) -> None:
         pass
 
 
-def new_request_id() -> str:
-    return "req_" + uuid.uuid4().hex
-
-
 def record_id_for(sent: str | None, request_id: str) -> str:
     """The id of the usage record and limit reservation: the request id when the gateway
     made it, a fresh one when the client chose its x-request-id (echoed in headers) so a
     reused id cannot collide with another request's record or slot and go unbilled."""
-    return new_request_id() if sent == request_id else request_id
+    return fresh_request_id() if sent == request_id else request_id

@@ -27,7 +27,7 @@ from proxy.errors import InvalidRequest, NotFound, ProxyError, RequestTooLarge, 
 from proxy.http1.client import Http1Client, UpstreamConnectionError
 from proxy.http1.server import Exchange, Request
 from proxy.middleware.auth import extract_key
-from proxy.middleware.context import dialect_for_path, error_parts, new_request_id, response_headers
+from proxy.middleware.context import dialect_for_path, error_parts, fresh_request_id, new_request_id, response_headers
 from proxy.store.base import KeyRecord
 
 log = logging.getLogger("llm_proxy.http")
@@ -83,7 +83,7 @@ def protocol_error(status: int, message: str, request: Request | None) -> tuple[
     err = cls(message, code=code)
     err.status = status
     path, headers = (request.path, request.headers) if request is not None else ("/", {})
-    rid = new_request_id(None)
+    rid = fresh_request_id()
     _, extra, body = error_parts(dialect_for_path(path, headers), err, rid)
     return [*extra.items(), ("x-request-id", rid)], body
 
@@ -119,7 +119,7 @@ class Front:
                 rid = new_request_id(request.headers.get("x-request-id"))
                 key = await self._model_call(ex, rid, *route)
         except NotFound as err:  # an unknown Gemini method
-            self._render(ex, err, new_request_id(None) if rid == "-" else rid)
+            self._render(ex, err, fresh_request_id() if rid == "-" else rid)
         finally:
             if self._access_log is not None:
                 self._access_log.line(ex, key.name if key is not None else "-", rid)
@@ -164,7 +164,7 @@ class Front:
                 resp.close()
         except UpstreamConnectionError:
             log.exception("the in-process application did not answer %s %s", method, request.path[:200])
-            rid = new_request_id(None)
+            rid = fresh_request_id()
             self._render(ex, ProxyError("Internal error."), rid)
             return rid
         headers = [(name, value) for name, value in resp.headers.items() if name not in _HOP_BY_HOP]

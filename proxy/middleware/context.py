@@ -8,8 +8,9 @@ rendered here, once, in the dialect of the route that was called.
 from __future__ import annotations
 
 import logging
+import itertools
+import os
 import re
-import uuid
 from typing import Awaitable, Callable, Mapping
 
 from aiohttp import web
@@ -55,9 +56,31 @@ def dialect_for_path(path: str, headers: Mapping[str, str]) -> Dialect:
     return OPENAI
 
 
+class _RequestIds:
+    """`req_` + 32 hex digits, unique per process: a random prefix and a counter.
+
+    Request ids name records and limit reservations; they must be unique, not secret
+    (clients see them). uuid4 per request costs a getrandom syscall and a UUID object.
+    """
+
+    def __init__(self) -> None:
+        self._reseed()
+        os.register_at_fork(after_in_child=self._reseed)  # a forked child must not repeat ids
+
+    def _reseed(self) -> None:
+        self._prefix = "req_" + os.urandom(8).hex()
+        self._count = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._count):016x}"
+
+
+fresh_request_id = _RequestIds()
+
+
 def new_request_id(sent: str | None) -> str:
     """The client's x-request-id when it is sane, else a fresh one."""
-    return sent if sent and _SANE_ID.match(sent) else "req_" + uuid.uuid4().hex
+    return sent if sent and _SANE_ID.match(sent) else fresh_request_id()
 
 
 def response_headers(rid: str, origin: str | None) -> list[tuple[str, str]]:
