@@ -32,9 +32,7 @@ A full run first waits (up to --wait-quiet s) for an idle machine, and every mea
 records how much CPU *other* processes took on the proxy's core; the table's footer says
 when that was above 10% (re-run then: a busy neighbour makes every number worse).
 
-Related tools: `python -m bench.ab` (A/B of candidate optimisations from bench/patches.py),
-`python -m bench.run --patches gc,client,...` (this whole suite with them applied),
-`python -m bench.gcwatch serve ...` (GC pause log), `python -m bench.pyspy_top prof.txt`.
+Related tools: `python -m bench.gcwatch serve ...` (GC pause log), `python -m bench.pyspy_top prof.txt`.
 """
 
 from __future__ import annotations
@@ -285,7 +283,7 @@ def start_proxy(
     tmp: Path, upstream_port: int, *, access_log: bool = True, tag: str = "proxy", module: str = "proxy",
     env: dict[str, str] | None = None,
 ) -> Started:
-    """llm-proxy on core 0 (`module` may be bench.patches / bench.gcwatch: same CLI)."""
+    """llm-proxy on core 0 (`module` may be bench.gcwatch: same CLI)."""
     port = free_port()
     proc = subprocess.Popen(
         pinned(PROXY_CORE, [PY, "-m", module, "serve", "--config", str(CONFIG)]),
@@ -637,7 +635,7 @@ class Bench:
         for r in range(2):
             plan = [("full (limits key, access log on)", full, "/v1/chat/completions"),
                     ("key without limits", plain, "/v1/chat/completions"),
-                    ("GET /healthz (aiohttp + context mw)", get, "/healthz")]
+                    ("GET /healthz (front + in-process aiohttp)", get, "/healthz")]
             for label, script, path in (plan if r % 2 == 0 else plan[::-1]):
                 measure(label, t, script, path)
         proxy.stop()
@@ -869,7 +867,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, SQLite db)")
     ap.add_argument("--wait-quiet", type=float, default=None,
                     help="seconds to wait for an idle machine before starting (full default 600, smoke 0)")
-    ap.add_argument("--patches", default="", help="run llm-proxy with bench/patches.py candidates, e.g. gc,accesslog")
     args = ap.parse_args(argv)
 
     params = Params.smoke() if args.smoke else Params.full()
@@ -907,9 +904,7 @@ def main(argv: list[str] | None = None) -> int:
         started.append(upstream)
         key = create_key(tmp, upstream.port, "bench", limits=True)
         key_plain = create_key(tmp, upstream.port, "bench-nolimits", limits=False)
-        module, penv = ("bench.patches", {"BENCH_PATCHES": args.patches}) if args.patches else ("proxy", None)
-        raw["patches"] = args.patches or None
-        proxy = start_proxy(tmp, upstream.port, module=module, env=penv)
+        proxy = start_proxy(tmp, upstream.port)
         started.append(proxy)
         nginx = None if args.no_nginx else start_nginx(tmp, upstream.port)
         if nginx is not None:
@@ -948,8 +943,7 @@ def main(argv: list[str] | None = None) -> int:
     m = raw["machine"]
     print(f"\nllm-proxy benchmark — {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}, aiohttp {m['aiohttp']}, "
           f"nginx {m['nginx'] if NGINX in raw.get('targets', ()) else 'n/a'}; {'smoke run' if args.smoke else f'median of {params.rounds} rounds'}; "
-          f"proxy on core {PROXY_CORE}, upstream + load on core {LOAD_CORE}"
-          + (f"\nllm-proxy runs with bench/patches.py: {args.patches}" if args.patches else "") + "\n")
+          f"proxy on core {PROXY_CORE}, upstream + load on core {LOAD_CORE}\n")
     print(table(summary, params))
     vt = variants_table(raw)
     if vt:
