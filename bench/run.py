@@ -478,8 +478,6 @@ class Bench:
     params: Params
     targets: list[Target]
     raw: dict[str, Any] = field(default_factory=dict)
-    proxy_module: str = "proxy"
-    proxy_env: dict[str, str] | None = None
 
     def order(self, rnd: int, names: Iterable[str] | None = None) -> list[Target]:
         ts = [t for t in self.targets if names is None or t.name in names]
@@ -639,8 +637,7 @@ class Bench:
             for label, script, path in (plan if r % 2 == 0 else plan[::-1]):
                 measure(label, t, script, path)
         proxy.stop()
-        quiet = start_proxy(self.tmp, upstream_port, access_log=False, tag="proxy-nolog",
-                            module=self.proxy_module, env=self.proxy_env)
+        quiet = start_proxy(self.tmp, upstream_port, access_log=False, tag="proxy-nolog")
         tq = Target(PROXY, quiet.port, quiet.pid, key_full)
         run_wrk(quiet.port, full, p.a_conns, 2)
         for r in range(2):
@@ -915,7 +912,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"upstream :{upstream.port}  llm-proxy :{proxy.port} (pid {proxy.pid})"
             + (f"  nginx :{nginx.port} (pid {nginx.pid})" if nginx else "  nginx n/a") + f"  tmp {tmp}")
         raw["targets"] = [t.name for t in targets]
-        bench = Bench(tmp, params, targets, raw, module, penv)
+        bench = Bench(tmp, params, targets, raw)
         for name in "edcba":
             if name in args.only:
                 log(f"scenario {name}")

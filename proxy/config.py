@@ -39,6 +39,8 @@ class ServerConfig:
     max_body_mb: float = 32
     shutdown_grace_s: float = 30
     keepalive_s: float = 60
+    # A request head must arrive within this, and a body may not pause longer (slowloris).
+    head_timeout_s: float = 30
     max_line_size: int = 8190
     max_field_size: int = 8190
     max_headers: int = 100

@@ -46,9 +46,13 @@ MODEL_ROUTES: dict[str, Endpoint] = {
 }
 _GEMINI_PREFIXES = ("/v1beta/models/", "/v1/models/")
 _GEMINI_METHODS = {"generateContent": GENERATE, "streamGenerateContent": STREAM_GENERATE}
-# Not relayed to the in-process app: hop-by-hop, framing (re-made by our client), Host.
+# Not relayed between the client and the in-process app: hop-by-hop, framing (re-made on
+# each side), Host; and the app's Date (the front server sends its own) and Server.
 _HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "upgrade", "expect", "host", "proxy-connection"}
+    {
+        "connection", "keep-alive", "transfer-encoding", "content-length", "te", "upgrade", "expect", "host",
+        "proxy-connection", "date", "server",
+    }
 )
 _INTERNAL_BODY_CAP = 256 * 1024 * 1024
 _STATUS_ERRORS: dict[int, tuple[type[ProxyError], str]] = {

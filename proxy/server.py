@@ -171,6 +171,7 @@ class Running:
                 max_headers=srv.max_headers,
                 max_body_bytes=int(srv.max_body_mb * 1024 * 1024),
                 keepalive_s=srv.keepalive_s,
+                head_timeout_s=srv.head_timeout_s,
             ),
             render_error=protocol_error,
         )

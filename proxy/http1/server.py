@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from dataclasses import dataclass
+from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Coroutine, cast
 
@@ -102,6 +104,24 @@ def _status_line(status: int) -> bytes:
     return line
 
 
+class _DateLine:
+    """`Date:` (RFC 9110 6.6.1: origin servers with a clock send it), formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._line = b""
+
+    def __call__(self) -> bytes:
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self._line = f"Date: {formatdate(second, usegmt=True)}\r\n".encode("latin-1")
+        return self._line
+
+
+_date_line = _DateLine()
+
+
 def _encode_head(status: int, headers: list[tuple[str, str]]) -> bytes:
     """Status line and the handler's header lines (without the final blank line)."""
     lines = []
@@ -117,7 +137,7 @@ def _encode_head(status: int, headers: list[tuple[str, str]]) -> bytes:
         raw = text.encode("latin-1")
     except UnicodeEncodeError:
         raw = text.encode("utf-8")
-    return _status_line(status) + raw
+    return _status_line(status) + _date_line() + raw
 
 
 def _split_target(url: bytes) -> tuple[str, str]:

@@ -317,19 +317,30 @@ def _revoke_key(conn: sqlite3.Connection, ref: str, now: float) -> KeyRecord | N
     return _one_key(rows)
 
 
+_USAGE_COLUMNS = (
+    "id, ts, key_id, key_name, endpoint, model, upstream, upstream_model, stream, status, prompt_tokens, "
+    "completion_tokens, cached_tokens, cache_creation_tokens, reasoning_tokens, cost_usd, estimated, "
+    "ttft_ms, duration_ms, error, outcome"
+)
+_USAGE_ROW = "(" + ", ".join("?" * 21) + ")"
+# Rows per INSERT statement: 21 parameters each, under SQLite's 32,766-variable limit.
+_ROWS_PER_INSERT = 500
+
+
 def _write_usage(conn: sqlite3.Connection, rows: list[tuple[object, ...]]) -> None:
     # One transaction per batch; a replayed id is skipped (first write wins), so retries
     # and spool replays never double-bill (RELIABILITY §5 I1).
+    # Multi-row INSERTs, not executemany: the sqlite3 module releases and re-takes the
+    # GIL around every statement step, and each re-take competes with the event loop
+    # thread; one step per 500 rows keeps this thread out of the loop's way.
     with _write_txn(conn):
-        conn.executemany(
-            """INSERT INTO usage (id, ts, key_id, key_name, endpoint, model, upstream, upstream_model,
-                                  stream, status, prompt_tokens, completion_tokens, cached_tokens,
-                                  cache_creation_tokens, reasoning_tokens, cost_usd, estimated,
-                                  ttft_ms, duration_ms, error, outcome)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-               ON CONFLICT (id) DO NOTHING""",
-            rows,
-        )
+        for start in range(0, len(rows), _ROWS_PER_INSERT):
+            part = rows[start : start + _ROWS_PER_INSERT]
+            conn.execute(
+                f"INSERT INTO usage ({_USAGE_COLUMNS}) VALUES {', '.join([_USAGE_ROW] * len(part))} "
+                "ON CONFLICT (id) DO NOTHING",
+                [value for row in part for value in row],
+            )
 
 
 def _list_usage(conn: sqlite3.Connection, since: float, key_id: str | None, limit: int) -> list[UsageRecord]:
