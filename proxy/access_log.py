@@ -31,6 +31,7 @@ class AccessLog:
         self._interval = interval_s
         self._lines: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._second = -1
         self._stamp = ""
 
@@ -42,13 +43,16 @@ class AccessLog:
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
         path = request.path if request.path.isprintable() and len(request.path) <= 200 else _printable(request.path)
         method = request.method if request.method.isalpha() else _printable(request.method, 32)
-        took_ms = (asyncio.get_running_loop().time() - request.started) * 1000
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        took_ms = (loop.time() - request.started) * 1000
         self._lines.append(
             f'{self._stamp}.{int(now % 1 * 1000):03d} {request.remote} "{method} {path}" {ex.status} '
-            f"{took_ms:.1f}ms key={_printable(key_name, 128)} rid={rid}"
+            f"{took_ms:.1f}ms key={key_name if key_name.isprintable() else _printable(key_name, 128)} rid={rid}"
         )
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._interval, self.flush)
+            self._timer = loop.call_later(self._interval, self.flush)
 
     def flush(self) -> None:
         if self._timer is not None:

@@ -240,8 +240,7 @@ class Forwarder:
         self, ex: Exchange, call: Call, target: UpstreamTarget, resp: Http1Response, headers: HeaderList
     ) -> None:
         try:
-            async with asyncio.timeout(target.config.timeouts.idle_s):
-                data = await resp.read_all(_UPSTREAM_BODY_CAP)
+            data = await resp.read_all(_UPSTREAM_BODY_CAP, target.config.timeouts.idle_s)
         except TimeoutError:
             raise UpstreamTimeout("The upstream stopped sending its answer.") from None
         except (UpstreamConnectionError, OSError):

@@ -89,8 +89,7 @@ def request_head(client_headers: Mapping[str, str], target: UpstreamTarget, requ
 async def open_response(target: UpstreamTarget, path: str, body: bytes, head: bytes) -> Http1Response:
     """Send the request; return once response headers are in (within first_byte_s)."""
     try:
-        async with asyncio.timeout(target.config.timeouts.first_byte_s):
-            return await target.client.request("POST", path, head, body)
+        return await target.client.request("POST", path, head, body, target.config.timeouts.first_byte_s)
     except TimeoutError:
         raise UpstreamTimeout("The upstream did not answer in time.") from None
     except (UpstreamConnectionError, OSError) as exc:

@@ -107,7 +107,7 @@ async def test_batches_are_written_every_flush_interval(make_sink):
         sink.record(rec(i))
     assert store.rows == {} and sink.depth == 5  # record() never writes inline
     await until(lambda: len(store.rows) == 5, timeout=1)
-    assert time.monotonic() - t0 <= 0.35
+    assert time.monotonic() - t0 <= 0.9  # by the interval (0.1 s), not at shutdown; slack for a busy machine
     assert [n for _, n in store.batches] == [5]  # one batch, not one write per record
     for i in range(5, 8):
         sink.record(rec(i))

@@ -84,8 +84,10 @@ class Http1Response:
         self._exc: UpstreamConnectionError | None = None
         self._waiter: asyncio.Future[None] | None = None
         # read_within(): one timer per response, re-armed only when it fires.
-        self._loop = asyncio.get_running_loop()
-        self._arrived = self._loop.time()  # when body data last arrived (or a quiet spell ended)
+        loop = conn.client._loop
+        assert loop is not None  # set by the request that made this response
+        self._loop = loop
+        self._arrived = loop.time()  # when body data last arrived (or a quiet spell ended)
         self._quiet_s = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timed_out = False
@@ -105,7 +107,7 @@ class Http1Response:
             if self._eof:
                 self._release()
                 return b""
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            waiter = self._waiter = self._loop.create_future()
             try:
                 await waiter
             except asyncio.CancelledError:
@@ -159,15 +161,22 @@ class Http1Response:
         self._timed_out = True
         waiter.set_result(None)
 
-    async def read_all(self, cap: int) -> bytes:
-        """The whole body; BodyTooLarge (and the connection closed) past `cap` bytes."""
+    async def read_all(self, cap: int, idle_s: float | None = None) -> bytes:
+        """The whole body; BodyTooLarge (and the connection closed) past `cap` bytes;
+        TimeoutError when `idle_s` passes without body data (no timer when it is there)."""
         length = self.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > cap:
             self.close()
             raise BodyTooLarge(f"the upstream response body is larger than {cap} bytes")
         parts: list[bytes] = []
         size = 0
-        while data := await self.read():
+        while True:
+            data = await (self.read() if idle_s is None else self.read_within(idle_s))
+            if data is None:
+                self.close()
+                raise TimeoutError("the upstream stopped sending the body")
+            if not data:
+                break
             size += len(data)
             if size > cap:
                 self.close()
@@ -229,6 +238,11 @@ class Http1Response:
             conn.abort()
         if not self._eof and self._exc is None:
             self._exc = ConnectionCut("the response was closed before the end of its body")
+
+
+def _time_out(waiter: asyncio.Future[Http1Response]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class _Conn(asyncio.Protocol):
@@ -361,7 +375,9 @@ class _Conn(asyncio.Protocol):
         transport = self.transport
         if self.lost or transport is None or transport.is_closing():
             raise ConnectionCut("the upstream closed the connection before the request was sent")
-        waiter: asyncio.Future[Http1Response] = asyncio.get_running_loop().create_future()
+        loop = self.client._loop
+        assert loop is not None
+        waiter: asyncio.Future[Http1Response] = loop.create_future()
         self.head_waiter = waiter
         self.expecting = True
         self.resp = None
@@ -465,8 +481,15 @@ class Http1Client:
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
 
-    async def request(self, method: str, target: str, head: bytes, body: bytes) -> Http1Response:
-        """Send one request; returns once the final response's status and headers are in."""
+    async def request(
+        self, method: str, target: str, head: bytes, body: bytes, timeout_s: float | None = None
+    ) -> Http1Response:
+        """Send one request; returns once the final response's status and headers are in.
+
+        `timeout_s` bounds the whole wait (pool, connect, response head) and raises
+        TimeoutError; with a pooled connection at hand it costs one timer, not an
+        `asyncio.timeout` scope.
+        """
         if " " in target or "\r" in target or "\n" in target:
             raise ValueError("the request target must be encoded (no spaces or line breaks)")
         data = b"".join((
@@ -474,20 +497,51 @@ class Http1Client:
             b"Content-Length: %d\r\n\r\n" % len(body), body,
         ))  # fmt: skip
         is_head = method == "HEAD"
-        conn, reused = await self._acquire(fresh=False)
+        loop = self._loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        conn, reused = await self._acquire_by(False, deadline)
         while True:
             try:
-                return await conn.send(data, is_head)
+                waiter = conn.send(data, is_head)
+                if deadline is None:
+                    return await waiter
+                timer = loop.call_at(deadline, _time_out, waiter)
+                try:
+                    return await waiter
+                finally:
+                    timer.cancel()
             except ConnectionCut:
                 conn.abort()
                 if not reused or conn.got_bytes:
                     raise
             except BaseException:
-                conn.abort()  # errors and cancellation: never back to the pool half-used
+                conn.abort()  # errors, timeouts and cancellation: never back to the pool half-used
                 raise
             # The server closed this pooled connection as we wrote to it (keep-alive
             # race) and nothing of a response arrived: once more, on a new connection.
-            conn, reused = await self._acquire(fresh=True)
+            conn, reused = await self._acquire_by(True, deadline)
+
+    async def _acquire_by(self, fresh: bool, deadline: float | None) -> tuple[_Conn, bool]:
+        if deadline is None:
+            return await self._acquire(fresh)
+        if not self._closed and not fresh and (conn := self._pooled(self._loop)) is not None:
+            return conn, True  # the usual case: no waiting, so no timeout scope
+        async with asyncio.timeout_at(deadline):
+            return await self._acquire(fresh)
+
+    def _pooled(self, loop: asyncio.AbstractEventLoop | None) -> _Conn | None:
+        """The most recently used idle connection that is still usable, if any."""
+        if loop is None:
+            return None
+        self._expire(loop.time())
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            conn.idle = False
+            if conn.usable():
+                return conn
+            conn.close()
+        return None
 
     async def close(self) -> None:
         """Close every connection; waiting and later requests raise ConnectFailed."""
@@ -524,16 +578,11 @@ class Http1Client:
         """A connection for one request and whether it was reused; `fresh`: a new one."""
         if self._closed:
             raise ConnectFailed("the upstream client is closed")
-        loop = self._loop = asyncio.get_running_loop()
-        if not fresh:
-            self._expire(loop.time())
-            idle = self._idle
-            while idle:
-                conn = idle.pop()
-                conn.idle = False
-                if conn.usable():
-                    return conn, True
-                conn.close()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        if not fresh and (conn := self._pooled(loop)) is not None:
+            return conn, True
         if self._open < self._max:
             self._open += 1
         else:

@@ -13,7 +13,11 @@ class Headers(dict[str, str]):
     __slots__ = ()
 
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
-        return dict.get(self, name.lower(), default)
+        # Lower-case names (what the hot path asks for) cost one lookup.
+        value = dict.get(self, name)
+        if value is None:
+            return dict.get(self, name.lower(), default) if not name.islower() else default
+        return value
 
     def __contains__(self, name: object) -> bool:
         return dict.__contains__(self, name.lower() if isinstance(name, str) else name)

@@ -154,9 +154,13 @@ class MemoryLimiter:
         return self._decision(st, spec, reservation, None, 0, now)
 
     async def settle(self, reservation: Reservation, tokens: int, cost_usd: float) -> None:
+        self.settle_now(reservation, tokens, cost_usd)
+
+    def settle_now(self, reservation: Reservation, tokens: int, cost_usd: float) -> bool:
+        """Nothing here waits: callers settle inline instead of scheduling a task."""
         st = self._keys.get(reservation.key_id)
         if st is None or reservation.spec.empty:
-            return
+            return True
         self._prune(st, self._now_us())   # a reservation past its forget time is not charged
         rid, tokens = reservation.request_id, max(0, tokens)
         entry = st.tokens.get(rid)
@@ -167,6 +171,7 @@ class MemoryLimiter:
         # Charged once: the held record is gone after the first settlement.
         if held is not None and held.period is not None and held.period in st.spent:
             st.spent[held.period] += usd_to_nano(cost_usd)
+        return True
 
     # --- internals ---
 

@@ -378,6 +378,9 @@ class RedisLimiter:
             rpm_used, rpm_reset, tpm_used, tpm_reset,
         )
 
+    def settle_now(self, reservation: Reservation, tokens: int, cost_usd: float) -> bool:
+        return False  # a Redis round trip: settle() it is
+
     async def settle(self, reservation: Reservation, tokens: int, cost_usd: float) -> None:
         """Idempotent. Raises LimiterUnavailable if Redis is down (the reservation then
         expires by its TTL)."""

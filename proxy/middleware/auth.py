@@ -42,7 +42,7 @@ def extract_key(headers: Mapping[str, str], query: Callable[[], Mapping[str, str
     but unusable credential: 401, never a fall-through to another header). `query`
     (Gemini routes only) is called only when no header carries a key.
     """
-    auth = headers.get("Authorization")
+    auth = headers.get("authorization")
     if auth is not None:
         scheme, _, value = auth.partition(" ")
         return value if scheme.lower() == "bearer" else ""

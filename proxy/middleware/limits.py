@@ -39,13 +39,26 @@ class Admission:
         self._limiter = limiter
         self._fail_open = fail_open
         self._settling: set[asyncio.Task[None]] = set()
+        # key id -> (the KeyRecord it was made from, its LimitSpec): keys come from the
+        # auth cache as the same objects, so the spec is built once per cached record.
+        self._specs: dict[str, tuple[KeyRecord, LimitSpec]] = {}
+
+    def _spec(self, key: KeyRecord) -> LimitSpec:
+        cached = self._specs.get(key.id)
+        if cached is not None and cached[0] is key:
+            return cached[1]
+        if len(self._specs) >= 10_000:
+            self._specs.clear()
+        spec = spec_of(key)
+        self._specs[key.id] = (key, spec)
+        return spec
 
     async def admit(
         self, key: KeyRecord | None, request_id: str, tokens: int, cost_usd: float
     ) -> tuple[Reservation | None, dict[str, str]]:
         if key is None:
             return None, {}
-        spec = spec_of(key)
+        spec = self._spec(key)
         if spec.empty:
             return None, {}
         try:
@@ -76,8 +89,9 @@ class Admission:
         )
 
     def settle(self, reservation: Reservation | None, tokens: int, cost_usd: float) -> None:
-        """Called from `finally` (also while cancelled): settle in a task of its own."""
-        if reservation is None:
+        """Called from `finally` (also while cancelled): inline when the backend can,
+        else in a task of its own."""
+        if reservation is None or self._limiter.settle_now(reservation, tokens, cost_usd):
             return
         task = asyncio.get_running_loop().create_task(self._settle(reservation, tokens, cost_usd))
         self._settling.add(task)
