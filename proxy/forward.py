@@ -176,12 +176,12 @@ class Forwarder:
                 if resp.status < 300:
                     call.meter = meter_for(call.endpoint.name, call.stream, sse="alt=sse" in ex.request.query_string)
                 if call.stream and resp.status == 200 and _is_stream(resp):
-                    dropper: UsageChunkDropper | WholeEvents | None = None
+                    relay: UsageChunkDropper | WholeEvents | None = None
                     if dropper_needed:
-                        dropper = UsageChunkDropper()
+                        relay = UsageChunkDropper()
                     elif (resp.headers.get("content-type") or "").startswith("text/event-stream"):
-                        dropper = WholeEvents()
-                    return await self._relay_stream(ex, call, target, resp, dropper, headers)
+                        relay = WholeEvents()
+                    return await self._relay_stream(ex, call, target, resp, relay, headers)
                 return await self._relay_body(ex, call, target, resp, headers)
             except ProxyError as exc:
                 call.outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error"
@@ -272,7 +272,7 @@ class Forwarder:
         call: Call,
         target: UpstreamTarget,
         resp: Http1Response,
-        dropper: UsageChunkDropper | WholeEvents | None,
+        relay: UsageChunkDropper | WholeEvents | None,
         headers: HeaderList,
     ) -> None:
         meter = call.meter
@@ -286,6 +286,8 @@ class Forwarder:
         wait_s = min(idle_s, self._keepalive_s) if keepalive else idle_s
         loop = asyncio.get_running_loop()
         last_data = loop.time()
+        # One SSE split serves the relay and the meter when both read events.
+        shared = relay is not None and meter.frames_sse()
         # The last two chunks sent (references, not copies): is the final event terminated?
         before = last = b""
         task = asyncio.current_task()
@@ -301,12 +303,17 @@ class Forwarder:
                     await ex.write(keepalive)  # type: ignore[arg-type]
                     continue
                 if not chunk:
-                    meter.finish()
                     break
                 last_data = loop.time()
-                meter.feed(chunk)
-                if dropper is not None:
-                    chunk = dropper.feed(chunk)
+                if relay is None:
+                    meter.feed(chunk)
+                else:
+                    out = relay.feed(chunk)
+                    if shared:
+                        meter.feed_events(relay.events, chunk if relay.events is not None else out)
+                    else:
+                        meter.feed(chunk)
+                    chunk = out
                     if not chunk:
                         continue
                 if call.ttft_ms is None:
@@ -314,8 +321,12 @@ class Forwarder:
                 _begin(ex, call, head)
                 await ex.write(chunk)
                 before, last = last, chunk
+            rest = relay.flush() if relay is not None else b""
+            if shared:
+                meter.feed_events(relay.events, rest)  # type: ignore[union-attr]
+            meter.finish()
             _begin(ex, call, head)
-            if dropper is not None and (rest := dropper.flush()):
+            if rest:
                 await ex.write(rest)
                 before, last = last, rest
             sse = (resp.headers.get("content-type") or "").startswith("text/event-stream")

@@ -34,6 +34,7 @@ from proxy.metering import (
     meter_for,
     settle,
 )
+from proxy.metering.sse import WholeEvents
 
 VECTORS = Path(__file__).parent / "fixtures" / "vectors"
 _spec = importlib.util.spec_from_file_location("load_vector", VECTORS / "load_vector.py")
@@ -533,3 +534,49 @@ def test_gemini_cut_mid_event_keeps_earlier_usage() -> None:
     usage = meter.usage()
     assert usage is not None and usage.prompt_tokens == 7 and not meter.complete()
     assert settle(meter, 99)[1] is True
+
+
+# -- one split for relay and meter ----------------------------------------------------
+
+
+def _relay_and_meter(endpoint: str, data: bytes, size: int, max_event: int = 8 * 1024 * 1024) -> tuple[bytes, Any]:
+    """What the forwarder does: the relay splits, the meter reads the relay's events."""
+    relay = WholeEvents(max_event_size=max_event)
+    meter = meter_for(endpoint, True, sse=True)
+    assert meter.frames_sse()
+    out = []
+    for i in range(0, len(data), size):
+        chunk = data[i : i + size]
+        sent = relay.feed(chunk)
+        meter.feed_events(relay.events, chunk if relay.events is not None else sent)
+        out.append(sent)
+    rest = relay.flush()
+    meter.feed_events(relay.events, rest)
+    meter.finish()
+    return b"".join(out) + rest, meter
+
+
+@pytest.mark.parametrize("rel", SSE_VECTORS)
+@pytest.mark.parametrize("size", [1, 7, 97, 1 << 20])
+def test_meter_on_the_relays_split_matches_its_own(rel, size):
+    endpoint = endpoint_for(rel)
+    if endpoint not in ("chat.completions", "responses", "messages", "streamGenerateContent"):
+        return
+    data = payload(rel)
+    out, shared = _relay_and_meter(endpoint, data, size)
+    own = meter_for(endpoint, True, sse=True)
+    for i in range(0, len(data), size):
+        own.feed(data[i : i + size])
+    own.finish()
+    assert out == data
+    assert shared.usage() == own.usage() and shared.complete() == own.complete()
+    assert shared.delivered_tokens() == own.delivered_tokens()
+
+
+def test_meter_on_the_relays_split_counts_an_oversized_event_raw():
+    event = b"data: " + b"x" * 5000 + b"\n\n"
+    data = event + b'data: {"choices":[]}\n\n'
+    out, meter = _relay_and_meter("chat.completions", data, 1000, max_event=1024)
+    assert out == data                      # pass-through loses nothing
+    assert not meter.frames_sse()           # and the meter estimates from raw bytes
+    assert meter.delivered_tokens() > 0 and meter.usage() is None

@@ -54,6 +54,12 @@ class FreeMeter:
     def feed(self, chunk: bytes) -> None:
         pass
 
+    def frames_sse(self) -> bool:
+        return False
+
+    def feed_events(self, events: list[bytes] | None, data: bytes) -> None:
+        pass
+
     def feed_body(self, body: bytes) -> None:
         pass
 

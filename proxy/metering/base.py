@@ -34,6 +34,8 @@ class Meter(Protocol):
     `message_start` only); `proxy.metering.settle` turns the pair into a record."""
 
     def feed(self, chunk: bytes) -> None: ...
+    def frames_sse(self) -> bool: ...             # reads SSE events (so `feed_events` serves)
+    def feed_events(self, events: list[bytes] | None, data: bytes) -> None: ...
     def feed_body(self, body: bytes) -> None: ...
     def usage(self) -> Usage | None: ...          # provider usage, None if never seen
     def delivered_tokens(self) -> int: ...        # estimate of output delivered so far
@@ -166,6 +168,20 @@ class MeterBase:
         except SSEEventTooLarge:
             self._raw_bytes += len(self._splitter.flush())
             self._splitter = None
+            return
+        for event in events:
+            self._on_event(event)
+
+    def frames_sse(self) -> bool:
+        return self._splitter is not None
+
+    def feed_events(self, events: list[bytes] | None, data: bytes) -> None:
+        """Like `feed(data)` for a caller that split `data` into SSE events already (the
+        stream relay: one split serves both). None: the caller passes bytes through
+        unsplit (an oversized event), so they are counted raw from here on."""
+        if events is None or self._splitter is None:
+            self._splitter = None
+            self._raw_bytes += len(data)
             return
         for event in events:
             self._on_event(event)

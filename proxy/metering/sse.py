@@ -187,12 +187,17 @@ class WholeEvents:
     byte-identical to the input minus the events `keep` refuses (none here); the held
     rest goes out at EOF via `flush`. A chunk that is exactly whole, kept events is
     returned as the same object. An oversized event switches to plain pass-through.
+
+    After each `feed` / `flush`, `events` holds the complete events it split (kept or
+    not), or None while passing bytes through, so that the usage meter reads the same
+    split instead of splitting the stream a second time (`Meter.feed_events`).
     """
 
-    __slots__ = ("_splitter",)
+    __slots__ = ("_splitter", "events")
 
     def __init__(self, max_event_size: int = DEFAULT_MAX_EVENT_SIZE) -> None:
         self._splitter: SSESplitter | None = SSESplitter(max_event_size)
+        self.events: list[bytes] | None = []
 
     def keep(self, event: bytes) -> bool:
         return True
@@ -200,13 +205,16 @@ class WholeEvents:
     def feed(self, chunk: bytes) -> bytes:
         splitter = self._splitter
         if splitter is None:
+            self.events = None
             return chunk
         had_pending = splitter.buffered
         try:
             events = splitter.feed(chunk)
         except SSEEventTooLarge:
             self._splitter = None   # oversized event: plain pass-through from here on
+            self.events = None
             return splitter.flush()
+        self.events = events
         kept = [event for event in events if self.keep(event)]
         if len(kept) == len(events) and not had_pending and not splitter.buffered:
             return chunk
@@ -214,6 +222,8 @@ class WholeEvents:
 
     def flush(self) -> bytes:
         if self._splitter is None:
+            self.events = None
             return b""
         rest = self._splitter.flush()
+        self.events = [rest] if rest.strip() else []   # the last event, without its blank line
         return rest if not rest or self.keep(rest) else b""
