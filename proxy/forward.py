@@ -57,7 +57,7 @@ HeaderList = list[tuple[str, str]]
 _UPSTREAM_BODY_CAP = 64 * 1024 * 1024
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """What one model call knows as it goes; becomes one usage record per attempt."""
 
@@ -316,9 +316,11 @@ class Forwarder:
                     chunk = out
                     if not chunk:
                         continue
-                if call.ttft_ms is None:
+                if not ex.head_sent:
                     call.ttft_ms = (time.time() - call.started) * 1000
-                _begin(ex, call, head)
+                    _begin(ex, call, head)
+                elif call.ttft_ms is None:
+                    call.ttft_ms = (time.time() - call.started) * 1000
                 await ex.write(chunk)
                 before, last = last, chunk
             rest = relay.flush() if relay is not None else b""

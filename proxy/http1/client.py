@@ -116,6 +116,11 @@ class Http1Response:
                 raise
             finally:
                 self._waiter = None
+        return self._take()
+
+    def _take(self) -> bytes:
+        """Everything buffered (at least one piece), handed over."""
+        chunks = self._chunks
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._size = 0
@@ -131,7 +136,9 @@ class Http1Response:
         For relaying streams with keep-alives and idle timeouts without creating a
         timeout per read: one timer per response, checked lazily when it fires.
         """
-        if not self._chunks and not self._eof and self._exc is None:
+        if self._chunks:
+            return self._take()  # the usual case mid-stream: no coroutine, no future
+        if not self._eof and self._exc is None:
             self._quiet_s = quiet_s
             if self._timer is None:
                 self._timer = self._loop.call_at(self._arrived + quiet_s, self._on_timer)
@@ -147,7 +154,9 @@ class Http1Response:
                 self._timed_out = False
                 self._arrived = self._loop.time()
                 return None
-        return await self.read()
+            if self._chunks:
+                return self._take()
+        return await self.read()  # end of body or failure
 
     def _on_timer(self) -> None:
         self._timer = None
