@@ -107,16 +107,20 @@ class Http1Response:
             if self._eof:
                 self._release()
                 return b""
-            waiter = self._waiter = self._loop.create_future()
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                # The caller gave up mid-body: the connection is half-used, tear it down.
-                self._abandon()
-                raise
-            finally:
-                self._waiter = None
+            await self._wait()
         return self._take()
+
+    async def _wait(self) -> None:
+        """Until body data, the end of the body, a failure or a read_within timer."""
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        except asyncio.CancelledError:
+            # The caller gave up mid-body: the connection is half-used, tear it down.
+            self._abandon()
+            raise
+        finally:
+            self._waiter = None
 
     def _take(self) -> bytes:
         """Everything buffered (at least one piece), handed over."""
@@ -142,14 +146,7 @@ class Http1Response:
             self._quiet_s = quiet_s
             if self._timer is None:
                 self._timer = self._loop.call_at(self._arrived + quiet_s, self._on_timer)
-            waiter = self._waiter = self._loop.create_future()
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                self._abandon()
-                raise
-            finally:
-                self._waiter = None
+            await self._wait()
             if self._timed_out:
                 self._timed_out = False
                 self._arrived = self._loop.time()

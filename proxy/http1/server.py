@@ -197,14 +197,17 @@ class Exchange:
         self._ended = False
         self._done = False
 
-    def respond(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        """The whole response in one write; the connection is then ready for the next request."""
+    def _head(self, status: int, headers: list[tuple[str, str]]) -> tuple[bytes, bool, bool]:
+        """The encoded head, whether the response has no body, whether the connection closes after it."""
         if self.head_sent:
             raise RuntimeError("response already started")
-        conn = self._conn
-        head = _encode_head(status, headers)
         no_body = self.request.method == "HEAD" or status in (204, 304)
-        close = conn._must_close(self.request)
+        return _encode_head(status, headers), no_body, self._conn._must_close(self.request)
+
+    def respond(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        """The whole response in one write; the connection is then ready for the next request."""
+        conn = self._conn
+        head, no_body, close = self._head(status, headers)
         parts = [head]
         if status not in (204, 304):
             parts.append(b"Content-Length: %d\r\n" % len(body))
@@ -221,12 +224,8 @@ class Exchange:
 
     def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         """Send the head of a streamed response: chunked on HTTP/1.1, close-delimited on 1.0."""
-        if self.head_sent:
-            raise RuntimeError("response already started")
         conn = self._conn
-        head = _encode_head(status, headers)
-        no_body = self.request.method == "HEAD" or status in (204, 304)
-        close = conn._must_close(self.request)
+        head, no_body, close = self._head(status, headers)
         framing = b""
         if not no_body:
             if self.request.http_version == "1.1":

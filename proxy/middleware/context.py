@@ -7,8 +7,8 @@ rendered here, once, in the dialect of the route that was called.
 
 from __future__ import annotations
 
-import logging
 import itertools
+import logging
 import os
 import re
 from typing import Awaitable, Callable, Mapping
