@@ -40,7 +40,10 @@ class ServerConfig:
     shutdown_grace_s: float = 30
     keepalive_s: float = 60
     # A request head must arrive within this, and a body may not pause longer (slowloris).
-    head_timeout_s: float = 30
+    head_timeout_s: float = 10
+    # A client that stops reading a response for this long is disconnected (its stream
+    # is billed for what was delivered).
+    write_stall_s: float = 60
     max_line_size: int = 8190
     max_field_size: int = 8190
     max_headers: int = 100

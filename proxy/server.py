@@ -172,6 +172,7 @@ class Running:
                 max_body_bytes=int(srv.max_body_mb * 1024 * 1024),
                 keepalive_s=srv.keepalive_s,
                 head_timeout_s=srv.head_timeout_s,
+                write_stall_s=srv.write_stall_s,
             ),
             render_error=protocol_error,
         )

@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -952,3 +953,27 @@ async def test_fds_back_to_baseline_after_50_aborted_streams(gateway, caplog):
     assert len(recs) == 51 and all(r.outcome == "client_abort" for r in recs)
     assert len(gw.state.streams) == 0
     assert_quiet(caplog)
+
+
+async def test_client_that_stops_reading_is_dropped_after_write_stall_and_billed(gateway):
+    """RELIABILITY 2.1: a client not reading for write_stall_s is disconnected, the upstream
+    request closed, and the delivered part billed (once)."""
+    gw = await gateway(server=ServerConfig(host="127.0.0.1", port=0, shutdown_grace_s=2, write_stall_s=0.3))
+    big = ev(_chunk("x" * 60_000), b"\n")
+    gw.upstream.script(Reply(chunks=[big] * 400, delay_s=0.001))   # ~24 MB if nobody stopped it
+    body = orjson.dumps({**CHAT, "model": "up-gpt", "stream": True})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # the client's buffer fills fast
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, addr(gw))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(post_bytes("/v1/chat/completions", body, gw.key))
+        await writer.drain()
+        assert b"200 OK" in await asyncio.wait_for(reader.read(1024), 5)
+        # ... and read no more.
+        assert await wait_until(lambda: gw.upstream.closed_early.is_set(), 10), "the upstream was not closed"
+        recs = await gw.wait_records(1)
+        assert len(recs) == 1 and recs[0].outcome == "client_abort" and recs[0].completion_tokens > 0
+    finally:
+        writer.transport.abort()

@@ -69,7 +69,8 @@ class ServerLimits:
     max_headers: int = 100  # header count -> 431
     max_body_bytes: int = 32 * 1024 * 1024  # -> 413 (by Content-Length before reading)
     keepalive_s: float = 60.0  # idle keep-alive connection closed after this
-    head_timeout_s: float = 30.0  # head within this of its first byte; no body gap longer -> 408
+    head_timeout_s: float = 10.0  # head within this of its first byte; no body gap longer -> 408
+    write_stall_s: float = 60.0  # a client not reading for this long (during a write) is dropped
 
 
 @dataclass(slots=True)
@@ -592,7 +593,20 @@ class _Connection(asyncio.Protocol):
         waiter = self._drain_waiter
         if waiter is None:
             waiter = self._drain_waiter = self._loop.create_future()
-        await waiter
+        # A client that stops reading must not hold its stream (and the upstream behind
+        # it) forever: past write_stall_s without draining, the connection is dropped and
+        # the handler sees the client gone (RELIABILITY 2.1: 60 s per drain, then abort).
+        stall = self._loop.call_later(self._limits.write_stall_s, self._stalled, waiter)
+        try:
+            await waiter
+        finally:
+            stall.cancel()
+
+    def _stalled(self, waiter: asyncio.Future[None]) -> None:
+        if waiter.done() or self._transport is None:
+            return
+        _log.info("client stopped reading for %gs; connection dropped", self._limits.write_stall_s)
+        self._transport.abort()  # connection_lost fails the waiter: write() raises ConnectionResetError
 
     def _render(self, status: int, message: str, req: Request | None) -> tuple[list[tuple[str, str]], bytes]:
         try:
