@@ -26,7 +26,10 @@ class Headers(dict[str, str]):
         return dict.__getitem__(self, name.lower())
 
     def add(self, name: bytes, value: bytes) -> None:
-        key = name.decode("latin-1").lower()
+        # bytes.lower() changes ASCII letters only, which is all a header name may hold.
+        key = name.lower().decode("latin-1")
         text = value.decode("latin-1")
-        old = dict.get(self, key)
-        dict.__setitem__(self, key, text if old is None else f"{old}, {text}")
+        size = len(self)
+        old = self.setdefault(key, text)
+        if len(self) == size:  # the name was there already: a repeated field
+            dict.__setitem__(self, key, f"{old}, {text}")
