@@ -35,7 +35,7 @@ class AccessLog:
         self._second = -1
         self._stamp = ""
 
-    def line(self, ex: Exchange, key_name: str, rid: str) -> None:
+    def line(self, ex: Exchange, client: str, key_name: str, rid: str) -> None:
         request = ex.request
         now = time.time()
         second = int(now)
@@ -48,7 +48,7 @@ class AccessLog:
             loop = self._loop = asyncio.get_running_loop()
         took_ms = (loop.time() - request.started) * 1000
         self._lines.append(
-            f'{self._stamp}.{int(now % 1 * 1000):03d} {request.remote} "{method} {path}" {ex.status} '
+            f'{self._stamp}.{int(now % 1 * 1000):03d} {client if client.isprintable() else _printable(client, 64)} "{method} {path}" {ex.status} '
             f"{took_ms:.1f}ms key={key_name if key_name.isprintable() else _printable(key_name, 128)} rid={rid}"
         )
         if self._timer is None:

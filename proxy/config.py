@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import ipaddress
 import os
 import re
 import types
@@ -50,6 +51,9 @@ class ServerConfig:
     access_log: bool = True
     # Keep-alive comment (OpenAI) / ping event (Anthropic) while an upstream is silent.
     stream_keepalive_s: float = 15
+    # Addresses (IPs or CIDRs) of reverse proxies in front of the gateway: for requests
+    # from them, the client's address is taken from X-Forwarded-For (access log, auth brake).
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,9 @@ class AuthConfig:
     # Seconds a key lookup is cached; revocation takes effect within this time.
     cache_ttl_s: float = 5
     negative_cache_ttl_s: float = 5
+    # Failed authentications (401) per client IP and minute before that IP gets 429s
+    # for the rest of the minute (brute-force brake); 0 turns it off.
+    max_failures_per_min: int = 20
 
 
 @dataclass(frozen=True)
@@ -291,6 +298,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                 raise ConfigError(f"{source}: models.{m.name} falls back to unknown model {fb!r}")
     if cfg.server.workers < 1:
         raise ConfigError(f"{source}: server.workers must be at least 1")
+    for i, proxy_net in enumerate(cfg.server.trusted_proxies):
+        try:
+            ipaddress.ip_network(proxy_net, strict=False)
+        except ValueError:
+            raise ConfigError(f"{source}: server.trusted_proxies[{i}] is not an IP address or CIDR") from None
     if not cfg.storage.url.startswith(("sqlite://", "postgresql://", "postgres://")):
         raise ConfigError(f"{source}: storage.url must be sqlite:///path or postgresql://...")
     if not cfg.limits.url.startswith(("memory://", "redis://", "rediss://")):

@@ -27,6 +27,7 @@ from proxy.errors import InvalidRequest, NotFound, ProxyError, RequestTooLarge, 
 from proxy.http1.client import Http1Client, UpstreamConnectionError
 from proxy.http1.server import Exchange, Request
 from proxy.middleware.auth import extract_key
+from proxy.middleware.auth_failures import AuthFailures, ClientAddress, TooManyAuthFailures
 from proxy.middleware.context import dialect_for_path, error_parts, fresh_request_id, new_request_id, response_headers
 from proxy.store.base import KeyRecord
 
@@ -106,27 +107,40 @@ def internal_connector(server: web.Server) -> Callable[[Callable[[], asyncio.Pro
 
 
 class Front:
-    def __init__(self, state: AppState, internal: Http1Client, access_log: AccessLog | None) -> None:
+    def __init__(
+        self,
+        state: AppState,
+        internal: Http1Client,
+        access_log: AccessLog | None,
+        auth_failures: AuthFailures,
+        client_address: ClientAddress,
+    ) -> None:
         self._state = state
         self._internal = internal
         self._access_log = access_log
+        self._auth_failures = auth_failures
+        self._client_address = client_address
 
     async def handle(self, ex: Exchange) -> None:
         request = ex.request
         key: KeyRecord | None = None
         rid = "-"
+        client = self._client_address(request.remote, request.headers.get("x-forwarded-for"))
         try:
+            self._auth_failures.check(client, request.started)
             route = model_route(request.path) if request.method == "POST" else None
             if route is None:
                 rid = await self._relay_internal(ex)
             else:
                 rid = new_request_id(request.headers.get("x-request-id"))
                 key = await self._model_call(ex, rid, *route)
-        except NotFound as err:  # an unknown Gemini method
+        except (NotFound, TooManyAuthFailures) as err:  # an unknown Gemini method; a brute-forcing address
             self._render(ex, err, fresh_request_id() if rid == "-" else rid)
         finally:
+            if ex.status == 401:  # a wrong client key or master key, on any route
+                self._auth_failures.failed(client, request.started)
             if self._access_log is not None:
-                self._access_log.line(ex, key.name if key is not None else "-", rid)
+                self._access_log.line(ex, client, key.name if key is not None else "-", rid)
 
     async def _model_call(self, ex: Exchange, rid: str, endpoint: Endpoint, path_model: str | None) -> KeyRecord | None:
         request = ex.request

@@ -36,6 +36,7 @@ from proxy.config import Config, load_config
 from proxy.front import Front, internal_connector, protocol_error
 from proxy.http1.client import Http1Client
 from proxy.http1.server import Http1Server, ServerLimits
+from proxy.middleware.auth_failures import AuthFailures, ClientAddress
 
 log = logging.getLogger("llm_proxy.server")
 
@@ -164,7 +165,13 @@ class Running:
         )
         access_log = AccessLog() if srv.access_log else None
         http = Http1Server(
-            Front(app[STATE], internal, access_log).handle,
+            Front(
+                app[STATE],
+                internal,
+                access_log,
+                AuthFailures(config.auth.max_failures_per_min),
+                ClientAddress(srv.trusted_proxies),
+            ).handle,
             limits=ServerLimits(
                 max_line_size=srv.max_line_size,
                 max_field_size=srv.max_field_size,

@@ -161,7 +161,9 @@ def test_config(tmp: Path, upstream_base: str, mock_base: str, **overrides: Any)
     )
     base = Config(
         server=ServerConfig(host="127.0.0.1", port=0, shutdown_grace_s=2, stream_keepalive_s=15),
-        auth=AuthConfig(master_key=MASTER_KEY),
+        # The brute-force brake is off here: many tests send bad keys on purpose; it has
+        # its own tests (test_keys_auth.py, B6).
+        auth=AuthConfig(master_key=MASTER_KEY, max_failures_per_min=0),
         storage=StorageConfig(url=f"sqlite:///{tmp}/gw.db", spool_path=str(tmp / "spool.jsonl"), flush_interval_s=0.05),
         limits=LimitsConfig(url="memory://"),
         upstreams=ups,

@@ -236,7 +236,7 @@ async def test_postgres_stopped_mid_run_loses_and_doubles_nothing(pg_server: Pos
     go to the spool (fsync'd) and are replayed once PostgreSQL is back."""
     gw = await gateway(
         storage=StorageConfig(url=pg_server.url(), spool_path=str(tmp_path / "spool.jsonl"), flush_interval_s=0.05),
-        auth=AuthConfig(cache_ttl_s=0.3, negative_cache_ttl_s=0.3),
+        auth=AuthConfig(cache_ttl_s=0.3, negative_cache_ttl_s=0.3, max_failures_per_min=0),
     )
     _, chat = load("openai/chat_completion_text.json")
     gw.upstream.default = Reply(headers={"Content-Type": "application/json"}, chunks=[chat])

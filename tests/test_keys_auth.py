@@ -21,7 +21,7 @@ import pytest
 
 from _gateway import MASTER_KEY
 from proxy.app import PUBLIC_PATHS
-from proxy.config import AuthConfig, StorageConfig
+from proxy.config import AuthConfig, ServerConfig, StorageConfig
 from proxy.keys import digest_key, generate_key, well_formed
 from proxy.middleware.auth import Authenticator, KeyCache
 from proxy.store import open_store
@@ -262,7 +262,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
 async def test_revocation_by_another_process_takes_effect_within_the_cache_ttl(backend, gateway):
     # `backend` first: its database must outlive the gateway (torn down in reverse order).
     ttl = 0.5
-    gw = await gateway(auth=AuthConfig(master_key=MASTER_KEY, cache_ttl_s=ttl, negative_cache_ttl_s=ttl), **backend)
+    gw = await gateway(
+        auth=AuthConfig(master_key=MASTER_KEY, cache_ttl_s=ttl, negative_cache_ttl_s=ttl, max_failures_per_min=0), **backend
+    )
     status, _, _ = await call(gw, "openai-chat", gw.headers())
     assert status == 200
     # Another process (the CLI) revokes it: a second connection to the same database.
@@ -385,7 +387,7 @@ async def test_cache_is_keyed_by_the_full_key(gateway):
 
 
 async def test_store_failure_fails_closed_in_every_dialect(gateway, monkeypatch):
-    gw = await gateway(auth=AuthConfig(master_key=MASTER_KEY, cache_ttl_s=0.2, negative_cache_ttl_s=0.2))
+    gw = await gateway(auth=AuthConfig(master_key=MASTER_KEY, cache_ttl_s=0.2, negative_cache_ttl_s=0.2, max_failures_per_min=0))
     status, _, _ = await call(gw, "openai-models", gw.headers())
     assert status == 200  # cached, and stays known while the store is down
     other = await gw.create_key("never-used")
@@ -565,7 +567,7 @@ async def test_path_tricks_never_skip_auth(gateway):
 
 
 async def test_admin_disabled_without_master_key(gateway):
-    gw = await gateway(auth=AuthConfig(master_key=None))
+    gw = await gateway(auth=AuthConfig(master_key=None, max_failures_per_min=0))
     routes = [(r.method, r.resource.canonical) for r in gw.app.router.routes() if r.resource is not None]
     admin = [(m, c) for m, c in routes if c.startswith("/admin/") and m != "OPTIONS"]
     assert admin
@@ -599,3 +601,65 @@ async def test_keys_in_the_database_are_hashed(gateway):
         assert digest_key(k).encode() in raw  # what is stored instead (the lookup index)
     record = await gw.state.store.get_key("k0")
     assert record is not None and record.prefix == keys[1][:11] and len(record.prefix) < 16
+
+
+# ---------------------------------------------------------------------- B6: brute force
+
+
+async def test_b6_an_address_that_keeps_failing_auth_gets_429_and_others_do_not(gateway):
+    gw = await gateway(auth=AuthConfig(master_key=MASTER_KEY, max_failures_per_min=5))
+    body = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}
+    wrong = {"Authorization": "Bearer sk-" + "x" * 43}
+    async with aiohttp.ClientSession() as s:
+        for _ in range(5):
+            async with s.post(gw.url + "/v1/chat/completions", json=body, headers=wrong) as r:
+                assert r.status == 401
+        # Now every request from this address is refused before any key is looked at,
+        # in the caller's dialect, with the time to wait.
+        async with s.post(gw.url + "/v1/chat/completions", json=body, headers=gw.headers()) as r:
+            assert r.status == 429 and 1 <= int(r.headers["Retry-After"]) <= 60
+            assert (await r.json())["error"]["code"] == "too_many_auth_failures"
+        async with s.post(gw.url + "/v1/messages", json={**body, "max_tokens": 5}, headers=wrong) as r:
+            assert r.status == 429 and (await r.json())["error"]["type"] == "rate_limit_error"
+        async with s.get(gw.url + "/admin/keys", headers={"Authorization": "Bearer nope"}) as r:
+            assert r.status == 429  # the master key cannot be guessed from there either
+    # Another address is unaffected (Linux routes all of 127/8 to loopback).
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as s:
+        async with s.post(gw.url + "/v1/chat/completions", json=body, headers=gw.headers()) as r:
+            assert r.status == 200
+
+
+async def test_b6_wrong_master_keys_count_too(gateway):
+    gw = await gateway(auth=AuthConfig(master_key=MASTER_KEY, max_failures_per_min=2))
+    async with aiohttp.ClientSession() as s:
+        for expect in (401, 401, 429):
+            async with s.get(gw.url + "/admin/keys", headers={"Authorization": "Bearer nope"}) as r:
+                assert r.status == expect
+
+
+async def test_b6_zero_turns_the_brake_off(gateway):
+    gw = await gateway(auth=AuthConfig(master_key=MASTER_KEY, max_failures_per_min=0))
+    async with aiohttp.ClientSession() as s:
+        for _ in range(30):
+            async with s.get(gw.url + "/v1/models", headers={"Authorization": "Bearer sk-nope"}) as r:
+                assert r.status == 401
+
+
+async def test_b6_behind_a_trusted_proxy_the_brake_keys_on_x_forwarded_for(gateway):
+    gw = await gateway(
+        auth=AuthConfig(master_key=MASTER_KEY, max_failures_per_min=3),
+        server=ServerConfig(host="127.0.0.1", port=0, shutdown_grace_s=2, trusted_proxies=("127.0.0.1",)),
+    )
+    wrong = {"Authorization": "Bearer sk-" + "x" * 43}
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):  # one client behind the proxy fails ...
+            async with s.get(gw.url + "/v1/models", headers={**wrong, "X-Forwarded-For": "198.51.100.7"}) as r:
+                assert r.status == 401
+        async with s.get(gw.url + "/v1/models", headers={**gw.headers(), "X-Forwarded-For": "198.51.100.7"}) as r:
+            assert r.status == 429
+        # ... the proxy's other clients are not affected, and a forged left-most entry does not help:
+        async with s.get(gw.url + "/v1/models", headers={**gw.headers(), "X-Forwarded-For": "203.0.113.9"}) as r:
+            assert r.status == 200
+        forged = {**gw.headers(), "X-Forwarded-For": "203.0.113.9, 198.51.100.7"}
+        async with s.get(gw.url + "/v1/models", headers=forged) as r:
+            assert r.status == 429
