@@ -17,10 +17,10 @@ from aiohttp import web
 
 from proxy.accounting import UsageSink
 from proxy.config import Config
-from proxy.dialects import ModelInfo
+from proxy.dialects import GEMINI_MODEL_PREFIXES, MODEL_PATHS, ModelInfo
 from proxy.dialects.gemini import GEMINI
 from proxy.dialects.openai import OPENAI
-from proxy.errors import NotFound, ProxyError, ServiceUnavailable
+from proxy.errors import NotFound, ProxyError, ShuttingDown
 from proxy.forward import Forwarder, StreamRegistry
 from proxy.limits import make_limiter
 from proxy.limits.base import Limiter
@@ -161,7 +161,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)  # master key checked by proxy.admin
     state = request.app[STATE]
     if state.streams.stopping:
-        raise ServiceUnavailable("The gateway is shutting down.", code="server_shutting_down", retry_after_s=1)
+        raise ShuttingDown()
     assert state.authenticator is not None and route is not None
     query = (lambda: request.query) if dialect_for(request) is GEMINI else None
     request[KEY] = await state.authenticator.authenticate(extract_key(request.headers, query))
@@ -265,13 +265,13 @@ def build_app(config: Config, *, store: Store | None = None, limiter: Limiter | 
     app.cleanup_ctx.append(_pipeline_ctx)
 
     r = app.router
+    for path in MODEL_PATHS:
+        r.add_post(path, served_by_front)
+    for prefix in GEMINI_MODEL_PREFIXES:
+        r.add_post(prefix + "{tail:.+}", served_by_front)
     for prefix in ("/v1", ""):
-        for path in ("/chat/completions", "/completions", "/embeddings", "/responses", "/messages", "/messages/count_tokens"):
-            r.add_post(prefix + path, served_by_front)
         r.add_get(f"{prefix}/models", list_models)
     r.add_get("/v1beta/models", list_gemini_models)
-    r.add_post("/v1beta/models/{tail:.+}", served_by_front)
-    r.add_post("/v1/models/{tail:.+}", served_by_front)
     r.add_get("/v1beta/models/{model:.+}", get_model)
     r.add_get("/v1/models/{model:.+}", get_model)
     r.add_get("/", root)

@@ -121,6 +121,14 @@ class ServiceUnavailable(ProxyError):
     type = "api_error"
 
 
+class ShuttingDown(ServiceUnavailable):
+    code = "server_shutting_down"
+
+    def __init__(self, message: str = "The gateway is shutting down.", **kw: object) -> None:
+        kw.setdefault("retry_after_s", 1)
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+
+
 class UpstreamOverloaded(ServiceUnavailable):
     code = "upstream_overloaded"
 

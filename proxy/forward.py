@@ -316,11 +316,9 @@ class Forwarder:
                     chunk = out
                     if not chunk:
                         continue
-                if not ex.head_sent:
+                if call.ttft_ms is None:
                     call.ttft_ms = (time.time() - call.started) * 1000
-                    _begin(ex, call, head)
-                elif call.ttft_ms is None:
-                    call.ttft_ms = (time.time() - call.started) * 1000
+                    _begin(ex, call, head)  # unless a keep-alive already sent it
                 await ex.write(chunk)
                 before, last = last, chunk
             rest = relay.flush() if relay is not None else b""

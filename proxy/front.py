@@ -19,34 +19,18 @@ from aiohttp import web
 
 from proxy.access_log import AccessLog
 from proxy.app import AppState
-from proxy.dialects import GEMINI, Endpoint
-from proxy.dialects.anthropic import COUNT_TOKENS, MESSAGES
-from proxy.dialects.gemini import GENERATE, STREAM_GENERATE
-from proxy.dialects.openai import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
-from proxy.errors import InvalidRequest, NotFound, ProxyError, RequestTooLarge, ServiceUnavailable
+from proxy.dialects import GEMINI, GEMINI_METHODS, GEMINI_MODEL_PREFIXES, MODEL_PATHS, Endpoint
+from proxy.errors import InvalidRequest, NotFound, ProxyError, RequestTooLarge, ServiceUnavailable, ShuttingDown
 from proxy.http1.client import Http1Client, UpstreamConnectionError
 from proxy.http1.server import Exchange, Request
 from proxy.middleware.auth import extract_key
 from proxy.middleware.auth_failures import AuthFailures, ClientAddress, TooManyAuthFailures
 from proxy.middleware.context import dialect_for_path, error_parts, fresh_request_id, new_request_id, response_headers
 from proxy.store.base import KeyRecord
+from proxy.upstream import encode_head
 
 log = logging.getLogger("llm_proxy.http")
 
-MODEL_ROUTES: dict[str, Endpoint] = {
-    prefix + path: endpoint
-    for prefix in ("/v1", "")
-    for path, endpoint in (
-        ("/chat/completions", CHAT),
-        ("/completions", COMPLETIONS),
-        ("/embeddings", EMBEDDINGS),
-        ("/responses", RESPONSES),
-        ("/messages", MESSAGES),
-        ("/messages/count_tokens", COUNT_TOKENS),
-    )
-}
-_GEMINI_PREFIXES = ("/v1beta/models/", "/v1/models/")
-_GEMINI_METHODS = {"generateContent": GENERATE, "streamGenerateContent": STREAM_GENERATE}
 # Not relayed between the client and the in-process app: hop-by-hop, framing (re-made on
 # each side), Host; and the app's Date (the front server sends its own) and Server.
 _HOP_BY_HOP = frozenset(
@@ -68,13 +52,13 @@ _STATUS_ERRORS: dict[int, tuple[type[ProxyError], str]] = {
 
 def model_route(path: str) -> tuple[Endpoint, str | None] | None:
     """The endpoint (and, for Gemini, the model from the path) a POST to `path` calls."""
-    endpoint = MODEL_ROUTES.get(path)
+    endpoint = MODEL_PATHS.get(path)
     if endpoint is not None:
         return endpoint, None
-    if path.startswith(_GEMINI_PREFIXES):
+    if path.startswith(GEMINI_MODEL_PREFIXES):
         tail = unquote(path.split("/models/", 1)[1])
         model, _, method = tail.rpartition(":")
-        found = _GEMINI_METHODS.get(method)
+        found = GEMINI_METHODS.get(method)
         if found is None or not model:
             raise NotFound(f"Unknown Gemini method '{method[:64]}'.")
         return found, model
@@ -149,7 +133,7 @@ class Front:
         key: KeyRecord | None = None
         try:
             if state.streams.stopping:
-                raise ServiceUnavailable("The gateway is shutting down.", code="server_shutting_down", retry_after_s=1)
+                raise ShuttingDown()
             assert state.authenticator is not None and state.forwarder is not None
             query = (lambda: dict(parse_qsl(request.query_string))) if endpoint.dialect is GEMINI else None
             key = await state.authenticator.authenticate(extract_key(request.headers, query))
@@ -168,9 +152,7 @@ class Front:
     async def _relay_internal(self, ex: Exchange) -> str:
         """Relay to the aiohttp application; returns the request id it chose."""
         request = ex.request
-        head = b"".join(
-            f"{name}: {value}\r\n".encode("latin-1") for name, value in request.headers.items() if name not in _HOP_BY_HOP
-        )
+        head = encode_head({name: value for name, value in request.headers.items() if name not in _HOP_BY_HOP})
         target = request.path + ("?" + request.query_string if request.query_string else "")
         # HEAD is asked as GET (our client expects a body) and answered without one.
         method = "GET" if request.method == "HEAD" else request.method

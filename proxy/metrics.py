@@ -27,7 +27,7 @@ Series (one count per upstream attempt, i.e. per usage record):
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -110,26 +110,22 @@ class _CallStats(Collector):
         _observe(self.duration, rec.endpoint, max(0.0, rec.duration_ms) / 1000)
 
     def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily(
-            "llm_proxy_requests", "Model calls (upstream attempts) by endpoint, model and status", labels=["endpoint", "model", "status"]
-        )
-        for labels, count in self.requests.items():
-            requests.add_metric(list(labels), count)
-        tokens = CounterMetricFamily("llm_proxy_tokens", "Tokens by model and kind", labels=["model", "kind"])
-        for labels, count in self.tokens.items():
-            tokens.add_metric(list(labels), count)
-        estimated = CounterMetricFamily("llm_proxy_estimated_requests", "Model calls whose token counts are estimated", labels=["model"])
-        for model, count in self.estimated.items():
-            estimated.add_metric([model], count)
-        errors = CounterMetricFamily("llm_proxy_upstream_errors", "Failed upstream attempts", labels=["upstream", "outcome"])
-        for labels, count in self.upstream_errors.items():
-            errors.add_metric(list(labels), count)
-        cost = CounterMetricFamily("llm_proxy_cost_usd", "Spend in USD by model", labels=["model"])
-        for model, usd in self.cost.items():
-            cost.add_metric([model], usd)
-        yield from (requests, tokens, estimated, errors, cost)
+        yield _counter("llm_proxy_requests", "Model calls (upstream attempts) by endpoint, model and status",
+                       ["endpoint", "model", "status"], self.requests)
+        yield _counter("llm_proxy_tokens", "Tokens by model and kind", ["model", "kind"], self.tokens)
+        yield _counter("llm_proxy_estimated_requests", "Model calls whose token counts are estimated", ["model"],
+                       {(m,): n for m, n in self.estimated.items()})
+        yield _counter("llm_proxy_upstream_errors", "Failed upstream attempts", ["upstream", "outcome"], self.upstream_errors)
+        yield _counter("llm_proxy_cost_usd", "Spend in USD by model", ["model"], {(m,): usd for m, usd in self.cost.items()})
         yield _histogram("llm_proxy_time_to_first_byte_seconds", "Time to first byte", self.ttft)
         yield _histogram("llm_proxy_request_duration_seconds", "Request duration", self.duration)
+
+
+def _counter(name: str, doc: str, labels: list[str], table: Mapping[tuple[str, ...], float]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for values, count in table.items():
+        family.add_metric(list(values), count)
+    return family
 
 
 def _observe(table: dict[str, list[float]], label: str, value: float) -> None:

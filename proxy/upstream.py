@@ -76,14 +76,9 @@ class UpstreamPool:
 
 def request_head(client_headers: Mapping[str, str], target: UpstreamTarget, request_id: str) -> bytes:
     """The header lines of the upstream request: a few client headers, then ours."""
-    lines = [
-        f"{name}: {value}\r\n".encode("latin-1")
-        for name, value in client_headers.items()
-        if name in FORWARDED_REQUEST_HEADERS
-    ]
-    lines.append(f"X-Request-Id: {request_id}\r\n".encode("latin-1"))
-    lines.append(target.head)
-    return b"".join(lines)
+    passed = {name: value for name, value in client_headers.items() if name in FORWARDED_REQUEST_HEADERS}
+    passed["X-Request-Id"] = request_id
+    return encode_head(passed) + target.head
 
 
 async def open_response(target: UpstreamTarget, path: str, body: bytes, head: bytes) -> Http1Response:

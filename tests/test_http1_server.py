@@ -568,8 +568,8 @@ async def test_client_going_away_cancels_the_handler(how: str):
     assert write_error and len(done) == 1 and done[0].client_gone and done[0].bytes_sent == 5
 
 
-async def test_disconnect_before_the_handler_finishes_a_plain_response():
-    cancelled = asyncio.Event()
+def sleeps_until_cancelled(cancelled: asyncio.Event) -> Callable[[Exchange], Awaitable[None]]:
+    """A handler that never answers and sets `cancelled` when its task is cancelled."""
 
     async def handler(ex: Exchange) -> None:
         try:
@@ -577,6 +577,13 @@ async def test_disconnect_before_the_handler_finishes_a_plain_response():
         except asyncio.CancelledError:
             cancelled.set()
             raise
+
+    return handler
+
+
+async def test_disconnect_before_the_handler_finishes_a_plain_response():
+    cancelled = asyncio.Event()
+    handler = sleeps_until_cancelled(cancelled)
 
     async with serve(handler) as (_, port):
         c = await Raw.open(port)
@@ -757,13 +764,7 @@ async def test_shutdown_drains():
 
 async def test_abort_all_closes_everything_and_cancels_handlers():
     cancelled = asyncio.Event()
-
-    async def handler(ex: Exchange) -> None:
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
+    handler = sleeps_until_cancelled(cancelled)
 
     async with serve(handler) as (server, port):
         conns = [await Raw.open(port) for _ in range(3)]

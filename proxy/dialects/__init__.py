@@ -1,10 +1,30 @@
 """API dialects, one module each; they know their wire format and nothing of storage."""
 
-from proxy.dialects.anthropic import ANTHROPIC
+from proxy.dialects.anthropic import ANTHROPIC, COUNT_TOKENS, MESSAGES
 from proxy.dialects.base import Dialect, Endpoint, ModelInfo
-from proxy.dialects.gemini import GEMINI
-from proxy.dialects.openai import OPENAI
+from proxy.dialects.gemini import GEMINI, GENERATE, STREAM_GENERATE
+from proxy.dialects.openai import CHAT, COMPLETIONS, EMBEDDINGS, OPENAI, RESPONSES
 
 BY_PROTOCOL: dict[str, Dialect] = {d.name: d for d in (OPENAI, ANTHROPIC, GEMINI)}
 
-__all__ = ["ANTHROPIC", "BY_PROTOCOL", "Dialect", "Endpoint", "GEMINI", "ModelInfo", "OPENAI"]
+# POST path -> the model-calling endpoint it serves (versioned and un-versioned).
+MODEL_PATHS: dict[str, Endpoint] = {
+    prefix + path: endpoint
+    for prefix in ("/v1", "")
+    for path, endpoint in (
+        ("/chat/completions", CHAT),
+        ("/completions", COMPLETIONS),
+        ("/embeddings", EMBEDDINGS),
+        ("/responses", RESPONSES),
+        ("/messages", MESSAGES),
+        ("/messages/count_tokens", COUNT_TOKENS),
+    )
+}
+# Gemini puts the model and method in the path: {prefix}{model}:{method}.
+GEMINI_MODEL_PREFIXES = ("/v1beta/models/", "/v1/models/")
+GEMINI_METHODS: dict[str, Endpoint] = {"generateContent": GENERATE, "streamGenerateContent": STREAM_GENERATE}
+
+__all__ = [
+    "ANTHROPIC", "BY_PROTOCOL", "Dialect", "Endpoint", "GEMINI", "GEMINI_METHODS", "GEMINI_MODEL_PREFIXES",
+    "MODEL_PATHS", "ModelInfo", "OPENAI",
+]

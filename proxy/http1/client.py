@@ -666,12 +666,8 @@ class Http1Client:
         if self._closed:
             conn.close()
             return
-        waiters = self._waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(conn)
-                return
+        if self._hand_over(conn):
+            return
         assert self._loop is not None
         conn.idle = True
         conn.idle_since = self._loop.time()
@@ -681,13 +677,18 @@ class Http1Client:
 
     def _free_slot(self) -> None:
         """A slot was given up: it passes to the first waiter, else it is free."""
+        if not self._hand_over(None):
+            self._open -= 1
+
+    def _hand_over(self, got: _Conn | None) -> bool:
+        """Give a connection (or, None, a free slot) to the first waiter still waiting."""
         waiters = self._waiters
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
-                return
-        self._open -= 1
+                waiter.set_result(got)
+                return True
+        return False
 
     def _discard(self, conn: _Conn) -> None:
         """A connection is closing or gone (idempotent)."""
