@@ -137,7 +137,7 @@ class Forwarder:
             key, call.request_id, prompt_estimate + max_out, max_cost_usd(price, prompt_estimate, max_out)
         )
         try:
-            await self._run(ex, call, body, raw, plan, common + list(limit_headers.items()))
+            await self._run(ex, call, body, raw, plan, common + limit_headers)
         finally:
             self._finish(call, reservation)
 

@@ -9,7 +9,7 @@ admission and per settlement, Redis TIME as the clock). Both pass one contract s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Literal, Protocol
+from typing import Awaitable, Callable, Literal, NamedTuple, Protocol
 
 Reason = Literal["rpm", "tpm", "parallel", "budget"]
 
@@ -31,8 +31,9 @@ class LimitSpec:
         return self.rpm is None and self.tpm is None and self.max_parallel is None and self.budget_usd is None
 
 
-@dataclass(frozen=True)
-class Reservation:
+# Reservation and Decision are made on every request: immutable NamedTuples, which
+# cost a third of a frozen dataclass to build (one per-field object.__setattr__ each).
+class Reservation(NamedTuple):
     key_id: str
     request_id: str
     tokens: int            # reserved token estimate (prompt estimate + max_tokens)
@@ -40,8 +41,7 @@ class Reservation:
     spec: LimitSpec
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     admitted: bool
     reservation: Reservation | None = None
     reason: Reason | None = None
@@ -131,15 +131,16 @@ def make_decision(
 
     `reset_*` follow OpenAI: the time until the window is back to its initial (empty) state.
     """
+    rpm, tpm = spec.rpm, spec.tpm
     return Decision(
-        admitted=reservation is not None,
-        reservation=reservation,
-        reason=reason,
-        retry_after_s=0 if reason is None else retry_after_s(wait_us),
-        limit_requests=spec.rpm,
-        remaining_requests=None if spec.rpm is None else max(0, spec.rpm - requests_used),
-        reset_requests_s=None if spec.rpm is None else requests_reset_us / US_PER_S,
-        limit_tokens=spec.tpm,
-        remaining_tokens=None if spec.tpm is None else max(0, spec.tpm - tokens_used),
-        reset_tokens_s=None if spec.tpm is None else tokens_reset_us / US_PER_S,
+        reservation is not None,
+        reservation,
+        reason,
+        0 if reason is None else retry_after_s(wait_us),
+        rpm,
+        None if rpm is None else max(0, rpm - requests_used),
+        None if rpm is None else requests_reset_us / US_PER_S,
+        tpm,
+        None if tpm is None else max(0, tpm - tokens_used),
+        None if tpm is None else tokens_reset_us / US_PER_S,
     )

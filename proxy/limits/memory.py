@@ -51,6 +51,7 @@ def period_bounds(now_s: int, period: str | None) -> tuple[int, int | None]:
 # Mutable per-key state (not frozen on purpose: it is the counter itself).
 @dataclass(slots=True)
 class _Tokens:
+    request_id: str
     ts_us: int
     tokens: int
 
@@ -65,7 +66,10 @@ class _Held:
 @dataclass(slots=True)
 class _KeyState:
     requests: deque[int] = field(default_factory=deque)                       # admission stamps
-    tokens: OrderedDict[str, _Tokens] = field(default_factory=OrderedDict)
+    # The tpm window in admission order; an entry replaced by a re-admission of its
+    # request id stays here (no longer in `tokens`, not counted) until pruned.
+    token_log: deque[_Tokens] = field(default_factory=deque)
+    tokens: dict[str, _Tokens] = field(default_factory=dict)                  # request id -> counted entry
     tokens_sum: int = 0
     live: OrderedDict[str, _Held] = field(default_factory=OrderedDict)        # holding a slot
     stale: OrderedDict[str, _Held] = field(default_factory=OrderedDict)       # expired, unsettled
@@ -100,20 +104,54 @@ class MemoryLimiter:
         return None
 
     async def admit(self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float) -> Decision:
-        tokens = max(0, tokens)
+        if tokens < 0:
+            tokens = 0
         reservation = Reservation(key_id, request_id, tokens, cost_usd, spec)
         if spec.empty:
-            return Decision(admitted=True, reservation=reservation)
+            return Decision(True, reservation)
         check_spec(spec)
         cost = usd_to_nano(cost_usd)
-        st = self._keys.setdefault(key_id, _KeyState())
-        now = await self._seeded_now(key_id, st, spec)
+        st = self._keys.get(key_id)
+        if st is None:
+            st = self._keys[key_id] = _KeyState()
+        budget = spec.budget_usd
+        now = self._now_us()
+        period, period_end = 0, None
+        if budget is not None:
+            period, period_end = self._period(now // US_PER_S, spec.budget_period)
+            if period not in st.spent:
+                now = await self._seeded_now(key_id, st, spec)
+                period, period_end = self._period(now // US_PER_S, spec.budget_period)
         # No await from here on: check and reserve are one atomic step.
         self._prune(st, now)
-        period, period_end = 0, None
-        if spec.budget_usd is not None:
-            period, period_end = self._period(now // US_PER_S, spec.budget_period)
+        rpm, tpm, parallel = spec.rpm, spec.tpm, spec.max_parallel
+        if (
+            (budget is not None and st.spent[period] + st.reserved_nano + cost > usd_to_nano(budget))
+            or (rpm is not None and len(st.requests) >= rpm)
+            or (tpm is not None and st.tokens_sum + tokens > tpm)
+            or (parallel is not None and len(st.live) >= parallel)
+        ):
+            return self._refusal(st, spec, tokens, cost, now, period, period_end)
+        if rpm is not None:
+            st.requests.append(now)
+        if tpm is not None:
+            old = st.tokens.get(request_id)
+            if old is not None:
+                st.tokens_sum -= old.tokens
+            entry = st.tokens[request_id] = _Tokens(request_id, now, tokens)
+            st.token_log.append(entry)
+            st.tokens_sum += tokens
+        if parallel is not None or budget is not None:
+            self._release(st, request_id)
+            held_cost = cost if budget is not None else 0
+            st.reserved_nano += held_cost
+            st.live[request_id] = _Held(now + self._ttl_us, held_cost, period if budget is not None else None)
+        return self._decision(st, spec, reservation, None, 0, now)
 
+    def _refusal(
+        self, st: _KeyState, spec: LimitSpec, tokens: int, cost: int, now: int, period: int, period_end: int | None
+    ) -> Decision:
+        """Why a request does not fit and how long to wait (base.py: first reason, longest wait)."""
         refusals: list[tuple[Reason, int]] = []
         if spec.budget_usd is not None:
             budget, spent = usd_to_nano(spec.budget_usd), st.spent[period]
@@ -134,24 +172,9 @@ class MemoryLimiter:
             refusals.append(("tpm", self._tokens_wait(st, spec.tpm, tokens, now)))
         if spec.max_parallel is not None and len(st.live) >= spec.max_parallel:
             refusals.append(("parallel", US_PER_S))
-
-        if refusals:
-            reason = refusals[0][0]
-            wait = refusals[0][1] if reason == "budget" else max(w for _, w in refusals)
-            return self._decision(st, spec, None, reason, wait, now)
-
-        if spec.rpm is not None:
-            st.requests.append(now)
-        if spec.tpm is not None:
-            old = st.tokens.pop(request_id, None)
-            st.tokens_sum += tokens - (old.tokens if old else 0)
-            st.tokens[request_id] = _Tokens(now, tokens)
-        if spec.max_parallel is not None or spec.budget_usd is not None:
-            self._release(st, request_id)
-            held_cost = cost if spec.budget_usd is not None else 0
-            st.reserved_nano += held_cost
-            st.live[request_id] = _Held(now + self._ttl_us, held_cost, period if spec.budget_usd is not None else None)
-        return self._decision(st, spec, reservation, None, 0, now)
+        reason = refusals[0][0]
+        wait = refusals[0][1] if reason == "budget" else max(w for _, w in refusals)
+        return self._decision(st, spec, None, reason, wait, now)
 
     async def settle(self, reservation: Reservation, tokens: int, cost_usd: float) -> None:
         self.settle_now(reservation, tokens, cost_usd)
@@ -161,15 +184,22 @@ class MemoryLimiter:
         st = self._keys.get(reservation.key_id)
         if st is None or reservation.spec.empty:
             return True
-        self._prune(st, self._now_us())   # a reservation past its forget time is not charged
-        rid, tokens = reservation.request_id, max(0, tokens)
+        rid = reservation.request_id
         entry = st.tokens.get(rid)
-        if entry is not None:                       # still in the window: correct in place
+        if entry is not None:   # still counted (in the window, or not pruned yet): correct in place
+            if tokens < 0:
+                tokens = 0
             st.tokens_sum += tokens - entry.tokens
             entry.tokens = tokens
         held = self._release(st, rid)
-        # Charged once: the held record is gone after the first settlement.
-        if held is not None and held.period is not None and held.period in st.spent:
+        # Charged once (the held record is gone after the first settlement), and only
+        # until it is forgotten, one TTL after its expiry.
+        if (
+            held is not None
+            and held.period is not None
+            and held.period in st.spent
+            and held.expiry_us + self._ttl_us > self._now_us()
+        ):
             st.spent[held.period] += usd_to_nano(cost_usd)
         return True
 
@@ -210,26 +240,29 @@ class MemoryLimiter:
 
     def _prune(self, st: _KeyState, now: int) -> None:
         cutoff = now - WINDOW_US
-        while st.requests and st.requests[0] <= cutoff:
-            st.requests.popleft()
-        while st.tokens:
-            rid, entry = next(iter(st.tokens.items()))
-            if entry.ts_us > cutoff:
-                break
-            del st.tokens[rid]
-            st.tokens_sum -= entry.tokens
-        while st.live:
-            rid, held = next(iter(st.live.items()))
+        requests = st.requests
+        while requests and requests[0] <= cutoff:
+            requests.popleft()
+        log, tokens = st.token_log, st.tokens
+        while log and log[0].ts_us <= cutoff:
+            entry = log.popleft()
+            if tokens.get(entry.request_id) is entry:   # else replaced: no longer counted
+                del tokens[entry.request_id]
+                st.tokens_sum -= entry.tokens
+        live = st.live
+        while live:
+            rid, held = next(iter(live.items()))
             if held.expiry_us > now:
                 break
-            del st.live[rid]
+            del live[rid]
             st.reserved_nano -= held.cost_nano
             st.stale[rid] = held
-        while st.stale:
-            rid, held = next(iter(st.stale.items()))
+        stale = st.stale
+        while stale:
+            rid, held = next(iter(stale.items()))
             if held.expiry_us + self._ttl_us > now:
                 break
-            del st.stale[rid]
+            del stale[rid]
 
     @staticmethod
     def _release(st: _KeyState, rid: str) -> _Held | None:
@@ -243,7 +276,9 @@ class MemoryLimiter:
     def _tokens_wait(st: _KeyState, tpm: int, tokens: int, now: int) -> int:
         """Until enough of the oldest token entries have left the window for `tokens`."""
         left = st.tokens_sum
-        for entry in st.tokens.values():
+        for entry in st.token_log:
+            if st.tokens.get(entry.request_id) is not entry:
+                continue
             left -= entry.tokens
             if left + tokens <= tpm:
                 return entry.ts_us + WINDOW_US - now
@@ -253,8 +288,9 @@ class MemoryLimiter:
     def _decision(
         st: _KeyState, spec: LimitSpec, reservation: Reservation | None, reason: Reason | None, wait: int, now: int
     ) -> Decision:
+        # The newest entries are always counted ones (a re-admission appends its own).
         requests_reset = st.requests[-1] + WINDOW_US - now if st.requests else 0
-        tokens_reset = next(reversed(st.tokens.values())).ts_us + WINDOW_US - now if st.tokens else 0
+        tokens_reset = st.token_log[-1].ts_us + WINDOW_US - now if st.token_log else 0
         return make_decision(
             spec, reservation, reason, wait, len(st.requests), requests_reset, st.tokens_sum, tokens_reset
         )

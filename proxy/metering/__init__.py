@@ -14,7 +14,6 @@ count_tokens is free (its response is a count, not a charge): both ignore `strea
 
 from __future__ import annotations
 
-from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
@@ -114,4 +113,4 @@ def settle(meter: Meter, prompt_estimate: int) -> tuple[Usage, bool]:
     delivered = meter.delivered_tokens()
     if usage is None:
         return Usage(prompt_tokens=prompt_estimate, completion_tokens=delivered), True
-    return replace(usage, completion_tokens=max(usage.completion_tokens, delivered)), True
+    return usage._replace(completion_tokens=max(usage.completion_tokens, delivered)), True

@@ -21,16 +21,20 @@ def spec_of(key: KeyRecord) -> LimitSpec:
     return LimitSpec(key.rpm, key.tpm, key.max_parallel, key.budget_usd, key.budget_period)
 
 
-def ratelimit_headers(d: Decision) -> dict[str, str]:
-    h: dict[str, str] = {}
+def ratelimit_headers(d: Decision) -> list[tuple[str, str]]:
+    h: list[tuple[str, str]] = []
     if d.limit_requests is not None:
-        h["x-ratelimit-limit-requests"] = str(d.limit_requests)
-        h["x-ratelimit-remaining-requests"] = str(max(0, d.remaining_requests or 0))
-        h["x-ratelimit-reset-requests"] = f"{math.ceil(d.reset_requests_s or 0)}s"
+        h += (
+            ("x-ratelimit-limit-requests", str(d.limit_requests)),
+            ("x-ratelimit-remaining-requests", str(max(0, d.remaining_requests or 0))),
+            ("x-ratelimit-reset-requests", f"{math.ceil(d.reset_requests_s or 0)}s"),
+        )
     if d.limit_tokens is not None:
-        h["x-ratelimit-limit-tokens"] = str(d.limit_tokens)
-        h["x-ratelimit-remaining-tokens"] = str(max(0, d.remaining_tokens or 0))
-        h["x-ratelimit-reset-tokens"] = f"{math.ceil(d.reset_tokens_s or 0)}s"
+        h += (
+            ("x-ratelimit-limit-tokens", str(d.limit_tokens)),
+            ("x-ratelimit-remaining-tokens", str(max(0, d.remaining_tokens or 0))),
+            ("x-ratelimit-reset-tokens", f"{math.ceil(d.reset_tokens_s or 0)}s"),
+        )
     return h
 
 
@@ -55,26 +59,27 @@ class Admission:
 
     async def admit(
         self, key: KeyRecord | None, request_id: str, tokens: int, cost_usd: float
-    ) -> tuple[Reservation | None, dict[str, str]]:
+    ) -> tuple[Reservation | None, list[tuple[str, str]]]:
+        """The reservation to settle and the `x-ratelimit-*` headers for the response."""
         if key is None:
-            return None, {}
+            return None, []
         spec = self._spec(key)
         if spec.empty:
-            return None, {}
+            return None, []
         try:
             decision = await self._limiter.admit(key.id, spec, request_id, tokens, cost_usd)
         except LimiterUnavailable:
             if self._fail_open:
                 log.warning("limits backend unavailable; admitting %s (fail_open)", key.name)
-                return None, {}
+                return None, []
             raise ServiceUnavailable(
                 "Rate limiting is temporarily unavailable; please retry.",
                 code="rate_limiter_unavailable",
                 retry_after_s=2,
             ) from None
-        headers = ratelimit_headers(decision)
         if decision.admitted:
-            return decision.reservation, headers
+            return decision.reservation, ratelimit_headers(decision)
+        headers = dict(ratelimit_headers(decision))
         wait = max(1, int(decision.retry_after_s))
         if decision.reason == "budget":
             headers["x-should-retry"] = "false"
