@@ -51,7 +51,10 @@ FORBIDDEN_FIELDS = frozenset(
 )
 _MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # Upstream response headers worth passing to the client.
-_PASS_HEADERS = ("Content-Type", "Content-Encoding", "Retry-After", "x-should-retry")
+_PASS_HEADERS = (
+    ("content-type", "Content-Type"), ("content-encoding", "Content-Encoding"),
+    ("retry-after", "Retry-After"), ("x-should-retry", "x-should-retry"),
+)  # (received, sent)
 _STREAM_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
 HeaderList = list[tuple[str, str]]
 _UPSTREAM_BODY_CAP = 64 * 1024 * 1024
@@ -319,7 +322,8 @@ class Forwarder:
                 if call.ttft_ms is None:
                     call.ttft_ms = (time.time() - call.started) * 1000
                     _begin(ex, call, head)  # unless a keep-alive already sent it
-                await ex.write(chunk)
+                if ex.send(chunk):
+                    await ex.drain()
                 before, last = last, chunk
             rest = relay.flush() if relay is not None else b""
             if shared:
@@ -531,10 +535,11 @@ def _is_stream(resp: Http1Response) -> bool:
 
 def _pass_headers(resp: Http1Response, headers: HeaderList) -> HeaderList:
     out = list(headers)
-    for name in _PASS_HEADERS:
-        value = resp.headers.get(name)
+    got = resp.headers
+    for name, sent in _PASS_HEADERS:
+        value = got.get(name)
         if value is not None:
-            out.append((name, value))
+            out.append((sent, value))
     return out
 
 

@@ -77,8 +77,8 @@ class _CallStats(Collector):
     """
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, str], int] = {}
-        self.tokens: dict[tuple[str, str], int] = {}
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.tokens: dict[str, list[int]] = {}      # model -> a count per _TOKEN_KINDS
         self.estimated: dict[str, int] = {}
         self.cost: dict[str, float] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}
@@ -87,32 +87,33 @@ class _CallStats(Collector):
         self.duration: dict[str, list[float]] = {}
 
     def observe(self, rec: UsageRecord) -> None:
-        key = (rec.endpoint, rec.model, str(rec.status))
+        model = rec.model
+        key = (rec.endpoint, model, rec.status)
         self.requests[key] = self.requests.get(key, 0) + 1
-        tokens = self.tokens
-        for kind, value in zip(
-            _TOKEN_KINDS,
-            (rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens, rec.cache_creation_tokens, rec.reasoning_tokens),
-            strict=True,
-        ):
-            if value > 0:
-                tkey = (rec.model, kind)
-                tokens[tkey] = tokens.get(tkey, 0) + value
+        tokens = self.tokens.get(model)
+        if tokens is None:
+            tokens = self.tokens[model] = [0] * len(_TOKEN_KINDS)
+        tokens[0] += rec.prompt_tokens
+        tokens[1] += rec.completion_tokens
+        tokens[2] += rec.cached_tokens
+        tokens[3] += rec.cache_creation_tokens
+        tokens[4] += rec.reasoning_tokens
         if rec.estimated:
-            self.estimated[rec.model] = self.estimated.get(rec.model, 0) + 1
+            self.estimated[model] = self.estimated.get(model, 0) + 1
         if rec.cost_usd > 0:
-            self.cost[rec.model] = self.cost.get(rec.model, 0.0) + rec.cost_usd
-        if rec.outcome in ("upstream_error", "timeout"):
+            self.cost[model] = self.cost.get(model, 0.0) + rec.cost_usd
+        if rec.outcome == "upstream_error" or rec.outcome == "timeout":
             ekey = (rec.upstream, rec.outcome)
             self.upstream_errors[ekey] = self.upstream_errors.get(ekey, 0) + 1
         if rec.ttft_ms is not None:
-            _observe(self.ttft, rec.endpoint, max(0.0, rec.ttft_ms) / 1000)
-        _observe(self.duration, rec.endpoint, max(0.0, rec.duration_ms) / 1000)
+            _observe(self.ttft, rec.endpoint, rec.ttft_ms / 1000)
+        _observe(self.duration, rec.endpoint, rec.duration_ms / 1000)
 
     def collect(self) -> Iterator[Metric]:
         yield _counter("llm_proxy_requests", "Model calls (upstream attempts) by endpoint, model and status",
-                       ["endpoint", "model", "status"], self.requests)
-        yield _counter("llm_proxy_tokens", "Tokens by model and kind", ["model", "kind"], self.tokens)
+                       ["endpoint", "model", "status"], {(e, m, str(s)): n for (e, m, s), n in self.requests.items()})
+        yield _counter("llm_proxy_tokens", "Tokens by model and kind", ["model", "kind"],
+                       {(m, kind): n for m, counts in self.tokens.items() for kind, n in zip(_TOKEN_KINDS, counts) if n})
         yield _counter("llm_proxy_estimated_requests", "Model calls whose token counts are estimated", ["model"],
                        {(m,): n for m, n in self.estimated.items()})
         yield _counter("llm_proxy_upstream_errors", "Failed upstream attempts", ["upstream", "outcome"], self.upstream_errors)
@@ -132,6 +133,8 @@ def _observe(table: dict[str, list[float]], label: str, value: float) -> None:
     counts = table.get(label)
     if counts is None:
         counts = table[label] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
+    if value < 0:
+        value = 0.0   # a clock step backwards
     counts[bisect_left(_LATENCY_BUCKETS, value)] += 1   # le is inclusive: bisect_left
     counts[-1] += value
 

@@ -166,7 +166,7 @@ async def test_content_length_request_bytes_and_keep_alive_reuse() -> None:
         try:
             resp = await client.request("POST", "/v1/chat?x=1", b"Authorization: Bearer k\r\n", b'{"a":1}')
             assert (resp.status, resp.reason) == (201, "Created")
-            assert resp.headers["X-Thing"] == "a, b" and resp.headers.get("content-length") == "5"
+            assert resp.headers["x-thing"] == "a, b" and resp.headers.get("content-length") == "5"
             assert await resp.read() == b"hello"
             assert await resp.read() == b""
             resp.close()  # idempotent after the end
@@ -632,6 +632,46 @@ async def test_cancel_before_the_response_closes_the_connection() -> None:
             await asyncio.wait_for(srv.closed[0].wait(), 2)
             assert client._open == 0
             assert await get(client) == (200, b"hello")
+        finally:
+            await client.close()
+
+
+async def test_head_deadlines_share_one_timer_and_each_fires_on_time() -> None:
+    """`timeout_s` bounds the wait for the response head: one timer per client serves
+    every request in flight (the earliest deadline), re-armed as requests finish."""
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while (request := await read_request(reader)) is not None:
+            if b"/slow" in request:
+                await wait_eof(reader)  # never answers
+                return
+            if b"/late" in request:
+                await release.wait()
+            writer.write(OK)
+            await writer.drain()
+
+    async with RawServer(handler) as srv:
+        client = Http1Client(srv.url)
+        loop = asyncio.get_running_loop()
+        try:
+            t0 = loop.time()
+            slow_long = asyncio.create_task(client.request("GET", "/slow", b"", b"", timeout_s=0.6))
+            await asyncio.sleep(0.01)
+            slow_short = asyncio.create_task(client.request("GET", "/slow", b"", b"", timeout_s=0.1))
+            late_ok = asyncio.create_task(client.request("GET", "/late", b"", b"", timeout_s=5))
+            with pytest.raises(TimeoutError):
+                await slow_short   # the shorter deadline re-armed the shared timer earlier
+            assert loop.time() - t0 < 0.5 and not slow_long.done() and not late_ok.done()
+            release.set()
+            resp = await late_ok   # answered in time: its deadline never fires
+            assert resp.status == 200 and await resp.read_all(1024) == b"hello"
+            with pytest.raises(TimeoutError):
+                await slow_long
+            assert 0.55 <= loop.time() - t0 < 2
+            await asyncio.sleep(0.05)
+            assert await get(client) == (200, b"hello")   # the client still works
+            assert client._open == 1   # both timed-out connections were closed
         finally:
             await client.close()
 

@@ -31,7 +31,7 @@ async def echo(ex: Exchange) -> None:
         {
             "method": r.method, "path": r.path, "query": r.query_string, "body": r.body.decode("latin-1"),
             "version": r.http_version, "keep_alive": r.keep_alive, "remote": r.remote,
-            "x": r.headers.get("X-Test"),
+            "x": r.headers.get("x-test"),  # names arrive lower-cased
         }
     ).encode()
     ex.respond(200, [("Content-Type", "application/json"), ("X-Path", r.path)], body)

@@ -4,8 +4,10 @@ aiohttp's ClientSession costs about 30 % of the gateway's CPU per request; this
 client does only what the hot path needs: one pre-joined write per request, the
 response parsed by httptools (llhttp, in C) straight from `data_received`, the
 body handed over as the bytes objects the parser produced, and a small pool of
-keep-alive connections per upstream. It has no timeouts of its own besides the
-connect timeout: callers wrap `request()` and `read()` in `asyncio.timeout`.
+keep-alive connections per upstream. Timeouts cost no timer per request: the
+connect timeout, the response head's (`request(timeout_s=)`: one timer per client for
+the earliest deadline) and the body's quiet spells (`read_within`, `read_all(idle_s=)`:
+one timer per response, armed only when a read has to wait).
 """
 
 from __future__ import annotations
@@ -177,12 +179,18 @@ class Http1Response:
         parts: list[bytes] = []
         size = 0
         while True:
-            data = await (self.read() if idle_s is None else self.read_within(idle_s))
-            if data is None:
-                self.close()
-                raise TimeoutError("the upstream stopped sending the body")
-            if not data:
+            if self._chunks:
+                data = self._take()  # usually the whole body came with the head: no coroutine
+            elif self._eof and self._exc is None:
+                self._release()
                 break
+            else:
+                data = await (self.read() if idle_s is None else self.read_within(idle_s))
+                if data is None:
+                    self.close()
+                    raise TimeoutError("the upstream stopped sending the body")
+                if not data:
+                    break
             size += len(data)
             if size > cap:
                 self.close()
@@ -246,17 +254,12 @@ class Http1Response:
             self._exc = ConnectionCut("the response was closed before the end of its body")
 
 
-def _time_out(waiter: asyncio.Future[Http1Response]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
-
-
 class _Conn(asyncio.Protocol):
     """One upstream connection; its parser callbacks drive the response in flight."""
 
     __slots__ = (
         "client", "parser", "transport", "lost", "reusable", "paused", "holds_slot", "idle",
-        "idle_since", "lost_waiter", "expecting", "got_bytes", "head_waiter", "resp", "headers",
+        "idle_since", "lost_waiter", "expecting", "got_bytes", "head_waiter", "head_deadline", "resp", "headers",
         "reason", "is_head", "until_close",
     )  # fmt: skip
 
@@ -274,6 +277,7 @@ class _Conn(asyncio.Protocol):
         self.expecting = False  # a response is due and not complete yet
         self.got_bytes = False  # any byte of the response arrived (no stale-connection retry then)
         self.head_waiter: asyncio.Future[Http1Response] | None = None
+        self.head_deadline = 0.0  # loop time by which the head must be in (with a timeout)
         self.resp: Http1Response | None = None
         self.headers = Headers()
         self.reason = b""
@@ -328,7 +332,10 @@ class _Conn(asyncio.Protocol):
         self.reason += status  # llhttp may hand it over in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.add(name, value)
+        key = name.lower().decode("latin-1")  # see _Connection.on_header in server.py
+        headers = self.headers
+        old = headers.get(key)
+        headers[key] = value.decode("latin-1") if old is None else f"{old}, {value.decode('latin-1')}"
 
     def on_headers_complete(self) -> None:
         if not self.expecting:
@@ -485,6 +492,11 @@ class Http1Client:
         # Requests waiting for a slot; resolved with an idle connection, or None: "open one".
         self._waiters: collections.deque[asyncio.Future[_Conn | None]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
+        # Response-head deadlines: one timer for the earliest, not one per request (a
+        # uvloop timer made and cancelled per request was ~3 % of the gateway's CPU).
+        self._heads: set[_Conn] = set()  # connections sent a request with a deadline
+        self._heads_timer: asyncio.TimerHandle | None = None
+        self._heads_at = 0.0
         self._closed = False
 
     async def request(
@@ -503,19 +515,20 @@ class Http1Client:
             b"Content-Length: %d\r\n\r\n" % len(body), body,
         ))  # fmt: skip
         is_head = method == "HEAD"
-        loop = self._loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # (get_running_loop costs a getpid() syscall per call on 3.11)
+            loop = self._loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
-        conn, reused = await self._acquire_by(False, deadline)
+        if not self._closed and (conn := self._pooled(loop)) is not None:
+            reused = True  # the usual case: no waiting, so no coroutine or timeout scope
+        else:
+            conn, reused = await self._acquire_by(False, deadline)
         while True:
             try:
                 waiter = conn.send(data, is_head)
-                if deadline is None:
-                    return await waiter
-                timer = loop.call_at(deadline, _time_out, waiter)
-                try:
-                    return await waiter
-                finally:
-                    timer.cancel()
+                if deadline is not None:
+                    self._watch_head(loop, conn, deadline)
+                return await waiter
             except ConnectionCut:
                 conn.abort()
                 if not reused or conn.got_bytes:
@@ -527,11 +540,38 @@ class Http1Client:
             # race) and nothing of a response arrived: once more, on a new connection.
             conn, reused = await self._acquire_by(True, deadline)
 
+    def _watch_head(self, loop: asyncio.AbstractEventLoop, conn: _Conn, deadline: float) -> None:
+        conn.head_deadline = deadline
+        self._heads.add(conn)
+        timer = self._heads_timer
+        if timer is None or deadline < self._heads_at:
+            if timer is not None:
+                timer.cancel()
+            self._heads_at = deadline
+            self._heads_timer = loop.call_at(deadline, self._check_heads)
+
+    def _check_heads(self) -> None:
+        """Fail the requests whose head is overdue; re-arm for the earliest other deadline."""
+        self._heads_timer = None
+        assert self._loop is not None
+        now = self._loop.time() + 0.001  # call_at may fire a clock tick early
+        earliest: float | None = None
+        for conn in list(self._heads):
+            waiter = conn.head_waiter
+            if waiter is None or waiter.done():
+                self._heads.discard(conn)  # answered (or failed) since
+            elif conn.head_deadline <= now:
+                self._heads.discard(conn)
+                waiter.set_exception(TimeoutError())
+            elif earliest is None or conn.head_deadline < earliest:
+                earliest = conn.head_deadline
+        if earliest is not None:
+            self._heads_at = earliest
+            self._heads_timer = self._loop.call_at(earliest, self._check_heads)
+
     async def _acquire_by(self, fresh: bool, deadline: float | None) -> tuple[_Conn, bool]:
         if deadline is None:
             return await self._acquire(fresh)
-        if not self._closed and not fresh and (conn := self._pooled(self._loop)) is not None:
-            return conn, True  # the usual case: no waiting, so no timeout scope
         async with asyncio.timeout_at(deadline):
             return await self._acquire(fresh)
 
@@ -554,9 +594,11 @@ class Http1Client:
         if self._closed:
             return
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._heads_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._heads_timer = None
+        self._heads.clear()
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Coroutine, cast
+from typing import Any, Callable, Coroutine, cast
 
 import httptools
 
@@ -86,7 +86,7 @@ class Request:
     started: float  # loop.time() when the request's first byte arrived
 
 
-Handler = Callable[["Exchange"], Awaitable[None]]
+Handler = Callable[["Exchange"], Coroutine[Any, Any, None]]
 # (status, message, the request if its head was parsed) -> (headers, body)
 ErrorRenderer = Callable[[int, str, "Request | None"], tuple[list[tuple[str, str]], bytes]]
 
@@ -243,18 +243,28 @@ class Exchange:
 
     async def write(self, data: bytes) -> None:
         """Send one body chunk; waits only while the transport's buffer is over its high-water mark."""
+        if self.send(data):
+            await self.drain()
+
+    def send(self, data: bytes) -> bool:
+        """`write` without the wait, for relay loops (no coroutine per chunk): True when
+        the client is behind and the caller must `await drain()` before sending more."""
         if self.client_gone:
             raise ConnectionResetError("client disconnected")
         conn = self._conn
         if not self.head_sent or self._ended:
             raise RuntimeError("write() needs start() and no end()")
         if not data or self._no_body:
-            return
+            return False
         size = len(data)
         conn._send(b"".join((b"%x\r\n" % size, data, b"\r\n")) if self._chunked else data)
         self.bytes_sent += size
-        if conn._write_paused:
-            await conn._writable()
+        return conn._write_paused
+
+    async def drain(self) -> None:
+        """Until the client has read enough of what was sent (ConnectionResetError if it left)."""
+        if self._conn._write_paused:
+            await self._conn._writable()
 
     def end(self) -> None:
         """Finish a streamed response (terminating chunk, or close when close-delimited)."""
@@ -435,7 +445,11 @@ class _Connection(asyncio.Protocol):
         self._nheaders += 1
         if self._nheaders > limits.max_headers or len(name) + len(value) > limits.max_field_size:
             self._stop(431, "Request headers too large.")
-        self._headers.add(name, value)
+        # bytes.lower() changes ASCII letters only, which is all a header name may hold.
+        key = name.lower().decode("latin-1")
+        headers = self._headers
+        old = headers.get(key)
+        headers[key] = value.decode("latin-1") if old is None else f"{old}, {value.decode('latin-1')}"
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -573,7 +587,7 @@ class _Connection(asyncio.Protocol):
             ex._respond_error(503, SHUTDOWN_MESSAGE)
             return
         server = self._server
-        task = self._loop.create_task(cast("Coroutine[Any, Any, None]", server._handler(ex)))
+        task = self._loop.create_task(server._handler(ex))
         ex._task = task
         server.tasks.add(task)
         task.add_done_callback(lambda t: self._handler_done(ex, t))

@@ -154,6 +154,7 @@ class UsageChunkDropper(WholeEvents):
     byte-identical otherwise, complete events at once, only an incomplete one held."""
 
     __slots__ = ()
+    FILTERS = True
 
     def keep(self, event: bytes) -> bool:
         return not is_usage_only_event(event)

@@ -136,6 +136,8 @@ class SSESplitter:
         return ends
 
     def _check(self, ends: list[int], total: int) -> None:
+        if total <= self._max:
+            return                    # no part of `total` bytes can be longer than the whole
         start = 0
         for end in (*ends, total):    # complete events, then the pending remainder
             if end - start > self._max:
@@ -195,6 +197,10 @@ class WholeEvents:
 
     __slots__ = ("_splitter", "events")
 
+    # Whether `keep` can refuse anything (subclasses that filter say so): this class
+    # keeps every event without a call per event.
+    FILTERS = False
+
     def __init__(self, max_event_size: int = DEFAULT_MAX_EVENT_SIZE) -> None:
         self._splitter: SSESplitter | None = SSESplitter(max_event_size)
         self.events: list[bytes] | None = []
@@ -207,7 +213,7 @@ class WholeEvents:
         if splitter is None:
             self.events = None
             return chunk
-        had_pending = splitter.buffered
+        had_pending = bool(splitter._buf)
         try:
             events = splitter.feed(chunk)
         except SSEEventTooLarge:
@@ -215,8 +221,8 @@ class WholeEvents:
             self.events = None
             return splitter.flush()
         self.events = events
-        kept = [event for event in events if self.keep(event)]
-        if len(kept) == len(events) and not had_pending and not splitter.buffered:
+        kept = [event for event in events if self.keep(event)] if self.FILTERS else events
+        if len(kept) == len(events) and not had_pending and not splitter._buf:
             return chunk
         return b"".join(kept)
 
