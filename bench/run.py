@@ -75,6 +75,7 @@ STREAM_MODEL = "bench-c20-d25"
 SLOW_MODEL = "bench-c120-d1000"
 DIRECT, PROXY, NGINX = "direct", "llm-proxy", "nginx"
 TARGETS = (DIRECT, PROXY, NGINX)
+VARIANT_BASE = "full (limits key, access log on)"
 
 
 def chat_body(model: str = "bench", stream: bool = False) -> str:
@@ -613,40 +614,40 @@ class Bench:
         return res
 
     # -- middleware costs --------------------------------------------------------------------
-    def scenario_variants(self, proxy: Started, upstream_port: int, key_full: str, key_plain: str) -> Started | None:
-        """llm-proxy alone: full key, key without limits, GET /healthz; then a second
-        instance with the access log off. Returns the running instance (the caller stops it)."""
+    def scenario_variants(self, proxy: Started, upstream_port: int, key_full: str, key_plain: str) -> list[Started]:
+        """llm-proxy alone: full key, key without limits, GET /healthz, and the access log
+        off. Two fresh instances of the same age (log on, log off) replace the one the
+        scenarios used, so no variant inherits another's state; every round measures the
+        full configuration too, and the cost of a part is the median of the per-round
+        differences (this VM drifts within minutes). Returns the instances (the caller
+        stops them)."""
         p = self.params
         if WRK is None:
             self.raw["variants"] = None
-            return None
+            return []
+        proxy.stop()
+        on = start_proxy(self.tmp, upstream_port, tag="proxy-variants")
+        off = start_proxy(self.tmp, upstream_port, access_log=False, tag="proxy-nolog")
         get = wrk_script(self.tmp, "", "GET")
         full, plain = wrk_script(self.tmp, key_full), wrk_script(self.tmp, key_plain)
+        t_on, t_off = Target(PROXY, on.port, on.pid, key_full), Target(PROXY, off.port, off.pid, key_full)
+        for t in (t_on, t_off):
+            run_wrk(t.port, full, p.a_conns, 2)   # warm: pools, caches, the spend seed
+        chat = "/v1/chat/completions"
+        plan = [(VARIANT_BASE, t_on, full, chat),
+                ("key without limits", t_on, plain, chat),
+                ("GET /healthz (front + in-process aiohttp)", t_on, get, "/healthz"),
+                ("access log off", t_off, full, chat),
+                ("access log off, key without limits", t_off, plain, chat)]
         rows: dict[str, list[dict[str, Any]]] = {}
-
-        def measure(label: str, target: Target, script: Path, path: str = "/v1/chat/completions") -> None:
-            res = self._wrk_cpu(target, script, p.a_conns, p.a_seconds, path)
-            rows.setdefault(label, []).append(res)
-            log(f"variant {label}: {res.get('rps', 0):.0f} req/s, {res.get('cpu_us_per_req') or 0:.1f} us CPU/req")
-
-        t = Target(PROXY, proxy.port, proxy.pid, key_full)
-        for r in range(2):
-            plan = [("full (limits key, access log on)", full, "/v1/chat/completions"),
-                    ("key without limits", plain, "/v1/chat/completions"),
-                    ("GET /healthz (front + in-process aiohttp)", get, "/healthz")]
-            for label, script, path in (plan if r % 2 == 0 else plan[::-1]):
-                measure(label, t, script, path)
-        proxy.stop()
-        quiet = start_proxy(self.tmp, upstream_port, access_log=False, tag="proxy-nolog")
-        tq = Target(PROXY, quiet.port, quiet.pid, key_full)
-        run_wrk(quiet.port, full, p.a_conns, 2)
-        for r in range(2):
-            plan = [("access log off", full, "/v1/chat/completions"),
-                    ("access log off, key without limits", plain, "/v1/chat/completions")]
-            for label, script, path in (plan if r % 2 == 0 else plan[::-1]):
-                measure(label, tq, script, path)
+        for r in range(p.rounds):
+            for label, target, script, path in (plan if r % 2 == 0 else plan[::-1]):
+                res = self._wrk_cpu(target, script, p.a_conns, p.a_seconds, path)
+                rows.setdefault(label, []).append(res)
+                log(f"variant round {r + 1} {label}: {res.get('rps', 0):.0f} req/s, "
+                    f"{res.get('cpu_us_per_req') or 0:.1f} us CPU/req")
         self.raw["variants"] = rows
-        return quiet
+        return [on, off]
 
 
 def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> int:
@@ -801,14 +802,15 @@ def variants_table(raw: dict[str, Any]) -> str | None:
     rows = raw.get("variants")
     if not rows:
         return None
-    base_label = "full (limits key, access log on)"
-    base = _median([r.get("cpu_us_per_req") for r in rows.get(base_label, [])])
-    lines = [["llm-proxy variant", "req/s", "CPU us/req", "vs full"]]
+    base = [r.get("cpu_us_per_req") for r in rows.get(VARIANT_BASE, [])]
+    lines = [["llm-proxy variant", "req/s", "CPU us/req", "vs full (paired)"]]
     for label, results in rows.items():
         rps = _median([r.get("rps") for r in results])
-        cpu = _median([r.get("cpu_us_per_req") for r in results])
-        delta = "" if cpu is None or base is None or label == base_label else f"{cpu - base:+.1f} us"
-        lines.append([label, _fmt(rps, 0), _fmt(cpu, 1), delta])
+        cpu = [r.get("cpu_us_per_req") for r in results]
+        # Differences within a round, then their median: the VM's drift cancels out.
+        diffs = [c - b for c, b in zip(cpu, base) if c is not None and b is not None]
+        delta = "" if label == VARIANT_BASE or not diffs else f"{statistics.median(diffs):+.1f} us"
+        lines.append([label, _fmt(rps, 0), _fmt(_median(cpu), 1), delta])
     widths = [max(len(r[i]) for r in lines) for i in range(4)]
     out = []
     for i, r in enumerate(lines):
@@ -919,9 +921,7 @@ def main(argv: list[str] | None = None) -> int:
                 getattr(bench, f"scenario_{name}")()
         if params.variants and "v" in args.only:
             log("middleware costs")
-            quiet = bench.scenario_variants(proxy, upstream.port, key, key_plain)
-            if quiet is not None:
-                started.append(quiet)
+            started += bench.scenario_variants(proxy, upstream.port, key, key_plain)
     finally:
         for s in reversed(started):
             s.stop()
