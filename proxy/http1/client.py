@@ -178,6 +178,7 @@ class Http1Response:
             raise BodyTooLarge(f"the upstream response body is larger than {cap} bytes")
         parts: list[bytes] = []
         size = 0
+        data: bytes | None
         while True:
             if self._chunks:
                 data = self._take()  # usually the whole body came with the head: no coroutine
