@@ -35,6 +35,7 @@ class UpstreamTarget:
     dialect: Dialect
     base_path: str               # the path part of the upstream's base URL ("/v1", "")
     head: bytes                  # fixed request header lines: content type, credential, operator headers
+    head_names: frozenset[str]   # their names, lower-cased: a client header of the same name is not passed
     client: Http1Client
     secret: str | None           # the credential, only to scrub it from upstream bodies
 
@@ -61,8 +62,15 @@ class UpstreamPool:
         dialect = BY_PROTOCOL[config.protocol]
         # Streams pass through byte for byte: never let an upstream compress them.
         fixed = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-        head = encode_head({**fixed, **dict(config.headers), **dialect.upstream_headers(api_key)})
-        target = UpstreamTarget(config, dialect, urlsplit(base_url).path.rstrip("/"), head, client, api_key)
+        # Later entries win, whatever their case: the credential over operator headers over ours.
+        merged = {
+            name.lower(): (name, value)
+            for part in (fixed, config.headers, dialect.upstream_headers(api_key))
+            for name, value in part.items()
+        }
+        head = encode_head(dict(merged.values()))
+        path = urlsplit(base_url).path.rstrip("/")
+        target = UpstreamTarget(config, dialect, path, head, frozenset(merged), client, api_key)
         self._targets[config.name] = target
         return target
 
@@ -75,9 +83,14 @@ class UpstreamPool:
 
 
 def request_head(client_headers: Mapping[str, str], target: UpstreamTarget, request_id: str) -> bytes:
-    """The header lines of the upstream request: a few client headers, then ours."""
-    passed = {name: value for name, value in client_headers.items() if name in FORWARDED_REQUEST_HEADERS}
-    passed["X-Request-Id"] = request_id
+    """The header lines of the upstream request: a few client headers (lower-case names,
+    as the front server parses them), then ours; one line per name, ours win."""
+    fixed = target.head_names
+    passed = {
+        name: value for name, value in client_headers.items() if name in FORWARDED_REQUEST_HEADERS and name not in fixed
+    }
+    if "x-request-id" not in fixed:
+        passed["X-Request-Id"] = request_id
     return encode_head(passed) + target.head
 
 

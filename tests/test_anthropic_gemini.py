@@ -12,6 +12,9 @@ from google import genai
 from google.genai import types as gtypes
 
 from _gateway import UPSTREAM_KEY, Reply
+from proxy.config import UpstreamConfig
+from proxy.http1.headers import Headers
+from proxy.upstream import UpstreamPool, request_head
 from fixtures.vectors.load_vector import iter_sse, load
 
 VECTORS = Path(__file__).parent / "fixtures" / "vectors"
@@ -69,6 +72,27 @@ async def test_anthropic_headers_and_beta_query_forwarded(gateway):
     assert lowered["anthropic-version"] == "2026-10-21" and lowered["anthropic-beta"] == "a-2025,b-2026"
     assert lowered["x-api-key"] == UPSTREAM_KEY
     assert orjson.loads(got.body)["context_management"] == {"x": 1}
+
+
+async def test_upstream_head_has_one_line_per_header_and_ours_win() -> None:
+    """A forwarded client header that the operator (or the credential) also sets goes
+    out once, with the operator's value; the request id only when nobody set it."""
+    pool = UpstreamPool()
+    config = UpstreamConfig("u", "http://127.0.0.1:9", "anthropic", "sk-up",
+                            headers={"Anthropic-Beta": "operator-beta", "User-Agent": "gateway/1"})
+    target = pool.add(config, config.base_url, config.api_key)
+    try:
+        client = Headers({"anthropic-version": "2023-06-01", "anthropic-beta": "client-beta",
+                          "user-agent": "sdk/2", "x-api-key": "sk-client"})
+        lines = request_head(client, target, "req_1").decode().split("\r\n")[:-1]
+        names = [line.split(":", 1)[0].lower() for line in lines]
+        assert len(names) == len(set(names)), lines
+        got = dict(line.split(": ", 1) for line in lines)
+        assert got["Anthropic-Beta"] == "operator-beta" and got["User-Agent"] == "gateway/1"
+        assert got["anthropic-version"] == "2023-06-01" and got["x-api-key"] == "sk-up"
+        assert got["X-Request-Id"] == "req_1"
+    finally:
+        await pool.close()
 
 
 @pytest.mark.parametrize("name", ANTHROPIC_STREAMS)

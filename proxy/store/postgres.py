@@ -27,7 +27,7 @@ from proxy.store.base import (
     UsageRecord,
     mint_key,
 )
-from proxy.store.rows import key_from_row, models_json, usage_from_row, usage_row
+from proxy.store.rows import USAGE_COLUMNS, key_from_row, models_json, usage_from_row, usage_row
 
 POOL_MIN = 1
 POOL_MAX = 10
@@ -37,6 +37,10 @@ CLOSE_TIMEOUT_S = 10.0
 # Any fixed bigint shared by every process of this app: ASCII "llmproxy".
 MIGRATION_LOCK = 0x6C6C6D70726F7879
 _GROUPS = ("key", "model", "day")
+_INSERT_USAGE = (
+    f"INSERT INTO usage ({USAGE_COLUMNS}) "
+    f"VALUES ({', '.join(f'${i + 1}' for i in range(len(USAGE_COLUMNS.split(','))))}) ON CONFLICT (id) DO NOTHING"
+)
 # What the driver and the network can raise; anything else is a bug and stays visible.
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
 
@@ -229,13 +233,7 @@ class PostgresStore:
         # and spool replays never double-bill (RELIABILITY §5 I1).
         async with self._conn("write usage") as conn, conn.transaction():
             await conn.executemany(
-                """INSERT INTO usage (id, ts, key_id, key_name, endpoint, model, upstream, upstream_model,
-                                      stream, status, prompt_tokens, completion_tokens, cached_tokens,
-                                      cache_creation_tokens, reasoning_tokens, cost_usd, estimated,
-                                      ttft_ms, duration_ms, error, outcome)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                           $18, $19, $20, $21)
-                   ON CONFLICT (id) DO NOTHING""",
+                _INSERT_USAGE,
                 [usage_row(r) for r in records],
             )
 

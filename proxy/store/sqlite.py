@@ -33,7 +33,7 @@ from proxy.store.base import (
     UsageRecord,
     mint_key,
 )
-from proxy.store.rows import key_from_row, models_json, usage_from_row, usage_row
+from proxy.store.rows import USAGE_COLUMNS, key_from_row, models_json, usage_from_row, usage_row
 
 T = TypeVar("T")
 
@@ -317,12 +317,7 @@ def _revoke_key(conn: sqlite3.Connection, ref: str, now: float) -> KeyRecord | N
     return _one_key(rows)
 
 
-_USAGE_COLUMNS = (
-    "id, ts, key_id, key_name, endpoint, model, upstream, upstream_model, stream, status, prompt_tokens, "
-    "completion_tokens, cached_tokens, cache_creation_tokens, reasoning_tokens, cost_usd, estimated, "
-    "ttft_ms, duration_ms, error, outcome"
-)
-_USAGE_ROW = "(" + ", ".join("?" * 21) + ")"
+_USAGE_ROW = "(" + ", ".join("?" for _ in USAGE_COLUMNS.split(",")) + ")"
 # Rows per INSERT statement: 21 parameters each, under SQLite's 32,766-variable limit.
 _ROWS_PER_INSERT = 500
 
@@ -337,7 +332,7 @@ def _write_usage(conn: sqlite3.Connection, rows: list[tuple[object, ...]]) -> No
         for start in range(0, len(rows), _ROWS_PER_INSERT):
             part = rows[start : start + _ROWS_PER_INSERT]
             conn.execute(
-                f"INSERT INTO usage ({_USAGE_COLUMNS}) VALUES {', '.join([_USAGE_ROW] * len(part))} "
+                f"INSERT INTO usage ({USAGE_COLUMNS}) VALUES {', '.join([_USAGE_ROW] * len(part))} "
                 "ON CONFLICT (id) DO NOTHING",
                 [value for row in part for value in row],
             )
