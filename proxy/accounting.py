@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import fcntl
 import itertools
 import logging
@@ -66,11 +65,7 @@ _START_REPLAY_STEPS = 10
 
 # Spool lines are checked before they reach the store: one malformed line must not
 # block the replay of every line after it.
-_FIELDS = {f.name: f for f in dataclasses.fields(UsageRecord)}
-_REQUIRED = frozenset(
-    name for name, f in _FIELDS.items()
-    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-)
+_REQUIRED = frozenset(UsageRecord._fields) - UsageRecord._field_defaults.keys()
 _NUMBER = (int, float)
 _TYPES: dict[str, tuple[type, ...]] = {
     "id": (str,), "ts": _NUMBER, "key_id": (str, type(None)), "key_name": (str, type(None)),
@@ -298,7 +293,7 @@ class UsageSink:
 
     def _append_spool(self, batch: list[UsageRecord]) -> None:
         """Append and fsync. Runs in a worker thread (flushes) or on the loop (overflow)."""
-        data = b"".join(orjson.dumps(r) + b"\n" for r in batch)
+        data = b"".join(orjson.dumps(r._asdict()) + b"\n" for r in batch)
         self._spool.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self._spool, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import calendar
-import dataclasses
 import datetime
 import math
 import re
@@ -116,7 +115,7 @@ def key_json(k: KeyRecord) -> dict[str, Any]:
 
 
 def usage_json(r: UsageRecord) -> dict[str, Any]:
-    out = dataclasses.asdict(r)
+    out = r._asdict()
     out["ts"] = iso(r.ts)
     return out
 

@@ -219,13 +219,13 @@ async def test_replay_that_fails_half_way_does_not_reinsert_the_committed_half(m
 
 async def test_a_torn_last_line_is_skipped_and_later_appends_survive(make_sink, spool):
     spool.parent.mkdir(parents=True)
-    torn = orjson.dumps(rec(99))[:40]  # SIGKILL in the middle of an append
-    spool.write_bytes(b"".join(orjson.dumps(rec(i)) + b"\n" for i in range(3)) + torn)
+    torn = orjson.dumps(rec(99)._asdict())[:40]  # SIGKILL in the middle of an append
+    spool.write_bytes(b"".join(orjson.dumps(rec(i)._asdict()) + b"\n" for i in range(3)) + torn)
     store = FakeStore()
     store.fail = True
     sink = await make_sink(store)  # start() claims that file but cannot replay it: the store is down
     # Another worker sharing the spool dies mid-append; this one appends after it.
-    other = orjson.dumps(rec(3)) + b"\n"
+    other = orjson.dumps(rec(3)._asdict()) + b"\n"
     spool.write_bytes(other + torn)
     sink.record(rec("new"))
     await until(lambda: sink.depth == 0)
@@ -241,11 +241,11 @@ async def test_a_torn_last_line_is_skipped_and_later_appends_survive(make_sink, 
 async def test_malformed_spool_lines_do_not_block_the_rest(make_sink, spool):
     spool.parent.mkdir(parents=True)
     lines = [
-        orjson.dumps(rec(1)),
+        orjson.dumps(rec(1)._asdict()),
         b'{"id": 5}',                                              # missing fields
-        orjson.dumps({**orjson.loads(orjson.dumps(rec(2))), "prompt_tokens": "7"}),  # wrong type
+        orjson.dumps({**orjson.loads(orjson.dumps(rec(2)._asdict())), "prompt_tokens": "7"}),  # wrong type
         b"[1,2,3]",
-        orjson.dumps({**orjson.loads(orjson.dumps(rec(3))), "future_field": 1}),  # newer writer
+        orjson.dumps({**orjson.loads(orjson.dumps(rec(3)._asdict())), "future_field": 1}),  # newer writer
         b"\x00\x00garbage",
     ]
     spool.write_bytes(b"\n".join(lines) + b"\n")
@@ -257,8 +257,8 @@ async def test_malformed_spool_lines_do_not_block_the_rest(make_sink, spool):
 async def test_a_replay_file_left_by_a_crashed_process_is_replayed_at_start(make_sink, spool):
     spool.parent.mkdir(parents=True)
     left = spool.with_name(spool.name + ".replaying.4242.deadbeef")
-    left.write_bytes(orjson.dumps(rec("old")) + b"\n")
-    spool.write_bytes(orjson.dumps(rec("older")) + b"\n")
+    left.write_bytes(orjson.dumps(rec("old")._asdict()) + b"\n")
+    spool.write_bytes(orjson.dumps(rec("older")._asdict()) + b"\n")
     store = FakeStore()
     await make_sink(store)
     assert set(store.rows) == {"req_old", "req_older"}
@@ -288,7 +288,7 @@ async def test_two_workers_sharing_one_spool_lose_nothing(make_sink, spool):
 
 async def test_a_large_spool_is_replayed_in_batches_with_fresh_records_in_between(make_sink, spool):
     spool.parent.mkdir(parents=True)
-    spool.write_bytes(b"".join(orjson.dumps(rec(f"s{i}")) + b"\n" for i in range(100)))
+    spool.write_bytes(b"".join(orjson.dumps(rec(f"s{i}")._asdict()) + b"\n" for i in range(100)))
     store = FakeStore()
     sink: UsageSink | None = None
 
@@ -313,7 +313,7 @@ def test_an_append_waiting_for_the_lock_follows_a_claim_to_the_new_file(spool):
     import threading
 
     spool.parent.mkdir(parents=True)
-    spool.write_bytes(orjson.dumps(rec("old")) + b"\n")
+    spool.write_bytes(orjson.dumps(rec("old")._asdict()) + b"\n")
     sink = UsageSink(FakeStore(), spool)  # type: ignore[arg-type]
     fd = os.open(spool, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)  # we are the replayer, mid-claim

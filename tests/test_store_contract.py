@@ -294,7 +294,7 @@ async def test_write_usage_is_idempotent(store: Store) -> None:
     assert await store.list_usage(0) == [r1]
 
     # a replay carrying other numbers does not rewrite what was billed: first write wins
-    await store.write_usage([replace(r1, prompt_tokens=999, cost_usd=99.0)])
+    await store.write_usage([r1._replace(prompt_tokens=999, cost_usd=99.0)])
     assert await store.list_usage(0) == [r1]
 
     r2, r3 = rec("req-2", T0 + 1, cost_usd=0.25), rec("req-3", T0 + 2, cost_usd=0.125)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from typing import Literal, NamedTuple, Protocol, Sequence
 
 from proxy.keys import digest_key, display_prefix, generate_key
 
@@ -58,8 +58,12 @@ class KeyLimits:
     expires_at: float | None = None
 
 
-@dataclass(frozen=True)
-class UsageRecord:
+class UsageRecord(NamedTuple):
+    """One upstream attempt, as billed. A NamedTuple: immutable, built once per request
+    at a fifth of a frozen dataclass's cost (21 fields, each set through
+    `object.__setattr__` there), and already the row the SQL stores insert (the fields
+    are in the order of `rows.USAGE_COLUMNS`)."""
+
     id: str                      # the request id; unique, writes are idempotent on it
     ts: float                    # unix seconds, when the request started
     key_id: str | None

@@ -27,7 +27,7 @@ from proxy.store.base import (
     UsageRecord,
     mint_key,
 )
-from proxy.store.rows import USAGE_COLUMNS, key_from_row, models_json, usage_from_row, usage_row
+from proxy.store.rows import USAGE_COLUMNS, key_from_row, models_json, usage_from_row
 
 POOL_MIN = 1
 POOL_MAX = 10
@@ -232,10 +232,7 @@ class PostgresStore:
         # One transaction per batch; a replayed id is skipped (first write wins), so retries
         # and spool replays never double-bill (RELIABILITY §5 I1).
         async with self._conn("write usage") as conn, conn.transaction():
-            await conn.executemany(
-                _INSERT_USAGE,
-                [usage_row(r) for r in records],
-            )
+            await conn.executemany(_INSERT_USAGE, records)
 
     async def list_usage(self, since: float, key_id: str | None = None, limit: int = 10_000) -> list[UsageRecord]:
         if limit <= 0:

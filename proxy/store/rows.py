@@ -33,21 +33,8 @@ def key_from_row(row: Row) -> KeyRecord:
     )
 
 
-def usage_row(r: UsageRecord) -> tuple[object, ...]:
-    """A record as INSERT parameters, in the order of USAGE_COLUMNS."""
-    return (
-        r.id, r.ts, r.key_id, r.key_name, r.endpoint, r.model, r.upstream, r.upstream_model,
-        r.stream, r.status, r.prompt_tokens, r.completion_tokens, r.cached_tokens,
-        r.cache_creation_tokens, r.reasoning_tokens, r.cost_usd, r.estimated,
-        r.ttft_ms, r.duration_ms, r.error, r.outcome,
-    )
-
-
-USAGE_COLUMNS = (
-    "id, ts, key_id, key_name, endpoint, model, upstream, upstream_model, stream, status, "
-    "prompt_tokens, completion_tokens, cached_tokens, cache_creation_tokens, reasoning_tokens, "
-    "cost_usd, estimated, ttft_ms, duration_ms, error, outcome"
-)
+# The record's fields are the table's columns, in order: a record is its own INSERT row.
+USAGE_COLUMNS = ", ".join(UsageRecord._fields)
 
 
 def usage_from_row(row: Row) -> UsageRecord:

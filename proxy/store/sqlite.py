@@ -33,7 +33,7 @@ from proxy.store.base import (
     UsageRecord,
     mint_key,
 )
-from proxy.store.rows import USAGE_COLUMNS, key_from_row, models_json, usage_from_row, usage_row
+from proxy.store.rows import USAGE_COLUMNS, key_from_row, models_json, usage_from_row
 
 T = TypeVar("T")
 
@@ -150,7 +150,7 @@ class SQLiteStore:
 
     async def write_usage(self, records: Sequence[UsageRecord]) -> None:
         if records:
-            await self._call("write usage", _write_usage, [usage_row(r) for r in records])
+            await self._call("write usage", _write_usage, list(records))
 
     async def list_usage(self, since: float, key_id: str | None = None, limit: int = 10_000) -> list[UsageRecord]:
         if limit <= 0:
@@ -322,7 +322,7 @@ _USAGE_ROW = "(" + ", ".join("?" for _ in USAGE_COLUMNS.split(",")) + ")"
 _ROWS_PER_INSERT = 500
 
 
-def _write_usage(conn: sqlite3.Connection, rows: list[tuple[object, ...]]) -> None:
+def _write_usage(conn: sqlite3.Connection, rows: list[UsageRecord]) -> None:
     # One transaction per batch; a replayed id is skipped (first write wins), so retries
     # and spool replays never double-bill (RELIABILITY §5 I1).
     # Multi-row INSERTs, not executemany: the sqlite3 module releases and re-takes the
