@@ -93,13 +93,13 @@ class Forwarder:
         record: Callable[[UsageRecord], None],
         state: "StreamRegistry",
     ) -> None:
-        self._config = config
         self._router = router
         self._upstreams = upstreams
         self._admission = admission
         self._record = record
         self._streams = state
         self._keepalive_s = config.server.stream_keepalive_s
+        self._default_max_tokens = config.limits.default_max_tokens
         # (upstream, upstream_model) pairs that rejected stream_options.include_usage.
         self._no_include_usage: set[tuple[str, str]] = set()
 
@@ -120,12 +120,14 @@ class Forwarder:
         stream has started, failures end it in the caller's dialect here.
         """
         request = ex.request
-        if request.headers.get("content-encoding", "identity").lower() != "identity":
+        encoding = request.headers.get("content-encoding")
+        if encoding is not None and encoding.lower() != "identity":
             # Compressed request bodies are a decompression-bomb surface; no client needs them.
             raise UnsupportedMediaType("Compressed request bodies are not accepted.", code="unsupported_content_encoding")
         raw = request.body
         body = _parse_body(raw)
-        _check_fields(body, endpoint)
+        if endpoint.required:
+            _check_fields(body, endpoint)
         model = _model_of(body, endpoint, path_model)
         stream = _stream_flag(body, endpoint)
         if key is not None and key.models and model not in key.models:
@@ -133,7 +135,7 @@ class Forwarder:
         plan = self._router.plan(model, endpoint.dialect.name)
         price = plan[0].model.price
         prompt_estimate = estimate_prompt_tokens(raw)
-        max_out = _max_output_tokens(body, self._config.limits.default_max_tokens)
+        max_out = _max_output_tokens(body, self._default_max_tokens)
         record_id = record_id_for(request.headers.get("x-request-id"), request_id)
         call = Call(record_id, request_id, time.time(), endpoint, key, model, stream, prompt_estimate)
         reservation, limit_headers = await self._admission.admit(
@@ -152,13 +154,15 @@ class Forwarder:
         call: Call,
         body: dict[str, Any],
         raw: bytes,
-        plan: list[Route],
+        plan: tuple[Route, ...],
         headers: HeaderList,
     ) -> None:
         last_error: ProxyError | None = None
         for attempt, route in enumerate(plan):
-            call.attempt, call.route, call.emitted = attempt, route, False
-            call.outcome, call.error, call.status, call.meter, call.ttft_ms = "ok", None, 0, None, None
+            call.route = route
+            if attempt:  # a fresh Call starts in this state
+                call.attempt, call.emitted = attempt, False
+                call.outcome, call.error, call.status, call.meter, call.ttft_ms = "ok", None, 0, None, None
             target = self._upstreams.get(route.upstream.name)
             out, dropper_needed = self._upstream_body(call, body, raw, route)
             try:
@@ -382,9 +386,12 @@ class Forwarder:
                 call.outcome = "shutdown" if ending else "client_abort"
                 call.error = "server_shutdown" if ending else "client_abort"
             self._emit(call)
-        total_tokens = sum(r.prompt_tokens + r.completion_tokens for r in call.records)
-        total_cost = sum(r.cost_usd for r in call.records)
-        self._admission.settle(reservation, total_tokens, total_cost)
+        if reservation is not None:
+            tokens, cost = 0, 0.0
+            for r in call.records:
+                tokens += r.prompt_tokens + r.completion_tokens
+                cost += r.cost_usd
+            self._admission.settle(reservation, tokens, cost)
 
     def _emit(self, call: Call) -> None:
         route = call.route

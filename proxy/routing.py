@@ -27,6 +27,7 @@ class Router:
         self._rng = rng or random.Random()
         self._routes: dict[str, tuple[Route, ...]] = {}
         self._models: dict[str, ModelConfig] = {}
+        self._fixed: dict[tuple[str, str], tuple[Route, ...]] = {}  # plans without a weighted pick
         self.skipped: list[str] = []
         for model in config.models:
             routes = []
@@ -48,12 +49,16 @@ class Router:
     def protocols(self, name: str) -> set[str]:
         return {r.upstream.protocol for r in self._routes.get(name, ())}
 
-    def plan(self, name: str, protocol: str) -> list[Route]:
+    def plan(self, name: str, protocol: str) -> tuple[Route, ...]:
         """The routes to try for `name` in order: a weighted pick first, then fallbacks.
 
         Raises ModelNotFound for unknown names and InvalidRequest when the model is only
         served by upstreams of another dialect (until cross-dialect translation exists).
+        A plan with no weighted choice in it is made once and kept (the usual case).
         """
+        fixed = self._fixed.get((name, protocol))
+        if fixed is not None:
+            return fixed
         routes = self._routes.get(name)
         if routes is None:
             raise ModelNotFound(f"The model '{_short(name)}' does not exist or is not served here.", param="model")
@@ -66,9 +71,12 @@ class Router:
                 param="model",
                 code="dialect_mismatch",
             )
-        plan = self._weighted_order(usable)
-        for fb in self._models[name].fallbacks:
-            plan.extend(r for r in self._weighted_order(list(self._routes.get(fb, ()))) if r.upstream.protocol == protocol)
+        groups = [usable] + [
+            [r for r in self._routes.get(fb, ()) if r.upstream.protocol == protocol] for fb in self._models[name].fallbacks
+        ]
+        plan = tuple(route for group in groups for route in self._weighted_order(group))
+        if all(len(group) <= 1 for group in groups):
+            self._fixed[(name, protocol)] = plan
         return plan
 
     def _weighted_order(self, routes: list[Route]) -> list[Route]:
