@@ -403,29 +403,30 @@ class Forwarder:
             usage, estimated = Usage(prompt_tokens=call.prompt_estimate), True
         else:
             usage, estimated = Usage(), False   # refused or unreachable: nothing billable
-        now = time.time()
+        key = call.key
+        # Positional, in field order (a NamedTuple's keyword path costs twice as much).
         rec = UsageRecord(
-            id=call.request_id if call.attempt == 0 else f"{call.request_id}.{call.attempt}",
-            ts=call.started,
-            key_id=call.key.id if call.key else None,
-            key_name=call.key.name if call.key else None,
-            endpoint=call.endpoint.name,
-            model=call.model,
-            upstream=route.upstream.name,
-            upstream_model=route.upstream_model,
-            stream=call.stream,
-            status=call.status,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cached_tokens=usage.cached_tokens,
-            cache_creation_tokens=usage.cache_creation_tokens,
-            reasoning_tokens=usage.reasoning_tokens,
-            cost_usd=cost_usd(route.model.price, usage),
-            estimated=estimated,
-            ttft_ms=call.ttft_ms,
-            duration_ms=(now - call.started) * 1000,
-            error=call.error,
-            outcome=call.outcome,
+            call.request_id if call.attempt == 0 else f"{call.request_id}.{call.attempt}",
+            call.started,
+            key.id if key is not None else None,
+            key.name if key is not None else None,
+            call.endpoint.name,
+            call.model,
+            route.upstream.name,
+            route.upstream_model,
+            call.stream,
+            call.status,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+            usage.cache_creation_tokens,
+            usage.reasoning_tokens,
+            cost_usd(route.model.price, usage),
+            estimated,
+            call.ttft_ms,
+            (time.time() - call.started) * 1000,
+            call.error,
+            call.outcome,
         )
         call.records.append(rec)
         call.emitted = True

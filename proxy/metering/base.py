@@ -91,6 +91,14 @@ def build_usage(
     saying otherwise is clamped and flagged so cost = (prompt - cached) * price can
     never turn negative.
     """
+    if (
+        # The usual answer, taken as is: plain counts in range, parts within their whole.
+        type(prompt) is int and type(completion) is int and 0 <= prompt <= bound and 0 <= completion <= bound
+        and (cached is None or (type(cached) is int and 0 <= cached <= prompt))
+        and cache_creation is None
+        and (reasoning is None or (type(reasoning) is int and 0 <= reasoning <= completion))
+    ):
+        return Usage(prompt, completion, cached or 0, 0, reasoning or 0, flagged)
     p, f1 = clamp_count(prompt, bound)
     c, f2 = clamp_count(completion, bound)
     ca, f3 = clamp_count(cached, bound)
