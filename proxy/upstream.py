@@ -84,14 +84,18 @@ class UpstreamPool:
 
 def request_head(client_headers: Mapping[str, str], target: UpstreamTarget, request_id: str) -> bytes:
     """The header lines of the upstream request: a few client headers (lower-case names,
-    as the front server parses them), then ours; one line per name, ours win."""
+    as the front server parses them), then ours; one line per name, ours win. The client's
+    values were latin-1 decoded by the parser (which refuses CR and LF in them), and a
+    request id is either ours or matched a strict pattern, so the lines encode as they are."""
     fixed = target.head_names
-    passed = {
-        name: value for name, value in client_headers.items() if name in FORWARDED_REQUEST_HEADERS and name not in fixed
-    }
+    lines = [
+        f"{name}: {value}\r\n"
+        for name, value in client_headers.items()
+        if name in FORWARDED_REQUEST_HEADERS and name not in fixed
+    ]
     if "x-request-id" not in fixed:
-        passed["X-Request-Id"] = request_id
-    return encode_head(passed) + target.head
+        lines.append(f"X-Request-Id: {request_id}\r\n")
+    return "".join(lines).encode("latin-1") + target.head
 
 
 async def open_response(target: UpstreamTarget, path: str, body: bytes, head: bytes) -> Http1Response:
