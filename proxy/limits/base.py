@@ -9,6 +9,7 @@ admission and per settlement, Redis TIME as the clock). Both pass one contract s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Awaitable, Callable, Literal, NamedTuple, Protocol
 
 Reason = Literal["rpm", "tpm", "parallel", "budget"]
@@ -26,9 +27,16 @@ class LimitSpec:
     budget_usd: float | None = None
     budget_period: str | None = None      # None (lifetime) | "day" | "month" (UTC)
 
-    @property
+    # Derived values are computed on first use and then kept on the spec (a spec lives as
+    # long as its cached key), not recomputed per admission. First use is where they
+    # were always computed, so an unusable budget (inf) still fails at admission only.
+    @cached_property
     def empty(self) -> bool:
         return self.rpm is None and self.tpm is None and self.max_parallel is None and self.budget_usd is None
+
+    @cached_property
+    def budget_nano(self) -> int | None:
+        return None if self.budget_usd is None else usd_to_nano(self.budget_usd)
 
 
 # Reservation and Decision are made on every request: immutable NamedTuples, which
@@ -130,6 +138,7 @@ def make_decision(
     """Build a Decision from a backend's raw counters (after the reservation, if admitted).
 
     `reset_*` follow OpenAI: the time until the window is back to its initial (empty) state.
+    Runs per request: comparisons rather than max() calls.
     """
     rpm, tpm = spec.rpm, spec.tpm
     return Decision(
@@ -138,9 +147,9 @@ def make_decision(
         reason,
         0 if reason is None else retry_after_s(wait_us),
         rpm,
-        None if rpm is None else max(0, rpm - requests_used),
+        None if rpm is None else (rpm - requests_used if rpm > requests_used else 0),
         None if rpm is None else requests_reset_us / US_PER_S,
         tpm,
-        None if tpm is None else max(0, tpm - tokens_used),
+        None if tpm is None else (tpm - tokens_used if tpm > tokens_used else 0),
         None if tpm is None else tokens_reset_us / US_PER_S,
     )

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from proxy.limits.base import (
+    NANO_PER_USD,
     US_PER_S,
     WINDOW_US,
     Decision,
@@ -75,6 +76,7 @@ class _KeyState:
     stale: OrderedDict[str, _Held] = field(default_factory=OrderedDict)       # expired, unsettled
     reserved_nano: int = 0
     spent: dict[int, int] = field(default_factory=dict)                       # period -> nano-USD
+    checked: LimitSpec | None = None    # the spec last passed check_spec(): specs repeat per key
 
 
 class MemoryLimiter:
@@ -109,52 +111,72 @@ class MemoryLimiter:
         reservation = Reservation(key_id, request_id, tokens, cost_usd, spec)
         if spec.empty:
             return Decision(True, reservation)
-        check_spec(spec)
-        cost = usd_to_nano(cost_usd)
         st = self._keys.get(key_id)
-        if st is None:
-            st = self._keys[key_id] = _KeyState()
-        budget = spec.budget_usd
-        now = self._now_us()
+        if st is None or st.checked is not spec:
+            check_spec(spec)
+            if st is None:
+                st = self._keys[key_id] = _KeyState()
+            st.checked = spec
+        cost = round(cost_usd * NANO_PER_USD)     # usd_to_nano, inline: this runs per request
+        if cost < 0:
+            cost = 0
+        now = round(self._clock() * US_PER_S)
         period, period_end = 0, None
-        if budget is not None:
+        if spec.budget_usd is not None:
             period, period_end = self._period(now // US_PER_S, spec.budget_period)
             if period not in st.spent:
                 now = await self._seeded_now(key_id, st, spec)
                 period, period_end = self._period(now // US_PER_S, spec.budget_period)
         # No await from here on: check and reserve are one atomic step.
-        self._prune(st, now)
+        budget = spec.budget_nano
+        requests, log, live = st.requests, st.token_log, st.live
+        cutoff = now - WINDOW_US
+        # Prune only when something is there to prune (the call is most of its cost otherwise).
+        if (requests and requests[0] <= cutoff) or (log and log[0].ts_us <= cutoff) or live or st.stale:
+            self._prune(st, now)
         rpm, tpm, parallel = spec.rpm, spec.tpm, spec.max_parallel
         if (
-            (budget is not None and st.spent[period] + st.reserved_nano + cost > usd_to_nano(budget))
-            or (rpm is not None and len(st.requests) >= rpm)
+            (budget is not None and st.spent[period] + st.reserved_nano + cost > budget)
+            or (rpm is not None and len(requests) >= rpm)
             or (tpm is not None and st.tokens_sum + tokens > tpm)
-            or (parallel is not None and len(st.live) >= parallel)
+            or (parallel is not None and len(live) >= parallel)
         ):
             return self._refusal(st, spec, tokens, cost, now, period, period_end)
         if rpm is not None:
-            st.requests.append(now)
+            requests.append(now)
         if tpm is not None:
             old = st.tokens.get(request_id)
             if old is not None:
                 st.tokens_sum -= old.tokens
             entry = st.tokens[request_id] = _Tokens(request_id, now, tokens)
-            st.token_log.append(entry)
+            log.append(entry)
             st.tokens_sum += tokens
         if parallel is not None or budget is not None:
-            self._release(st, request_id)
+            # A re-admitted id replaces its reservation: release the old one (live: its
+            # reserved spend too; stale: just forget it). Inline, as in settle_now.
+            held = live.pop(request_id, None)
+            if held is not None:
+                st.reserved_nano -= held.cost_nano
+            else:
+                st.stale.pop(request_id, None)
             held_cost = cost if budget is not None else 0
             st.reserved_nano += held_cost
-            st.live[request_id] = _Held(now + self._ttl_us, held_cost, period if budget is not None else None)
-        return self._decision(st, spec, reservation, None, 0, now)
+            live[request_id] = _Held(now + self._ttl_us, held_cost, period if budget is not None else None)
+        # As _decision(), inline: this runs per request.
+        return make_decision(
+            spec, reservation, None, 0,
+            len(requests), requests[-1] + WINDOW_US - now if requests else 0,
+            st.tokens_sum, log[-1].ts_us + WINDOW_US - now if log else 0,
+        )
 
     def _refusal(
         self, st: _KeyState, spec: LimitSpec, tokens: int, cost: int, now: int, period: int, period_end: int | None
     ) -> Decision:
         """Why a request does not fit and how long to wait (base.py: first reason, longest wait)."""
         refusals: list[tuple[Reason, int]] = []
-        if spec.budget_usd is not None:
-            budget, spent = usd_to_nano(spec.budget_usd), st.spent[period]
+        budget = spec.budget_nano
+        if budget is not None:
+            spent = st.spent[period]
             if spent + st.reserved_nano + cost > budget:
                 if spent + cost <= budget:
                     wait = US_PER_S                 # only in-flight reservations are in the way
@@ -191,16 +213,20 @@ class MemoryLimiter:
                 tokens = 0
             st.tokens_sum += tokens - entry.tokens
             entry.tokens = tokens
-        held = self._release(st, rid)
+        # Release the slot and reserved spend (a live reservation) or take it from the
+        # expired ones (stale): inline, this runs per request.
+        held = st.live.pop(rid, None)
+        if held is not None:
+            st.reserved_nano -= held.cost_nano
+        else:
+            held = st.stale.pop(rid, None)
         # Charged once (the held record is gone after the first settlement), and only
         # until it is forgotten, one TTL after its expiry.
-        if (
-            held is not None
-            and held.period is not None
-            and held.period in st.spent
-            and held.expiry_us + self._ttl_us > self._now_us()
-        ):
-            st.spent[held.period] += usd_to_nano(cost_usd)
+        if held is not None and held.period is not None and held.period in st.spent:
+            if held.expiry_us + self._ttl_us > round(self._clock() * US_PER_S):
+                cost = round(cost_usd * NANO_PER_USD)   # usd_to_nano, inline
+                if cost > 0:
+                    st.spent[held.period] += cost
         return True
 
     # --- internals ---
@@ -263,14 +289,6 @@ class MemoryLimiter:
             if held.expiry_us + self._ttl_us > now:
                 break
             del stale[rid]
-
-    @staticmethod
-    def _release(st: _KeyState, rid: str) -> _Held | None:
-        held = st.live.pop(rid, None)
-        if held is not None:
-            st.reserved_nano -= held.cost_nano
-            return held
-        return st.stale.pop(rid, None)
 
     @staticmethod
     def _tokens_wait(st: _KeyState, tpm: int, tokens: int, now: int) -> int:

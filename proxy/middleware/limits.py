@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from typing import NamedTuple
 
 from proxy.errors import QuotaExceeded, RateLimited, ServiceUnavailable
-from proxy.limits.base import Decision, Limiter, LimiterUnavailable, LimitSpec, Reservation
+from proxy.limits.base import US_PER_S, WINDOW_US, Decision, Limiter, LimiterUnavailable, LimitSpec, Reservation
 from proxy.store.base import KeyRecord
 
 log = logging.getLogger("llm_proxy.limits")
@@ -21,21 +22,50 @@ def spec_of(key: KeyRecord) -> LimitSpec:
     return LimitSpec(key.rpm, key.tpm, key.max_parallel, key.budget_usd, key.budget_period)
 
 
-def ratelimit_headers(d: Decision) -> list[tuple[str, str]]:
+# `x-ratelimit-reset-*` of an admitted request: its own entry is the newest, so the
+# window is back to empty exactly one window later (the common case; formatted once).
+_WINDOW_S = WINDOW_US / US_PER_S
+_RESET_WINDOW = f"{math.ceil(_WINDOW_S)}s"
+
+
+def ratelimit_headers(d: Decision, limits: KeyLimits) -> list[tuple[str, str]]:
+    """The headers for decision `d` on the key `limits` was built from."""
     h: list[tuple[str, str]] = []
     if d.limit_requests is not None:
+        remaining, reset = d.remaining_requests, d.reset_requests_s or 0
         h += (
-            ("x-ratelimit-limit-requests", str(d.limit_requests)),
-            ("x-ratelimit-remaining-requests", str(max(0, d.remaining_requests or 0))),
-            ("x-ratelimit-reset-requests", f"{math.ceil(d.reset_requests_s or 0)}s"),
+            # A Decision's limit_* are its spec's limits (make_decision): formatted once.
+            limits.limit_requests or ("x-ratelimit-limit-requests", str(d.limit_requests)),
+            ("x-ratelimit-remaining-requests", str(remaining) if remaining is not None and remaining > 0 else "0"),
+            ("x-ratelimit-reset-requests", _RESET_WINDOW if reset == _WINDOW_S else f"{math.ceil(reset)}s"),
         )
     if d.limit_tokens is not None:
+        remaining, reset = d.remaining_tokens, d.reset_tokens_s or 0
         h += (
-            ("x-ratelimit-limit-tokens", str(d.limit_tokens)),
-            ("x-ratelimit-remaining-tokens", str(max(0, d.remaining_tokens or 0))),
-            ("x-ratelimit-reset-tokens", f"{math.ceil(d.reset_tokens_s or 0)}s"),
+            limits.limit_tokens or ("x-ratelimit-limit-tokens", str(d.limit_tokens)),
+            ("x-ratelimit-remaining-tokens", str(remaining) if remaining is not None and remaining > 0 else "0"),
+            ("x-ratelimit-reset-tokens", _RESET_WINDOW if reset == _WINDOW_S else f"{math.ceil(reset)}s"),
         )
     return h
+
+
+class KeyLimits(NamedTuple):
+    """What admission needs of a key, built once per cached KeyRecord."""
+
+    record: KeyRecord
+    spec: LimitSpec
+    limit_requests: tuple[str, str] | None     # the x-ratelimit-limit-* headers: constant per key
+    limit_tokens: tuple[str, str] | None
+
+    @classmethod
+    def of(cls, key: KeyRecord) -> KeyLimits:
+        spec = spec_of(key)
+        return cls(
+            key,
+            spec,
+            None if spec.rpm is None else ("x-ratelimit-limit-requests", str(spec.rpm)),
+            None if spec.tpm is None else ("x-ratelimit-limit-tokens", str(spec.tpm)),
+        )
 
 
 class Admission:
@@ -43,19 +73,15 @@ class Admission:
         self._limiter = limiter
         self._fail_open = fail_open
         self._settling: set[asyncio.Task[None]] = set()
-        # key id -> (the KeyRecord it was made from, its LimitSpec): keys come from the
-        # auth cache as the same objects, so the spec is built once per cached record.
-        self._specs: dict[str, tuple[KeyRecord, LimitSpec]] = {}
+        # key id -> its KeyLimits: keys come from the auth cache as the same objects, so
+        # this is built once per cached record.
+        self._keys: dict[str, KeyLimits] = {}
 
-    def _spec(self, key: KeyRecord) -> LimitSpec:
-        cached = self._specs.get(key.id)
-        if cached is not None and cached[0] is key:
-            return cached[1]
-        if len(self._specs) >= 10_000:
-            self._specs.clear()
-        spec = spec_of(key)
-        self._specs[key.id] = (key, spec)
-        return spec
+    def _new_limits(self, key: KeyRecord) -> KeyLimits:
+        if len(self._keys) >= 10_000:
+            self._keys.clear()
+        limits = self._keys[key.id] = KeyLimits.of(key)
+        return limits
 
     async def admit(
         self, key: KeyRecord | None, request_id: str, tokens: int, cost_usd: float
@@ -63,7 +89,10 @@ class Admission:
         """The reservation to settle and the `x-ratelimit-*` headers for the response."""
         if key is None:
             return None, []
-        spec = self._spec(key)
+        limits = self._keys.get(key.id)
+        if limits is None or limits.record is not key:
+            limits = self._new_limits(key)
+        spec = limits.spec
         if spec.empty:
             return None, []
         try:
@@ -78,8 +107,8 @@ class Admission:
                 retry_after_s=2,
             ) from None
         if decision.admitted:
-            return decision.reservation, ratelimit_headers(decision)
-        headers = dict(ratelimit_headers(decision))
+            return decision.reservation, ratelimit_headers(decision, limits)
+        headers = dict(ratelimit_headers(decision, limits))
         wait = max(1, int(decision.retry_after_s))
         if decision.reason == "budget":
             headers["x-should-retry"] = "false"
