@@ -16,7 +16,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from proxy.limits.base import (
-    NANO_PER_USD,
     US_PER_S,
     WINDOW_US,
     Decision,
@@ -117,10 +116,8 @@ class MemoryLimiter:
             if st is None:
                 st = self._keys[key_id] = _KeyState()
             st.checked = spec
-        cost = round(cost_usd * NANO_PER_USD)     # usd_to_nano, inline: this runs per request
-        if cost < 0:
-            cost = 0
-        now = round(self._clock() * US_PER_S)
+        cost = usd_to_nano(cost_usd)
+        now = self._now_us()
         period, period_end = 0, None
         if spec.budget_usd is not None:
             period, period_end = self._period(now // US_PER_S, spec.budget_period)
@@ -152,22 +149,11 @@ class MemoryLimiter:
             log.append(entry)
             st.tokens_sum += tokens
         if parallel is not None or budget is not None:
-            # A re-admitted id replaces its reservation: release the old one (live: its
-            # reserved spend too; stale: just forget it). Inline, as in settle_now.
-            held = live.pop(request_id, None)
-            if held is not None:
-                st.reserved_nano -= held.cost_nano
-            else:
-                st.stale.pop(request_id, None)
+            self._release(st, request_id)  # a re-admitted id replaces its reservation
             held_cost = cost if budget is not None else 0
             st.reserved_nano += held_cost
             live[request_id] = _Held(now + self._ttl_us, held_cost, period if budget is not None else None)
-        # As _decision(), inline: this runs per request.
-        return make_decision(
-            spec, reservation, None, 0,
-            len(requests), requests[-1] + WINDOW_US - now if requests else 0,
-            st.tokens_sum, log[-1].ts_us + WINDOW_US - now if log else 0,
-        )
+        return self._decision(st, spec, reservation, None, 0, now)
 
     def _refusal(
         self, st: _KeyState, spec: LimitSpec, tokens: int, cost: int, now: int, period: int, period_end: int | None
@@ -213,20 +199,12 @@ class MemoryLimiter:
                 tokens = 0
             st.tokens_sum += tokens - entry.tokens
             entry.tokens = tokens
-        # Release the slot and reserved spend (a live reservation) or take it from the
-        # expired ones (stale): inline, this runs per request.
-        held = st.live.pop(rid, None)
-        if held is not None:
-            st.reserved_nano -= held.cost_nano
-        else:
-            held = st.stale.pop(rid, None)
+        held = self._release(st, rid)
         # Charged once (the held record is gone after the first settlement), and only
         # until it is forgotten, one TTL after its expiry.
         if held is not None and held.period is not None and held.period in st.spent:
-            if held.expiry_us + self._ttl_us > round(self._clock() * US_PER_S):
-                cost = round(cost_usd * NANO_PER_USD)   # usd_to_nano, inline
-                if cost > 0:
-                    st.spent[held.period] += cost
+            if held.expiry_us + self._ttl_us > self._now_us():
+                st.spent[held.period] += usd_to_nano(cost_usd)
         return True
 
     # --- internals ---
@@ -289,6 +267,15 @@ class MemoryLimiter:
             if held.expiry_us + self._ttl_us > now:
                 break
             del stale[rid]
+
+    @staticmethod
+    def _release(st: _KeyState, rid: str) -> _Held | None:
+        """Free a reservation's slot (and reserved spend, while live); None if not held."""
+        held = st.live.pop(rid, None)
+        if held is not None:
+            st.reserved_nano -= held.cost_nano
+            return held
+        return st.stale.pop(rid, None)
 
     @staticmethod
     def _tokens_wait(st: _KeyState, tpm: int, tokens: int, now: int) -> int:

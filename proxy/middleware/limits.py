@@ -28,7 +28,7 @@ _WINDOW_S = WINDOW_US / US_PER_S
 _RESET_WINDOW = f"{math.ceil(_WINDOW_S)}s"
 
 
-def ratelimit_headers(d: Decision, limits: KeyLimits) -> list[tuple[str, str]]:
+def ratelimit_headers(d: Decision, limits: KeyAdmission) -> list[tuple[str, str]]:
     """The headers for decision `d` on the key `limits` was built from."""
     h: list[tuple[str, str]] = []
     if d.limit_requests is not None:
@@ -49,7 +49,7 @@ def ratelimit_headers(d: Decision, limits: KeyLimits) -> list[tuple[str, str]]:
     return h
 
 
-class KeyLimits(NamedTuple):
+class KeyAdmission(NamedTuple):
     """What admission needs of a key, built once per cached KeyRecord."""
 
     record: KeyRecord
@@ -58,7 +58,7 @@ class KeyLimits(NamedTuple):
     limit_tokens: tuple[str, str] | None
 
     @classmethod
-    def of(cls, key: KeyRecord) -> KeyLimits:
+    def of(cls, key: KeyRecord) -> KeyAdmission:
         spec = spec_of(key)
         return cls(
             key,
@@ -73,14 +73,14 @@ class Admission:
         self._limiter = limiter
         self._fail_open = fail_open
         self._settling: set[asyncio.Task[None]] = set()
-        # key id -> its KeyLimits: keys come from the auth cache as the same objects, so
+        # key id -> its KeyAdmission: keys come from the auth cache as the same objects, so
         # this is built once per cached record.
-        self._keys: dict[str, KeyLimits] = {}
+        self._keys: dict[str, KeyAdmission] = {}
 
-    def _new_limits(self, key: KeyRecord) -> KeyLimits:
+    def _new_limits(self, key: KeyRecord) -> KeyAdmission:
         if len(self._keys) >= 10_000:
             self._keys.clear()
-        limits = self._keys[key.id] = KeyLimits.of(key)
+        limits = self._keys[key.id] = KeyAdmission.of(key)
         return limits
 
     async def admit(
