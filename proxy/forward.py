@@ -138,11 +138,11 @@ class Forwarder:
         max_out = _max_output_tokens(body, self._default_max_tokens)
         record_id = record_id_for(request.headers.get("x-request-id"), request_id)
         call = Call(record_id, request_id, time.time(), endpoint, key, model, stream, prompt_estimate)
-        reservation, limit_headers = await self._admission.admit(
+        reservation, limit_lines = await self._admission.admit(
             key, call.request_id, prompt_estimate + max_out, max_cost_usd(price, prompt_estimate, max_out)
         )
         try:
-            await self._run(ex, call, body, raw, plan, common + limit_headers)
+            await self._run(ex, call, body, raw, plan, common, limit_lines)
         finally:
             self._finish(call, reservation)
 
@@ -156,7 +156,9 @@ class Forwarder:
         raw: bytes,
         plan: tuple[Route, ...],
         headers: HeaderList,
+        lines: bytes,
     ) -> None:
+        """`headers` go on the answer, and `lines`, the same encoded (rate limits)."""
         last_error: ProxyError | None = None
         for attempt, route in enumerate(plan):
             call.route = route
@@ -188,8 +190,8 @@ class Forwarder:
                         relay = UsageChunkDropper()
                     elif (resp.headers.get("content-type") or "").startswith("text/event-stream"):
                         relay = WholeEvents()
-                    return await self._relay_stream(ex, call, target, resp, relay, headers)
-                return await self._relay_body(ex, call, target, resp, headers)
+                    return await self._relay_stream(ex, call, target, resp, relay, headers, lines)
+                return await self._relay_body(ex, call, target, resp, headers, lines)
             except ProxyError as exc:
                 call.outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error"
                 call.error, call.status = exc.code, exc.status
@@ -244,7 +246,7 @@ class Forwarder:
     # ------------------------------------------------------------------ relays
 
     async def _relay_body(
-        self, ex: Exchange, call: Call, target: UpstreamTarget, resp: Http1Response, headers: HeaderList
+        self, ex: Exchange, call: Call, target: UpstreamTarget, resp: Http1Response, headers: HeaderList, lines: bytes
     ) -> None:
         try:
             data = await resp.read_all(_UPSTREAM_BODY_CAP, target.config.timeouts.idle_s)
@@ -271,7 +273,7 @@ class Forwarder:
             call.outcome, call.error = "upstream_error", f"upstream_{resp.status}"
         if resp.status >= 400:
             data = call.endpoint.dialect.relay_error_body(data, call.client_request_id)
-        ex.respond(resp.status, _pass_headers(resp, headers), data)
+        ex.respond(resp.status, _pass_headers(resp, headers), data, lines)
 
     async def _relay_stream(
         self,
@@ -281,6 +283,7 @@ class Forwarder:
         resp: Http1Response,
         relay: UsageChunkDropper | WholeEvents | None,
         headers: HeaderList,
+        lines: bytes,
     ) -> None:
         meter = call.meter
         assert meter is not None  # set for every 2xx answer
@@ -306,7 +309,7 @@ class Forwarder:
                 if chunk is None:
                     if loop.time() - last_data >= idle_s:
                         raise UpstreamTimeout("The upstream stopped sending data.")
-                    _begin(ex, call, head)
+                    _begin(ex, call, head, lines)
                     await ex.write(keepalive)  # type: ignore[arg-type]
                     continue
                 if not chunk:
@@ -325,7 +328,7 @@ class Forwarder:
                         continue
                 if call.ttft_ms is None:
                     call.ttft_ms = (time.time() - call.started) * 1000
-                    _begin(ex, call, head)  # unless a keep-alive already sent it
+                    _begin(ex, call, head, lines)  # unless a keep-alive already sent it
                 if ex.send(chunk):
                     await ex.drain()
                 before, last = last, chunk
@@ -333,7 +336,7 @@ class Forwarder:
             if shared:
                 meter.feed_events(relay.events, rest)  # type: ignore[union-attr]
             meter.finish()
-            _begin(ex, call, head)
+            _begin(ex, call, head, lines)
             if rest:
                 await ex.write(rest)
                 before, last = last, rest
@@ -356,7 +359,7 @@ class Forwarder:
             if self._streams.ending:
                 call.outcome, call.error = "shutdown", "server_shutdown"
                 if not ex.client_gone:
-                    _begin(ex, call, head)
+                    _begin(ex, call, head, lines)
                 await _try_write(ex, dialect.stream_error_event(_shutdown_error(), call.client_request_id))
                 _try_end(ex)
             else:
@@ -528,10 +531,10 @@ def _max_output_tokens(body: dict[str, Any], default: int) -> int:
     return default
 
 
-def _begin(ex: Exchange, call: Call, head: HeaderList) -> None:
+def _begin(ex: Exchange, call: Call, head: HeaderList, lines: bytes) -> None:
     """Send the stream's head, once."""
     if not ex.head_sent:
-        ex.start(200, head)
+        ex.start(200, head, lines)
         call.status = 200
 
 

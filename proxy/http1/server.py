@@ -198,17 +198,22 @@ class Exchange:
         self._ended = False
         self._done = False
 
-    def _head(self, status: int, headers: list[tuple[str, str]]) -> tuple[bytes, bool, bool]:
+    def _head(self, status: int, headers: list[tuple[str, str]], lines: bytes) -> tuple[bytes, bool, bool]:
         """The encoded head, whether the response has no body, whether the connection closes after it."""
         if self.head_sent:
             raise RuntimeError("response already started")
         no_body = self.request.method == "HEAD" or status in (204, 304)
-        return _encode_head(status, headers), no_body, self._conn._must_close(self.request)
+        head = _encode_head(status, headers)
+        return head + lines if lines else head, no_body, self._conn._must_close(self.request)
 
-    def respond(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        """The whole response in one write; the connection is then ready for the next request."""
+    def respond(self, status: int, headers: list[tuple[str, str]], body: bytes, lines: bytes = b"") -> None:
+        """The whole response in one write; the connection is then ready for the next request.
+
+        `lines`: more header lines, already encoded ("Name: value\\r\\n" each) by a caller
+        that vouches for them (no CR or LF inside); they are sent as they are.
+        """
         conn = self._conn
-        head, no_body, close = self._head(status, headers)
+        head, no_body, close = self._head(status, headers, lines)
         parts = [head]
         if status not in (204, 304):
             parts.append(b"Content-Length: %d\r\n" % len(body))
@@ -223,10 +228,11 @@ class Exchange:
         conn._send(b"".join(parts))
         conn._response_ended(self)
 
-    def start(self, status: int, headers: list[tuple[str, str]]) -> None:
-        """Send the head of a streamed response: chunked on HTTP/1.1, close-delimited on 1.0."""
+    def start(self, status: int, headers: list[tuple[str, str]], lines: bytes = b"") -> None:
+        """Send the head of a streamed response: chunked on HTTP/1.1, close-delimited on 1.0.
+        `lines` as in respond()."""
         conn = self._conn
-        head, no_body, close = self._head(status, headers)
+        head, no_body, close = self._head(status, headers, lines)
         framing = b""
         if not no_body:
             if self.request.http_version == "1.1":

@@ -10,7 +10,7 @@ import math
 from typing import NamedTuple
 
 from proxy.errors import QuotaExceeded, RateLimited, ServiceUnavailable
-from proxy.limits.base import US_PER_S, WINDOW_US, Decision, Limiter, LimiterUnavailable, LimitSpec, Reservation
+from proxy.limits.base import Decision, Limiter, LimiterUnavailable, LimitSpec, Reservation
 from proxy.store.base import KeyRecord
 
 log = logging.getLogger("llm_proxy.limits")
@@ -22,31 +22,41 @@ def spec_of(key: KeyRecord) -> LimitSpec:
     return LimitSpec(key.rpm, key.tpm, key.max_parallel, key.budget_usd, key.budget_period)
 
 
-# `x-ratelimit-reset-*` of an admitted request: its own entry is the newest, so the
-# window is back to empty exactly one window later (the common case; formatted once).
-_WINDOW_S = WINDOW_US / US_PER_S
-_RESET_WINDOW = f"{math.ceil(_WINDOW_S)}s"
+def ratelimit_lines(d: Decision, limits: KeyAdmission) -> bytes:
+    """The `x-ratelimit-*` header lines for decision `d` on the key `limits` was built
+    from, encoded: a response head takes them as they are (three lines per limit, from
+    one bytes format; a Decision's limit_* are its spec's limits, see make_decision)."""
+    lines = b""
+    if limits.requests_lines is not None:
+        lines = limits.requests_lines % (_count(d.remaining_requests), math.ceil(d.reset_requests_s or 0))
+    if limits.tokens_lines is not None:
+        lines += limits.tokens_lines % (_count(d.remaining_tokens), math.ceil(d.reset_tokens_s or 0))
+    return lines
 
 
-def ratelimit_headers(d: Decision, limits: KeyAdmission) -> list[tuple[str, str]]:
-    """The headers for decision `d` on the key `limits` was built from."""
-    h: list[tuple[str, str]] = []
-    if d.limit_requests is not None:
-        remaining, reset = d.remaining_requests, d.reset_requests_s or 0
-        h += (
-            # A Decision's limit_* are its spec's limits (make_decision): formatted once.
-            limits.limit_requests or ("x-ratelimit-limit-requests", str(d.limit_requests)),
-            ("x-ratelimit-remaining-requests", str(remaining) if remaining is not None and remaining > 0 else "0"),
-            ("x-ratelimit-reset-requests", _RESET_WINDOW if reset == _WINDOW_S else f"{math.ceil(reset)}s"),
-        )
-    if d.limit_tokens is not None:
-        remaining, reset = d.remaining_tokens, d.reset_tokens_s or 0
-        h += (
-            limits.limit_tokens or ("x-ratelimit-limit-tokens", str(d.limit_tokens)),
-            ("x-ratelimit-remaining-tokens", str(remaining) if remaining is not None and remaining > 0 else "0"),
-            ("x-ratelimit-reset-tokens", _RESET_WINDOW if reset == _WINDOW_S else f"{math.ceil(reset)}s"),
-        )
-    return h
+def header_pairs(lines: bytes) -> list[tuple[str, str]]:
+    """Encoded header lines as (name, value) pairs (for refusals, which are rare)."""
+    pairs = []
+    for line in lines.decode("latin-1").split("\r\n"):
+        if line:
+            name, _, value = line.partition(": ")
+            pairs.append((name, value))
+    return pairs
+
+
+def _count(remaining: int | None) -> int:
+    return remaining if remaining is not None and remaining > 0 else 0
+
+
+def _limit_lines(kind: str, limit: int | None) -> bytes | None:
+    """The three header lines of one limit, its constant value filled in, the rest a format."""
+    if limit is None:
+        return None
+    return (
+        f"x-ratelimit-limit-{kind}: {limit}\r\n"
+        f"x-ratelimit-remaining-{kind}: %d\r\n"
+        f"x-ratelimit-reset-{kind}: %ds\r\n"
+    ).encode("ascii")
 
 
 class KeyAdmission(NamedTuple):
@@ -54,18 +64,13 @@ class KeyAdmission(NamedTuple):
 
     record: KeyRecord
     spec: LimitSpec
-    limit_requests: tuple[str, str] | None     # the x-ratelimit-limit-* headers: constant per key
-    limit_tokens: tuple[str, str] | None
+    requests_lines: bytes | None     # the x-ratelimit-*-requests lines, a bytes format
+    tokens_lines: bytes | None
 
     @classmethod
     def of(cls, key: KeyRecord) -> KeyAdmission:
         spec = spec_of(key)
-        return cls(
-            key,
-            spec,
-            None if spec.rpm is None else ("x-ratelimit-limit-requests", str(spec.rpm)),
-            None if spec.tpm is None else ("x-ratelimit-limit-tokens", str(spec.tpm)),
-        )
+        return cls(key, spec, _limit_lines("requests", spec.rpm), _limit_lines("tokens", spec.tpm))
 
 
 class Admission:
@@ -85,30 +90,30 @@ class Admission:
 
     async def admit(
         self, key: KeyRecord | None, request_id: str, tokens: int, cost_usd: float
-    ) -> tuple[Reservation | None, list[tuple[str, str]]]:
-        """The reservation to settle and the `x-ratelimit-*` headers for the response."""
+    ) -> tuple[Reservation | None, bytes]:
+        """The reservation to settle and the `x-ratelimit-*` header lines for the response."""
         if key is None:
-            return None, []
+            return None, b""
         limits = self._keys.get(key.id)
         if limits is None or limits.record is not key:
             limits = self._new_limits(key)
         spec = limits.spec
         if spec.empty:
-            return None, []
+            return None, b""
         try:
             decision = await self._limiter.admit(key.id, spec, request_id, tokens, cost_usd)
         except LimiterUnavailable:
             if self._fail_open:
                 log.warning("limits backend unavailable; admitting %s (fail_open)", key.name)
-                return None, []
+                return None, b""
             raise ServiceUnavailable(
                 "Rate limiting is temporarily unavailable; please retry.",
                 code="rate_limiter_unavailable",
                 retry_after_s=2,
             ) from None
         if decision.admitted:
-            return decision.reservation, ratelimit_headers(decision, limits)
-        headers = dict(ratelimit_headers(decision, limits))
+            return decision.reservation, ratelimit_lines(decision, limits)
+        headers = dict(header_pairs(ratelimit_lines(decision, limits)))
         wait = max(1, int(decision.retry_after_s))
         if decision.reason == "budget":
             headers["x-should-retry"] = "false"
