@@ -46,6 +46,34 @@ async def test_rpm_burst_admits_exactly_limit_with_openai_429(gateway):
     assert len(recs) == 5  # refused requests never reached an upstream
 
 
+async def test_ratelimit_headers_on_answers_streams_and_refusals(gateway):
+    gw = await gateway()
+    key = await gw.create_key("rpm3-tpm", rpm=3, tpm=100_000)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/chat/completions", json=CHAT, headers=gw.headers(key)) as r:
+            assert r.status == 200
+            first = r.headers.copy()
+            await r.read()
+        async with s.post(gw.url + "/v1/chat/completions", json={**CHAT, "stream": True}, headers=gw.headers(key)) as r:
+            assert r.status == 200
+            streamed = r.headers.copy()
+            await r.read()
+        async with s.post(gw.url + "/v1/chat/completions", json=CHAT, headers=gw.headers(key)) as r:
+            await r.read()
+        async with s.post(gw.url + "/v1/chat/completions", json=CHAT, headers=gw.headers(key)) as r:
+            assert r.status == 429
+            refused = r.headers.copy()
+    assert first["x-ratelimit-limit-requests"] == "3" and first["x-ratelimit-remaining-requests"] == "2"
+    assert first["x-ratelimit-reset-requests"] == "60s" and first["x-ratelimit-reset-tokens"] == "60s"
+    assert first["x-ratelimit-limit-tokens"] == "100000"
+    assert 0 < int(first["x-ratelimit-remaining-tokens"]) < 100_000
+    assert streamed["x-ratelimit-remaining-requests"] == "1" and streamed["x-ratelimit-limit-tokens"] == "100000"
+    assert refused["x-ratelimit-limit-requests"] == "3" and refused["x-ratelimit-remaining-requests"] == "0"
+    assert 1 <= int(refused["x-ratelimit-reset-requests"].removesuffix("s")) <= 60
+    for headers in (first, streamed, refused):
+        assert len(headers.getall("x-ratelimit-limit-requests")) == 1
+
+
 async def test_429_in_anthropic_and_gemini_shape(gateway):
     gw = await gateway()
     key = await gw.create_key("rpm1", rpm=1)
