@@ -820,6 +820,19 @@ def variants_table(raw: dict[str, Any]) -> str | None:
     return "\n".join(out)
 
 
+def python_build() -> str:
+    """How this interpreter is linked. llm-proxy runs under the interpreter that runs the
+    bench (sys.executable), and its build changes the gateway's CPU per request: Debian's
+    python3 (static, PGO + LTO, like the official python images) against a default pyenv
+    build (shared libpython, no PGO); see RESULTS.md."""
+    try:
+        with open("/proc/self/maps") as maps:
+            shared = any("libpython" in line for line in maps)
+    except OSError:
+        return "unknown"
+    return "shared libpython" if shared else "static libpython"
+
+
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     try:
@@ -845,6 +858,8 @@ def machine() -> dict[str, Any]:
         "cpu_model": cpu,
         "kernel": platform.release(),
         "python": platform.python_version(),
+        "python_executable": sys.executable,
+        "python_build": python_build(),
         "aiohttp": aiohttp.__version__,
         "uvloop": uvloop.__version__,
         "orjson": orjson.__version__,
@@ -938,7 +953,8 @@ def main(argv: list[str] | None = None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_bytes(orjson.dumps(raw, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
     m = raw["machine"]
-    print(f"\nllm-proxy benchmark — {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}, aiohttp {m['aiohttp']}, "
+    print(f"\nllm-proxy benchmark — {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']} "
+          f"({m['python_executable']}, {m['python_build']}), aiohttp {m['aiohttp']}, "
           f"nginx {m['nginx'] if NGINX in raw.get('targets', ()) else 'n/a'}; {'smoke run' if args.smoke else f'median of {params.rounds} rounds'}; "
           f"proxy on core {PROXY_CORE}, upstream + load on core {LOAD_CORE}\n")
     print(table(summary, params))
