@@ -568,6 +568,31 @@ async def test_client_going_away_cancels_the_handler(how: str):
     assert write_error and len(done) == 1 and done[0].client_gone and done[0].bytes_sent == 5
 
 
+@pytest.mark.parametrize("how", ["fin", "lost"])
+async def test_client_gone_before_its_handler_ran_still_settles_the_request(how: str):
+    """The request and the FIN (or the connection's loss) arrive in one loop iteration:
+    the handler's task is cancelled before its first step and the handler never runs.
+    The request must still be reported once (on_done) and leave no task behind."""
+    ran: list[Exchange] = []
+    done: list[Exchange] = []
+
+    async def handler(ex: Exchange) -> None:
+        ran.append(ex)
+        ex.respond(200, [], b"ok")
+
+    server = Http1Server(handler, limits=ServerLimits(), render_error=render_error, on_done=done.append)
+    proto, t = server.protocol(), FakeTransport()
+    proto.connection_made(t)
+    proto.data_received(get("/x"))
+    if how == "fin":
+        proto.eof_received()
+    proto.connection_lost(None)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not ran and not server.tasks
+    assert len(done) == 1 and done[0].client_gone and done[0].status == 0
+
+
 def sleeps_until_cancelled(cancelled: asyncio.Event) -> Callable[[Exchange], Awaitable[None]]:
     """A handler that never answers and sets `cancelled` when its task is cancelled."""
 
