@@ -20,6 +20,7 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -334,7 +335,7 @@ def _write_usage(conn: sqlite3.Connection, rows: list[UsageRecord]) -> None:
             conn.execute(
                 f"INSERT INTO usage ({USAGE_COLUMNS}) VALUES {', '.join([_USAGE_ROW] * len(part))} "
                 "ON CONFLICT (id) DO NOTHING",
-                [value for row in part for value in row],
+                list(chain.from_iterable(part)),  # the rows' values in one list, at C speed
             )
 
 
