@@ -193,7 +193,7 @@ class SQLiteStore:
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         try:
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            _use_wal(conn)
             conn.execute("PRAGMA synchronous = FULL")
             _migrate(conn)
         except BaseException:
@@ -218,6 +218,22 @@ def _guarded(what: str, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         # SQL or paths, so it is not carried over.
         code = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
         raise StoreError(f"sqlite store: {what} failed ({code})") from None
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch the database file to WAL (a no-op once it is). While another connection is
+    switching the same new file, SQLite answers SQLITE_BUSY at once, without the busy
+    handler (waiting there could deadlock), so processes starting together retry here
+    for up to the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            return
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorname", None) != "SQLITE_BUSY" or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.01)  # on the store's own thread
 
 
 @contextmanager
