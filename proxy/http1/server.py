@@ -180,7 +180,7 @@ class Exchange:
 
     __slots__ = (
         "request", "head_sent", "client_gone", "status", "bytes_sent",
-        "_conn", "_task", "_running", "_chunked", "_no_body", "_close", "_linger", "_ended", "_done",
+        "_conn", "_task", "_chunked", "_no_body", "_close", "_linger", "_ended", "_done",
     )
 
     def __init__(self, conn: _Connection, request: Request) -> None:
@@ -191,7 +191,6 @@ class Exchange:
         self.bytes_sent = 0
         self._conn = conn
         self._task: asyncio.Task[None] | None = None
-        self._running = False  # the task took its first step (see _Connection._serve)
         self._chunked = False
         self._no_body = False
         self._close = False
@@ -594,23 +593,13 @@ class _Connection(asyncio.Protocol):
             item.keep_alive = False
             ex._respond_error(503, SHUTDOWN_MESSAGE)
             return
-        task = self._loop.create_task(self._serve(ex))
+        server = self._server
+        task = self._loop.create_task(server._handler(ex))
         ex._task = task
-        self._server.tasks.add(task)
-
-    async def _serve(self, ex: Exchange) -> None:
-        """The handler, then what its end means for the connection: inside the task, not
-        in a done callback (a closure and a loop callback per request)."""
-        ex._running = True
-        try:
-            await self._server._handler(ex)
-        except asyncio.CancelledError:
-            self._handler_done(ex, None, cancelled=True)
-            raise
-        except Exception as exc:
-            self._handler_done(ex, exc, cancelled=False)
-        else:
-            self._handler_done(ex, None, cancelled=False)
+        server.tasks.add(task)
+        # A done callback, not code at the end of the task: it also runs for a task
+        # cancelled before its first step (the client left in the same loop iteration).
+        task.add_done_callback(lambda t: self._handler_done(ex, t))
 
     # response side
 
@@ -675,10 +664,11 @@ class _Connection(asyncio.Protocol):
         elif self._server._draining and self._req is None and not self._in_head:
             self._close(linger=False)
 
-    def _handler_done(self, ex: Exchange, exc: Exception | None, cancelled: bool) -> None:
-        if ex._task is not None:
-            self._server.tasks.discard(ex._task)
+    def _handler_done(self, ex: Exchange, task: asyncio.Task[None]) -> None:
+        self._server.tasks.discard(task)
         req = ex.request
+        cancelled = task.cancelled()
+        exc = None if cancelled else task.exception()
         if exc is not None:
             # Method and path only: headers and the query string may carry keys.
             _log.error("handler failed: %s %s", req.method, req.path, exc_info=exc)
@@ -714,13 +704,8 @@ class _Connection(asyncio.Protocol):
         ex = self._exchange
         if ex is not None:
             ex.client_gone = True
-            task = ex._task
-            if task is not None and not task.done():
-                task.cancel()
-                if not ex._running:
-                    # Cancelled before its first step, the task never runs _serve (a
-                    # coroutine is cancelled before it starts): settle the request here.
-                    self._handler_done(ex, None, cancelled=True)
+            if ex._task is not None and not ex._task.done():
+                ex._task.cancel()
         waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("client disconnected"))

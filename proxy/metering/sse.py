@@ -213,7 +213,7 @@ class WholeEvents:
         if splitter is None:
             self.events = None
             return chunk
-        had_pending = bool(splitter._buf)
+        had_pending = splitter.buffered
         try:
             events = splitter.feed(chunk)
         except SSEEventTooLarge:
@@ -222,7 +222,7 @@ class WholeEvents:
             return splitter.flush()
         self.events = events
         kept = [event for event in events if self.keep(event)] if self.FILTERS else events
-        if len(kept) == len(events) and not had_pending and not splitter._buf:
+        if len(kept) == len(events) and not had_pending and not splitter.buffered:
             return chunk
         return b"".join(kept)
 

@@ -39,7 +39,7 @@ MIGRATION_LOCK = 0x6C6C6D70726F7879
 _GROUPS = ("key", "model", "day")
 _INSERT_USAGE = (
     f"INSERT INTO usage ({USAGE_COLUMNS}) "
-    f"VALUES ({', '.join(f'${i + 1}' for i in range(len(USAGE_COLUMNS.split(','))))}) ON CONFLICT (id) DO NOTHING"
+    f"VALUES ({', '.join(f'${i + 1}' for i in range(len(UsageRecord._fields)))}) ON CONFLICT (id) DO NOTHING"
 )
 # What the driver and the network can raise; anything else is a bug and stays visible.
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)

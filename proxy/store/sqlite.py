@@ -334,7 +334,7 @@ def _revoke_key(conn: sqlite3.Connection, ref: str, now: float) -> KeyRecord | N
     return _one_key(rows)
 
 
-_USAGE_ROW = "(" + ", ".join("?" for _ in USAGE_COLUMNS.split(",")) + ")"
+_USAGE_ROW = "(" + ", ".join("?" * len(UsageRecord._fields)) + ")"
 # Rows per INSERT statement: 21 parameters each, under SQLite's 32,766-variable limit.
 _ROWS_PER_INSERT = 500
 
