@@ -138,9 +138,11 @@ class Forwarder:
         max_out = _max_output_tokens(body, self._default_max_tokens)
         record_id = record_id_for(request.headers.get("x-request-id"), request_id)
         call = Call(record_id, request_id, time.time(), endpoint, key, model, stream, prompt_estimate)
-        reservation, limit_lines = await self._admission.admit(
-            key, call.request_id, prompt_estimate + max_out, max_cost_usd(price, prompt_estimate, max_out)
-        )
+        reserve, reserve_usd = prompt_estimate + max_out, max_cost_usd(price, prompt_estimate, max_out)
+        admitted = self._admission.admit_now(key, call.request_id, reserve, reserve_usd)
+        if admitted is None:   # the limiter must wait (Redis, or a budget's first request)
+            admitted = await self._admission.admit(key, call.request_id, reserve, reserve_usd)
+        reservation, limit_lines = admitted
         try:
             await self._run(ex, call, body, raw, plan, common, limit_lines)
         finally:

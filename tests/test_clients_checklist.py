@@ -96,7 +96,8 @@ async def raw(gw: Any, method: str, path: str, **kw: Any) -> tuple[int, Any, byt
 def count_admissions(gw: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Statuses of every request that reached admission (429s never reach an upstream)."""
     seen: list[int] = []
-    real = gw.state.admission.admit
+    admission = gw.state.admission
+    real, real_now = admission.admit, admission.admit_now
 
     async def counting(*args: Any, **kw: Any) -> Any:
         try:
@@ -107,7 +108,18 @@ def count_admissions(gw: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
         seen.append(200)
         return out
 
-    monkeypatch.setattr(gw.state.admission, "admit", counting)
+    def counting_now(*args: Any, **kw: Any) -> Any:
+        try:
+            out = real_now(*args, **kw)
+        except ProxyError as exc:
+            seen.append(exc.status)
+            raise
+        if out is not None:   # None: admission goes on in admit()
+            seen.append(200)
+        return out
+
+    monkeypatch.setattr(admission, "admit", counting)
+    monkeypatch.setattr(admission, "admit_now", counting_now)
     return seen
 
 

@@ -594,7 +594,9 @@ class _Connection(asyncio.Protocol):
             ex._respond_error(503, SHUTDOWN_MESSAGE)
             return
         server = self._server
-        task = self._loop.create_task(server._handler(ex))
+        # A Task of our own naming: loop.create_task() names each one "Task-<n>" with
+        # PyUnicode_FromFormat, which was ~0.4 % of the instructions per request.
+        task = asyncio.Task(server._handler(ex), loop=self._loop, name="llm-proxy-request")
         ex._task = task
         server.tasks.add(task)
         # A done callback, not code at the end of the task: it also runs for a task

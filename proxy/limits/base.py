@@ -74,6 +74,9 @@ class Limiter(Protocol):
     async def close(self) -> None: ...
     async def ping(self) -> None: ...   # raises LimiterUnavailable
     async def admit(self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float) -> Decision: ...
+    # Admit at once if this backend can without waiting (in-process, spend counter
+    # seeded); None: use admit(). Same answer as admit() would give.
+    def admit_now(self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float) -> Decision | None: ...
     async def settle(self, reservation: Reservation, tokens: int, cost_usd: float) -> None: ...
     # Settle at once if this backend can without waiting (in-process); False: use settle().
     def settle_now(self, reservation: Reservation, tokens: int, cost_usd: float) -> bool: ...
@@ -102,6 +105,8 @@ class Limiter(Protocol):
 #   limits retry_after is the longest wait among the refusing ones (rpm/tpm: until enough
 #   old entries leave the window; parallel: 1 s). Nothing is reserved when anything refuses.
 # - request_id must be unique per admission; re-admitting a held id replaces its entries.
+
+_tuple_new = tuple.__new__
 
 WINDOW_US = 60_000_000          # the rpm/tpm sliding window, in microseconds
 US_PER_S = 1_000_000
@@ -141,8 +146,9 @@ def make_decision(
     Runs per request: comparisons rather than max() calls.
     """
     rpm, tpm = spec.rpm, spec.tpm
-    # _make (namedtuple API): every field is given, and it is cheaper than Decision(...).
-    return Decision._make((
+    # Every field is given: tuple.__new__ builds the same tuple as Decision(...) without
+    # the namedtuple's Python-level __new__ (or _make) frame.
+    return _tuple_new(Decision, (
         reservation is not None,
         reservation,
         reason,

@@ -20,6 +20,7 @@ from proxy.limits.base import (
     WINDOW_US,
     Decision,
     LimiterUnavailable,
+    NANO_PER_USD,
     LimitSpec,
     Reason,
     Reservation,
@@ -48,33 +49,34 @@ def period_bounds(now_s: int, period: str | None) -> tuple[int, int | None]:
     return int(start.timestamp()), int(end.timestamp())
 
 
+# Per-request entries are plain lists and tuples: they are made on every admission, and a
+# list or tuple display costs a fraction of a dataclass __init__ call.
+# A tpm entry: [request_id, admission stamp in µs, tokens]; a list, so settlement can
+# correct its tokens in place.
+_RID, _TS, _TOKENS = 0, 1, 2
+# A held reservation: (expiry_us, cost_nano, period). cost_nano is counted in
+# `reserved_nano` while the reservation is live; period is the budget period its actual
+# cost is charged to (None: no budget).
+_Held = tuple[int, int, "int | None"]
+_NEVER = 2**63
+# Reservation(...) runs the namedtuple's generated Python __new__; this is the same tuple.
+_tuple_new = tuple.__new__
+
+
 # Mutable per-key state (not frozen on purpose: it is the counter itself).
-@dataclass(slots=True)
-class _Tokens:
-    request_id: str
-    ts_us: int
-    tokens: int
-
-
-@dataclass(slots=True)
-class _Held:
-    expiry_us: int
-    cost_nano: int          # counted in `reserved_nano` while the reservation is live
-    period: int | None      # budget period the actual cost is charged to; None: no budget
-
-
 @dataclass(slots=True)
 class _KeyState:
     requests: deque[int] = field(default_factory=deque)                       # admission stamps
     # The tpm window in admission order; an entry replaced by a re-admission of its
     # request id stays here (no longer in `tokens`, not counted) until pruned.
-    token_log: deque[_Tokens] = field(default_factory=deque)
-    tokens: dict[str, _Tokens] = field(default_factory=dict)                  # request id -> counted entry
+    token_log: deque[list] = field(default_factory=deque)                     # type: ignore[type-arg]
+    tokens: dict[str, list] = field(default_factory=dict)                     # type: ignore[type-arg]
     tokens_sum: int = 0
     live: OrderedDict[str, _Held] = field(default_factory=OrderedDict)        # holding a slot
     stale: OrderedDict[str, _Held] = field(default_factory=OrderedDict)       # expired, unsettled
     reserved_nano: int = 0
     spent: dict[int, int] = field(default_factory=dict)                       # period -> nano-USD
+    due_us: int = 0                     # no reservation expires or is forgotten before this
     checked: LimitSpec | None = None    # the spec last passed check_spec(): specs repeat per key
 
 
@@ -105,9 +107,22 @@ class MemoryLimiter:
         return None
 
     async def admit(self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float) -> Decision:
+        while True:
+            decision = self.admit_now(key_id, spec, request_id, tokens, cost_usd)
+            if decision is not None:
+                return decision
+            await self._seed_period(key_id, spec)
+
+    def admit_now(self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float) -> Decision | None:
+        """Admission without waiting; None when the budget period's spend counter must be
+        seeded from the store first (once per key and period: then await admit()).
+
+        Runs on every request of a key with limits, so it is written for the interpreter:
+        one call that inlines its helpers, tuples built without their Python __new__.
+        """
         if tokens < 0:
             tokens = 0
-        reservation = Reservation(key_id, request_id, tokens, cost_usd, spec)
+        reservation = _tuple_new(Reservation, (key_id, request_id, tokens, cost_usd, spec))
         if spec.empty:
             return Decision(True, reservation)
         st = self._keys.get(key_id)
@@ -116,21 +131,25 @@ class MemoryLimiter:
             if st is None:
                 st = self._keys[key_id] = _KeyState()
             st.checked = spec
-        cost = usd_to_nano(cost_usd)
-        now = self._now_us()
+        now = round(self._clock() * US_PER_S)
+        budget = spec.budget_nano
         period, period_end = 0, None
-        if spec.budget_usd is not None:
+        if budget is not None:
             period, period_end = self._period(now // US_PER_S, spec.budget_period)
             if period not in st.spent:
-                now = await self._seeded_now(key_id, st, spec)
-                period, period_end = self._period(now // US_PER_S, spec.budget_period)
-        # No await from here on: check and reserve are one atomic step.
-        budget = spec.budget_nano
+                return None
+        # Check and reserve are one atomic step (no await in this method).
+        cost = round(cost_usd * NANO_PER_USD)   # usd_to_nano, inlined
+        if cost < 0:
+            cost = 0
         requests, log, live = st.requests, st.token_log, st.live
         cutoff = now - WINDOW_US
-        # Prune only when something is there to prune (the call is most of its cost otherwise).
-        if (requests and requests[0] <= cutoff) or (log and log[0].ts_us <= cutoff) or live or st.stale:
-            self._prune(st, now)
+        while requests and requests[0] <= cutoff:
+            requests.popleft()
+        if log and log[0][_TS] <= cutoff:
+            self._prune_tokens(st, cutoff)
+        if now >= st.due_us:
+            self._expire(st, now)
         rpm, tpm, parallel = spec.rpm, spec.tpm, spec.max_parallel
         if (
             (budget is not None and st.spent[period] + st.reserved_nano + cost > budget)
@@ -144,15 +163,21 @@ class MemoryLimiter:
         if tpm is not None:
             old = st.tokens.get(request_id)
             if old is not None:
-                st.tokens_sum -= old.tokens
-            entry = st.tokens[request_id] = _Tokens(request_id, now, tokens)
+                st.tokens_sum -= old[_TOKENS]
+            entry = st.tokens[request_id] = [request_id, now, tokens]
             log.append(entry)
             st.tokens_sum += tokens
         if parallel is not None or budget is not None:
-            self._release(st, request_id)  # a re-admitted id replaces its reservation
-            held_cost = cost if budget is not None else 0
-            st.reserved_nano += held_cost
-            live[request_id] = _Held(now + self._ttl_us, held_cost, period if budget is not None else None)
+            if request_id in live or request_id in st.stale:
+                self._release(st, request_id)  # a re-admitted id replaces its reservation
+            expiry = now + self._ttl_us
+            if budget is None:
+                live[request_id] = (expiry, 0, None)
+            else:
+                st.reserved_nano += cost
+                live[request_id] = (expiry, cost, period)
+            if expiry < st.due_us:
+                st.due_us = expiry
         return self._decision(st, spec, reservation, None, 0, now)
 
     def _refusal(
@@ -197,14 +222,20 @@ class MemoryLimiter:
         if entry is not None:   # still counted (in the window, or not pruned yet): correct in place
             if tokens < 0:
                 tokens = 0
-            st.tokens_sum += tokens - entry.tokens
-            entry.tokens = tokens
-        held = self._release(st, rid)
+            st.tokens_sum += tokens - entry[_TOKENS]
+            entry[_TOKENS] = tokens
+        held = st.live.pop(rid, None)
+        if held is not None:
+            st.reserved_nano -= held[1]
+        else:
+            held = st.stale.pop(rid, None)
+            if held is None:
+                return True
         # Charged once (the held record is gone after the first settlement), and only
         # until it is forgotten, one TTL after its expiry.
-        if held is not None and held.period is not None and held.period in st.spent:
-            if held.expiry_us + self._ttl_us > self._now_us():
-                st.spent[held.period] += usd_to_nano(cost_usd)
+        period = held[2]
+        if period is not None and period in st.spent and held[0] + self._ttl_us > round(self._clock() * US_PER_S):
+            st.spent[period] += usd_to_nano(cost_usd)
         return True
 
     # --- internals ---
@@ -218,21 +249,16 @@ class MemoryLimiter:
     def _now_us(self) -> int:
         return round(self._clock() * US_PER_S)
 
-    async def _seeded_now(self, key_id: str, st: _KeyState, spec: LimitSpec) -> int:
-        """The current time, after making sure the budget period's spend counter exists."""
-        while True:
-            now = self._now_us()
-            if spec.budget_usd is None:
-                return now
-            period, _ = self._period(now // US_PER_S, spec.budget_period)
-            if period in st.spent:
-                return now
-            async with self._seed_lock:
-                if period not in st.spent:
-                    value = await self._seed(key_id, period)
-                    st.spent = {p: v for p, v in st.spent.items() if p >= period - _KEEP_PERIODS_S}
-                    st.spent[period] = value
-            # Loop: the clock moved during the await (and may have crossed into a new period).
+    async def _seed_period(self, key_id: str, spec: LimitSpec) -> None:
+        """Seed the spend counter of the current budget period (admit_now asked for it)."""
+        st = self._keys[key_id]
+        period, _ = self._period(self._now_us() // US_PER_S, spec.budget_period)
+        async with self._seed_lock:
+            if period not in st.spent:
+                value = await self._seed(key_id, period)
+                st.spent = {p: v for p, v in st.spent.items() if p >= period - _KEEP_PERIODS_S}
+                st.spent[period] = value
+        # The clock moves during the await (and may cross into a new period): admit() asks again.
 
     async def _seed(self, key_id: str, period: int) -> int:
         if self._spend_seed is None:
@@ -242,38 +268,46 @@ class MemoryLimiter:
         except Exception as exc:  # the store behind the seed is down: same as backend down
             raise LimiterUnavailable("spend seed failed") from exc
 
-    def _prune(self, st: _KeyState, now: int) -> None:
-        cutoff = now - WINDOW_US
-        requests = st.requests
-        while requests and requests[0] <= cutoff:
-            requests.popleft()
+    @staticmethod
+    def _prune_tokens(st: _KeyState, cutoff: int) -> None:
         log, tokens = st.token_log, st.tokens
-        while log and log[0].ts_us <= cutoff:
+        while log and log[0][_TS] <= cutoff:
             entry = log.popleft()
-            if tokens.get(entry.request_id) is entry:   # else replaced: no longer counted
-                del tokens[entry.request_id]
-                st.tokens_sum -= entry.tokens
-        live = st.live
+            rid = entry[_RID]
+            if tokens.get(rid) is entry:   # else replaced: no longer counted
+                del tokens[rid]
+                st.tokens_sum -= entry[_TOKENS]
+
+    def _expire(self, st: _KeyState, now: int) -> None:
+        """Move expired reservations to `stale`, forget stale ones, and note when to look
+        again (`due_us`: the next expiry or forgetting; settlements only make it early)."""
+        live, stale, ttl = st.live, st.stale, self._ttl_us
         while live:
-            rid, held = next(iter(live.items()))
-            if held.expiry_us > now:
+            rid = next(iter(live))
+            held = live[rid]
+            if held[0] > now:
                 break
             del live[rid]
-            st.reserved_nano -= held.cost_nano
-            st.stale[rid] = held
-        stale = st.stale
+            st.reserved_nano -= held[1]
+            stale[rid] = held
         while stale:
-            rid, held = next(iter(stale.items()))
-            if held.expiry_us + self._ttl_us > now:
+            rid = next(iter(stale))
+            if stale[rid][0] + ttl > now:
                 break
             del stale[rid]
+        due = _NEVER
+        if live:
+            due = live[next(iter(live))][0]
+        if stale:
+            due = min(due, stale[next(iter(stale))][0] + ttl)
+        st.due_us = due
 
     @staticmethod
     def _release(st: _KeyState, rid: str) -> _Held | None:
         """Free a reservation's slot (and reserved spend, while live); None if not held."""
         held = st.live.pop(rid, None)
         if held is not None:
-            st.reserved_nano -= held.cost_nano
+            st.reserved_nano -= held[1]
             return held
         return st.stale.pop(rid, None)
 
@@ -282,11 +316,11 @@ class MemoryLimiter:
         """Until enough of the oldest token entries have left the window for `tokens`."""
         left = st.tokens_sum
         for entry in st.token_log:
-            if st.tokens.get(entry.request_id) is not entry:
+            if st.tokens.get(entry[_RID]) is not entry:
                 continue
-            left -= entry.tokens
+            left -= entry[_TOKENS]
             if left + tokens <= tpm:
-                return entry.ts_us + WINDOW_US - now
+                return entry[_TS] + WINDOW_US - now
         return WINDOW_US
 
     @staticmethod
@@ -295,7 +329,7 @@ class MemoryLimiter:
     ) -> Decision:
         # The newest entries are always counted ones (a re-admission appends its own).
         requests_reset = st.requests[-1] + WINDOW_US - now if st.requests else 0
-        tokens_reset = st.token_log[-1].ts_us + WINDOW_US - now if st.token_log else 0
+        tokens_reset = st.token_log[-1][_TS] + WINDOW_US - now if st.token_log else 0
         return make_decision(
             spec, reservation, reason, wait, len(st.requests), requests_reset, st.tokens_sum, tokens_reset
         )

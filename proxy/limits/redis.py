@@ -378,6 +378,9 @@ class RedisLimiter:
             rpm_used, rpm_reset, tpm_used, tpm_reset,
         )
 
+    def admit_now(self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float) -> Decision | None:
+        return None  # a Redis round trip: admit() it is
+
     def settle_now(self, reservation: Reservation, tokens: int, cost_usd: float) -> bool:
         return False  # a Redis round trip: settle() it is
 

@@ -26,11 +26,13 @@ def ratelimit_lines(d: Decision, limits: KeyAdmission) -> bytes:
     """The `x-ratelimit-*` header lines for decision `d` on the key `limits` was built
     from, encoded: a response head takes them as they are (three lines per limit, from
     one bytes format; a Decision's limit_* are its spec's limits, see make_decision)."""
+    # A limit's lines are there only when the limit is set, and then make_decision gave
+    # its remaining count (never below 0) and reset time.
     lines = b""
     if limits.requests_lines is not None:
-        lines = limits.requests_lines % (_count(d.remaining_requests), math.ceil(d.reset_requests_s or 0))
+        lines = limits.requests_lines % (d.remaining_requests, math.ceil(d.reset_requests_s))  # type: ignore[arg-type]
     if limits.tokens_lines is not None:
-        lines += limits.tokens_lines % (_count(d.remaining_tokens), math.ceil(d.reset_tokens_s or 0))
+        lines += limits.tokens_lines % (d.remaining_tokens, math.ceil(d.reset_tokens_s))  # type: ignore[arg-type]
     return lines
 
 
@@ -42,10 +44,6 @@ def header_pairs(lines: bytes) -> list[tuple[str, str]]:
             name, _, value = line.partition(": ")
             pairs.append((name, value))
     return pairs
-
-
-def _count(remaining: int | None) -> int:
-    return remaining if remaining is not None and remaining > 0 else 0
 
 
 def _limit_lines(kind: str, limit: int | None) -> bytes | None:
@@ -73,6 +71,28 @@ class KeyAdmission(NamedTuple):
         return cls(key, spec, _limit_lines("requests", spec.rpm), _limit_lines("tokens", spec.tpm))
 
 
+_NO_LIMITS: tuple[Reservation | None, bytes] = (None, b"")
+
+
+def _answer(decision: Decision, limits: KeyAdmission) -> tuple[Reservation | None, bytes]:
+    """An admitted decision's reservation and header lines; a refusal raised as its error."""
+    if decision.admitted:
+        return decision.reservation, ratelimit_lines(decision, limits)
+    headers = dict(header_pairs(ratelimit_lines(decision, limits)))
+    wait = max(1, int(decision.retry_after_s))
+    if decision.reason == "budget":
+        headers["x-should-retry"] = "false"
+        raise QuotaExceeded(
+            "This key's budget is spent. Ask the gateway operator to raise it.", headers=headers
+        )
+    what = _WHAT.get(decision.reason or "", "requests")
+    raise RateLimited(
+        f"Rate limit reached for this key ({what}). Please try again in {wait}s.",
+        retry_after_s=min(wait, 60),
+        headers=headers,
+    )
+
+
 class Admission:
     def __init__(self, limiter: Limiter, fail_open: bool) -> None:
         self._limiter = limiter
@@ -82,50 +102,48 @@ class Admission:
         # this is built once per cached record.
         self._keys: dict[str, KeyAdmission] = {}
 
-    def _new_limits(self, key: KeyRecord) -> KeyAdmission:
-        if len(self._keys) >= 10_000:
-            self._keys.clear()
-        limits = self._keys[key.id] = KeyAdmission.of(key)
+    def _limits_of(self, key: KeyRecord) -> KeyAdmission:
+        limits = self._keys.get(key.id)
+        if limits is None or limits.record is not key:
+            if len(self._keys) >= 10_000:
+                self._keys.clear()
+            limits = self._keys[key.id] = KeyAdmission.of(key)
         return limits
+
+    def admit_now(
+        self, key: KeyRecord | None, request_id: str, tokens: int, cost_usd: float
+    ) -> tuple[Reservation | None, bytes] | None:
+        """admit() without waiting, when the limiter can answer at once (in-process);
+        None: await admit()."""
+        if key is None:
+            return _NO_LIMITS
+        limits = self._limits_of(key)
+        if limits.spec.empty:
+            return _NO_LIMITS
+        decision = self._limiter.admit_now(key.id, limits.spec, request_id, tokens, cost_usd)
+        return None if decision is None else _answer(decision, limits)
 
     async def admit(
         self, key: KeyRecord | None, request_id: str, tokens: int, cost_usd: float
     ) -> tuple[Reservation | None, bytes]:
         """The reservation to settle and the `x-ratelimit-*` header lines for the response."""
         if key is None:
-            return None, b""
-        limits = self._keys.get(key.id)
-        if limits is None or limits.record is not key:
-            limits = self._new_limits(key)
-        spec = limits.spec
-        if spec.empty:
-            return None, b""
+            return _NO_LIMITS
+        limits = self._limits_of(key)
+        if limits.spec.empty:
+            return _NO_LIMITS
         try:
-            decision = await self._limiter.admit(key.id, spec, request_id, tokens, cost_usd)
+            decision = await self._limiter.admit(key.id, limits.spec, request_id, tokens, cost_usd)
         except LimiterUnavailable:
             if self._fail_open:
                 log.warning("limits backend unavailable; admitting %s (fail_open)", key.name)
-                return None, b""
+                return _NO_LIMITS
             raise ServiceUnavailable(
                 "Rate limiting is temporarily unavailable; please retry.",
                 code="rate_limiter_unavailable",
                 retry_after_s=2,
             ) from None
-        if decision.admitted:
-            return decision.reservation, ratelimit_lines(decision, limits)
-        headers = dict(header_pairs(ratelimit_lines(decision, limits)))
-        wait = max(1, int(decision.retry_after_s))
-        if decision.reason == "budget":
-            headers["x-should-retry"] = "false"
-            raise QuotaExceeded(
-                "This key's budget is spent. Ask the gateway operator to raise it.", headers=headers
-            )
-        what = _WHAT.get(decision.reason or "", "requests")
-        raise RateLimited(
-            f"Rate limit reached for this key ({what}). Please try again in {wait}s.",
-            retry_after_s=min(wait, 60),
-            headers=headers,
-        )
+        return _answer(decision, limits)
 
     def settle(self, reservation: Reservation | None, tokens: int, cost_usd: float) -> None:
         """Called from `finally` (also while cancelled): inline when the backend can,
