@@ -77,47 +77,62 @@ class _CallStats(Collector):
     """
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.tokens: dict[str, list[int]] = {}      # model -> a count per _TOKEN_KINDS
-        self.estimated: dict[str, int] = {}
-        self.cost: dict[str, float] = {}
+        # (endpoint, model, status) -> [calls, prompt, completion, cached, cache_creation,
+        # reasoning, estimated calls, cost]: one lookup per record; the per-model series
+        # are summed from it at scrape time.
+        self.calls: dict[tuple[str, str, int], list[Any]] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}
         # endpoint -> [count per bucket (last: +Inf)..., sum]
         self.ttft: dict[str, list[float]] = {}
         self.duration: dict[str, list[float]] = {}
 
     def observe(self, rec: UsageRecord) -> None:
-        model = rec.model
-        key = (rec.endpoint, model, rec.status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        tokens = self.tokens.get(model)
-        if tokens is None:
-            tokens = self.tokens[model] = [0] * len(_TOKEN_KINDS)
-        tokens[0] += rec.prompt_tokens
-        tokens[1] += rec.completion_tokens
-        tokens[2] += rec.cached_tokens
-        tokens[3] += rec.cache_creation_tokens
-        tokens[4] += rec.reasoning_tokens
-        if rec.estimated:
-            self.estimated[model] = self.estimated.get(model, 0) + 1
-        if rec.cost_usd > 0:
-            self.cost[model] = self.cost.get(model, 0.0) + rec.cost_usd
-        if rec.outcome == "upstream_error" or rec.outcome == "timeout":
-            ekey = (rec.upstream, rec.outcome)
+        # Unpacked at once: a field read by name goes through a descriptor each time.
+        (_, _, _, _, endpoint, model, upstream, _, _, status, prompt, completion, cached,
+         cache_creation, reasoning, cost, estimated, ttft_ms, duration_ms, _, outcome) = rec
+        key = (endpoint, model, status)
+        agg = self.calls.get(key)
+        if agg is None:
+            agg = self.calls[key] = [0, 0, 0, 0, 0, 0, 0, 0.0]
+        agg[0] += 1
+        agg[1] += prompt
+        agg[2] += completion
+        agg[3] += cached
+        agg[4] += cache_creation
+        agg[5] += reasoning
+        if estimated:
+            agg[6] += 1
+        if cost > 0:
+            agg[7] += cost
+        if outcome == "upstream_error" or outcome == "timeout":
+            ekey = (upstream, outcome)
             self.upstream_errors[ekey] = self.upstream_errors.get(ekey, 0) + 1
-        if rec.ttft_ms is not None:
-            _observe(self.ttft, rec.endpoint, rec.ttft_ms / 1000)
-        _observe(self.duration, rec.endpoint, rec.duration_ms / 1000)
+        if ttft_ms is not None:
+            _observe(self.ttft, endpoint, ttft_ms / 1000)
+        _observe(self.duration, endpoint, duration_ms / 1000)
+
+    def _by_model(self, index: int) -> dict[tuple[str, ...], Any]:
+        """One aggregate column summed per model (models with nothing in it are left out)."""
+        totals: dict[tuple[str, ...], Any] = {}
+        for (_, model, _), agg in self.calls.items():
+            if agg[index]:
+                totals[(model,)] = totals.get((model,), 0) + agg[index]
+        return totals
 
     def collect(self) -> Iterator[Metric]:
+        requests = {(endpoint, model, str(status)): agg[0] for (endpoint, model, status), agg in self.calls.items()}
+        tokens = {
+            (model, kind): n
+            for i, kind in enumerate(_TOKEN_KINDS, start=1)
+            for (model,), n in self._by_model(i).items()
+        }
         yield _counter("llm_proxy_requests", "Model calls (upstream attempts) by endpoint, model and status",
-                       ["endpoint", "model", "status"], {(e, m, str(s)): n for (e, m, s), n in self.requests.items()})
-        yield _counter("llm_proxy_tokens", "Tokens by model and kind", ["model", "kind"],
-                       {(m, kind): n for m, counts in self.tokens.items() for kind, n in zip(_TOKEN_KINDS, counts) if n})
+                       ["endpoint", "model", "status"], requests)
+        yield _counter("llm_proxy_tokens", "Tokens by model and kind", ["model", "kind"], tokens)
         yield _counter("llm_proxy_estimated_requests", "Model calls whose token counts are estimated", ["model"],
-                       {(m,): n for m, n in self.estimated.items()})
+                       self._by_model(6))
         yield _counter("llm_proxy_upstream_errors", "Failed upstream attempts", ["upstream", "outcome"], self.upstream_errors)
-        yield _counter("llm_proxy_cost_usd", "Spend in USD by model", ["model"], {(m,): usd for m, usd in self.cost.items()})
+        yield _counter("llm_proxy_cost_usd", "Spend in USD by model", ["model"], self._by_model(7))
         yield _histogram("llm_proxy_time_to_first_byte_seconds", "Time to first byte", self.ttft)
         yield _histogram("llm_proxy_request_duration_seconds", "Request duration", self.duration)
 
