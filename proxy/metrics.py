@@ -120,8 +120,10 @@ class _CallStats(Collector):
         return totals
 
     def collect(self) -> Iterator[Metric]:
-        requests = {(endpoint, model, str(status)): agg[0] for (endpoint, model, status), agg in self.calls.items()}
-        tokens = {
+        requests: dict[tuple[str, ...], float] = {
+            (endpoint, model, str(status)): agg[0] for (endpoint, model, status), agg in self.calls.items()
+        }
+        tokens: dict[tuple[str, ...], float] = {
             (model, kind): n
             for i, kind in enumerate(_TOKEN_KINDS, start=1)
             for (model,), n in self._by_model(i).items()

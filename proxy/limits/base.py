@@ -106,7 +106,9 @@ class Limiter(Protocol):
 #   old entries leave the window; parallel: 1 s). Nothing is reserved when anything refuses.
 # - request_id must be unique per admission; re-admitting a held id replaces its entries.
 
-_tuple_new = tuple.__new__
+# tuple.__new__(Decision, values) builds the same tuple as Decision(*values) without the
+# namedtuple's generated Python __new__ frame; used where one is built per request.
+tuple_new = tuple.__new__
 
 WINDOW_US = 60_000_000          # the rpm/tpm sliding window, in microseconds
 US_PER_S = 1_000_000
@@ -146,9 +148,7 @@ def make_decision(
     Runs per request: comparisons rather than max() calls.
     """
     rpm, tpm = spec.rpm, spec.tpm
-    # Every field is given: tuple.__new__ builds the same tuple as Decision(...) without
-    # the namedtuple's Python-level __new__ (or _make) frame.
-    return _tuple_new(Decision, (
+    return tuple_new(Decision, (   # every field is given
         reservation is not None,
         reservation,
         reason,

@@ -13,20 +13,21 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Callable
+from typing import Any, Callable
 
 from proxy.limits.base import (
     US_PER_S,
     WINDOW_US,
     Decision,
-    LimiterUnavailable,
     NANO_PER_USD,
+    LimiterUnavailable,
     LimitSpec,
     Reason,
     Reservation,
     SpendSeed,
     check_spec,
     make_decision,
+    tuple_new,
     usd_to_nano,
 )
 
@@ -59,8 +60,6 @@ _RID, _TS, _TOKENS = 0, 1, 2
 # cost is charged to (None: no budget).
 _Held = tuple[int, int, "int | None"]
 _NEVER = 2**63
-# Reservation(...) runs the namedtuple's generated Python __new__; this is the same tuple.
-_tuple_new = tuple.__new__
 
 
 # Mutable per-key state (not frozen on purpose: it is the counter itself).
@@ -69,8 +68,8 @@ class _KeyState:
     requests: deque[int] = field(default_factory=deque)                       # admission stamps
     # The tpm window in admission order; an entry replaced by a re-admission of its
     # request id stays here (no longer in `tokens`, not counted) until pruned.
-    token_log: deque[list] = field(default_factory=deque)                     # type: ignore[type-arg]
-    tokens: dict[str, list] = field(default_factory=dict)                     # type: ignore[type-arg]
+    token_log: deque[list[Any]] = field(default_factory=deque)
+    tokens: dict[str, list[Any]] = field(default_factory=dict)                # request id -> counted entry
     tokens_sum: int = 0
     live: OrderedDict[str, _Held] = field(default_factory=OrderedDict)        # holding a slot
     stale: OrderedDict[str, _Held] = field(default_factory=OrderedDict)       # expired, unsettled
@@ -122,7 +121,7 @@ class MemoryLimiter:
         """
         if tokens < 0:
             tokens = 0
-        reservation = _tuple_new(Reservation, (key_id, request_id, tokens, cost_usd, spec))
+        reservation = tuple_new(Reservation, (key_id, request_id, tokens, cost_usd, spec))
         if spec.empty:
             return Decision(True, reservation)
         st = self._keys.get(key_id)
