@@ -293,16 +293,22 @@ def start_proxy(
         stdout=subprocess.DEVNULL,
         stderr=open(tmp / f"{tag}.log", "wb"),
     )
-    wait_port(port, 30, proc)
-    deadline = time.monotonic() + 15
+    wait_ready(port, proc, 30, 15)
+    return Started(tag, proc, port)
+
+
+def wait_ready(port: int, proc: subprocess.Popen[bytes], listen_s: float, ready_s: float, poll_s: float = 0.05) -> bool:
+    """Wait for llm-proxy to listen, then (bounded) for /readyz to answer 200."""
+    wait_port(port, listen_s, proc)
+    deadline = time.monotonic() + ready_s
     while time.monotonic() < deadline:
         try:
             if http_get(port, "/readyz") == 200:
-                break
+                return True
         except OSError:
             pass
-        time.sleep(0.05)
-    return Started(tag, proc, port)
+        time.sleep(poll_s)
+    return False
 
 
 NGINX_CONF = """\
