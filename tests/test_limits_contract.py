@@ -18,6 +18,8 @@ from redis.asyncio import Redis
 from _redis import RedisServer
 from proxy.limits import MemoryLimiter, RedisLimiter, make_limiter
 from proxy.limits.base import Decision, Limiter, LimiterUnavailable, LimitSpec, SpendSeed
+from proxy.middleware.limits import Admission
+from proxy.store.base import KeyRecord
 
 T = TypeVar("T")
 KEY = "key-1"
@@ -373,3 +375,26 @@ async def test_make_limiter_picks_backend() -> None:
     await lim.close()
     with pytest.raises(ValueError):
         make_limiter("http://nope")
+
+
+async def test_memory_backend_admits_and_settles_without_waiting() -> None:
+    """The in-process backend answers admit_now at once (a budget's first request seeds
+    first) and settles inline: no coroutine on admission, no task per settlement."""
+    async def seed(key_id: str, since: float) -> float:
+        return 0.0
+
+    lim = MemoryLimiter(spend_seed=seed)
+    key = KeyRecord(id="key-m", name="m", prefix="sk-m", digest="d", models=(), rpm=100, tpm=10_000,
+                    max_parallel=5, budget_usd=10.0, budget_period="day", expires_at=None, revoked_at=None,
+                    created_at=0.0)
+    admission = Admission(lim, fail_open=False)
+    assert admission.admit_now(key, "first", 10, 0.01) is None          # the day's spend is seeded first
+    reservation, lines = await admission.admit(key, "first", 10, 0.01)
+    assert reservation is not None and b"x-ratelimit-remaining-requests: 99\r\n" in lines
+    admitted = admission.admit_now(key, "second", 10, 0.01)
+    assert admitted is not None and admitted[0] is not None
+    for r in (reservation, admitted[0]):
+        admission.settle(r, 5, 0.001)
+    assert not admission._settling                                      # settled inline
+    third = lim.admit_now(key.id, admission._limits_of(key).spec, "third", 10, 0.01)
+    assert third is not None and third.remaining_tokens == 10_000 - 5 - 5 - 10   # settled amounts count
