@@ -396,5 +396,5 @@ async def test_memory_backend_admits_and_settles_without_waiting() -> None:
     for r in (reservation, admitted[0]):
         admission.settle(r, 5, 0.001)
     assert not admission._settling                                      # settled inline
-    third = lim.admit_now(key.id, admission._limits_of(key).spec, "third", 10, 0.01)
+    third = lim.admit_now(key.id, LimitSpec(100, 10_000, 5, 10.0, "day"), "third", 10, 0.01)
     assert third is not None and third.remaining_tokens == 10_000 - 5 - 5 - 10   # settled amounts count

@@ -19,7 +19,6 @@ from proxy.limits.base import (
     US_PER_S,
     WINDOW_US,
     Decision,
-    NANO_PER_USD,
     LimiterUnavailable,
     LimitSpec,
     Reason,
@@ -116,8 +115,8 @@ class MemoryLimiter:
         """Admission without waiting; None when the budget period's spend counter must be
         seeded from the store first (once per key and period: then await admit()).
 
-        Runs on every request of a key with limits, so it is written for the interpreter:
-        one call that inlines its helpers, tuples built without their Python __new__.
+        Runs on every request of a key with limits: entries are plain lists and tuples,
+        the Reservation is built without its Python __new__, expiry is scanned when due.
         """
         if tokens < 0:
             tokens = 0
@@ -130,7 +129,7 @@ class MemoryLimiter:
             if st is None:
                 st = self._keys[key_id] = _KeyState()
             st.checked = spec
-        now = round(self._clock() * US_PER_S)
+        now = self._now_us()
         budget = spec.budget_nano
         period, period_end = 0, None
         if budget is not None:
@@ -138,9 +137,7 @@ class MemoryLimiter:
             if period not in st.spent:
                 return None
         # Check and reserve are one atomic step (no await in this method).
-        cost = round(cost_usd * NANO_PER_USD)   # usd_to_nano, inlined
-        if cost < 0:
-            cost = 0
+        cost = usd_to_nano(cost_usd)
         requests, log, live = st.requests, st.token_log, st.live
         cutoff = now - WINDOW_US
         while requests and requests[0] <= cutoff:
@@ -223,17 +220,13 @@ class MemoryLimiter:
                 tokens = 0
             st.tokens_sum += tokens - entry[_TOKENS]
             entry[_TOKENS] = tokens
-        held = st.live.pop(rid, None)
-        if held is not None:
-            st.reserved_nano -= held[1]
-        else:
-            held = st.stale.pop(rid, None)
-            if held is None:
-                return True
+        held = self._release(st, rid)
+        if held is None:
+            return True
         # Charged once (the held record is gone after the first settlement), and only
         # until it is forgotten, one TTL after its expiry.
         period = held[2]
-        if period is not None and period in st.spent and held[0] + self._ttl_us > round(self._clock() * US_PER_S):
+        if period is not None and period in st.spent and held[0] + self._ttl_us > self._now_us():
             st.spent[period] += usd_to_nano(cost_usd)
         return True
 

@@ -102,41 +102,41 @@ class Admission:
         # this is built once per cached record.
         self._keys: dict[str, KeyAdmission] = {}
 
-    def _limits_of(self, key: KeyRecord) -> KeyAdmission:
+    def _limits_of(self, key: KeyRecord | None) -> KeyAdmission | None:
+        """What admission needs of `key`; None when there is nothing to admit (no key, or
+        a key without limits)."""
+        if key is None:
+            return None
         limits = self._keys.get(key.id)
         if limits is None or limits.record is not key:
             if len(self._keys) >= 10_000:
                 self._keys.clear()
             limits = self._keys[key.id] = KeyAdmission.of(key)
-        return limits
+        return None if limits.spec.empty else limits
 
     def admit_now(
         self, key: KeyRecord | None, request_id: str, tokens: int, cost_usd: float
     ) -> tuple[Reservation | None, bytes] | None:
         """admit() without waiting, when the limiter can answer at once (in-process);
         None: await admit()."""
-        if key is None:
-            return _NO_LIMITS
         limits = self._limits_of(key)
-        if limits.spec.empty:
+        if limits is None:
             return _NO_LIMITS
-        decision = self._limiter.admit_now(key.id, limits.spec, request_id, tokens, cost_usd)
+        decision = self._limiter.admit_now(limits.record.id, limits.spec, request_id, tokens, cost_usd)
         return None if decision is None else _answer(decision, limits)
 
     async def admit(
         self, key: KeyRecord | None, request_id: str, tokens: int, cost_usd: float
     ) -> tuple[Reservation | None, bytes]:
         """The reservation to settle and the `x-ratelimit-*` header lines for the response."""
-        if key is None:
-            return _NO_LIMITS
         limits = self._limits_of(key)
-        if limits.spec.empty:
+        if limits is None:
             return _NO_LIMITS
         try:
-            decision = await self._limiter.admit(key.id, limits.spec, request_id, tokens, cost_usd)
+            decision = await self._limiter.admit(limits.record.id, limits.spec, request_id, tokens, cost_usd)
         except LimiterUnavailable:
             if self._fail_open:
-                log.warning("limits backend unavailable; admitting %s (fail_open)", key.name)
+                log.warning("limits backend unavailable; admitting %s (fail_open)", limits.record.name)
                 return _NO_LIMITS
             raise ServiceUnavailable(
                 "Rate limiting is temporarily unavailable; please retry.",
