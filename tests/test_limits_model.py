@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from redis.asyncio import Redis
@@ -71,9 +71,9 @@ class Model:
                 self.requests.append(now)
                 in_window.append(now)
             if spec.tpm is not None:
-                self.tokens[rid] = (now, tokens)
-                token_entries.append((now, tokens))
-                used += tokens
+                self.tokens[rid] = (now, tokens)   # replaces the entry of an id admitted before
+                token_entries = sorted((t, n) for t, n in self.tokens.values() if now - t < W_MS)
+                used = sum(n for _, n in token_entries)
             if spec.max_parallel is not None or spec.budget_usd is not None:
                 self.held[rid] = Held(now + TTL_MS, cents if spec.budget_usd is not None else 0)
         reason = refusals[0][0] if refusals else None
@@ -168,6 +168,42 @@ TestLimiterModel = LimiterMachine.TestCase
 TestLimiterModel.settings = settings(
     max_examples=300, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+
+
+@settings(max_examples=12, deadline=None)
+@given(spec=specs.map(lambda s: LimitSpec(
+    rpm=None if s.rpm is None else s.rpm * 100, tpm=None if s.tpm is None else s.tpm * 300,
+    max_parallel=s.max_parallel, budget_usd=s.budget_usd,
+)), seed=st.integers(0, 2**32))
+def test_long_runs_match_the_model(spec: LimitSpec, seed: int) -> None:
+    """Thousands of steps, hundreds of entries per window: the windows' storage is cut
+    back many times (compaction) while admissions, settlements and re-admissions of an
+    earlier request id go on; every decision still matches the model."""
+    rnd = random.Random(seed)
+    now_ms = [0]
+    lim = MemoryLimiter(clock=lambda: (T0_MS + now_ms[0]) / 1000, reservation_ttl_s=TTL_MS / 1000)
+    model = Model(spec)
+    admitted: list[Reservation] = []
+    loop = asyncio.new_event_loop()
+    try:
+        for n in range(3000):
+            now_ms[0] += rnd.choice((0, 1, 50, 200, 400, 999))
+            if admitted and rnd.random() < 0.4:
+                res = rnd.choice(admitted)
+                tokens, cents = rnd.randrange(0, 60), rnd.randrange(0, 6)
+                loop.run_until_complete(lim.settle(res, tokens, cents / 100))
+                model.settle(T0_MS + now_ms[0], res.request_id, tokens, cents)
+                continue
+            # Now and then an id admitted before (the contract: its entries are replaced).
+            rid = rnd.choice(admitted).request_id if admitted and rnd.random() < 0.05 else f"r{n}"
+            tokens, cents = rnd.randrange(0, 60), rnd.randrange(0, 6)
+            got = loop.run_until_complete(lim.admit("k", spec, rid, tokens, cents / 100))
+            want = model.admit(T0_MS + now_ms[0], rid, tokens, cents)
+            assert observed(got) == want, n
+            if got.reservation is not None:
+                admitted.append(got.reservation)
+    finally:
+        loop.close()
 
 
 def test_exact_window_edge() -> None:
