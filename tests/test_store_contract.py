@@ -304,6 +304,18 @@ async def test_write_usage_is_idempotent(store: Store) -> None:
     assert len(await store.list_usage(0)) == 3
 
 
+async def test_batches_of_any_size_are_written_whole(store: Store) -> None:
+    """A batch is split into INSERTs of fixed row counts (SQLite); every size from one row
+    to several hundred lands completely, once, with each row's own values."""
+    written: list[UsageRecord] = []
+    for size in (1, 2, 3, 63, 64, 65, 127, 130, 501):
+        batch = [rec(f"b{size}-{i:04d}", T0 + len(written) + i, prompt_tokens=i, cost_usd=i / 8) for i in range(size)]
+        await store.write_usage(batch)
+        written += batch
+    got = await store.list_usage(0, limit=len(written) + 10)
+    assert got == written
+
+
 async def test_usage_round_trips_every_field(store: Store) -> None:
     key, _ = await store.create_key("k", KeyLimits())
     full = rec("full", T0 + 0.123456, key, endpoint="messages", model="claude-sonnet", upstream="anthropic",
