@@ -140,16 +140,17 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process tree (all threads), in seconds."""
-    total = 0
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of the process tree (all threads), in seconds."""
+    user = system = 0
     for p in tree(pid):
         try:
             f = _stat_fields(p)
         except OSError:
             continue
-        total += int(f[11]) + int(f[12])
-    return total / CLK_TCK
+        user += int(f[11])
+        system += int(f[12])
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def rss_kb(pid: int) -> int:
@@ -182,12 +183,17 @@ class CpuWatch:
     def __init__(self, pid: int | None) -> None:
         self.pid = pid
         self.t0 = time.monotonic()
-        self.cpu0 = cpu_seconds(pid) if pid else 0.0
+        self.split0 = cpu_split(pid) if pid else (0.0, 0.0)
         self.core0 = core_busy_s(PROXY_CORE)
+        self.kernel_s: float | None = None  # of the target's CPU time, the part in the kernel (after stop)
 
     def stop(self) -> tuple[float | None, float | None]:
         elapsed = max(1e-3, time.monotonic() - self.t0)
-        cpu = cpu_seconds(self.pid) - self.cpu0 if self.pid else None
+        cpu = None
+        if self.pid:
+            user, system = cpu_split(self.pid)
+            self.kernel_s = system - self.split0[1]
+            cpu = user - self.split0[0] + self.kernel_s
         busy = core_busy_s(PROXY_CORE) - self.core0
         foreign = max(0.0, busy - (cpu or 0.0)) / elapsed * 100 if TASKSET else None
         return cpu, foreign
@@ -206,6 +212,7 @@ def measured(t_pid: int | None, label: str, fn: Callable[[], dict[str, Any]]) ->
         cpu, foreign = w.stop()
         res["core0_foreign_pct"] = foreign
         res["attempts"] = attempt + 1
+        res["cpu_kernel_s"] = w.kernel_s
         if foreign is None or foreign <= FOREIGN_LIMIT_PCT or attempt == RETRIES:
             return res, cpu
         log(f"{label}: other processes took {foreign:.0f}% of the proxy core; measuring again")
@@ -616,6 +623,7 @@ class Bench:
         if cpu is not None and res.get("requests"):
             res["cpu_s"] = cpu
             res["cpu_us_per_req"] = cpu * 1e6 / res["requests"]
+            res["cpu_kernel_us_per_req"] = res["cpu_kernel_s"] * 1e6 / res["requests"]
         res.pop("raw", None) if res.get("rps") else None
         return res
 
@@ -706,6 +714,7 @@ def summarize(raw: dict[str, Any], params: Params) -> dict[str, dict[str, float 
         m = s[t]
         m["a_rps"] = over_rounds(a, t, lambda x, row: x["rps"] if not x["non2xx"] and not x["socket_errors"] else None)
         m["a_cpu_us"] = over_rounds(a, t, lambda x, row: x.get("cpu_us_per_req"))
+        m["a_kernel_us"] = over_rounds(a, t, lambda x, row: x.get("cpu_kernel_us_per_req"))
         m["a_p99_ms"] = over_rounds(a, t, lambda x, row: x.get("p99_ms"))
         m["b_p50_ms"] = over_rounds(b, t, lambda x, row: x["latency_ms"]["p50"])
         m["b_p99_ms"] = over_rounds(b, t, lambda x, row: x["latency_ms"]["p99"])
@@ -764,6 +773,7 @@ def table(summary: dict[str, dict[str, float | None]], params: Params) -> str:
         (f"a  req/s, {params.a_conns} conns (wrk)", "a_rps", 0, "", lambda: None),
         ("a  proxy CPU us/request", "a_cpu_us", 1, "<= 6x nginx",
          lambda: None if P["a_cpu_us"] is None or N["a_cpu_us"] is None else P["a_cpu_us"] <= 6 * N["a_cpu_us"]),
+        ("a  of which in the kernel", "a_kernel_us", 1, "", lambda: None),
         ("a  latency p99 ms (wrk)", "a_p99_ms", 2, "", lambda: None),
         (f"b  p50 ms @ {params.b_rate:g} req/s", "b_p50_ms", 3, "", lambda: None),
         (f"b  p99 ms @ {params.b_rate:g} req/s", "b_p99_ms", 3, "", lambda: None),

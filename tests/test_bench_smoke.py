@@ -30,7 +30,7 @@ def test_bench_smoke_prints_the_table(tmp_path: Path) -> None:
     assert header is not None, text
     for column in ("direct", "llm-proxy", "nginx", "proxy/direct", "proxy/nginx", "target"):
         assert column in header
-    for row in ("req/s", "CPU us/request", "added p50 ms", "added TTFB p50 ms", "bunched gaps %",
+    for row in ("req/s", "CPU us/request", "of which in the kernel", "added p50 ms", "added TTFB p50 ms", "bunched gaps %",
                 "KB per open stream", "idle RSS MB"):
         assert row in text, row
     raw = json.loads(out.read_text())
