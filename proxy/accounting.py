@@ -240,9 +240,14 @@ class UsageSink:
     # ------------------------------------------------------------------ flushing
 
     async def _flush_all(self) -> None:
+        """Write the records queued when the flush begins, in batches. Records completed
+        while it writes wait for the next flush: chasing them kept the writer committing
+        (with an fsync each) every few milliseconds, a few records at a time, under
+        steady load (measured at 500 req/s: ~200 commits/s instead of 4)."""
         async with self._lock:
-            while self._queue:
-                k = min(self._max_batch, len(self._queue))
+            left = len(self._queue)
+            while left and self._queue:
+                k = min(self._max_batch, left, len(self._queue))
                 batch = list(itertools.islice(self._queue, 0, k))
                 self._inflight = k
                 try:
@@ -252,6 +257,7 @@ class UsageSink:
                 # Only now, after commit or fsync, do the records leave memory.
                 for _ in range(k):
                     self._queue.popleft()
+                left -= k
 
     async def _write_or_spool(self, batch: list[UsageRecord]) -> None:
         if self._store_available():
