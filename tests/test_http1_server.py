@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.http1.headers import HEADER_KEYS, header_key
 from proxy.http1.server import Exchange, Http1Server, Request, ServerLimits
 
 Handler = Callable[[Exchange], Awaitable[None]]
@@ -807,3 +808,14 @@ async def test_abort_all_closes_everything_and_cancels_handlers():
         finally:
             for c in conns:
                 await c.close()
+
+
+def test_header_key_cache_is_bounded_and_exact() -> None:
+    """Names become lower-case str keys through a cache; made-up names cannot grow it
+    without bound, and past the bound they are still converted, just not stored."""
+    for i in range(2000):
+        raw = b"X-Made-Up-%d" % i
+        assert (HEADER_KEYS.get(raw) or header_key(raw)) == "x-made-up-%d" % i
+    assert len(HEADER_KEYS) <= 512
+    assert header_key(b"X-Made-Up-1999") == "x-made-up-1999"
+    assert header_key(b"\xc9T\xc9") == "\xc9t\xc9"  # only ASCII letters are lowered (latin-1 otherwise)

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from proxy.http1.headers import Headers
+from proxy.http1.headers import HEADER_KEYS, Headers, header_key
 
 __all__ = [
     "BodyTooLarge",
@@ -333,10 +333,14 @@ class _Conn(asyncio.Protocol):
         self.reason += status  # llhttp may hand it over in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        key = name.lower().decode("latin-1")  # see _Connection.on_header in server.py
+        key = HEADER_KEYS.get(name)  # see _Connection.on_header in server.py
+        if key is None:
+            key = header_key(name)
         headers = self.headers
-        old = headers.get(key)
-        headers[key] = value.decode("latin-1") if old is None else f"{old}, {value.decode('latin-1')}"
+        if key in headers:
+            headers[key] = f"{headers[key]}, {value.decode('latin-1')}"
+        else:
+            headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         if not self.expecting:

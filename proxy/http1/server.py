@@ -27,7 +27,7 @@ from typing import Any, Callable, Coroutine, cast
 
 import httptools
 
-from .headers import Headers
+from .headers import HEADER_KEYS, Headers, header_key
 
 __all__ = [
     "ErrorRenderer",
@@ -305,7 +305,7 @@ class Exchange:
 
 class _Connection(asyncio.Protocol):
     __slots__ = (
-        "_server", "_loop", "_limits", "_transport", "_parser", "_remote", "_now",
+        "_server", "_loop", "_limits", "_max_field", "_max_headers", "_transport", "_parser", "_remote", "_now",
         "_url", "_headers", "_nheaders", "_body", "_body_len", "_started", "_in_head", "_head_bytes",
         "_req", "_raw_left", "_continue_pending", "_failure",
         "_queue", "_queued_bytes", "_exchange", "_dead", "_closing", "_gone",
@@ -317,6 +317,8 @@ class _Connection(asyncio.Protocol):
         self._server = server
         self._loop = asyncio.get_running_loop()
         self._limits = server._limits
+        self._max_field = self._limits.max_field_size  # (read per header line)
+        self._max_headers = self._limits.max_headers
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._remote = ""
@@ -447,15 +449,19 @@ class _Connection(asyncio.Protocol):
             self._stop(414, "Request URL too long.")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        limits = self._limits
+        # One call per header line: the limits are plain attributes here, and the key
+        # comes from the cache of names already seen.
         self._nheaders += 1
-        if self._nheaders > limits.max_headers or len(name) + len(value) > limits.max_field_size:
+        if len(name) + len(value) > self._max_field or self._nheaders > self._max_headers:
             self._stop(431, "Request headers too large.")
-        # bytes.lower() changes ASCII letters only, which is all a header name may hold.
-        key = name.lower().decode("latin-1")
+        key = HEADER_KEYS.get(name)
+        if key is None:
+            key = header_key(name)
         headers = self._headers
-        old = headers.get(key)
-        headers[key] = value.decode("latin-1") if old is None else f"{old}, {value.decode('latin-1')}"
+        if key in headers:
+            headers[key] = f"{headers[key]}, {value.decode('latin-1')}"
+        else:
+            headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         parser = self._parser
