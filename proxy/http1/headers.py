@@ -14,7 +14,6 @@ class Headers(dict[str, str]):
     __slots__ = ()
 
 
-
 # Header names as they arrive -> their lower-cased str key. Clients and upstreams send
 # the same few dozen names on every message (an SDK request carries ~17 header lines, an
 # OpenAI response ~20): a dict hit replaces two method calls per line. Bounded: once
