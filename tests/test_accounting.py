@@ -211,8 +211,9 @@ async def test_replay_on_recovery_writes_each_record_exactly_once(make_sink, spo
     assert calls_during_outage <= 6  # backoff: batches go straight to the spool meanwhile
     store.fail = False
     sink.record(rec("after"))
-    # (replayed counts after the store's write returns: wait for the count, not the rows)
-    await until(lambda: len(store.rows) == 21 and not spool.exists() and sink.replayed >= 20, timeout=5)
+    # The replay's last steps (the count, then removing the claimed file) follow the
+    # store's write: wait for the end state, not for the rows.
+    await until(lambda: len(store.rows) == 21 and sink.replayed >= 20 and sink.spool_bytes == 0, timeout=5)
     assert set(store.inserts.values()) == {1}  # no record was inserted twice
     assert sink.replayed in (20, 21) and sink.spool_bytes == 0 and sink.store_ok
 
