@@ -189,11 +189,6 @@ class SQLiteStore:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"sqlite store: cannot create the data directory ({type(exc).__name__})") from None
-        # bool is not an exact int, so the sqlite3 module looks for an adapter for every
-        # bool it binds, and each failed lookup raises (and drops) two AttributeErrors:
-        # about 5,000 instructions per usage row (two bool columns). A registered adapter
-        # is a dict hit. Registration is process-wide; it binds the same 0/1 as before.
-        sqlite3.register_adapter(bool, int)
         # isolation_level=None: no implicit transactions; writes open their own below.
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         try:
@@ -339,6 +334,12 @@ def _revoke_key(conn: sqlite3.Connection, ref: str, now: float) -> KeyRecord | N
     return _one_key(rows)
 
 
+# bool is not an exact int, so the sqlite3 module looks for an adapter for every bool it
+# binds, and each failed lookup raises (and drops) two AttributeErrors: about 5,000
+# instructions per usage row (two bool columns). A registered adapter is a dict hit; the
+# registration is process-wide, made once here, and binds the same 0/1 as before.
+sqlite3.register_adapter(bool, int)
+
 _USAGE_ROW = "(" + ", ".join("?" * len(UsageRecord._fields)) + ")"
 # A batch goes out as INSERTs of a few fixed row counts (130 rows: 64 + 64 + 2), so each
 # count's statement is prepared once and then found in the sqlite3 module's statement
@@ -359,13 +360,12 @@ def _write_usage(conn: sqlite3.Connection, rows: list[UsageRecord]) -> None:
     # GIL around every statement step, and each re-take competes with the event loop
     # thread; one step per up to 64 rows keeps this thread out of the loop's way.
     with _write_txn(conn):
-        start, left = 0, len(rows)
+        start = 0
         for size in _PIECES:
-            while left >= size:
+            while len(rows) - start >= size:
                 # the rows' values in one list, at C speed
                 conn.execute(_INSERT[size], list(chain.from_iterable(rows[start : start + size])))
                 start += size
-                left -= size
 
 
 def _list_usage(conn: sqlite3.Connection, since: float, key_id: str | None, limit: int) -> list[UsageRecord]:
