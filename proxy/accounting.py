@@ -28,6 +28,14 @@ not part of the batch being written is appended to the spool synchronously, on t
 event loop. That blocks the loop for one fsync, which is the price of the bound:
 records are never dropped to keep memory bounded.
 
+Bounded spool (I8): while the records waiting on disk reach `spool_max_bytes`, or the
+disk refuses records that memory holds past `queue_max`, `accepting` is False and the
+gateway refuses billable requests (503) rather than serve calls it cannot bill. Records
+are still never dropped: calls already in flight are recorded, so the spool can pass its
+cap by about one flush interval's records. The state is re-checked after every spool
+append or failed spill and at every flush tick, so a replay (by this process or another
+worker sharing the spool) lifts it within `flush_interval_s`.
+
 On shutdown `close()` (after the handlers drained) makes one last store attempt, else
 spools. A record that still arrives after `close()` goes straight to the spool.
 
@@ -87,6 +95,7 @@ class UsageSink:
         max_batch: int = 1000,
         queue_max: int = 100_000,
         write_timeout_s: float = 5.0,
+        spool_max_bytes: int | None = None,
         on_record: Callable[[UsageRecord], None] | None = None,
     ) -> None:
         self._store = store
@@ -95,6 +104,7 @@ class UsageSink:
         self._max_batch = max(1, max_batch)
         self._queue_max = max(1, queue_max)
         self._write_timeout = write_timeout_s
+        self._spool_max = spool_max_bytes
         self._queue: collections.deque[UsageRecord] = collections.deque()
         self._on_record = on_record
         self._task: asyncio.Task[None] | None = None
@@ -114,6 +124,10 @@ class UsageSink:
         self._claimed: list[Path] = []
         self._replay_offset = 0        # in _claimed[0]: everything before it is committed
         self._replayed_in_file = 0
+        self._spill_failed = False     # the last overflow spill could not reach the disk
+        # False while usage cannot be kept durably (see "Bounded spool"): read by the
+        # forwarder on every model call, so a plain attribute.
+        self.accepting = True
         # Counters (exported by proxy.metrics).
         self.written = 0        # committed to the store from memory
         self.spooled = 0        # appended (fsync'd) to the spool
@@ -129,14 +143,14 @@ class UsageSink:
 
     @property
     def spool_bytes(self) -> int:
-        """Bytes waiting on disk: the spool and any file claimed for replay."""
-        total = 0
+        """Bytes waiting on disk: the spool and what is left of the files claimed for replay."""
+        total = -self._replay_offset if self._claimed else 0  # the replayed part of the first
         for path in itertools.chain((self._spool,), self._replay_files()):
             try:
                 total += path.stat().st_size
             except OSError:
                 pass
-        return total
+        return max(0, total)
 
     @property
     def store_ok(self) -> bool:
@@ -164,10 +178,32 @@ class UsageSink:
 
     def _spill_overflow(self) -> None:
         behind = list(itertools.islice(self._queue, self._inflight, None))
-        if behind and self._spill(behind):
-            for _ in behind:
-                self._queue.pop()
+        if behind:
+            self._spill_failed = not self._spill(behind)
+            if not self._spill_failed:
+                for _ in behind:
+                    self._queue.pop()
+            self._check_room()
         self._wake.set()
+
+    def _check_room(self) -> None:
+        """Set `accepting`: False while the spool holds `spool_max_bytes` or more, or memory
+        holds records past `queue_max` that the spool refused. Logged on each change."""
+        if self._spill_failed and len(self._queue) <= self._queue_max:
+            self._spill_failed = False  # flushed since: memory is within its bound again
+        waiting = self.spool_bytes if self._spool_max is not None else 0
+        full = self._spool_max is not None and waiting >= self._spool_max
+        refusing = self._spill_failed or full
+        if refusing == (not self.accepting):
+            return
+        self.accepting = not refusing
+        if refusing:
+            why = f"the spool holds {waiting} bytes (cap {self._spool_max})" if full else (
+                f"{len(self._queue)} records are held in memory and the spool refuses them"
+            )
+            log.critical("usage cannot be kept durably (%s): refusing billable requests with 503", why)
+        else:
+            log.warning("usage recording has room again: serving billable requests")
 
     def _spill(self, records: list[UsageRecord]) -> bool:
         try:
@@ -185,6 +221,7 @@ class UsageSink:
         self._claimed = sorted(self._leftover_files())
         # A first slice before serving; a large spool goes on in the background.
         await self._replay_spool(max_steps=_START_REPLAY_STEPS)
+        self._check_room()
         self._task = asyncio.create_task(self._run(), name="usage-sink")
 
     async def close(self) -> None:
@@ -236,6 +273,8 @@ class UsageSink:
                 # batch is still queued. Keep the task alive and try again.
                 log.exception("usage flush failed; records stay queued")
                 await asyncio.sleep(max(self._interval, _BACKOFF_FIRST_S))
+            finally:
+                self._check_room()
 
     # ------------------------------------------------------------------ flushing
 
@@ -374,6 +413,7 @@ class UsageSink:
                 more = await self._replay_step()
             if not more:
                 return
+            self._check_room()  # a long replay lifts a full spool's refusal as it goes
             steps += 1
             if self._queue:
                 await self._flush_all()

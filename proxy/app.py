@@ -135,6 +135,8 @@ async def readyz(request: web.Request) -> web.Response:
             checks[name] = "ok"
         except Exception as exc:
             checks[name] = type(exc).__name__
+    if state.sink is not None and not state.sink.accepting:
+        checks["usage"] = "refusing"  # the spool is full: billable requests get 503
     ok = all(v == "ok" for v in checks.values())
     return web.json_response({"status": "ok" if ok else "degraded", "checks": checks}, status=200 if ok else 503)
 
@@ -227,13 +229,14 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         cfg.storage.spool_path,
         flush_interval_s=cfg.storage.flush_interval_s,
         queue_max=cfg.storage.queue_max,
+        spool_max_bytes=int(cfg.storage.spool_max_mb * 1024 * 1024),
         on_record=state.metrics.observe_record,
     )
     await sink.start()
     state.sink = sink
     state.admission = Admission(state.limiter, cfg.limits.fail_open)
     state.authenticator = Authenticator(state.store, KeyCache(cfg.auth.cache_ttl_s, cfg.auth.negative_cache_ttl_s))
-    state.forwarder = Forwarder(cfg, state.router, state.upstreams, state.admission, sink.record, state.streams)
+    state.forwarder = Forwarder(cfg, state.router, state.upstreams, state.admission, sink, state.streams)
     state.ready = True
     try:
         yield

@@ -74,6 +74,9 @@ class StorageConfig:
     spool_path: str = "data/usage-spool.jsonl"
     flush_interval_s: float = 0.25
     queue_max: int = 100_000
+    # Records waiting in the spool past this size: billable requests get 503 until it
+    # drains (RELIABILITY I8: refuse rather than serve calls that cannot be billed).
+    spool_max_mb: float = 1024.0
 
 
 @dataclass(frozen=True)
@@ -303,6 +306,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             ipaddress.ip_network(proxy_net, strict=False)
         except ValueError:
             raise ConfigError(f"{source}: server.trusted_proxies[{i}] is not an IP address or CIDR") from None
+    if not cfg.storage.spool_max_mb > 0:
+        raise ConfigError(f"{source}: storage.spool_max_mb must be positive")
     if not cfg.storage.url.startswith(("sqlite://", "postgresql://", "postgres://")):
         raise ConfigError(f"{source}: storage.url must be sqlite:///path or postgresql://...")
     if not cfg.limits.url.startswith(("memory://", "redis://", "rediss://")):

@@ -129,6 +129,19 @@ class ShuttingDown(ServiceUnavailable):
         super().__init__(message, **kw)  # type: ignore[arg-type]
 
 
+class UsageUnavailable(ServiceUnavailable):
+    """Usage cannot be kept durably (the spool is full, the disk refuses records): a
+    billable call is refused rather than served unbilled (RELIABILITY I8)."""
+
+    code = "usage_recording_unavailable"
+
+    def __init__(
+        self, message: str = "The gateway cannot record usage right now; please retry later.", **kw: object
+    ) -> None:
+        kw.setdefault("retry_after_s", 30)
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+
+
 class UpstreamOverloaded(ServiceUnavailable):
     code = "upstream_overloaded"
 

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 
@@ -26,7 +26,9 @@ from proxy.errors import (
     UpstreamError,
     UpstreamOverloaded,
     UpstreamTimeout,
+    UsageUnavailable,
 )
+from proxy.accounting import UsageSink
 from proxy.limits.base import Reservation
 from proxy.metering import meter_for, settle
 from proxy.metering.base import Meter, Usage
@@ -90,13 +92,14 @@ class Forwarder:
         router: Router,
         upstreams: UpstreamPool,
         admission: Admission,
-        record: Callable[[UsageRecord], None],
+        sink: UsageSink,
         state: "StreamRegistry",
     ) -> None:
         self._router = router
         self._upstreams = upstreams
         self._admission = admission
-        self._record = record
+        self._sink = sink
+        self._record = sink.record
         self._streams = state
         self._keepalive_s = config.server.stream_keepalive_s
         self._default_max_tokens = config.limits.default_max_tokens
@@ -119,6 +122,8 @@ class Forwarder:
         ProxyErrors raised before anything was sent are the caller's to render; once a
         stream has started, failures end it in the caller's dialect here.
         """
+        if not self._sink.accepting:
+            raise UsageUnavailable()   # the call could not be billed: refused before any work
         request = ex.request
         encoding = request.headers.get("content-encoding")
         if encoding is not None and encoding.lower() != "identity":

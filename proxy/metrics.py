@@ -52,6 +52,10 @@ class _SinkCollector(Collector):
         depth = GaugeMetricFamily("llm_proxy_usage_queue_depth", "Usage records in memory, waiting to be written")
         spool = GaugeMetricFamily("llm_proxy_usage_spool_bytes", "Bytes of usage records spooled to disk, waiting for replay")
         ok = GaugeMetricFamily("llm_proxy_usage_store_ok", "1 while the usage store accepts writes, 0 while records go to the spool")
+        accepting = GaugeMetricFamily(
+            "llm_proxy_usage_accepting",
+            "1 while billable requests are served; 0 while they get 503 because usage cannot be kept (spool full, disk refusing)",
+        )
         records = CounterMetricFamily("llm_proxy_usage_records", "Usage records by where they went", labels=["path"])
         store_errors = CounterMetricFamily("llm_proxy_usage_store_errors", "Failed or timed-out usage store writes")
         spool_errors = CounterMetricFamily("llm_proxy_usage_spool_errors", "Failed usage spool appends (records kept in memory)")
@@ -59,12 +63,13 @@ class _SinkCollector(Collector):
             depth.add_metric([], sink.depth)
             spool.add_metric([], sink.spool_bytes)
             ok.add_metric([], 1 if sink.store_ok else 0)
+            accepting.add_metric([], 1 if sink.accepting else 0)
             records.add_metric(["written"], sink.written)
             records.add_metric(["spooled"], sink.spooled)
             records.add_metric(["replayed"], sink.replayed)
             store_errors.add_metric([], sink.store_errors)
             spool_errors.add_metric([], sink.spool_errors)
-        yield from (depth, spool, ok, records, store_errors, spool_errors)
+        yield from (depth, spool, ok, accepting, records, store_errors, spool_errors)
 
 
 class _CallStats(Collector):

@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from proxy.accounting import UsageSink
+from proxy.config import ConfigError, parse_config
 from proxy.metrics import Metrics
 from proxy.store.base import StoreError, UsageRecord
 
@@ -474,6 +475,59 @@ async def test_queue_beyond_queue_max_spills_to_the_spool(make_sink, spool):
     store.gate.set()
     await until(lambda: len(store.rows) == 40 and not spool.exists(), timeout=5)
     assert set(store.inserts.values()) == {1}
+
+
+# ---------------------------------------------------------------------- bounded spool (I8)
+
+
+async def test_a_full_spool_stops_admission_until_its_replay_drains_it(make_sink, spool, caplog):
+    store = FakeStore()
+    store.fail = True
+    line = len(orjson.dumps(rec(0)._asdict())) + 1
+    sink = await make_sink(store, spool_max_bytes=3 * line)
+    for i in range(2):
+        sink.record(rec(i))
+    await until(lambda: sink.spooled == 2)
+    await asyncio.sleep(0.15)  # a few flush ticks: two records are under the cap
+    assert sink.accepting
+    for i in range(2, 4):
+        sink.record(rec(i))
+    await until(lambda: not sink.accepting)
+    assert sink.spool_bytes >= 3 * line and sink.depth == 0
+    assert "refusing billable requests" in caplog.text
+    # Records still arriving (calls that were in flight) are kept, never dropped.
+    sink.record(rec(4))
+    await until(lambda: sink.spooled == 5)
+    store.fail = False
+    await until(lambda: sink.accepting and not spool.exists(), timeout=10)
+    assert sorted(store.rows) == [f"req_{i}" for i in range(5)] and set(store.inserts.values()) == {1}
+    assert sink.spool_bytes == 0 and "has room again" in caplog.text
+
+
+async def test_records_the_disk_refuses_past_queue_max_stop_admission(make_sink, tmp_path):
+    """The store is down and the spool cannot be written (its directory is a file here,
+    a full disk in life): memory keeps every record, and billable calls stop until the
+    store takes them."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    store = FakeStore()
+    store.fail = True
+    sink = await make_sink(store, spool_path=blocker / "spool.jsonl", queue_max=5, spool_max_bytes=1 << 20)
+    for i in range(5):
+        sink.record(rec(i))
+    assert sink.accepting  # within queue_max: nothing to spill yet
+    sink.record(rec(5))
+    assert not sink.accepting and sink.depth == 6 and sink.spool_errors >= 1
+    store.fail = False
+    await until(lambda: sink.accepting, timeout=10)
+    assert sorted(store.rows) == [f"req_{i}" for i in range(6)] and sink.depth == 0
+
+
+def test_the_spool_cap_is_configured_in_megabytes_and_must_be_positive():
+    assert parse_config("").storage.spool_max_mb == 1024
+    assert parse_config("storage: {spool_max_mb: 0.5}").storage.spool_max_mb == 0.5
+    with pytest.raises(ConfigError, match="storage.spool_max_mb must be positive"):
+        parse_config("storage: {spool_max_mb: 0}")
 
 
 async def test_a_failing_observer_costs_no_record(make_sink):

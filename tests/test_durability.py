@@ -275,6 +275,64 @@ async def test_postgres_stopped_mid_run_loses_and_doubles_nothing(pg_server: Pos
     assert {(r.prompt_tokens, r.completion_tokens, r.estimated) for r in records} == {(u["prompt_tokens"], u["completion_tokens"], False)}
 
 
+async def test_a_full_spool_refuses_billable_calls_until_it_drains(pg_server: PostgresServer, gateway, tmp_path):
+    """I8: PostgreSQL is down and the spool reaches storage.spool_max_mb. Model calls then
+    get 503 usage_recording_unavailable in their own dialect and never reach the
+    upstream; /readyz says why and /metrics shows it. Once PostgreSQL is back the spool
+    replays, calls are served again, and every call that reached the upstream has its row."""
+    gw = await gateway(
+        storage=StorageConfig(
+            url=pg_server.url(), spool_path=str(tmp_path / "spool.jsonl"), flush_interval_s=0.05, spool_max_mb=0.002
+        ),
+        auth=AuthConfig(cache_ttl_s=60, max_failures_per_min=0),
+    )
+    _, chat = load("openai/chat_completion_text.json")
+    gw.upstream.default = Reply(headers={"Content-Type": "application/json"}, chunks=[chat])
+    sink = gw.state.sink
+    served: list[str] = []
+    async with aiohttp.ClientSession() as s:
+        status, rid = await _post(s, gw)
+        assert status == 200
+        served.append(rid)
+        await gw.wait_records(1)
+        await asyncio.to_thread(pg_server.stop, "fast")
+        refused = None
+        for _ in range(60):  # the cap (2,048 bytes) holds a handful of records
+            body = {"model": "up-gpt", "messages": [{"role": "user", "content": "x"}]}
+            async with s.post(gw.url + "/v1/chat/completions", json=body, headers=gw.headers()) as r:
+                if r.status == 503:
+                    refused = (await r.json(), r.headers.get("Retry-After"))
+                    break
+                assert r.status == 200
+                served.append(r.headers["x-request-id"])
+            await asyncio.sleep(0.06)  # a flush tick: the spool grows one record at a time
+        assert refused is not None, "the spool cap never took effect"
+        error, retry_after = refused
+        assert error["error"]["code"] == "usage_recording_unavailable" and retry_after == "30"
+        received = len(gw.upstream.received)
+        msg = {"model": "up-claude", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]}
+        async with s.post(gw.url + "/v1/messages", json=msg, headers={"x-api-key": gw.key}) as r:
+            answer = await r.json()
+            assert r.status == 503 and answer["type"] == "error"  # Anthropic's error shape
+            assert "cannot record usage" in answer["error"]["message"]
+        assert len(gw.upstream.received) == received  # refused calls reached no upstream
+        async with s.get(gw.url + "/readyz") as r:
+            assert r.status == 503 and (await r.json())["checks"]["usage"] == "refusing"
+        async with s.get(gw.url + "/metrics") as r:
+            assert _value(_families(await r.text()), "llm_proxy_usage_accepting") == 0
+        await asyncio.to_thread(pg_server.start)
+        deadline = time.monotonic() + 15
+        while not sink.accepting and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # the replay drains the spool once the store's backoff ends
+        assert sink.accepting and sink.spool_bytes == 0
+        status, rid = await _post(s, gw)
+        assert status == 200
+        served.append(rid)
+    assert len(gw.upstream.received) == len(served)
+    records = await gw.wait_records(len(served))
+    assert sorted(r.id for r in records) == sorted(served)  # nothing lost, nothing doubled
+
+
 # ---------------------------------------------------------------------- the real process
 
 
