@@ -467,10 +467,11 @@ async def test_d1_disconnect_before_headers_cancels_upstream(gateway, caplog, st
 
 
 _HALF_CLOSE_REASON = (
-    "with handler_cancellation=True a client FIN (shutdown(SHUT_WR)) ends the request: aiohttp's "
-    "RequestHandler.eof_received() returns None, so asyncio closes the transport, connection_lost() "
-    "cancels the handler and the response is never sent. A FIN cannot be told from a full close, "
-    "so honouring D7 means giving up D1 (fin) for non-streaming requests: a policy decision"
+    "a client FIN (shutdown(SHUT_WR)) with a request in flight ends the request: the front server "
+    "(proxy/http1/server.py, eof_received) treats it as the client leaving, as nginx does, so the "
+    "handler is cancelled, the upstream call closed and the response never sent. A FIN cannot be "
+    "told from a full close, so honouring D7 means giving up D1 (fin) for non-streaming requests "
+    "(an abandoned call would keep the provider generating): a policy decision"
 )
 
 
