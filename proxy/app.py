@@ -136,7 +136,7 @@ async def readyz(request: web.Request) -> web.Response:
         except Exception as exc:
             checks[name] = type(exc).__name__
     if state.sink is not None and not state.sink.accepting:
-        checks["usage"] = "refusing"  # the spool is full: billable requests get 503
+        checks["usage"] = "refusing"  # spool full or disk refusing: model calls get 503
     ok = all(v == "ok" for v in checks.values())
     return web.json_response({"status": "ok" if ok else "degraded", "checks": checks}, status=200 if ok else 503)
 

@@ -306,8 +306,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             ipaddress.ip_network(proxy_net, strict=False)
         except ValueError:
             raise ConfigError(f"{source}: server.trusted_proxies[{i}] is not an IP address or CIDR") from None
-    if not cfg.storage.spool_max_mb > 0:
-        raise ConfigError(f"{source}: storage.spool_max_mb must be positive")
+    if not 0 < cfg.storage.spool_max_mb < float("inf"):
+        raise ConfigError(f"{source}: storage.spool_max_mb must be a positive number")
     if not cfg.storage.url.startswith(("sqlite://", "postgresql://", "postgres://")):
         raise ConfigError(f"{source}: storage.url must be sqlite:///path or postgresql://...")
     if not cfg.limits.url.startswith(("memory://", "redis://", "rediss://")):

@@ -526,8 +526,9 @@ async def test_records_the_disk_refuses_past_queue_max_stop_admission(make_sink,
 def test_the_spool_cap_is_configured_in_megabytes_and_must_be_positive():
     assert parse_config("").storage.spool_max_mb == 1024
     assert parse_config("storage: {spool_max_mb: 0.5}").storage.spool_max_mb == 0.5
-    with pytest.raises(ConfigError, match="storage.spool_max_mb must be positive"):
-        parse_config("storage: {spool_max_mb: 0}")
+    for bad in ("0", "-1", ".inf", ".nan"):
+        with pytest.raises(ConfigError, match="storage.spool_max_mb must be a positive number"):
+            parse_config(f"storage: {{spool_max_mb: {bad}}}")
 
 
 async def test_a_failing_observer_costs_no_record(make_sink):
