@@ -50,7 +50,10 @@ class Backend:
         if self.name == "memory":
             lim = MemoryLimiter(clock=self.clock, reservation_ttl_s=ttl_s, spend_seed=spend_seed)
         else:
-            lim = RedisLimiter(self.url, reservation_ttl_s=ttl_s, spend_seed=spend_seed)
+            # Semantics, not timeouts (test_redis_outage_* has the fail-fast ones): bursts of
+            # 100 admissions open ~100 connections at once, and the default connect
+            # timeout (0.5 s, loop delays included) failed one now and then on a busy machine.
+            lim = RedisLimiter(self.url, reservation_ttl_s=ttl_s, spend_seed=spend_seed, socket_timeout_s=10.0)
         self.made.append(lim)
         return lim
 
