@@ -1,13 +1,13 @@
 """`llm-proxy serve`: uvloop, the front HTTP/1.1 server before the aiohttp app, graceful stop.
 
-SIGTERM / SIGINT: stop accepting, /readyz turns 503, idle keep-alive connections close,
+SIGTERM / SIGINT / SIGHUP: stop accepting, /readyz turns 503, idle keep-alive connections close,
 new requests on busy connections get 503; in-flight requests and streams may finish
 within `shutdown_grace_s`. Then the rest are cancelled (streams get a shutdown error
 event first), the usage sink flushes, stores close, and the process exits 0. In a
 single process a second signal ends the grace period at once.
 
 `--workers N` runs N such processes on one port (SO_REUSEPORT). The parent tells
-systemd READY=1 once every worker listens, forwards SIGTERM / SIGINT to them, and
+systemd READY=1 once every worker listens, forwards those signals to them, and
 exits 0 once all of them drained. A worker that dies on its own takes the others
 down gracefully and the parent exits 1, so the service manager restarts the set.
 """
@@ -40,7 +40,10 @@ from proxy.middleware.auth_failures import AuthFailures, ClientAddress
 
 log = logging.getLogger("llm_proxy.server")
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP (the terminal of a foreground `serve` closed) drains too: its default action
+# ends the process at once, and the requests in flight would go unrecorded. There is no
+# configuration reload to give it instead.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # After the grace period: how long cancelled handlers get to write their shutdown error
 # event and record usage, and how long aiohttp then waits for anything left over.
 _CANCEL_WAIT_S = 5.0
@@ -83,7 +86,7 @@ async def serve(
     on_ready: Callable[[], None] | None = None,
     second_signal_ends_grace: bool = True,
 ) -> None:
-    """Serve until SIGTERM / SIGINT, then drain (see the module docstring) and return.
+    """Serve until a stop signal (SIGTERM / SIGINT / SIGHUP), then drain (see the module docstring) and return.
 
     `notify`: send READY=1 / STOPPING=1 on $NOTIFY_SOCKET. `on_ready`: called once the
     port accepts connections. `second_signal_ends_grace`: off in --workers children, which
@@ -255,7 +258,7 @@ def _stop_with_parent(parent_pid: int) -> None:
 def _worker(
     config_path: str | None, host: str, port: int, ready: multiprocessing.connection.Connection, index: int, parent_pid: int
 ) -> None:
-    # The parent started this process with SIGTERM / SIGINT blocked, so a stop signal
+    # The parent started this process with the stop signals blocked, so a stop signal
     # sent while it was starting up waits until it can be handled gracefully.
     for sig in _STOP_SIGNALS:
         signal.signal(sig, lambda signum, _frame: _early_signals.append(signum))
@@ -392,7 +395,7 @@ def run(config: Config, config_path: str | None, host: str, port: int, workers: 
             signal.signal(sig, handler)
     # A worker ended by the stop signal itself (one that arrived while it was already
     # closing its event loop) stopped as asked.
-    asked = {0} | ({-signal.SIGTERM, -signal.SIGINT} if group.signalled else set())
+    asked = {0} | ({-sig for sig in _STOP_SIGNALS} if group.signalled else set())
     codes = [p.exitcode for p in group.procs]
     if any(c not in asked for c in codes):
         log.error("worker exit codes: %s", codes)

@@ -475,12 +475,15 @@ async def _streams_in_flight(gw: Gateway, n: int) -> tuple[list[asyncio.Task[byt
     return tasks, s
 
 
-async def test_sigterm_lets_streams_finish_and_records_them_all(process, scripted_upstream):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+async def test_sigterm_lets_streams_finish_and_records_them_all(process, scripted_upstream, sig):
+    """E1; SIGHUP too (a closed terminal): its default action would have ended the process
+    at once, with these five streams cut and unrecorded."""
     scripted_upstream.default = _stream_reply(40, 0.05)  # 2 s per stream
     gw = await process(grace_s=10)
     tasks, s = await _streams_in_flight(gw, 5)
     t0 = time.monotonic()
-    gw.signal(signal.SIGTERM)
+    gw.signal(sig)
     try:
         bodies = await asyncio.wait_for(asyncio.gather(*tasks), 10)
     finally:
