@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from proxy.accounting import UsageSink
 from proxy.config import Config
 from proxy.dialects import Endpoint
 from proxy.errors import (
@@ -28,7 +29,6 @@ from proxy.errors import (
     UpstreamTimeout,
     UsageUnavailable,
 )
-from proxy.accounting import UsageSink
 from proxy.limits.base import Reservation
 from proxy.metering import meter_for, settle
 from proxy.metering.base import Meter, Usage
