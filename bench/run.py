@@ -92,6 +92,7 @@ def log(msg: str) -> None:
 TASKSET = shutil.which("taskset")
 WRK = shutil.which("wrk")
 NGINX_BIN = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+REDIS_BIN = shutil.which("redis-server")
 
 
 def pinned(core: int, cmd: list[str]) -> list[str]:
@@ -374,6 +375,25 @@ def start_nginx(tmp: Path, upstream_port: int) -> Started | None:
     return Started("nginx", proc, port)
 
 
+def start_redis(tmp: Path) -> Started | None:
+    """A throwaway redis-server (no persistence) on the load core, like the upstream: a
+    service llm-proxy uses, not part of what is measured."""
+    if REDIS_BIN is None:
+        return None
+    port = free_port()
+    proc = subprocess.Popen(
+        pinned(LOAD_CORE, [REDIS_BIN, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]),
+        stdout=open(tmp / "redis.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_port(port, 15, proc)
+    except RuntimeError as exc:
+        log(f"redis-server did not start ({exc}); see {tmp}/redis.log")
+        return None
+    return Started("redis", proc, port)
+
+
 def http_get(port: int, path: str) -> int:
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
@@ -629,12 +649,12 @@ class Bench:
 
     # -- middleware costs --------------------------------------------------------------------
     def scenario_variants(self, proxy: Started, upstream_port: int, key_full: str, key_plain: str) -> list[Started]:
-        """llm-proxy alone: full key, key without limits, GET /healthz, and the access log
-        off. Two fresh instances of the same age (log on, log off) replace the one the
-        scenarios used, so no variant inherits another's state; every round measures the
-        full configuration too, and the cost of a part is the median of the per-round
-        differences (this VM drifts within minutes). Returns the instances (the caller
-        stops them)."""
+        """llm-proxy alone: full key, key without limits, GET /healthz, the access log off,
+        and (with redis-server installed) the limits in Redis. Fresh instances of the same
+        age (log on, log off, Redis limits) replace the one the scenarios used, so no
+        variant inherits another's state; every round measures the full configuration too,
+        and the cost of a part is the median of the per-round differences (this VM drifts
+        within minutes). Returns what it started (the caller stops them)."""
         p = self.params
         if WRK is None:
             self.raw["variants"] = None
@@ -642,17 +662,28 @@ class Bench:
         proxy.stop()
         on = start_proxy(self.tmp, upstream_port, tag="proxy-variants")
         off = start_proxy(self.tmp, upstream_port, access_log=False, tag="proxy-nolog")
+        started = [on, off]
         get = wrk_script(self.tmp, "", "GET")
         full, plain = wrk_script(self.tmp, key_full), wrk_script(self.tmp, key_plain)
         t_on, t_off = Target(PROXY, on.port, on.pid, key_full), Target(PROXY, off.port, off.pid, key_full)
-        for t in (t_on, t_off):
-            run_wrk(t.port, full, p.a_conns, 2)   # warm: pools, caches, the spend seed
         chat = "/v1/chat/completions"
         plan = [(VARIANT_BASE, t_on, full, chat),
                 ("key without limits", t_on, plain, chat),
                 ("GET /healthz (front + in-process aiohttp)", t_on, get, "/healthz"),
                 ("access log off", t_off, full, chat),
                 ("access log off, key without limits", t_off, plain, chat)]
+        redis = start_redis(self.tmp)
+        if redis is not None:
+            try:
+                scaled = start_proxy(self.tmp, upstream_port, tag="proxy-redis",
+                                     env={"BENCH_LIMITS_URL": f"redis://127.0.0.1:{redis.port}/0"})
+            except BaseException:
+                redis.stop()
+                raise
+            started += [scaled, redis]
+            plan.append(("limits in Redis (scaled mode)", Target(PROXY, scaled.port, scaled.pid, key_full), full, chat))
+        for t in {id(t): t for _, t, _, _ in plan}.values():
+            run_wrk(t.port, full, p.a_conns, 2)   # warm: pools, caches, the spend seed
         rows: dict[str, list[dict[str, Any]]] = {}
         for r in range(p.rounds):
             for label, target, script, path in (plan if r % 2 == 0 else plan[::-1]):
@@ -661,7 +692,7 @@ class Bench:
                 log(f"variant round {r + 1} {label}: {res.get('rps', 0):.0f} req/s, "
                     f"{res.get('cpu_us_per_req') or 0:.1f} us CPU/req")
         self.raw["variants"] = rows
-        return [on, off]
+        return started
 
 
 def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> int:
@@ -912,7 +943,7 @@ def main(argv: list[str] | None = None) -> int:
     want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    missing = [name for name, path in (("taskset", TASKSET), ("wrk", WRK), ("nginx", NGINX_BIN)) if not path]
+    missing = [name for name, path in (("taskset", TASKSET), ("wrk", WRK), ("nginx", NGINX_BIN), ("redis-server", REDIS_BIN)) if not path]
     if missing:
         log(f"not installed, skipped: {', '.join(missing)}")
     if (os.cpu_count() or 1) < 2:
