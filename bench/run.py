@@ -362,17 +362,8 @@ def start_nginx(tmp: Path, upstream_port: int) -> Started | None:
     conf = prefix / "nginx.conf"
     user = "user root root;\n" if os.geteuid() == 0 else ""
     conf.write_text(NGINX_CONF.format(user=user, tmp=prefix, upstream=upstream_port, port=port))
-    proc = subprocess.Popen(
-        pinned(PROXY_CORE, [NGINX_BIN, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]),
-        stdout=subprocess.DEVNULL,
-        stderr=open(prefix / "stderr.log", "wb"),
-    )
-    try:
-        wait_port(port, 15, proc)
-    except RuntimeError as exc:
-        log(f"nginx did not start ({exc}); see {prefix}/stderr.log")
-        return None
-    return Started("nginx", proc, port)
+    cmd = [NGINX_BIN, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+    return _start_optional("nginx", pinned(PROXY_CORE, cmd), port, prefix / "stderr.log")
 
 
 def start_redis(tmp: Path) -> Started | None:
@@ -381,17 +372,20 @@ def start_redis(tmp: Path) -> Started | None:
     if REDIS_BIN is None:
         return None
     port = free_port()
-    proc = subprocess.Popen(
-        pinned(LOAD_CORE, [REDIS_BIN, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]),
-        stdout=open(tmp / "redis.log", "wb"),
-        stderr=subprocess.STDOUT,
-    )
+    cmd = [REDIS_BIN, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    return _start_optional("redis", pinned(LOAD_CORE, cmd), port, tmp / "redis.log")
+
+
+def _start_optional(name: str, cmd: list[str], port: int, log_path: Path) -> Started | None:
+    """A process the bench can do without: None, and a line saying why, if it does not listen."""
+    proc = subprocess.Popen(cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
     try:
         wait_port(port, 15, proc)
     except RuntimeError as exc:
-        log(f"redis-server did not start ({exc}); see {tmp}/redis.log")
+        log(f"{name} did not start ({exc}); see {log_path}")
+        Started(name, proc, port).stop()
         return None
-    return Started("redis", proc, port)
+    return Started(name, proc, port)
 
 
 def http_get(port: int, path: str) -> int:
