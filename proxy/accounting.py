@@ -191,16 +191,15 @@ class UsageSink:
         holds records past `queue_max` that the spool refused. Logged on each change."""
         if self._spill_failed and len(self._queue) <= self._queue_max:
             self._spill_failed = False  # flushed since: memory is within its bound again
-        waiting = self.spool_bytes if self._spool_max is not None else 0
-        full = self._spool_max is not None and waiting >= self._spool_max
-        refusing = self._spill_failed or full
-        if refusing == (not self.accepting):
+        why = None
+        if self._spill_failed:
+            why = f"{len(self._queue)} records are held in memory and the spool refuses them"
+        elif self._spool_max is not None and (waiting := self.spool_bytes) >= self._spool_max:
+            why = f"the spool holds {waiting} bytes (cap {self._spool_max})"
+        if (why is None) == self.accepting:
             return
-        self.accepting = not refusing
-        if refusing:
-            why = f"the spool holds {waiting} bytes (cap {self._spool_max})" if full else (
-                f"{len(self._queue)} records are held in memory and the spool refuses them"
-            )
+        self.accepting = why is None
+        if why is not None:
             log.critical("usage cannot be kept durably (%s): refusing billable requests with 503", why)
         else:
             log.warning("usage recording has room again: serving billable requests")
