@@ -29,6 +29,7 @@ from proxy.http1.client import (
     Http1Client,
     ProtocolViolation,
 )
+from proxy.http1.outbox import HOLD_MAX
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -861,6 +862,44 @@ async def test_connect_over_a_socketpair_to_aiohttp() -> None:
         await server.shutdown(1)
 
 
+async def test_requests_of_one_loop_turn_are_written_after_it_big_bodies_at_once() -> None:
+    # Held writes (proxy/http1/outbox.py): the requests started together go out once all
+    # of them were made; a body of HOLD_MAX or more goes to the transport at once.
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(body=b"%d" % len(await request.read()))
+
+    server = web.Server(handler)
+    loop = asyncio.get_running_loop()
+    log: list[Any] = []  # the shim's writes (bytes) and our marks (str), in order
+
+    async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, asyncio.Protocol]:
+        ours, theirs = socket.socketpair()
+        await loop.connect_accepted_socket(server, theirs)
+        inner = factory()
+        transport, _ = await loop.create_connection(lambda: _Shim(inner, log), sock=ours)
+        return transport, inner
+
+    client = Http1Client("http://upstream.test/v1", connect=connect)
+
+    async def call(mark: str, body: bytes) -> bytes:
+        log.append(mark)
+        resp = await client.request("POST", "/v1/x", b"", body)
+        return await resp.read_all(100)
+
+    try:
+        assert await asyncio.gather(*(call("warm", b"") for _ in range(3))) == [b"0"] * 3  # three pooled
+        log.clear()
+        assert await asyncio.gather(call("a", b"1"), call("b", b"22"), call("c", b"333")) == [b"1", b"2", b"3"]
+        assert [x if isinstance(x, str) else "write" for x in log] == ["a", "b", "c", "write", "write", "write"]
+        log.clear()
+        big = b"x" * HOLD_MAX
+        assert await asyncio.gather(call("big", big), call("small", b"")) == [b"%d" % len(big), b"0"]
+        assert [x if isinstance(x, str) else "write" for x in log] == ["big", "write", "small", "write"]
+    finally:
+        await client.close()
+        await server.shutdown(1)
+
+
 # ------------------------------------------------------------------ uvloop
 
 ON_UVLOOP: list[Callable[[], Awaitable[None]]] = [
@@ -874,6 +913,7 @@ ON_UVLOOP: list[Callable[[], Awaitable[None]]] = [
     test_cancel_mid_body_closes_the_connection,
     test_close_ends_idle_busy_and_waiting,
     test_connect_over_a_socketpair_to_aiohttp,
+    test_requests_of_one_loop_turn_are_written_after_it_big_bodies_at_once,
 ]
 
 

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from proxy.http1.headers import HEADER_KEYS, header_key
+from proxy.http1.outbox import HOLD_MAX
 from proxy.http1.server import Exchange, Http1Server, Request, ServerLimits
 
 Handler = Callable[[Exchange], Awaitable[None]]
@@ -181,6 +182,11 @@ async def test_pipelined_requests_are_answered_in_order():
     assert paths == started == ["/a", "/b", "/c"]
 
 
+async def loop_turns(n: int) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
 class FakeTransport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
@@ -235,7 +241,7 @@ async def test_request_split_at_every_byte_boundary():
             proto.connection_made(t)
             proto.data_received(data[:cut])
             proto.data_received(data[cut:])
-            await asyncio.sleep(0)
+            await loop_turns(2)  # the handler's task, then the outbox sending what it held
             assert t.out.endswith(b"\r\n\r\nhello world"), (cut, bytes(t.out))
             proto.connection_lost(None)
     # And one byte at a time, twice over on one connection.
@@ -244,6 +250,7 @@ async def test_request_split_at_every_byte_boundary():
     for byte in plain * 2:
         proto.data_received(bytes([byte]))
         await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the outbox
     assert t.out.count(b"HTTP/1.1 200 OK\r\n") == 2 and not t.closed
     proto.connection_lost(None)
     r = seen[0]
@@ -819,3 +826,83 @@ def test_header_key_cache_is_bounded_and_exact() -> None:
     assert len(HEADER_KEYS) <= 512
     assert header_key(b"X-Made-Up-1999") == "x-made-up-1999"
     assert header_key(b"\xc9T\xc9") == "\xc9t\xc9"  # only ASCII letters are lowered (latin-1 otherwise)
+
+
+# ---------------------------------------------------------------------- held writes (outbox.py)
+
+
+class LoggedTransport(FakeTransport):
+    """A fake transport that notes its writes and closes in one shared list."""
+
+    def __init__(self, name: str, events: list[str]) -> None:
+        super().__init__()
+        self.name, self.events = name, events
+
+    def write(self, data: Any) -> None:
+        self.events.append(f"write {self.name}")
+        super().write(data)
+
+    def close(self) -> None:
+        self.events.append(f"close {self.name}")
+        super().close()
+
+
+async def test_responses_of_one_loop_turn_are_written_together_after_it():
+    # The writes of the handlers that were ready together go out after all of them ran,
+    # one write per connection (a busy gateway's syscalls in one burst: outbox.py).
+    events: list[str] = []
+
+    async def handler(ex: Exchange) -> None:
+        events.append(f"handle {ex.request.path}")
+        ex.start(200, [])
+        ex.send(b"one")
+        ex.send(b"two")
+        ex.end()
+
+    server = Http1Server(handler, limits=ServerLimits(), render_error=render_error)
+    transports = []
+    for name in "abc":
+        proto, t = server.protocol(), LoggedTransport(name, events)
+        proto.connection_made(t)
+        proto.data_received(get(f"/{name}"))
+        transports.append(t)
+    await loop_turns(2)
+    assert events == ["handle /a", "handle /b", "handle /c", "write a", "write b", "write c"]
+    for t in transports:
+        assert t.out.endswith(b"\r\n\r\n3\r\none\r\n3\r\ntwo\r\n0\r\n\r\n") and not t.closed
+
+
+async def test_a_held_response_is_written_before_the_close():
+    events: list[str] = []
+
+    async def handler(ex: Exchange) -> None:
+        ex.respond(200, [], b"bye")
+
+    server = Http1Server(handler, limits=ServerLimits(), render_error=render_error)
+    proto, t = server.protocol(), LoggedTransport("a", events)
+    proto.connection_made(t)
+    proto.data_received(get("/x", "Connection: close\r\n"))
+    await loop_turns(2)
+    assert events == ["write a", "close a"] and t.out.endswith(b"\r\n\r\nbye")
+
+
+async def test_big_writes_are_not_held():
+    # Past HOLD_MAX the transport gets the bytes at once, so its flow control applies.
+    events: list[str] = []
+    big = b"x" * HOLD_MAX
+
+    async def handler(ex: Exchange) -> None:
+        ex.start(200, [])
+        ex.send(b"small")
+        events.append("sent small")
+        ex.send(big)
+        events.append("sent big")
+        ex.end()
+
+    server = Http1Server(handler, limits=ServerLimits(), render_error=render_error)
+    proto, t = server.protocol(), LoggedTransport("a", events)
+    proto.connection_made(t)
+    proto.data_received(get("/x"))
+    await loop_turns(2)
+    assert events == ["sent small", "write a", "sent big", "write a"]
+    assert t.out.endswith(b"5\r\nsmall\r\n%x\r\n" % len(big) + big + b"\r\n0\r\n\r\n")

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from proxy.http1.headers import HEADER_KEYS, Headers, header_key
+from proxy.http1.outbox import HOLD_MAX, Outbox
 
 __all__ = [
     "BodyTooLarge",
@@ -261,7 +262,7 @@ class _Conn(asyncio.Protocol):
     __slots__ = (
         "client", "parser", "transport", "lost", "reusable", "paused", "holds_slot", "idle",
         "idle_since", "lost_waiter", "expecting", "got_bytes", "head_waiter", "head_deadline", "resp", "headers",
-        "reason", "is_head", "until_close",
+        "reason", "is_head", "until_close", "out",
     )  # fmt: skip
 
     def __init__(self, client: Http1Client) -> None:
@@ -284,6 +285,7 @@ class _Conn(asyncio.Protocol):
         self.reason = b""
         self.is_head = False
         self.until_close = False  # no framing: the body ends when the connection does
+        self.out: list[bytes] | None = None  # writes held until the loop's ready callbacks ran (outbox.py)
         self.parser = httptools.HttpResponseParser(self)
 
     # -- asyncio.Protocol --------------------------------------------------------
@@ -401,8 +403,29 @@ class _Conn(asyncio.Protocol):
         self.resp = None
         self.is_head = is_head
         self.until_close = False
-        transport.write(data)
+        client = self.client
+        outbox = client._outbox
+        if outbox is None:
+            outbox = client._outbox = Outbox(loop)
+        if len(data) >= HOLD_MAX:
+            self.flush()  # in order, and at once: the transport's flow control sees big bodies
+            transport.write(data)
+        elif self.out is None:
+            self.out = [data]
+            outbox.hold(self)
+        else:
+            self.out.append(data)
         return waiter
+
+    def flush(self) -> None:
+        """Send the held writes (the Outbox calls this; so does a graceful close, first)."""
+        out, self.out = self.out, None
+        transport = self.transport
+        if out and not self.lost and transport is not None and not transport.is_closing():
+            if len(out) == 1:
+                transport.write(out[0])
+            else:
+                transport.writelines(out)
 
     def usable(self) -> bool:
         transport = self.transport
@@ -431,6 +454,7 @@ class _Conn(asyncio.Protocol):
     def close(self) -> None:
         """Graceful close (pending writes flushed, TLS shut down); frees the pool slot now."""
         self.reusable = False
+        self.flush()
         if not self.lost and self.transport is not None:
             self.transport.close()
         self.client._discard(self)
@@ -438,6 +462,7 @@ class _Conn(asyncio.Protocol):
     def abort(self) -> None:
         """Tear down now: an exchange was abandoned half-way."""
         self.reusable = False
+        self.out = None
         if not self.lost and self.transport is not None:
             self.transport.abort()
         self.client._discard(self)
@@ -491,6 +516,7 @@ class Http1Client:
         self._connect_timeout_s = connect_timeout_s
         self._keepalive_s = keepalive_s
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: Outbox | None = None  # made with the first request, on its loop
         self._idle: collections.deque[_Conn] = collections.deque()  # oldest left, newest right
         self._conns: set[_Conn] = set()  # every open connection, for close()
         self._open = 0  # slots taken: connections open or being opened

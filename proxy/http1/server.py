@@ -28,6 +28,7 @@ from typing import Any, Callable, Coroutine, cast
 import httptools
 
 from .headers import HEADER_KEYS, Headers, header_key
+from .outbox import HOLD_MAX, Outbox
 
 __all__ = [
     "ErrorRenderer",
@@ -309,7 +310,7 @@ class _Connection(asyncio.Protocol):
         "_url", "_headers", "_nheaders", "_body", "_body_len", "_started", "_in_head", "_head_bytes",
         "_req", "_raw_left", "_continue_pending", "_failure",
         "_queue", "_queued_bytes", "_exchange", "_dead", "_closing", "_gone",
-        "_read_paused", "_write_paused", "_drain_waiter",
+        "_read_paused", "_write_paused", "_drain_waiter", "_out", "_out_size", "_outbox",
         "_timer", "_idle_since", "_recv_mark", "_close_by",
     )
 
@@ -346,6 +347,13 @@ class _Connection(asyncio.Protocol):
         self._read_paused = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        # Writes held until the loop's ready callbacks have run (see outbox.py).
+        self._out: list[bytes] | None = None
+        self._out_size = 0
+        outbox = server._outbox
+        if outbox is None:
+            outbox = server._outbox = Outbox(self._loop)
+        self._outbox = outbox
         self._timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
         self._recv_mark = 0.0  # head: its first byte; body: the last bytes received
@@ -417,6 +425,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._client_gone()
         self._transport = None
+        self._out = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -618,7 +627,25 @@ class _Connection(asyncio.Protocol):
         # Once closing, the answer that closes was already written; a write after
         # write_eof() would raise.
         if self._transport is not None and not self._gone and not self._closing:
-            self._transport.write(data)
+            out = self._out
+            if out is None:
+                out = self._out = [data]
+                self._out_size = len(data)
+                self._outbox.hold(self)
+            else:
+                out.append(data)
+                self._out_size += len(data)
+            if self._out_size >= HOLD_MAX:
+                self.flush()  # the transport's flow control (pause_writing) sees big writes at once
+
+    def flush(self) -> None:
+        """Send the held writes (the Outbox calls this; so does a close, first)."""
+        out, self._out = self._out, None
+        if out and self._transport is not None and not self._gone:
+            if len(out) == 1:
+                self._transport.write(out[0])
+            else:
+                self._transport.writelines(out)
 
     async def _writable(self) -> None:
         waiter = self._drain_waiter
@@ -728,6 +755,7 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._closing:
             return
+        self.flush()
         self._closing = True
         self._close_by = self._loop.time() + self._limits.keepalive_s
         if self._read_paused:
@@ -799,6 +827,7 @@ class Http1Server:
         # A head cannot legitimately exceed its line plus every header at full size.
         self._max_head_bytes = limits.max_line_size + limits.max_headers * (limits.max_field_size + 4) + 1024
         self.tasks: set[asyncio.Task[None]] = set()
+        self._outbox: Outbox | None = None  # made by the first connection, on the serving loop
 
     def protocol(self) -> asyncio.Protocol:
         """Protocol factory for loop.create_server."""
