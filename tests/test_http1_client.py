@@ -29,7 +29,7 @@ from proxy.http1.client import (
     Http1Client,
     ProtocolViolation,
 )
-from proxy.http1.outbox import HOLD_MAX
+from proxy.http1.outbox import HOLD_MAX, outbox_for
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -862,9 +862,10 @@ async def test_connect_over_a_socketpair_to_aiohttp() -> None:
         await server.shutdown(1)
 
 
-async def test_requests_of_one_loop_turn_are_written_after_it_big_bodies_at_once() -> None:
-    # Held writes (proxy/http1/outbox.py): the requests started together go out once all
-    # of them were made; a body of HOLD_MAX or more goes to the transport at once.
+async def test_requests_of_handlers_woken_together_are_written_after_all_ran() -> None:
+    # Held writes (proxy/http1/outbox.py): requests made by handlers woken in one loop
+    # turn go out once all of them were made; a body of HOLD_MAX or more goes to the
+    # transport at once; a request made alone is written at once.
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         return web.Response(body=b"%d" % len(await request.read()))
 
@@ -886,15 +887,27 @@ async def test_requests_of_one_loop_turn_are_written_after_it_big_bodies_at_once
         resp = await client.request("POST", "/v1/x", b"", body)
         return await resp.read_all(100)
 
+    async def woken_together(*calls: Awaitable[bytes]) -> list[bytes]:
+        tasks = [asyncio.ensure_future(c) for c in calls]
+        for _ in tasks:   # as the server's callbacks do for requests arriving together
+            outbox_for(loop).arm()
+        return await asyncio.gather(*tasks)
+
+    def order() -> list[str]:
+        return [x if isinstance(x, str) else "write" for x in log]
+
     try:
         assert await asyncio.gather(*(call("warm", b"") for _ in range(3))) == [b"0"] * 3  # three pooled
         log.clear()
-        assert await asyncio.gather(call("a", b"1"), call("b", b"22"), call("c", b"333")) == [b"1", b"2", b"3"]
-        assert [x if isinstance(x, str) else "write" for x in log] == ["a", "b", "c", "write", "write", "write"]
+        assert await call("alone", b"") == b"0"
+        assert order() == ["alone", "write"]
+        log.clear()
+        assert await woken_together(call("a", b"1"), call("b", b"22"), call("c", b"333")) == [b"1", b"2", b"3"]
+        assert order() == ["a", "b", "c", "write", "write", "write"]
         log.clear()
         big = b"x" * HOLD_MAX
-        assert await asyncio.gather(call("big", big), call("small", b"")) == [b"%d" % len(big), b"0"]
-        assert [x if isinstance(x, str) else "write" for x in log] == ["big", "write", "small", "write"]
+        assert await woken_together(call("big", big), call("small", b"")) == [b"%d" % len(big), b"0"]
+        assert order() == ["big", "write", "small", "write"]
     finally:
         await client.close()
         await server.shutdown(1)
@@ -913,7 +926,7 @@ ON_UVLOOP: list[Callable[[], Awaitable[None]]] = [
     test_cancel_mid_body_closes_the_connection,
     test_close_ends_idle_busy_and_waiting,
     test_connect_over_a_socketpair_to_aiohttp,
-    test_requests_of_one_loop_turn_are_written_after_it_big_bodies_at_once,
+    test_requests_of_handlers_woken_together_are_written_after_all_ran,
 ]
 
 

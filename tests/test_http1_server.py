@@ -847,9 +847,36 @@ class LoggedTransport(FakeTransport):
         super().close()
 
 
-async def test_responses_of_one_loop_turn_are_written_together_after_it():
-    # The writes of the handlers that were ready together go out after all of them ran,
-    # one write per connection (a busy gateway's syscalls in one burst: outbox.py).
+def connections(
+    handler: Handler, events: list[str], requests: dict[str, bytes]
+) -> list[LoggedTransport]:
+    """One connection per request, each fed its request in the same loop turn."""
+    server = Http1Server(handler, limits=ServerLimits(), render_error=render_error)
+    transports = []
+    for name, request in requests.items():
+        proto, t = server.protocol(), LoggedTransport(name, events)
+        proto.connection_made(t)
+        proto.data_received(request)
+        transports.append(t)
+    return transports
+
+
+async def test_a_request_alone_is_answered_at_once():
+    # Nothing to group its write with: it goes out before the handler's bookkeeping.
+    events: list[str] = []
+
+    async def handler(ex: Exchange) -> None:
+        ex.respond(200, [], b"ok")
+        events.append("bookkeeping")
+
+    [t] = connections(handler, events, {"a": get("/a")})
+    await loop_turns(2)
+    assert events == ["write a", "bookkeeping"] and t.out.endswith(b"\r\n\r\nok")
+
+
+async def test_responses_of_requests_that_arrived_together_are_written_after_all_ran():
+    # Handlers woken in one loop turn hold their writes until the last has run, then the
+    # writes go out in one burst, one write per connection (outbox.py).
     events: list[str] = []
 
     async def handler(ex: Exchange) -> None:
@@ -859,14 +886,8 @@ async def test_responses_of_one_loop_turn_are_written_together_after_it():
         ex.send(b"two")
         ex.end()
 
-    server = Http1Server(handler, limits=ServerLimits(), render_error=render_error)
-    transports = []
-    for name in "abc":
-        proto, t = server.protocol(), LoggedTransport(name, events)
-        proto.connection_made(t)
-        proto.data_received(get(f"/{name}"))
-        transports.append(t)
-    await loop_turns(2)
+    transports = connections(handler, events, {n: get(f"/{n}") for n in "abc"})
+    await loop_turns(1)
     assert events == ["handle /a", "handle /b", "handle /c", "write a", "write b", "write c"]
     for t in transports:
         assert t.out.endswith(b"\r\n\r\n3\r\none\r\n3\r\ntwo\r\n0\r\n\r\n") and not t.closed
@@ -878,12 +899,9 @@ async def test_a_held_response_is_written_before_the_close():
     async def handler(ex: Exchange) -> None:
         ex.respond(200, [], b"bye")
 
-    server = Http1Server(handler, limits=ServerLimits(), render_error=render_error)
-    proto, t = server.protocol(), LoggedTransport("a", events)
-    proto.connection_made(t)
-    proto.data_received(get("/x", "Connection: close\r\n"))
-    await loop_turns(2)
-    assert events == ["write a", "close a"] and t.out.endswith(b"\r\n\r\nbye")
+    a, _ = connections(handler, events, {"a": get("/a", "Connection: close\r\n"), "b": get("/b")})
+    await loop_turns(1)
+    assert events == ["write a", "close a", "write b"] and a.out.endswith(b"\r\n\r\nbye")
 
 
 async def test_big_writes_are_not_held():
@@ -894,15 +912,14 @@ async def test_big_writes_are_not_held():
     async def handler(ex: Exchange) -> None:
         ex.start(200, [])
         ex.send(b"small")
-        events.append("sent small")
+        events.append(f"sent small {ex.request.path}")
         ex.send(big)
-        events.append("sent big")
+        events.append(f"sent big {ex.request.path}")
         ex.end()
 
-    server = Http1Server(handler, limits=ServerLimits(), render_error=render_error)
-    proto, t = server.protocol(), LoggedTransport("a", events)
-    proto.connection_made(t)
-    proto.data_received(get("/x"))
-    await loop_turns(2)
-    assert events == ["sent small", "write a", "sent big", "write a"]
-    assert t.out.endswith(b"5\r\nsmall\r\n%x\r\n" % len(big) + big + b"\r\n0\r\n\r\n")
+    a, _ = connections(handler, events, {"a": get("/a"), "b": get("/b")})
+    await loop_turns(1)
+    assert events == [
+        "sent small /a", "write a", "sent big /a", "sent small /b", "write b", "sent big /b", "write a", "write b",
+    ]  # fmt: skip
+    assert a.out.endswith(b"5\r\nsmall\r\n%x\r\n" % len(big) + big + b"\r\n0\r\n\r\n")

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from proxy.http1.headers import HEADER_KEYS, Headers, header_key
-from proxy.http1.outbox import HOLD_MAX, Outbox
+from proxy.http1.outbox import HOLD_MAX, outbox_for
 
 __all__ = [
     "BodyTooLarge",
@@ -262,7 +262,7 @@ class _Conn(asyncio.Protocol):
     __slots__ = (
         "client", "parser", "transport", "lost", "reusable", "paused", "holds_slot", "idle",
         "idle_since", "lost_waiter", "expecting", "got_bytes", "head_waiter", "head_deadline", "resp", "headers",
-        "reason", "is_head", "until_close", "out",
+        "reason", "is_head", "until_close", "out", "outbox",
     )  # fmt: skip
 
     def __init__(self, client: Http1Client) -> None:
@@ -285,7 +285,10 @@ class _Conn(asyncio.Protocol):
         self.reason = b""
         self.is_head = False
         self.until_close = False  # no framing: the body ends when the connection does
-        self.out: list[bytes] | None = None  # writes held until the loop's ready callbacks ran (outbox.py)
+        # A request held until the handlers woken with the one that made it have run (outbox.py).
+        self.out: bytes | None = None
+        assert client._loop is not None  # set before any connection is made
+        self.outbox = outbox_for(client._loop)
         self.parser = httptools.HttpResponseParser(self)
 
     # -- asyncio.Protocol --------------------------------------------------------
@@ -306,6 +309,9 @@ class _Conn(asyncio.Protocol):
             self._violation("unexpected protocol switch")
         except httptools.HttpParserError as exc:
             self._violation(str(exc) or type(exc).__name__)
+        # The reader these bytes woke (a relay, a handler) writes in its next step: the
+        # flush goes behind it.
+        self.outbox.arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -403,29 +409,21 @@ class _Conn(asyncio.Protocol):
         self.resp = None
         self.is_head = is_head
         self.until_close = False
-        client = self.client
-        outbox = client._outbox
-        if outbox is None:
-            outbox = client._outbox = Outbox(loop)
-        if len(data) >= HOLD_MAX:
-            self.flush()  # in order, and at once: the transport's flow control sees big bodies
-            transport.write(data)
-        elif self.out is None:
-            self.out = [data]
-            outbox.hold(self)
+        if self.out is None and self.outbox.busy and len(data) < HOLD_MAX:
+            self.out = data
+            self.outbox.hold(self)
         else:
-            self.out.append(data)
+            if self.out is not None:
+                self.flush()   # (one request per exchange: not seen, but order is kept)
+            transport.write(data)   # big bodies at once: the transport's flow control sees them
         return waiter
 
     def flush(self) -> None:
         """Send the held writes (the Outbox calls this; so does a graceful close, first)."""
         out, self.out = self.out, None
         transport = self.transport
-        if out and not self.lost and transport is not None and not transport.is_closing():
-            if len(out) == 1:
-                transport.write(out[0])
-            else:
-                transport.writelines(out)
+        if out is not None and not self.lost and transport is not None and not transport.is_closing():
+            transport.write(out)
 
     def usable(self) -> bool:
         transport = self.transport
@@ -516,7 +514,6 @@ class Http1Client:
         self._connect_timeout_s = connect_timeout_s
         self._keepalive_s = keepalive_s
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._outbox: Outbox | None = None  # made with the first request, on its loop
         self._idle: collections.deque[_Conn] = collections.deque()  # oldest left, newest right
         self._conns: set[_Conn] = set()  # every open connection, for close()
         self._open = 0  # slots taken: connections open or being opened

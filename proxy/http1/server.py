@@ -9,6 +9,8 @@ Per connection:
   a handler runs, so a client that goes away (RST or FIN) is seen at once and the
   handler's task is cancelled. Pipelined requests that arrive meanwhile are parsed and
   queued; past ~1 MiB of queued data reading pauses until the current response ends.
+- When several handlers were woken together, their writes are held and sent in one
+  burst after the last of them has run (outbox.py); a handler woken alone writes at once.
 - One timer, re-armed only when it fires, enforces the keep-alive idle limit, the
   request-head deadline and the body gap limit (slowloris defence).
 - Nothing here logs header values or bodies: they may carry API keys.
@@ -28,7 +30,7 @@ from typing import Any, Callable, Coroutine, cast
 import httptools
 
 from .headers import HEADER_KEYS, Headers, header_key
-from .outbox import HOLD_MAX, Outbox
+from .outbox import HOLD_MAX, outbox_for
 
 __all__ = [
     "ErrorRenderer",
@@ -347,13 +349,10 @@ class _Connection(asyncio.Protocol):
         self._read_paused = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        # Writes held until the loop's ready callbacks have run (see outbox.py).
+        # Writes held until the handlers made ready with this one have run (outbox.py).
         self._out: list[bytes] | None = None
         self._out_size = 0
-        outbox = server._outbox
-        if outbox is None:
-            outbox = server._outbox = Outbox(self._loop)
-        self._outbox = outbox
+        self._outbox = outbox_for(self._loop)
         self._timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
         self._recv_mark = 0.0  # head: its first byte; body: the last bytes received
@@ -617,6 +616,7 @@ class _Connection(asyncio.Protocol):
         # A done callback, not code at the end of the task: it also runs for a task
         # cancelled before its first step (the client left in the same loop iteration).
         task.add_done_callback(lambda t: self._handler_done(ex, t))
+        self._outbox.arm()  # what the handler writes in its first step goes out right after it
 
     # response side
 
@@ -628,15 +628,17 @@ class _Connection(asyncio.Protocol):
         # write_eof() would raise.
         if self._transport is not None and not self._gone and not self._closing:
             out = self._out
-            if out is None:
-                out = self._out = [data]
+            if out is not None:
+                out.append(data)
+                self._out_size += len(data)
+                if self._out_size >= HOLD_MAX:
+                    self.flush()  # the transport's flow control (pause_writing) sees big writes at once
+            elif self._outbox.busy and len(data) < HOLD_MAX:
+                self._out = [data]
                 self._out_size = len(data)
                 self._outbox.hold(self)
             else:
-                out.append(data)
-                self._out_size += len(data)
-            if self._out_size >= HOLD_MAX:
-                self.flush()  # the transport's flow control (pause_writing) sees big writes at once
+                self._transport.write(data)
 
     def flush(self) -> None:
         """Send the held writes (the Outbox calls this; so does a close, first)."""
@@ -827,7 +829,6 @@ class Http1Server:
         # A head cannot legitimately exceed its line plus every header at full size.
         self._max_head_bytes = limits.max_line_size + limits.max_headers * (limits.max_field_size + 4) + 1024
         self.tasks: set[asyncio.Task[None]] = set()
-        self._outbox: Outbox | None = None  # made by the first connection, on the serving loop
 
     def protocol(self) -> asyncio.Protocol:
         """Protocol factory for loop.create_server."""
