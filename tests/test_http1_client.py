@@ -818,6 +818,22 @@ class _Shim(asyncio.Protocol):
         self._inner.connection_lost(exc)
 
 
+def shim_connector(server: web.Server, writes: list[Any]) -> Callable[
+    [Callable[[], asyncio.Protocol]], Awaitable[tuple[asyncio.Transport, asyncio.Protocol]]
+]:
+    """A `connect=` to `server` over a socket pair, noting every write the client makes."""
+
+    async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, asyncio.Protocol]:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        await loop.connect_accepted_socket(server, theirs)
+        inner = factory()
+        transport, _ = await loop.create_connection(lambda: _Shim(inner, writes), sock=ours)
+        return transport, inner
+
+    return connect
+
+
 async def test_connect_over_a_socketpair_to_aiohttp() -> None:
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         body = await request.read()
@@ -831,18 +847,14 @@ async def test_connect_over_a_socketpair_to_aiohttp() -> None:
         return web.Response(body=b"echo:" + body, headers={"X-Host": request.host})
 
     server = web.Server(handler)
-    loop = asyncio.get_running_loop()
     writes: list[bytes] = []
     connects = 0
+    to_server = shim_connector(server, writes)
 
     async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, asyncio.Protocol]:
         nonlocal connects
         connects += 1
-        ours, theirs = socket.socketpair()
-        await loop.connect_accepted_socket(server, theirs)
-        inner = factory()
-        transport, _ = await loop.create_connection(lambda: _Shim(inner, writes), sock=ours)
-        return transport, inner
+        return await to_server(factory)
 
     client = Http1Client("http://upstream.test/v1", connect=connect)
     try:
@@ -872,15 +884,7 @@ async def test_requests_of_handlers_woken_together_are_written_after_all_ran() -
     server = web.Server(handler)
     loop = asyncio.get_running_loop()
     log: list[Any] = []  # the shim's writes (bytes) and our marks (str), in order
-
-    async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, asyncio.Protocol]:
-        ours, theirs = socket.socketpair()
-        await loop.connect_accepted_socket(server, theirs)
-        inner = factory()
-        transport, _ = await loop.create_connection(lambda: _Shim(inner, log), sock=ours)
-        return transport, inner
-
-    client = Http1Client("http://upstream.test/v1", connect=connect)
+    client = Http1Client("http://upstream.test/v1", connect=shim_connector(server, log))
 
     async def call(mark: str, body: bytes) -> bytes:
         log.append(mark)
