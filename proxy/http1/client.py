@@ -414,7 +414,7 @@ class _Conn(asyncio.Protocol):
             self.outbox.hold(self)
         else:
             if self.out is not None:
-                self.flush()   # (one request per exchange: not seen, but order is kept)
+                self.flush()   # cannot happen (one request per exchange); kept in order all the same
             transport.write(data)   # big bodies at once: the transport's flow control sees them
         return waiter
 
