@@ -923,3 +923,18 @@ async def test_big_writes_are_not_held():
         "sent small /a", "write a", "sent big /a", "sent small /b", "write b", "sent big /b", "write a", "write b",
     ]  # fmt: skip
     assert a.out.endswith(b"5\r\nsmall\r\n%x\r\n" % len(big) + big + b"\r\n0\r\n\r\n")
+
+
+async def test_a_pipelining_client_does_not_hold_back_other_connections():
+    # Each pipelined request is dispatched from its predecessor's response, in a task:
+    # that must not keep moving the flush behind it while other connections' answers wait.
+    events: list[str] = []
+
+    async def handler(ex: Exchange) -> None:
+        ex.respond(200, [], b"ok")
+
+    a, b = connections(handler, events, {"a": get("/a") * 10, "b": get("/b")})
+    await loop_turns(3)
+    assert "write b" in events and b.out.endswith(b"\r\n\r\nok")
+    await loop_turns(20)
+    assert a.out.count(b"HTTP/1.1 200 OK") == 10

@@ -577,6 +577,11 @@ class _Connection(asyncio.Protocol):
             return
         if self._exchange is None and not self._queue:
             self._dispatch(item)
+            # From the parser, in an I/O callback: what the handler writes in its first
+            # step is flushed right after it. (Not for a pipelined request dispatched by its
+            # predecessor's response: arming from there would keep moving the flush behind
+            # this connection's next request while other connections' answers wait.)
+            self._outbox.arm()
         else:
             self._queue.append(item)
             if isinstance(item, Request):
@@ -616,7 +621,6 @@ class _Connection(asyncio.Protocol):
         # A done callback, not code at the end of the task: it also runs for a task
         # cancelled before its first step (the client left in the same loop iteration).
         task.add_done_callback(lambda t: self._handler_done(ex, t))
-        self._outbox.arm()  # what the handler writes in its first step goes out right after it
 
     # response side
 
