@@ -83,13 +83,11 @@ class _CallStats(Collector):
 
     def __init__(self) -> None:
         # (endpoint, model, status) -> [calls, prompt, completion, cached, cache_creation,
-        # reasoning, estimated calls, cost]: one lookup per record; the per-model series
-        # are summed from it at scrape time.
+        # reasoning, estimated calls, cost, ttft histogram, duration histogram]: one
+        # lookup per record; per-model series and per-endpoint histograms are summed from
+        # it at scrape time. A histogram is [count per bucket (last: +Inf)..., sum].
         self.calls: dict[tuple[str, str, int], list[Any]] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}
-        # endpoint -> [count per bucket (last: +Inf)..., sum]
-        self.ttft: dict[str, list[float]] = {}
-        self.duration: dict[str, list[float]] = {}
 
     def observe(self, rec: UsageRecord) -> None:
         # Unpacked at once: a field read by name goes through a descriptor each time.
@@ -98,13 +96,17 @@ class _CallStats(Collector):
         key = (endpoint, model, status)
         agg = self.calls.get(key)
         if agg is None:
-            agg = self.calls[key] = [0, 0, 0, 0, 0, 0, 0, 0.0]
+            agg = self.calls[key] = [0, 0, 0, 0, 0, 0, 0, 0.0, _new_histogram(), _new_histogram()]
         agg[0] += 1
         agg[1] += prompt
         agg[2] += completion
-        agg[3] += cached
-        agg[4] += cache_creation
-        agg[5] += reasoning
+        # Usually 0: a test is cheaper than adding nothing.
+        if cached:
+            agg[3] += cached
+        if cache_creation:
+            agg[4] += cache_creation
+        if reasoning:
+            agg[5] += reasoning
         if estimated:
             agg[6] += 1
         if cost > 0:
@@ -112,9 +114,16 @@ class _CallStats(Collector):
         if outcome == "upstream_error" or outcome == "timeout":
             ekey = (upstream, outcome)
             self.upstream_errors[ekey] = self.upstream_errors.get(ekey, 0) + 1
+        # Seconds; a clock step backwards counts as 0. `le` is inclusive: bisect_left.
         if ttft_ms is not None:
-            _observe(self.ttft, endpoint, ttft_ms / 1000)
-        _observe(self.duration, endpoint, duration_ms / 1000)
+            seconds = ttft_ms / 1000 if ttft_ms > 0 else 0.0
+            counts = agg[8]
+            counts[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+            counts[-1] += seconds
+        seconds = duration_ms / 1000 if duration_ms > 0 else 0.0
+        counts = agg[9]
+        counts[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        counts[-1] += seconds
 
     def _by_model(self, index: int) -> dict[tuple[str, ...], Any]:
         """One aggregate column summed per model (models with nothing in it are left out)."""
@@ -122,6 +131,17 @@ class _CallStats(Collector):
         for (_, model, _), agg in self.calls.items():
             if agg[index]:
                 totals[(model,)] = totals.get((model,), 0) + agg[index]
+        return totals
+
+    def _by_endpoint(self, index: int) -> dict[str, list[float]]:
+        """One histogram column summed per endpoint (endpoints with no observation left out)."""
+        totals: dict[str, list[float]] = {}
+        for (endpoint, _, _), agg in self.calls.items():
+            counts = agg[index]
+            if any(counts[:-1]):
+                total = totals.setdefault(endpoint, _new_histogram())
+                for i, n in enumerate(counts):
+                    total[i] += n
         return totals
 
     def collect(self) -> Iterator[Metric]:
@@ -140,8 +160,8 @@ class _CallStats(Collector):
                        self._by_model(6))
         yield _counter("llm_proxy_upstream_errors", "Failed upstream attempts", ["upstream", "outcome"], self.upstream_errors)
         yield _counter("llm_proxy_cost_usd", "Spend in USD by model", ["model"], self._by_model(7))
-        yield _histogram("llm_proxy_time_to_first_byte_seconds", "Time to first byte", self.ttft)
-        yield _histogram("llm_proxy_request_duration_seconds", "Request duration", self.duration)
+        yield _histogram("llm_proxy_time_to_first_byte_seconds", "Time to first byte", self._by_endpoint(8))
+        yield _histogram("llm_proxy_request_duration_seconds", "Request duration", self._by_endpoint(9))
 
 
 def _counter(name: str, doc: str, labels: list[str], table: Mapping[tuple[str, ...], float]) -> CounterMetricFamily:
@@ -151,14 +171,8 @@ def _counter(name: str, doc: str, labels: list[str], table: Mapping[tuple[str, .
     return family
 
 
-def _observe(table: dict[str, list[float]], label: str, value: float) -> None:
-    counts = table.get(label)
-    if counts is None:
-        counts = table[label] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
-    if value < 0:
-        value = 0.0   # a clock step backwards
-    counts[bisect_left(_LATENCY_BUCKETS, value)] += 1   # le is inclusive: bisect_left
-    counts[-1] += value
+def _new_histogram() -> list[float]:
+    return [0.0] * (len(_LATENCY_BUCKETS) + 2)
 
 
 def _histogram(name: str, doc: str, table: dict[str, list[float]]) -> HistogramMetricFamily:

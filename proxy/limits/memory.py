@@ -17,6 +17,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from proxy.limits.base import (
+    NANO_PER_USD,
     US_PER_S,
     WINDOW_US,
     Decision,
@@ -64,6 +65,7 @@ _TOKENS_CAP = 2**62
 # cost is charged to (None: no budget).
 _Held = tuple[int, int, "int | None"]
 _NEVER = 2**63
+_WINDOW_S = WINDOW_US / US_PER_S
 
 
 def _int64s() -> array[int]:
@@ -147,15 +149,23 @@ class MemoryLimiter:
             if st is None:
                 st = self._keys[key_id] = _KeyState()
             st.checked = spec
-        now = self._now_us()
+        # What _now_us, _period and usd_to_nano compute, written out: this method runs
+        # per request, and each of those calls cost about as much as its arithmetic.
+        now = round(self._clock() * US_PER_S)
         budget = spec.budget_nano
         period, period_end = 0, None
         if budget is not None:
-            period, period_end = self._period(now // US_PER_S, spec.budget_period)
+            bounds = self._periods.get(spec.budget_period)
+            now_s = now // US_PER_S
+            if bounds is None or now_s < bounds[0] or (bounds[1] is not None and now_s >= bounds[1]):
+                bounds = self._period(now_s, spec.budget_period)
+            period, period_end = bounds
             if period not in st.spent:
                 return None
         # Check and reserve are one atomic step (no await in this method).
-        cost = usd_to_nano(cost_usd)
+        cost = round(cost_usd * NANO_PER_USD)
+        if cost < 0:
+            cost = 0
         cutoff = now - WINDOW_US
         requests, head = st.requests, st.requests_head
         if head < len(requests) and requests[head] <= cutoff:
@@ -199,7 +209,14 @@ class MemoryLimiter:
                 live[request_id] = (expiry, cost, period)
             if expiry < st.due_us:
                 st.due_us = expiry
-        return self._decision(st, spec, reservation, None, 0, now)
+        # make_decision(spec, reservation, None, 0, ...) written out for an admission: a
+        # set window's newest entry is this admission, so it resets a full window from now.
+        used, tokens_used = len(requests) - st.requests_head, st.tokens_sum
+        return tuple_new(Decision, (
+            True, reservation, None, 0,
+            rpm, None if rpm is None else (rpm - used if rpm > used else 0), None if rpm is None else _WINDOW_S,
+            tpm, None if tpm is None else (tpm - tokens_used if tpm > tokens_used else 0), None if tpm is None else _WINDOW_S,
+        ))
 
     def _refusal(
         self, st: _KeyState, spec: LimitSpec, tokens: int, cost: int, now: int, period: int, period_end: int | None
@@ -249,14 +266,21 @@ class MemoryLimiter:
             i = seq - st.log_base
             st.tokens_sum += tokens - st.log_tokens[i]
             st.log_tokens[i] = tokens
-        held = self._release(st, rid)
-        if held is None:
-            return True
+        # _release, _now_us and usd_to_nano written out (per request, as in admit_now).
+        held = st.live.pop(rid, None)
+        if held is not None:
+            st.reserved_nano -= held[1]
+        else:
+            held = st.stale.pop(rid, None)
+            if held is None:
+                return True
         # Charged once (the held record is gone after the first settlement), and only
         # until it is forgotten, one TTL after its expiry.
         period = held[2]
-        if period is not None and period in st.spent and held[0] + self._ttl_us > self._now_us():
-            st.spent[period] += usd_to_nano(cost_usd)
+        if period is not None and period in st.spent and held[0] + self._ttl_us > round(self._clock() * US_PER_S):
+            cost = round(cost_usd * NANO_PER_USD)
+            if cost > 0:
+                st.spent[period] += cost
         return True
 
     # --- internals ---
