@@ -74,6 +74,11 @@ def clamp_count(value: object, bound: int) -> tuple[int, bool]:
     return value, flagged
 
 
+# tuple.__new__(Usage, values) builds what Usage(*values) does without the NamedTuple's
+# Python-level __new__ frame: one is built per request.
+_new = tuple.__new__
+
+
 def build_usage(
     *,
     prompt: object = None,
@@ -98,7 +103,7 @@ def build_usage(
         and cache_creation is None
         and (reasoning is None or (type(reasoning) is int and 0 <= reasoning <= completion))
     ):
-        return Usage(prompt, completion, cached or 0, 0, reasoning or 0, flagged)
+        return _new(Usage, (prompt, completion, cached or 0, 0, reasoning or 0, flagged))
     p, f1 = clamp_count(prompt, bound)
     c, f2 = clamp_count(completion, bound)
     ca, f3 = clamp_count(cached, bound)
@@ -206,7 +211,7 @@ class MeterBase:
         if isinstance(obj, dict):
             usage = self._body_usage(obj)
             if usage is not None:
-                self._set_usage(usage, complete=True)
+                self._usage, self._complete = usage, True   # _set_usage(usage, True)
 
     def finish(self) -> None:
         if self._splitter is not None:
@@ -240,7 +245,13 @@ class MeterBase:
         raise NotImplementedError(f"{type(self).__name__} does not meter bodies")
 
     def _body_json(self, body: bytes | bytearray) -> object:
-        return None if self._body_truncated else load_json(body)
+        # load_json(body), written out: every non-streamed answer comes through here.
+        if self._body_truncated or not body:
+            return None
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
 
     def _set_usage(self, usage: Usage, complete: bool) -> None:
         # Last complete usage wins: a repeated usage object replaces, never adds.
