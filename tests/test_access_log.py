@@ -39,3 +39,18 @@ async def test_flush_writes_what_is_pending_at_once(caplog) -> None:
     assert [r.getMessage().split(" ", 1)[1] for r in caplog.records] == ['::1 "POST /v1/messages" 401 0.0ms key=- rid=req_3']
     log.flush()  # nothing pending: no empty record
     assert len(caplog.records) == 1
+
+
+async def test_each_line_has_its_own_second_and_long_paths_are_cut(caplog, monkeypatch) -> None:
+    caplog.set_level(logging.INFO, logger="llm_proxy.access")
+    log = AccessLog(interval_s=60)
+    started = asyncio.get_running_loop().time()
+    # The two lines' clock readings straddle a second; later readers (logging) get the last.
+    clock = iter([1_700_000_000.999, 1_700_000_001.002])
+    monkeypatch.setattr("proxy.access_log.time.time", lambda: next(clock, 1_700_000_001.002))
+    log.line(exchange("POST", "/a", 200, started), "::1", "k", "req_1")  # type: ignore[arg-type]
+    log.line(exchange("POST", "/" + "p" * 300, 200, started), "::1", "k", "req_2")  # type: ignore[arg-type]
+    log.flush()
+    first, second = caplog.records[0].getMessage().split("\n")
+    assert first.split(" ", 1)[0].endswith(":20.999") and second.split(" ", 1)[0].endswith(":21.002")
+    assert f'"POST /{"p" * 199}" 200' in second and "p" * 200 not in second
