@@ -145,9 +145,11 @@ class Forwarder:
         record_id = record_id_for(request.headers.get("x-request-id"), request_id)
         call = Call(record_id, request_id, time.time(), endpoint, key, model, stream, prompt_estimate)
         reserve, reserve_usd = prompt_estimate + max_out, max_cost_usd(price, prompt_estimate, max_out)
-        admitted = self._admission.admit_now(key, call.request_id, reserve, reserve_usd)
+        # The record id is always one this process made (record_id_for), never admitted
+        # before: a fresh id, which the memory limiter does not need to index.
+        admitted = self._admission.admit_now(key, call.request_id, reserve, reserve_usd, True)
         if admitted is None:   # the limiter must wait (Redis, or a budget's first request)
-            admitted = await self._admission.admit(key, call.request_id, reserve, reserve_usd)
+            admitted = await self._admission.admit(key, call.request_id, reserve, reserve_usd, True)
         reservation, limit_lines = admitted
         try:
             await self._run(ex, call, body, raw, plan, common, limit_lines)

@@ -137,11 +137,12 @@ class LimiterMachine(RuleBasedStateMachine):
     def advance(self, ms: int) -> None:
         self.now_ms += ms
 
-    @rule(tokens=st.integers(0, 60), cents=st.integers(0, 6))
-    def admit(self, tokens: int, cents: int) -> None:
+    @rule(tokens=st.integers(0, 60), cents=st.integers(0, 6), fresh=st.booleans())
+    def admit(self, tokens: int, cents: int, fresh: bool) -> None:
+        # Every id here is new, so a fresh admission (no index of ids) must answer the same.
         rid = f"r{self.count}"
         self.count += 1
-        got = self.loop.run_until_complete(self.limiter.admit("k", self.model.spec, rid, tokens, cents / 100))
+        got = self.loop.run_until_complete(self.limiter.admit("k", self.model.spec, rid, tokens, cents / 100, fresh))
         want = self.model.admit(T0_MS + self.now_ms, rid, tokens, cents)
         assert observed(got) == want
         if got.reservation is not None:
@@ -174,11 +175,13 @@ TestLimiterModel.settings = settings(
 @given(spec=specs.map(lambda s: LimitSpec(
     rpm=None if s.rpm is None else s.rpm * 100, tpm=None if s.tpm is None else s.tpm * 300,
     max_parallel=s.max_parallel, budget_usd=s.budget_usd,
-)), seed=st.integers(0, 2**32))
-def test_long_runs_match_the_model(spec: LimitSpec, seed: int) -> None:
+)), seed=st.integers(0, 2**32), fresh=st.booleans())
+def test_long_runs_match_the_model(spec: LimitSpec, seed: int, fresh: bool) -> None:
     """Thousands of steps, hundreds of entries per window: the windows' storage is cut
     back many times (compaction) while admissions, settlements and re-admissions of an
-    earlier request id go on; every decision still matches the model."""
+    earlier request id go on; every decision still matches the model. With `fresh`, ids
+    are never re-admitted and the limiter is told so: settlements find their slots
+    through the reservation, also after compactions and once the slot left the window."""
     rnd = random.Random(seed)
     now_ms = [0]
     lim = MemoryLimiter(clock=lambda: (T0_MS + now_ms[0]) / 1000, reservation_ttl_s=TTL_MS / 1000)
@@ -195,9 +198,10 @@ def test_long_runs_match_the_model(spec: LimitSpec, seed: int) -> None:
                 model.settle(T0_MS + now_ms[0], res.request_id, tokens, cents)
                 continue
             # Now and then an id admitted before (the contract: its entries are replaced).
-            rid = rnd.choice(admitted).request_id if admitted and rnd.random() < 0.05 else f"r{n}"
+            again = admitted and not fresh and rnd.random() < 0.05
+            rid = rnd.choice(admitted).request_id if again else f"r{n}"
             tokens, cents = rnd.randrange(0, 60), rnd.randrange(0, 6)
-            got = loop.run_until_complete(lim.admit("k", spec, rid, tokens, cents / 100))
+            got = loop.run_until_complete(lim.admit("k", spec, rid, tokens, cents / 100, fresh))
             want = model.admit(T0_MS + now_ms[0], rid, tokens, cents)
             assert observed(got) == want, n
             if got.reservation is not None:

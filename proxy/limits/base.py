@@ -47,6 +47,7 @@ class Reservation(NamedTuple):
     tokens: int            # reserved token estimate (prompt estimate + max_tokens)
     cost_usd: float        # reserved spend estimate
     spec: LimitSpec
+    slot: int = -1         # memory backend, fresh ids: the tpm slot to correct at settlement
 
 
 class Decision(NamedTuple):
@@ -73,10 +74,17 @@ class Limiter(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> None: ...   # raises LimiterUnavailable
-    async def admit(self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float) -> Decision: ...
+    # fresh=True: the caller vouches that request_id was never admitted before and will
+    # not be again (the gateway's own ids), so no index of ids is needed to replace a
+    # re-admission's entries; the answers are the same.
+    async def admit(
+        self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float, fresh: bool = False
+    ) -> Decision: ...
     # Admit at once if this backend can without waiting (in-process, spend counter
     # seeded); None: use admit(). Same answer as admit() would give.
-    def admit_now(self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float) -> Decision | None: ...
+    def admit_now(
+        self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float, fresh: bool = False
+    ) -> Decision | None: ...
     async def settle(self, reservation: Reservation, tokens: int, cost_usd: float) -> None: ...
     # Settle at once if this backend can without waiting (in-process); False: use settle().
     def settle_now(self, reservation: Reservation, tokens: int, cost_usd: float) -> bool: ...

@@ -83,10 +83,10 @@ class _KeyState:
     # was admitted again has its tokens zeroed (counted no more) and stays until pruned.
     log_ts: array[int] = field(default_factory=_int64s)
     log_tokens: array[int] = field(default_factory=_int64s)
-    log_rids: list[str] = field(default_factory=list)
+    log_rids: list[str | None] = field(default_factory=list)   # None: a fresh id (not indexed)
     log_head: int = 0
     log_base: int = 0                   # the sequence number of slot 0 (compaction renumbers)
-    tokens: dict[str, int] = field(default_factory=dict)                      # request id -> its slot's sequence number
+    tokens: dict[str, int] = field(default_factory=dict)                      # indexed request id -> its slot's sequence number
     tokens_sum: int = 0
     live: OrderedDict[str, _Held] = field(default_factory=OrderedDict)        # holding a slot
     stale: OrderedDict[str, _Held] = field(default_factory=OrderedDict)       # expired, unsettled
@@ -122,27 +122,32 @@ class MemoryLimiter:
     async def ping(self) -> None:
         return None
 
-    async def admit(self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float) -> Decision:
+    async def admit(
+        self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float, fresh: bool = False
+    ) -> Decision:
         while True:
-            decision = self.admit_now(key_id, spec, request_id, tokens, cost_usd)
+            decision = self.admit_now(key_id, spec, request_id, tokens, cost_usd, fresh)
             if decision is not None:
                 return decision
             await self._seed_period(key_id, spec)
 
-    def admit_now(self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float) -> Decision | None:
+    def admit_now(
+        self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float, fresh: bool = False
+    ) -> Decision | None:
         """Admission without waiting; None when the budget period's spend counter must be
         seeded from the store first (once per key and period: then await admit()).
 
         Runs on every request of a key with limits: entries are plain lists and tuples,
         the Reservation is built without its Python __new__, expiry is scanned when due.
+        A fresh id (base.py) gets no entry in the tpm window's index of ids: its slot
+        travels in the Reservation instead, and the window keeps no string per request.
         """
         if tokens < 0:
             tokens = 0
         elif tokens > _TOKENS_CAP:
             tokens = _TOKENS_CAP
-        reservation = tuple_new(Reservation, (key_id, request_id, tokens, cost_usd, spec))
         if spec.empty:
-            return Decision(True, reservation)
+            return Decision(True, tuple_new(Reservation, (key_id, request_id, tokens, cost_usd, spec, -1)))
         st = self._keys.get(key_id)
         if st is None or st.checked is not spec:
             check_spec(spec)
@@ -186,20 +191,26 @@ class MemoryLimiter:
             return self._refusal(st, spec, tokens, cost, now, period, period_end)
         if rpm is not None:
             requests.append(now)
+        slot = -1
         if tpm is not None:
-            counted = st.tokens
-            old = counted.get(request_id)
-            if old is not None:   # re-admitted: its earlier slot counts no more
-                i = old - st.log_base
-                st.tokens_sum -= st.log_tokens[i]
-                st.log_tokens[i] = 0
-            counted[request_id] = st.log_base + len(log_ts)
+            if fresh:
+                slot = st.log_base + len(log_ts)
+                st.log_rids.append(None)
+            else:
+                counted = st.tokens
+                old = counted.get(request_id)
+                if old is not None:   # re-admitted: its earlier slot counts no more
+                    i = old - st.log_base
+                    st.tokens_sum -= st.log_tokens[i]
+                    st.log_tokens[i] = 0
+                counted[request_id] = st.log_base + len(log_ts)
+                st.log_rids.append(request_id)
             log_ts.append(now)
             st.log_tokens.append(tokens)
-            st.log_rids.append(request_id)
             st.tokens_sum += tokens
+        reservation = tuple_new(Reservation, (key_id, request_id, tokens, cost_usd, spec, slot))
         if parallel is not None or budget is not None:
-            if request_id in live or request_id in st.stale:
+            if not fresh and (request_id in live or request_id in st.stale):
                 self._release(st, request_id)  # a re-admitted id replaces its reservation
             expiry = now + self._ttl_us
             if budget is None:
@@ -257,13 +268,15 @@ class MemoryLimiter:
         if st is None or reservation.spec.empty:
             return True
         rid = reservation.request_id
-        seq = st.tokens.get(rid)
-        if seq is not None:   # still counted (in the window, or not pruned yet): correct in place
+        slot = reservation.slot
+        seq = st.tokens.get(rid) if slot < 0 else slot
+        # Still counted (an indexed id is, until pruned; a fresh slot while the window
+        # holds it): correct in place.
+        if seq is not None and (i := seq - st.log_base) >= st.log_head:
             if tokens < 0:
                 tokens = 0
             elif tokens > _TOKENS_CAP:
                 tokens = _TOKENS_CAP
-            i = seq - st.log_base
             st.tokens_sum += tokens - st.log_tokens[i]
             st.log_tokens[i] = tokens
         # _release, _now_us and usd_to_nano written out (per request, as in admit_now).
@@ -331,10 +344,11 @@ class MemoryLimiter:
         end = len(log_ts)
         while head < end and log_ts[head] <= cutoff:
             rid = rids[head]
-            if counted.get(rid) == base + head:  # else admitted again since: that slot counts
+            # (None: a fresh id's slot, not indexed.) Else admitted again since: that slot counts.
+            if rid is not None and counted.get(rid) == base + head:
                 del counted[rid]
             st.tokens_sum -= log_tokens[head]     # (a replaced slot holds 0)
-            rids[head] = ""                       # the id string is not kept for the compaction
+            rids[head] = None                     # the id string is not kept for the compaction
             head += 1
         if head >= _COMPACT_MIN and head * 2 >= end:
             del log_ts[:head], log_tokens[:head], rids[:head]

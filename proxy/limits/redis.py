@@ -348,7 +348,10 @@ class RedisLimiter:
         except (RedisError, OSError) as exc:
             raise _unavailable(exc) from exc
 
-    async def admit(self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float) -> Decision:
+    async def admit(
+        self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float, fresh: bool = False
+    ) -> Decision:
+        # `fresh` changes nothing here: the id is the member of the window's sorted set.
         tokens = max(0, tokens)
         reservation = Reservation(key_id, request_id, tokens, cost_usd, spec)
         if spec.empty:
@@ -378,7 +381,9 @@ class RedisLimiter:
             rpm_used, rpm_reset, tpm_used, tpm_reset,
         )
 
-    def admit_now(self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float) -> Decision | None:
+    def admit_now(
+        self, key_id: str, spec: LimitSpec, request_id: str, tokens: int, cost_usd: float, fresh: bool = False
+    ) -> Decision | None:
         return None  # a Redis round trip: admit() it is
 
     def settle_now(self, reservation: Reservation, tokens: int, cost_usd: float) -> bool:

@@ -115,25 +115,26 @@ class Admission:
         return None if limits.spec.empty else limits
 
     def admit_now(
-        self, key: KeyRecord | None, request_id: str, tokens: int, cost_usd: float
+        self, key: KeyRecord | None, request_id: str, tokens: int, cost_usd: float, fresh: bool = False
     ) -> tuple[Reservation | None, bytes] | None:
         """admit() without waiting, when the limiter can answer at once (in-process);
         None: await admit()."""
         limits = self._limits_of(key)
         if limits is None:
             return _NO_LIMITS
-        decision = self._limiter.admit_now(limits.record.id, limits.spec, request_id, tokens, cost_usd)
+        decision = self._limiter.admit_now(limits.record.id, limits.spec, request_id, tokens, cost_usd, fresh)
         return None if decision is None else _answer(decision, limits)
 
     async def admit(
-        self, key: KeyRecord | None, request_id: str, tokens: int, cost_usd: float
+        self, key: KeyRecord | None, request_id: str, tokens: int, cost_usd: float, fresh: bool = False
     ) -> tuple[Reservation | None, bytes]:
-        """The reservation to settle and the `x-ratelimit-*` header lines for the response."""
+        """The reservation to settle and the `x-ratelimit-*` header lines for the response.
+        `fresh`: the id was never admitted before (see Limiter.admit)."""
         limits = self._limits_of(key)
         if limits is None:
             return _NO_LIMITS
         try:
-            decision = await self._limiter.admit(limits.record.id, limits.spec, request_id, tokens, cost_usd)
+            decision = await self._limiter.admit(limits.record.id, limits.spec, request_id, tokens, cost_usd, fresh)
         except LimiterUnavailable:
             if self._fail_open:
                 log.warning("limits backend unavailable; admitting %s (fail_open)", limits.record.name)
