@@ -17,7 +17,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from proxy.limits.base import (
-    NANO_PER_USD,
     US_PER_S,
     WINDOW_US,
     Decision,
@@ -154,23 +153,15 @@ class MemoryLimiter:
             if st is None:
                 st = self._keys[key_id] = _KeyState()
             st.checked = spec
-        # What _now_us, _period and usd_to_nano compute, written out: this method runs
-        # per request, and each of those calls cost about as much as its arithmetic.
-        now = round(self._clock() * US_PER_S)
+        now = self._now_us()
         budget = spec.budget_nano
         period, period_end = 0, None
         if budget is not None:
-            bounds = self._periods.get(spec.budget_period)
-            now_s = now // US_PER_S
-            if bounds is None or now_s < bounds[0] or (bounds[1] is not None and now_s >= bounds[1]):
-                bounds = self._period(now_s, spec.budget_period)
-            period, period_end = bounds
+            period, period_end = self._period(now // US_PER_S, spec.budget_period)
             if period not in st.spent:
                 return None
         # Check and reserve are one atomic step (no await in this method).
-        cost = round(cost_usd * NANO_PER_USD)
-        if cost < 0:
-            cost = 0
+        cost = usd_to_nano(cost_usd)
         cutoff = now - WINDOW_US
         requests, head = st.requests, st.requests_head
         if head < len(requests) and requests[head] <= cutoff:
@@ -279,21 +270,14 @@ class MemoryLimiter:
                 tokens = _TOKENS_CAP
             st.tokens_sum += tokens - st.log_tokens[i]
             st.log_tokens[i] = tokens
-        # _release, _now_us and usd_to_nano written out (per request, as in admit_now).
-        held = st.live.pop(rid, None)
-        if held is not None:
-            st.reserved_nano -= held[1]
-        else:
-            held = st.stale.pop(rid, None)
-            if held is None:
-                return True
+        held = self._release(st, rid)
+        if held is None:
+            return True
         # Charged once (the held record is gone after the first settlement), and only
         # until it is forgotten, one TTL after its expiry.
         period = held[2]
-        if period is not None and period in st.spent and held[0] + self._ttl_us > round(self._clock() * US_PER_S):
-            cost = round(cost_usd * NANO_PER_USD)
-            if cost > 0:
-                st.spent[period] += cost
+        if period is not None and period in st.spent and held[0] + self._ttl_us > self._now_us():
+            st.spent[period] += usd_to_nano(cost_usd)
         return True
 
     # --- internals ---

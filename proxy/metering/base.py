@@ -211,7 +211,7 @@ class MeterBase:
         if isinstance(obj, dict):
             usage = self._body_usage(obj)
             if usage is not None:
-                self._usage, self._complete = usage, True   # _set_usage(usage, True)
+                self._set_usage(usage, complete=True)
 
     def finish(self) -> None:
         if self._splitter is not None:
@@ -245,13 +245,7 @@ class MeterBase:
         raise NotImplementedError(f"{type(self).__name__} does not meter bodies")
 
     def _body_json(self, body: bytes | bytearray) -> object:
-        # load_json(body), written out: every non-streamed answer comes through here.
-        if self._body_truncated or not body:
-            return None
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return None
+        return None if self._body_truncated else load_json(body)
 
     def _set_usage(self, usage: Usage, complete: bool) -> None:
         # Last complete usage wins: a repeated usage object replaces, never adds.

@@ -31,14 +31,11 @@ def _detail(usage: dict[str, Any], key: str, field: str) -> object:
 
 
 def chat_usage(usage: dict[str, Any], bound: int) -> Usage:
-    # _detail() written out: this runs once per chat answer.
-    prompt_details = usage.get("prompt_tokens_details")
-    completion_details = usage.get("completion_tokens_details")
     return build_usage(
         prompt=usage.get("prompt_tokens"),
         completion=usage.get("completion_tokens"),
-        cached=prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None,
-        reasoning=completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else None,
+        cached=_detail(usage, "prompt_tokens_details", "cached_tokens"),
+        reasoning=_detail(usage, "completion_tokens_details", "reasoning_tokens"),
         bound=bound,
     )
 
