@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -312,6 +313,27 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: storage.url must be sqlite:///path or postgresql://...")
     if not cfg.limits.url.startswith(("memory://", "redis://", "rediss://")):
         raise ConfigError(f"{source}: limits.url must be memory:// or redis://...")
+    if cfg.limits.url.startswith(("redis://", "rediss://")):
+        problem = _redis_url_problem(cfg.limits.url)
+        if problem:
+            raise ConfigError(f"{source}: limits.url: {problem}")
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """What is wrong with a Redis URL (never quoting it: it may hold a password)."""
+    parts = urlsplit(url)
+    if parts.query or parts.fragment:
+        return "a Redis URL takes no options: redis://[[user]:password@]host[:port][/db]"
+    if not parts.hostname:
+        return "the Redis URL names no host"
+    try:
+        parts.port
+    except ValueError:
+        return "the Redis URL's port is not a number from 0 to 65535"
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return "the Redis URL's path must be a database number"
+    return None
 
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")

@@ -38,7 +38,7 @@ def _answers_ping(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))   # (the latter: --requirepass)
     except OSError:
         return False
 
@@ -46,9 +46,10 @@ def _answers_ping(port: int) -> bool:
 class RedisServer:
     """One redis-server process on a fixed 127.0.0.1 port; start() again after kill()."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.port = port or _free_port()
+        self.args = args   # more redis-server options (e.g. --requirepass)
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -62,7 +63,7 @@ class RedisServer:
             [
                 _redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-                "--logfile", str(log), "--daemonize", "no",
+                "--logfile", str(log), "--daemonize", "no", *self.args,
             ],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )

@@ -13,14 +13,7 @@ number handed back to Redis goes through I() (exact integer text).
 from __future__ import annotations
 
 import asyncio
-from typing import cast, get_args
-
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from typing import Any, cast, get_args
 
 from proxy.limits.base import (
     US_PER_S,
@@ -35,6 +28,7 @@ from proxy.limits.base import (
     make_decision,
     usd_to_nano,
 )
+from proxy.limits.resp import RedisAddress, RedisClient, RedisError, Reply, Script, bulks, pack
 
 SPEND_TTL_MS = 40 * 86_400 * 1000   # an idle key's spend counter is re-seeded from the store
 _NEED_SEED = 2
@@ -296,13 +290,31 @@ return 1
 """
 
 
+_KEY_NAMES = ("rpm", "tpm", "tpmv", "live", "stale", "held", "sums", "spent")
+_ADMIT = Script(_ADMIT_LUA)
+_SETTLE = Script(_SETTLE_LUA)
+
+
 def _keys(key_id: str) -> list[str]:
     prefix = f"llmp:{{{key_id}}}:"
-    return [prefix + name for name in ("rpm", "tpm", "tpmv", "live", "stale", "held", "sums", "spent")]
+    return [prefix + name for name in _KEY_NAMES]
 
 
 def _opt(value: int | None) -> int:
     return -1 if value is None else int(value)
+
+
+def _spec_args(spec: LimitSpec) -> bytes:
+    """ARGV 7-11 of the admission script: the spec's limits, packed."""
+    budget = -1 if spec.budget_usd is None else usd_to_nano(spec.budget_usd)
+    return bulks((_opt(spec.rpm), _opt(spec.tpm), _opt(spec.max_parallel), budget, spec.budget_period or "life"))
+
+
+# ARGV: the six common to both scripts, the spec's five (admission), the seed offer's two.
+_SETTLE_NARGS = 6
+_ADMIT_NARGS = 13
+_SEED_ZERO_OFFER = bulks((_SEED_ZERO, 0))
+_NO_SEED_OFFER = bulks((_NO_SEED, 0))
 
 
 class RedisLimiter:
@@ -313,26 +325,21 @@ class RedisLimiter:
         spend_seed: SpendSeed | None = None,
         *,
         socket_timeout_s: float = 1.0,
-        max_connections: int = 64,
     ) -> None:
         self._ttl_us = round(reservation_ttl_s * US_PER_S)
         self._spend_seed = spend_seed
-        # Fail fast when Redis is gone: short timeouts; one immediate retry on connection
-        # errors only (a pooled connection may be stale after a Redis restart: the retry
-        # reconnects; a timed-out script is not re-run); a bounded pool that waits at
-        # most one timeout for a free connection.
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=socket_timeout_s,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s / 2,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        # Fail fast when Redis is gone: a command unanswered within the timeout fails
+        # (and is not re-run); a connection lost after serving earlier commands (a Redis
+        # restart) is replaced once at once (resp.py). Both scripts are idempotent per
+        # request id, so that one re-send cannot count twice.
+        self._redis = RedisClient(
+            RedisAddress.parse(url), timeout_s=socket_timeout_s, connect_timeout_s=socket_timeout_s / 2
         )
-        self._redis = Redis.from_pool(pool)
-        # Scripts are sent by SHA; redis-py reloads them on NOSCRIPT (e.g. after a restart).
-        self._admit_script: AsyncScript = self._redis.register_script(_ADMIT_LUA)
-        self._settle_script: AsyncScript = self._redis.register_script(_SETTLE_LUA)
+        # The arguments that repeat are packed once: the first three (constants), each
+        # key's eight Redis keys, each spec's five limits (specs repeat per cached key).
+        self._constants = bulks((WINDOW_US, self._ttl_us, SPEND_TTL_MS))
+        self._packed_keys: dict[str, bytes] = {}
+        self._packed_specs: dict[LimitSpec, bytes] = {}
         self._seed_lock = asyncio.Lock()
 
     async def open(self) -> None:
@@ -340,12 +347,12 @@ class RedisLimiter:
         answers per its fail-open/closed policy) even while Redis is down."""
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._redis.close()
 
     async def ping(self) -> None:
         try:
-            await self._redis.ping()
-        except (RedisError, OSError) as exc:
+            await self._redis.execute(_PING)
+        except RedisError as exc:
             raise _unavailable(exc) from exc
 
     async def admit(
@@ -356,24 +363,23 @@ class RedisLimiter:
         reservation = Reservation(key_id, request_id, tokens, cost_usd, spec)
         if spec.empty:
             return Decision(admitted=True, reservation=reservation)   # no Redis round trip
-        check_spec(spec)
-        args: list[int | str] = [
-            *self._common(request_id, tokens, cost_usd),
-            _opt(spec.rpm), _opt(spec.tpm), _opt(spec.max_parallel),
-            -1 if spec.budget_usd is None else usd_to_nano(spec.budget_usd),
-            spec.budget_period or "life",
-        ]
-        first_offer = _SEED_ZERO if self._spend_seed is None else _NO_SEED
-        reply = await self._run(self._admit_script, key_id, [*args, first_offer, 0])
+        limits = self._packed_specs.get(spec)
+        if limits is None:
+            check_spec(spec)
+            if len(self._packed_specs) >= 10_000:
+                self._packed_specs.clear()
+            limits = self._packed_specs[spec] = _spec_args(spec)
+        args = self._common(request_id, tokens, cost_usd) + limits
+        reply = await self._admit(key_id, args + (_SEED_ZERO_OFFER if self._spend_seed is None else _NO_SEED_OFFER))
         if reply[0] == _NEED_SEED:
             # Rare: first request of this key in this period. Serialise seeding, re-check
             # under the lock (another task may have seeded), then offer the store's value.
             async with self._seed_lock:
-                reply = await self._run(self._admit_script, key_id, [*args, _NO_SEED, 0])
+                reply = await self._admit(key_id, args + _NO_SEED_OFFER)
                 while reply[0] == _NEED_SEED:
                     period = int(reply[1])
                     value = await self._seed(key_id, period)
-                    reply = await self._run(self._admit_script, key_id, [*args, period, value])
+                    reply = await self._admit(key_id, args + bulks((period, value)))
         admitted, reason = reply[0] == 1, _reason(bytes(reply[1]).decode())
         rpm_used, rpm_reset, tpm_used, tpm_reset = (int(x) for x in reply[3:7])
         return make_decision(
@@ -396,18 +402,29 @@ class RedisLimiter:
         if spec.tpm is None and spec.max_parallel is None and spec.budget_usd is None:
             return   # rpm-only or empty: nothing held, no Redis round trip
         await self._run(
-            self._settle_script, reservation.key_id, self._common(reservation.request_id, max(0, tokens), cost_usd)
+            _SETTLE, reservation.key_id, self._common(reservation.request_id, max(0, tokens), cost_usd), _SETTLE_NARGS
         )
 
-    def _common(self, request_id: str, tokens: int, cost_usd: float) -> list[int | str]:
-        return [WINDOW_US, self._ttl_us, SPEND_TTL_MS, request_id, tokens, usd_to_nano(cost_usd)]
+    def _common(self, request_id: str, tokens: int, cost_usd: float) -> bytes:
+        """ARGV 1-6 of both scripts."""
+        return self._constants + bulks((request_id, tokens, usd_to_nano(cost_usd)))
 
-    async def _run(self, script: AsyncScript, key_id: str, args: list[int | str]) -> list[int | bytes]:
-        try:
-            reply: list[int | bytes] = await script(keys=_keys(key_id), args=args)
-        except (RedisError, OSError) as exc:
-            raise _unavailable(exc) from exc
+    async def _admit(self, key_id: str, args: bytes) -> list[Any]:
+        reply = await self._run(_ADMIT, key_id, args, _ADMIT_NARGS)
+        if not isinstance(reply, list) or len(reply) not in (2, 7):   # (need a seed, period) or a decision
+            raise LimiterUnavailable("redis limiter: unexpected script reply")
         return reply
+
+    async def _run(self, script: Script, key_id: str, args: bytes, nargs: int) -> Reply:
+        keys = self._packed_keys.get(key_id)
+        if keys is None:
+            if len(self._packed_keys) >= 10_000:
+                self._packed_keys.clear()
+            keys = self._packed_keys[key_id] = bulks(_keys(key_id))
+        try:
+            return await self._redis.run(script, keys, len(_KEY_NAMES), args, nargs)
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
 
     async def _seed(self, key_id: str, period: int) -> int:
         assert self._spend_seed is not None   # else the script seeds 0 itself
@@ -417,8 +434,11 @@ class RedisLimiter:
             raise LimiterUnavailable("spend seed failed") from exc
 
 
+_PING = pack("PING")
+
+
 def _unavailable(exc: BaseException) -> LimiterUnavailable:
-    # The class name only: redis-py messages may name hosts; never the URL or password.
+    # The class name only, as before: never the URL or password.
     return LimiterUnavailable(f"redis limiter unavailable ({type(exc).__name__})")
 
 
