@@ -15,8 +15,8 @@ and measures three targets side by side: `direct` (client → upstream), `llm-pr
 `nginx` (client → proxy → upstream). Load generators (wrk, bench/loadgen.py) run on
 core 1 with the upstream, so the proxy under test has core 0 to itself.
 
-Scenarios (each in rounds; targets alternate within a round, order reversed every other
-round; the table shows the median over rounds):
+Scenarios (each in rounds, 3 by default and 5 for a; targets alternate within a round,
+order reversed every other round; the table shows the median over rounds):
   a. closed-loop throughput, wrk, 64 connections: req/s, proxy CPU time per request
      (utime+stime of the proxy process tree from /proc, before/after)
   b. open-loop 500 req/s: latency p50/p99 from the scheduled send time; added = target − direct
@@ -471,6 +471,7 @@ def run_loadgen(mode: str, port: int, key: str, body: str, *extra: str, timeout:
 @dataclass
 class Params:
     rounds: int
+    a_rounds: int         # scenario a's CPU per request swings most on this VM: more rounds
     a_seconds: float
     a_conns: int
     b_rate: float
@@ -483,12 +484,12 @@ class Params:
 
     @classmethod
     def full(cls) -> "Params":
-        return cls(rounds=3, a_seconds=10, a_conns=64, b_rate=500, b_seconds=10, c_levels=(50, 200),
+        return cls(rounds=3, a_rounds=5, a_seconds=10, a_conns=64, b_rate=500, b_seconds=10, c_levels=(50, 200),
                    c_seconds=8, d_streams=1000, d_rounds=2, variants=True)
 
     @classmethod
     def smoke(cls) -> "Params":
-        return cls(rounds=1, a_seconds=1, a_conns=8, b_rate=100, b_seconds=1.5, c_levels=(5, 20),
+        return cls(rounds=1, a_rounds=1, a_seconds=1, a_conns=8, b_rate=100, b_seconds=1.5, c_levels=(5, 20),
                    c_seconds=1, d_streams=20, d_rounds=1, variants=False)
 
 
@@ -623,7 +624,7 @@ class Bench:
         for t in self.targets:   # warm-up, not recorded
             run_wrk(t.port, scripts[t.name], p.a_conns, min(2, p.a_seconds))
         rounds = []
-        for r in range(p.rounds):
+        for r in range(p.a_rounds):
             row = {}
             for t in self.order(r):
                 row[t.name] = self._wrk_cpu(t, scripts[t.name], p.a_conns, p.a_seconds)
@@ -914,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="llm-proxy benchmark (see bench/RESULTS.md)")
     ap.add_argument("--smoke", "--quick", action="store_true", help="a tiny run that proves everything starts")
     ap.add_argument("--out", help="raw results JSON (default bench/results/last-run.json; smoke: the temp dir)")
-    ap.add_argument("--rounds", type=int, help="rounds per scenario (full default 3)")
+    ap.add_argument("--rounds", type=int, help="rounds per scenario (full default 3; 5 for scenario a)")
     ap.add_argument("--seconds", type=float, help="seconds per throughput/latency run (full default 10)")
     ap.add_argument("--no-nginx", action="store_true", help="skip the nginx reference")
     ap.add_argument("--no-variants", action="store_true", help="skip the middleware-cost runs")
@@ -926,7 +927,7 @@ def main(argv: list[str] | None = None) -> int:
 
     params = Params.smoke() if args.smoke else Params.full()
     if args.rounds:
-        params.rounds = args.rounds
+        params.rounds = params.a_rounds = args.rounds
         params.d_rounds = min(params.d_rounds, args.rounds)
     if args.seconds:
         params.a_seconds = params.b_seconds = args.seconds
