@@ -75,6 +75,7 @@ STREAM_MODEL = "bench-c20-d25"
 SLOW_MODEL = "bench-c120-d1000"
 DIRECT, PROXY, NGINX = "direct", "llm-proxy", "nginx"
 TARGETS = (DIRECT, PROXY, NGINX)
+VARIANT_REDIS = "limits in Redis (scaled mode)"
 VARIANT_BASE = "full (limits key, access log on)"
 
 
@@ -676,13 +677,18 @@ class Bench:
                 redis.stop()
                 raise
             started += [scaled, redis]
-            plan.append(("limits in Redis (scaled mode)", Target(PROXY, scaled.port, scaled.pid, key_full), full, chat))
+            plan.append((VARIANT_REDIS, Target(PROXY, scaled.port, scaled.pid, key_full), full, chat))
         for t in {id(t): t for _, t, _, _ in plan}.values():
             run_wrk(t.port, full, p.a_conns, 2)   # warm: pools, caches, the spend seed
         rows: dict[str, list[dict[str, Any]]] = {}
         for r in range(p.rounds):
             for label, target, script, path in (plan if r % 2 == 0 else plan[::-1]):
+                # Redis's own CPU is not the gateway's (it runs on the load core), but it is
+                # what one Redis can serve: recorded beside the row.
+                redis_cpu = cpu_split(redis.pid) if redis is not None and label == VARIANT_REDIS else None
                 res = self._wrk_cpu(target, script, p.a_conns, p.a_seconds, path)
+                if redis_cpu is not None and redis is not None and res.get("requests"):
+                    res["redis_cpu_us_per_req"] = (sum(cpu_split(redis.pid)) - sum(redis_cpu)) * 1e6 / res["requests"]
                 rows.setdefault(label, []).append(res)
                 log(f"variant round {r + 1} {label}: {res.get('rps', 0):.0f} req/s, "
                     f"{res.get('cpu_us_per_req') or 0:.1f} us CPU/req")
@@ -859,6 +865,9 @@ def variants_table(raw: dict[str, Any]) -> str | None:
         out.append("  ".join(c.ljust(widths[j]) if j == 0 else c.rjust(widths[j]) for j, c in enumerate(r)).rstrip())
         if i == 0:
             out.append("-" * len(out[0]))
+    redis_cpu = _median([r.get("redis_cpu_us_per_req") for r in rows.get(VARIANT_REDIS, [])])
+    if redis_cpu is not None:
+        out.append(f"(redis-server itself, on the load core: {redis_cpu:,.1f} us CPU per request of that row)")
     return "\n".join(out)
 
 
