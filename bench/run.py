@@ -1006,7 +1006,7 @@ def main(argv: list[str] | None = None) -> int:
     m = raw["machine"]
     print(f"\nllm-proxy benchmark — {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']} "
           f"({m['python_executable']}, {m['python_build']}), aiohttp {m['aiohttp']}, "
-          f"nginx {m['nginx'] if NGINX in raw.get('targets', ()) else 'n/a'}; {'smoke run' if args.smoke else f'median of {params.rounds} rounds'}; "
+          f"nginx {m['nginx'] if NGINX in raw.get('targets', ()) else 'n/a'}; {'smoke run' if args.smoke else f'median of {params.rounds} rounds (a: {params.a_rounds})'}; "
           f"proxy on core {PROXY_CORE}, upstream + load on core {LOAD_CORE}\n")
     print(table(summary, params))
     vt = variants_table(raw)
