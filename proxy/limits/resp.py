@@ -29,7 +29,8 @@ from typing import Iterable, Union
 from urllib.parse import unquote, urlsplit
 
 __all__ = [
-    "ConnectionFailed", "RedisAddress", "RedisClient", "RedisError", "ReplyError", "Script", "TimedOut", "pack",
+    "ConnectionFailed", "RedisAddress", "RedisClient", "RedisError", "Reply", "ReplyError", "Script", "TimedOut",
+    "bulks", "pack", "parse_reply",
 ]
 
 Reply = Union[int, bytes, None, list["Reply"], "ReplyError"]
