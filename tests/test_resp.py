@@ -6,6 +6,7 @@ connections, replies in pieces)."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import TypeVar
 import pytest
 from redis.asyncio import Redis
 
-from _redis import RedisServer
+from _redis import RedisServer, _free_port
+from _tls import make_cert
 from proxy.config import ConfigError, load_config
 from proxy.limits.resp import (
     MAX_REPLY_BYTES,
@@ -145,6 +147,32 @@ async def test_auth_select_and_wrong_password(locked_redis: RedisServer) -> None
         assert reply.value.code == "NOAUTH"
     finally:
         await client.close()
+
+
+async def test_rediss_verifies_the_server(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path)
+    tls_port = _free_port()
+    server = RedisServer(tmp_path, args=(
+        "--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+    ))
+    server.start()
+    try:
+        address = RedisAddress.parse(f"rediss://127.0.0.1:{tls_port}/2")
+        trusting = RedisClient(address, ssl_context=ssl.create_default_context(cafile=str(cert)))
+        try:
+            assert await bounded(trusting.execute(pack("SET", "k", "over-tls"))) == b"OK"
+            assert await bounded(trusting.execute(pack("GET", "k"))) == b"over-tls"
+        finally:
+            await trusting.close()
+        untrusting = RedisClient(address)     # the system's CAs do not know this certificate
+        try:
+            with pytest.raises(ConnectionFailed, match="SSLCertVerificationError"):
+                await bounded(untrusting.execute(pack("PING")))
+        finally:
+            await untrusting.close()
+    finally:
+        server.kill()
 
 
 async def test_pipelined_callers_get_their_own_answers(redis_url: str) -> None:

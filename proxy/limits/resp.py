@@ -270,8 +270,16 @@ class _Connection(asyncio.Protocol):
 class RedisClient:
     """Commands over one connection, made on first use and again after a failure."""
 
-    def __init__(self, address: RedisAddress, timeout_s: float = 1.0, connect_timeout_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        address: RedisAddress,
+        timeout_s: float = 1.0,
+        connect_timeout_s: float = 0.5,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """`ssl_context`: for rediss:// (default: the system's CAs, hostname checked)."""
         self._address = address
+        self._ssl = (ssl_context or ssl.create_default_context()) if address.tls else None
         self._timeout_s = timeout_s
         self._connect_timeout_s = connect_timeout_s
         self._conn: _Connection | None = None
@@ -333,12 +341,11 @@ class RedisClient:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         a = self._address
-        context = ssl.create_default_context() if a.tls else None
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(
                     lambda: _Connection(loop, self._timeout_s), a.host, a.port,
-                    ssl=context, server_hostname=a.host if context else None,
+                    ssl=self._ssl, server_hostname=a.host if self._ssl else None,
                 ),
                 self._connect_timeout_s,
             )
