@@ -131,10 +131,8 @@ def bulks(args: Iterable[Arg]) -> bytes:
 
 
 class _Incomplete(Exception):
-    pass
-
-
-_INCOMPLETE = _Incomplete()
+    """The buffer ends inside a reply (rare: replies are small). Raised fresh each time: a
+    shared instance would carry every raise's traceback, and with it the buffers."""
 
 
 def parse_reply(buf: bytes, pos: int) -> tuple[Reply, int]:
@@ -143,7 +141,7 @@ def parse_reply(buf: bytes, pos: int) -> tuple[Reply, int]:
     as a ReplyError value (the caller raises it when it is the whole answer)."""
     end = buf.find(b"\r\n", pos)
     if end < 0:
-        raise _INCOMPLETE
+        raise _Incomplete
     kind = buf[pos]
     if kind == 58:                                # ':' integer
         return int(buf[pos + 1 : end]), end + 2
@@ -153,7 +151,7 @@ def parse_reply(buf: bytes, pos: int) -> tuple[Reply, int]:
             return None, end + 2
         stop = end + 2 + n
         if len(buf) < stop + 2:
-            raise _INCOMPLETE
+            raise _Incomplete
         if buf[stop : stop + 2] != b"\r\n":
             raise ValueError("bulk string without its CRLF")
         return buf[end + 2 : stop], stop + 2
