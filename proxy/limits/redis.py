@@ -139,6 +139,7 @@ if tpm >= 0 then
     redis.call('HDEL', K_SUMS, 'tpm')
   end
 end
+local live_n = 0                                   -- reservations live after the expiry below
 if maxp >= 0 or budget >= 0 then
   local exp = redis.call('ZRANGEBYSCORE', K_LIVE, '-inf', I(now), 'WITHSCORES')
   if #exp > 0 then
@@ -160,7 +161,8 @@ if maxp >= 0 or budget >= 0 then
     chunks(forgotten, function(c) redis.call('HDEL', K_HELD, unpack(c)) end)
     redis.call('ZREMRANGEBYSCORE', K_STALE, '-inf', I(now))
   end
-  if redis.call('ZCARD', K_LIVE) == 0 then
+  live_n = redis.call('ZCARD', K_LIVE)
+  if live_n == 0 then
     redis.call('HDEL', K_SUMS, 'reserved')  -- self-heal: nothing live reserves nothing
     if redis.call('ZCARD', K_STALE) == 0 then redis.call('DEL', K_HELD) end
   end
@@ -208,7 +210,7 @@ if tpm >= 0 then
     refuse('tpm', w)
   end
 end
-if maxp >= 0 and redis.call('ZCARD', K_LIVE) >= maxp then refuse('parallel', 1000000) end
+if maxp >= 0 and live_n >= maxp then refuse('parallel', 1000000) end
 
 local function newest(k)
   local e = redis.call('ZRANGE', k, -1, -1, 'WITHSCORES')
@@ -232,7 +234,6 @@ if tpm >= 0 then
   redis.call('HINCRBY', K_SUMS, 'tpm', I(tokens - prev))
   redis.call('PEXPIRE', K_TPM, WIN_MS)
   redis.call('PEXPIRE', K_TPMV, WIN_MS)
-  redis.call('PEXPIRE', K_SUMS, SUMS_MS)
   tpm_used = tpm_used + tokens - prev
 end
 if maxp >= 0 or budget >= 0 then
@@ -249,19 +250,23 @@ if maxp >= 0 or budget >= 0 then
   redis.call('PEXPIRE', K_LIVE, HOLD_MS)
   redis.call('PEXPIRE', K_STALE, HOLD_MS)
   redis.call('PEXPIRE', K_HELD, HOLD_MS)
-  redis.call('PEXPIRE', K_SUMS, SUMS_MS)
 end
-return {1, '', '0', rpm_used, I(newest(K_RPM)), I(tpm_used), I(newest(K_TPM))}
+if tpm >= 0 or maxp >= 0 or budget >= 0 then redis.call('PEXPIRE', K_SUMS, SUMS_MS) end
+-- A set window's newest entry is this admission: it resets a full window from now (as
+-- in memory.py; an unset limit's reset is not used).
+local full = I(WINDOW)
+return {1, '', '0', rpm_used, rpm >= 0 and full or '0', I(tpm_used), tpm >= 0 and full or '0'}
 """
 
 # KEYS as above; ARGV: the common six (tokens and cost are the actual ones).
 _SETTLE_LUA = _LUA_COMMON + """
 -- tpm: still in the window? correct the amount in place (idempotent: set, not add).
+local sums = false                 -- written: its TTL is refreshed once, at the end
 local old = redis.call('HGET', K_TPMV, rid)
 if old then
   redis.call('HSET', K_TPMV, rid, I(tokens))
   redis.call('HINCRBY', K_SUMS, 'tpm', I(tokens - tonumber(old)))
-  redis.call('PEXPIRE', K_SUMS, SUMS_MS)
+  sums = true
 end
 -- The held record exists until the first settlement: charge once, release the slot.
 -- Charged only before its forget time (expiry + ttl), judged by the clock, not by
@@ -275,7 +280,7 @@ if h then
     forget = tonumber(expiry) + ttl
     redis.call('ZREM', K_LIVE, rid)
     redis.call('HINCRBY', K_SUMS, 'reserved', I(-tonumber(held_cost)))
-    redis.call('PEXPIRE', K_SUMS, SUMS_MS)
+    sums = true
   else
     forget = tonumber(redis.call('ZSCORE', K_STALE, rid) or '0')
     redis.call('ZREM', K_STALE, rid)
@@ -286,6 +291,7 @@ if h then
     redis.call('PEXPIRE', K_SPENT, SPEND_MS)
   end
 end
+if sums then redis.call('PEXPIRE', K_SUMS, SUMS_MS) end
 return 1
 """
 
