@@ -377,6 +377,9 @@ class Forwarder:
             raise
         finally:
             self._streams.discard(task)
+            # A cancelled task's CancelledError holds this frame (its traceback); the frame
+            # must not hold the task too, or both wait for the cyclic collector.
+            del task
 
     async def _end_stream(self, call: Call, out: Exchange, err: ProxyError, outcome: Outcome) -> None:
         call.outcome, call.error = outcome, err.code

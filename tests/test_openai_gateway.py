@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 
 import aiohttp
@@ -11,6 +12,8 @@ import orjson
 import pytest
 
 from _gateway import UPSTREAM_KEY, Reply
+from proxy.http1.client import Http1Response, _Conn
+from proxy.http1.server import Exchange, _Connection
 from fixtures.vectors.load_vector import load
 
 VECTORS = Path(__file__).parent / "fixtures" / "vectors"
@@ -262,6 +265,39 @@ async def test_client_disconnect_closes_upstream_and_records_once(gateway):
     recs = await gw.wait_records(1)
     assert len(recs) == 1 and recs[0].outcome == "client_abort"
     assert recs[0].estimated and recs[0].completion_tokens >= 1
+
+
+async def test_a_cut_stream_leaves_no_cyclic_garbage(gateway):
+    """A stream the client cuts is freed by reference counting, with everything it held.
+    Left to the cyclic collector, cut streams sat in its oldest generation (collected
+    rarely, see server.py): 2,000 of them kept ~26 MB and slowed later requests ~10 %."""
+    gw = await gateway()
+    events = [b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hello"}}]}\n\n'] * 50
+    gw.upstream.script(Reply(chunks=events, delay_s=0.05))
+    body = {**CHAT, "model": "up-gpt", "stream": True}
+    ours = (_Connection, Exchange, _Conn, Http1Response)
+    gc.collect()
+    gc.disable()
+    try:
+        async with aiohttp.ClientSession() as s:
+            r = await s.post(gw.url + "/v1/chat/completions", json=body, headers=gw.headers())
+            await r.content.readany()
+            r.close()
+        await asyncio.wait_for(gw.upstream.closed_early.wait(), 1.5)
+        assert [r.outcome for r in await gw.wait_records(1)] == ["client_abort"]
+        await asyncio.sleep(0.05)  # both connections' connection_lost
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage
+                if isinstance(o, ours) or (isinstance(o, asyncio.Task) and o.get_name() == "llm-proxy-request")]
+        # Nor does the pool keep the closed upstream connection until its next timer.
+        garbage = {id(o) for o in gc.garbage}
+        left += [f"live {type(o).__name__}" for o in gc.get_objects() if isinstance(o, _Conn) and o.lost and id(o) not in garbage]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
 
 
 async def test_fallback_before_first_byte(gateway):

@@ -329,6 +329,9 @@ class _Conn(asyncio.Protocol):
                 resp._fail(ConnectionCut("the upstream closed the connection before the end of the body"))
         if self.lost_waiter is not None and not self.lost_waiter.done():
             self.lost_waiter.set_result(None)
+        # Break the connection <-> parser cycle (its callbacks are bound methods of this
+        # connection): see _Connection.connection_lost in server.py.
+        del self.parser
 
     # -- httptools callbacks -------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -766,6 +769,9 @@ class Http1Client:
             conn.idle = False
             self._idle.remove(conn)
         self._conns.discard(conn)
+        # A connection answered stays in _heads until the deadline timer next runs
+        # (first_byte_s later): a closed one must not be kept that long.
+        self._heads.discard(conn)
         if conn.holds_slot:
             conn.holds_slot = False
             self._free_slot()
