@@ -7,6 +7,7 @@ them again on uvloop (pytest-asyncio runs the rest on the default loop).
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import ssl
 import tempfile
@@ -25,7 +26,9 @@ from proxy.http1.client import (
     ConnectFailed,
     ConnectionCut,
     Http1Client,
+    Http1Response,
     ProtocolViolation,
+    _Conn,
 )
 from proxy.http1.outbox import HOLD_MAX, outbox_for
 
@@ -367,6 +370,41 @@ async def test_cut_mid_body(partial: bytes) -> None:
             assert client._open == 0
         finally:
             await client.close()
+
+
+async def test_a_lost_connection_leaves_no_cycle() -> None:
+    """Once the upstream closes, the connection and its response are freed by reference
+    counting, also when the response was dropped without close() (a task cancelled as
+    its head came in): the cyclic collector's oldest generation is collected rarely."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        await writer.drain()
+        writer.close()
+
+    async with RawServer(handler) as srv:
+        client = Http1Client(srv.url)
+        gc.collect()
+        gc.disable()
+        try:
+            for dropped in (False, True):
+                resp = await client.request("GET", "/", b"", b"", timeout_s=5)
+                with pytest.raises(ConnectionCut):
+                    await resp.read_all(100)
+                if not dropped:
+                    resp.close()
+                del resp
+            await asyncio.sleep(0.05)  # the connections' connection_lost
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            left = [type(o).__name__ for o in gc.garbage if isinstance(o, (_Conn, Http1Response))]
+            left += [f"live {type(o).__name__}" for o in gc.get_objects() if isinstance(o, _Conn)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+            await client.close()
+    assert left == []
 
 
 async def test_refused_port_is_connect_failed() -> None:
@@ -886,6 +924,7 @@ ON_UVLOOP: list[Callable[[], Awaitable[None]]] = [
     test_close_ends_idle_busy_and_waiting,
     test_connect_over_a_socketpair_to_aiohttp,
     test_requests_of_handlers_woken_together_are_written_after_all_ran,
+    test_a_lost_connection_leaves_no_cycle,
 ]
 
 

@@ -105,8 +105,10 @@ class Http1Response:
         """
         chunks = self._chunks
         while not chunks:
-            if self._exc is not None:
-                raise self._exc
+            if (exc := self._exc) is not None:
+                # A fresh one each time: raising the kept one would give it a traceback
+                # holding this frame, which holds this response, which holds it.
+                raise type(exc)(*exc.args)
             if self._eof:
                 self._release()
                 return b""
@@ -329,9 +331,12 @@ class _Conn(asyncio.Protocol):
                 resp._fail(ConnectionCut("the upstream closed the connection before the end of the body"))
         if self.lost_waiter is not None and not self.lost_waiter.done():
             self.lost_waiter.set_result(None)
-        # Break the connection <-> parser cycle (its callbacks are bound methods of this
-        # connection): see _Connection.connection_lost in server.py.
+        # Break the cycles through this connection: its parser's callbacks are bound
+        # methods of it, and a response refers back to it (one dropped unclosed, by a
+        # task cancelled just as its head came in, would keep both): see
+        # _Connection.connection_lost in server.py.
         del self.parser
+        self.resp = None
 
     # -- httptools callbacks -------------------------------------------------------
     def on_message_begin(self) -> None:
