@@ -32,7 +32,9 @@ A full run first waits (up to --wait-quiet s) for an idle machine, and every mea
 records how much CPU *other* processes took on the proxy's core; the table's footer says
 when that was above 10% (re-run then: a busy neighbour makes every number worse).
 
-Related tools: `python -m bench.gcwatch serve ...` (GC pause log), `python -m bench.pyspy_top prof.txt`.
+Related tools: `python -m bench.ab` (two instances under the same load at once: an A/B
+without the VM's drift), `python -m bench.gcwatch serve ...` (GC pause log),
+`python -m bench.pyspy_top prof.txt`.
 """
 
 from __future__ import annotations
@@ -291,13 +293,14 @@ def create_key(tmp: Path, upstream_port: int, name: str, limits: bool) -> str:
 
 def start_proxy(
     tmp: Path, upstream_port: int, *, access_log: bool = True, tag: str = "proxy", module: str = "proxy",
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, cwd: Path | None = None,
 ) -> Started:
-    """llm-proxy on core 0 (`module` may be bench.gcwatch: same CLI)."""
+    """llm-proxy on core 0 (`module` may be bench.gcwatch: same CLI; `cwd`: another
+    checkout's, whose `proxy` package `python -m` then runs)."""
     port = free_port()
     proc = subprocess.Popen(
         pinned(PROXY_CORE, [PY, "-m", module, "serve", "--config", str(CONFIG)]),
-        cwd=REPO,
+        cwd=cwd or REPO,
         env={**proxy_env(tmp, upstream_port, port, access_log), **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=open(tmp / f"{tag}.log", "wb"),

@@ -8,9 +8,12 @@ wrk / nginx / taskset are skipped by the suite itself (their cells read n/a).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,3 +44,24 @@ def test_bench_smoke_prints_the_table(tmp_path: Path) -> None:
     assert proxy["e_idle_rss_mb"] is not None
     assert proxy["b_p50_ms"] is not None
     assert proxy["c_hi_bunched_pct"] is not None
+
+
+def test_bench_ab_compares_two_instances(tmp_path: Path) -> None:
+    """`python -m bench.ab` ages A (here by scenario e only), loads A and B at once and
+    prints the ratio of their CPU per request (a smoke run: the number is not judged)."""
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed")
+    out = tmp_path / "ab.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "--age", "e", "--rounds", "1", "--seconds", "1", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "CPU per request ratio" in proc.stdout
+    raw = json.loads(out.read_text())
+    (only,) = raw["rounds"]
+    assert only["a"]["cpu_us_per_req"] > 0 and only["b"]["cpu_us_per_req"] > 0
+    assert raw["median_ratio"] > 0
