@@ -181,7 +181,9 @@ class Forwarder:
                 resp = await self._open(ex, call, target, out, dropper_needed, body, raw, route)
             except (UpstreamError, UpstreamTimeout) as exc:
                 self._fail(call, exc)
-                last_error = exc
+                # Kept without its traceback, which holds this frame (a cycle otherwise,
+                # also when a later route answers); raising it again gives it a new one.
+                last_error = exc.with_traceback(None)
                 continue
             try:
                 if resp.status >= 500 and attempt + 1 < len(plan):
@@ -208,7 +210,10 @@ class Forwarder:
                 raise
             finally:
                 resp.close()
-        raise last_error or UpstreamError("No upstream could serve the request.")
+        try:
+            raise last_error or UpstreamError("No upstream could serve the request.")
+        finally:
+            last_error = None  # raised, its traceback holds this frame: not both ways
 
     def _upstream_body(self, call: Call, body: dict[str, Any], raw: bytes, route: Route) -> tuple[bytes, bool]:
         """Re-encode only when something must change; say whether to drop a usage event."""

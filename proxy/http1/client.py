@@ -334,7 +334,7 @@ class _Conn(asyncio.Protocol):
         # Break the cycles through this connection: its parser's callbacks are bound
         # methods of it, and a response refers back to it (one dropped unclosed, by a
         # task cancelled just as its head came in, would keep both): see
-        # _Connection.connection_lost in server.py.
+        # _Connection.connection_lost in proxy/http1/server.py.
         del self.parser
         self.resp = None
 
@@ -559,6 +559,7 @@ class Http1Client:
             reused = True  # the usual case: no waiting, so no coroutine or timeout scope
         else:
             conn, reused = await self._acquire_by(False, deadline)
+        waiter: asyncio.Future[Http1Response] | None = None
         while True:
             try:
                 waiter = conn.send(data, is_head)
@@ -572,6 +573,10 @@ class Http1Client:
             except BaseException:
                 conn.abort()  # errors, timeouts and cancellation: never back to the pool half-used
                 raise
+            finally:
+                # A failed waiter holds the exception raised from it, whose traceback
+                # holds this frame: the frame must not hold the waiter too (a cycle).
+                waiter = None
             # The server closed this pooled connection as we wrote to it (keep-alive
             # race) and nothing of a response arrived: once more, on a new connection.
             conn, reused = await self._acquire_by(True, deadline)

@@ -431,8 +431,8 @@ class _Connection(asyncio.Protocol):
         self._server._conns.discard(self)
         # The parser holds bound methods of this connection: a reference cycle only the
         # cyclic collector frees, and a connection that lived a while sits in its oldest
-        # generation, which server.py's thresholds collect rarely (2,000 cut streams kept
-        # ~26 MB and slowed every later request by ~10 %). Without the parser, the
+        # generation, which proxy/server.py's thresholds collect rarely (2,000 cut streams
+        # kept ~26 MB and slowed every later request by ~9 %). Without the parser, the
         # connection and all it holds go with their last reference. The loop never calls
         # connection_lost from inside feed_data, and nothing is parsed after it.
         self._dead = True
