@@ -8,8 +8,8 @@ builds, or two states of one build, measured one after the other differ mostly b
 they ran. Here both instances share the proxy core at once, each under its own wrk (half
 of scenario a's 64 connections) on the load core: whatever slows the core slows both, and
 the ratio of their CPU per request within a round cancels it. An instance aged by
-scenario d against a fresh one measured +10 to +14 % in every one of 13 rounds this way
-(bench/RESULTS.md, session 11) while each one's own CPU per request moved by 30 %.
+scenario d (or e, d, c, b) against a fresh one measured +7 to +14 % in each of 13 rounds
+this way (bench/RESULTS.md, session 11) while each one's own CPU per request moved by 30 %.
 
 A is this checkout (aged by `--age` scenarios of bench.run first, on A alone); B is fresh,
 from `--b-tree` (another checkout: `python -m proxy` runs from there) or this one. Both use
