@@ -7,7 +7,6 @@ them again on uvloop (pytest-asyncio runs the rest on the default loop).
 from __future__ import annotations
 
 import asyncio
-import gc
 import socket
 import ssl
 import tempfile
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from _garbage import alive, collector_off, cyclic_garbage
 from _tls import make_cert
 from proxy.http1.client import (
     _HIGH_WATER,
@@ -384,25 +384,20 @@ async def test_a_lost_connection_leaves_no_cycle() -> None:
 
     async with RawServer(handler) as srv:
         client = Http1Client(srv.url)
-        gc.collect()
-        gc.disable()
         try:
-            for dropped in (False, True):
-                resp = await client.request("GET", "/", b"", b"", timeout_s=5)
-                with pytest.raises(ConnectionCut):
-                    await resp.read_all(100)
-                if not dropped:
-                    resp.close()
-                del resp
-            await asyncio.sleep(0.05)  # the connections' connection_lost
-            gc.set_debug(gc.DEBUG_SAVEALL)
-            gc.collect()
-            left = [type(o).__name__ for o in gc.garbage if isinstance(o, (_Conn, Http1Response))]
-            left += [f"live {type(o).__name__}" for o in gc.get_objects() if isinstance(o, _Conn)]
+            with collector_off():
+                for dropped in (False, True):
+                    resp = await client.request("GET", "/", b"", b"", timeout_s=5)
+                    with pytest.raises(ConnectionCut):
+                        await resp.read_all(100)
+                    if not dropped:
+                        resp.close()
+                    del resp
+                await asyncio.sleep(0.05)  # the connections' connection_lost
+                garbage = cyclic_garbage()
+                left = [type(o).__name__ for o in garbage if isinstance(o, (_Conn, Http1Response))]
+                left += [f"live {type(o).__name__}" for o in alive(_Conn, garbage)]
         finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
-            gc.enable()
             await client.close()
     assert left == []
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 from pathlib import Path
 
 import aiohttp
@@ -11,6 +10,7 @@ import openai
 import orjson
 import pytest
 
+from _garbage import alive, collector_off, cyclic_garbage
 from _gateway import UPSTREAM_KEY, Reply
 from proxy.http1.client import Http1Response, _Conn
 from proxy.http1.server import Exchange, _Connection
@@ -326,23 +326,15 @@ async def test_a_failed_request_leaves_no_cyclic_garbage(gateway, scenario):
 
     gw = await gateway(timeouts=Timeouts(connect_s=1, first_byte_s=0.3, idle_s=0.3))
     ours = (_Connection, Exchange, _Conn, Http1Response)
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_off():
         outcomes = await scenario(gw)
         assert sorted(r.outcome for r in await gw.wait_records(len(outcomes))) == outcomes
         await asyncio.sleep(0.05)  # both connections' connection_lost
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        left = [type(o).__name__ for o in gc.garbage
+        garbage = cyclic_garbage()
+        left = [type(o).__name__ for o in garbage
                 if isinstance(o, ours) or (isinstance(o, asyncio.Task) and o.get_name() == "llm-proxy-request")]
         # Nor does the pool keep a closed upstream connection until its next timer.
-        garbage = {id(o) for o in gc.garbage}
-        left += [f"live {type(o).__name__}" for o in gc.get_objects() if isinstance(o, _Conn) and o.lost and id(o) not in garbage]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
+        left += [f"live {type(o).__name__}" for o in alive(_Conn, garbage) if o.lost]
     assert left == []
 
 
