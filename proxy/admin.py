@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hmac
 import time
-from typing import Any, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -68,9 +69,9 @@ def parse_limits(body: dict[str, Any], base: KeyRecord | None = None) -> KeyLimi
 
     def period(b: dict[str, Any], n: str) -> str | None:
         v = b.get(n)
-        if v not in _PERIODS:
+        if v is not None and v not in _PERIODS:
             raise InvalidRequest("'budget_period' must be 'day', 'month' or null.", param=n)
-        return v  # type: ignore[no-any-return]
+        return str(v) if v is not None else None
 
     def expires(b: dict[str, Any], n: str) -> float | None:
         v = b.get(n)
@@ -104,7 +105,7 @@ def parse_limits(body: dict[str, Any], base: KeyRecord | None = None) -> KeyLimi
 
 
 def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
-    def master_only(handler: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]:
+    def master_only(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def checked(request: web.Request) -> web.StreamResponse:
             master = request.app[state_key].config.auth.master_key
             if not master:
@@ -112,7 +113,7 @@ def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
             presented = extract_key(request.headers, None) or ""
             if not hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), master.encode()):
                 raise InvalidApiKey()
-            return await handler(request)  # type: ignore[no-any-return]
+            return await handler(request)
 
         return checked
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
+from proxy import admin
 from proxy.accounting import UsageSink
 from proxy.config import Config
 from proxy.dialects import GEMINI_MODEL_PREFIXES, MODEL_PATHS, ModelInfo
@@ -33,7 +35,6 @@ from proxy.routing import Router
 from proxy.store import open_store
 from proxy.store.base import Store
 from proxy.upstream import UpstreamPool
-from proxy import admin
 
 log = logging.getLogger("llm_proxy.app")
 
@@ -173,10 +174,6 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 # ---------------------------------------------------------------------- life cycle
 
 
-async def _spend_seed(state: AppState, key_id: str, since: float) -> float:
-    return await state.store.spend_usd(key_id, since)
-
-
 def _backends(app: web.Application) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         state = app[STATE]
@@ -248,9 +245,9 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def build_app(config: Config, *, store: Store | None = None, limiter: Limiter | None = None) -> web.Application:
-    state = AppState(config=config, router=Router(config), store=store or open_store(config.storage.url), limiter=limiter)  # type: ignore[arg-type]
-    if state.limiter is None:
-        state.limiter = make_limiter(config.limits.url, spend_seed=lambda key_id, since: _spend_seed(state, key_id, since))
+    store = store or open_store(config.storage.url)
+    limiter = limiter or make_limiter(config.limits.url, spend_seed=store.spend_usd)
+    state = AppState(config=config, router=Router(config), store=store, limiter=limiter)
 
     app = web.Application(
         middlewares=[make_context_middleware(), auth_middleware],

@@ -6,7 +6,8 @@ import argparse
 import asyncio
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import orjson
 

@@ -15,9 +15,10 @@ import os
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
@@ -200,7 +201,7 @@ def _convert(node: yaml.Node, tp: Any, path: str, env: Mapping[str, str]) -> Any
             if raw is None or raw == "":
                 return None
         return _convert(node, args[0], path, env)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(node, yaml.MappingNode):
             raise ConfigError(f"{_where(node, path)}: expected a mapping")
         return _build(tp, node, path, env)
@@ -327,7 +328,7 @@ def _redis_url_problem(url: str) -> str | None:
     if not parts.hostname:
         return "the Redis URL names no host"
     try:
-        parts.port
+        _ = parts.port   # parsed on access: raises for a port that is not a number
     except ValueError:
         return "the Redis URL's port is not a number from 0 to 65535"
     db = parts.path.strip("/")
@@ -375,7 +376,7 @@ def masked(cfg: Config) -> dict[str, Any]:
 
     def walk(obj: Any) -> Any:
         if dataclasses.is_dataclass(obj):
-            out = {}
+            out: dict[str, Any] = {}
             for f in dataclasses.fields(obj):
                 v = getattr(obj, f.name)
                 if f.name == "url" and isinstance(v, str):
@@ -391,4 +392,5 @@ def masked(cfg: Config) -> dict[str, Any]:
             return {k: walk(v) for k, v in obj.items()}
         return obj
 
-    return walk(cfg)
+    plain: dict[str, Any] = walk(cfg)
+    return plain

@@ -8,6 +8,8 @@ hashes, upstream URLs or exception text from lower layers.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ProxyError(Exception):
     status: int = 500
@@ -49,8 +51,8 @@ class InvalidApiKey(ProxyError):
     code = "invalid_api_key"
     type = "authentication_error"
 
-    def __init__(self, message: str = "Invalid or missing API key.", **kw: object) -> None:
-        super().__init__(message, **kw)  # type: ignore[arg-type]
+    def __init__(self, message: str = "Invalid or missing API key.", **kw: Any) -> None:
+        super().__init__(message, **kw)
 
 
 class PermissionDenied(ProxyError):
@@ -124,9 +126,9 @@ class ServiceUnavailable(ProxyError):
 class ShuttingDown(ServiceUnavailable):
     code = "server_shutting_down"
 
-    def __init__(self, message: str = "The gateway is shutting down.", **kw: object) -> None:
+    def __init__(self, message: str = "The gateway is shutting down.", **kw: Any) -> None:
         kw.setdefault("retry_after_s", 1)
-        super().__init__(message, **kw)  # type: ignore[arg-type]
+        super().__init__(message, **kw)
 
 
 class UsageUnavailable(ServiceUnavailable):
@@ -136,10 +138,10 @@ class UsageUnavailable(ServiceUnavailable):
     code = "usage_recording_unavailable"
 
     def __init__(
-        self, message: str = "The gateway cannot record usage right now; please retry later.", **kw: object
+        self, message: str = "The gateway cannot record usage right now; please retry later.", **kw: Any
     ) -> None:
         kw.setdefault("retry_after_s", 30)
-        super().__init__(message, **kw)  # type: ignore[arg-type]
+        super().__init__(message, **kw)
 
 
 class UpstreamOverloaded(ServiceUnavailable):

@@ -29,13 +29,13 @@ from proxy.errors import (
     UpstreamTimeout,
     UsageUnavailable,
 )
+from proxy.http1.client import Http1Response, UpstreamConnectionError
+from proxy.http1.server import Exchange
 from proxy.limits.base import Reservation
 from proxy.metering import meter_for, settle
 from proxy.metering.base import Meter, Usage
 from proxy.metering.estimate import estimate_prompt_tokens
 from proxy.metering.openai import UsageChunkDropper, ensure_include_usage
-from proxy.http1.client import Http1Response, UpstreamConnectionError
-from proxy.http1.server import Exchange
 from proxy.metering.sse import WholeEvents
 from proxy.middleware.context import fresh_request_id
 from proxy.middleware.limits import Admission
@@ -94,7 +94,7 @@ class Forwarder:
         upstreams: UpstreamPool,
         admission: Admission,
         sink: UsageSink,
-        state: "StreamRegistry",
+        state: StreamRegistry,
     ) -> None:
         self._router = router
         self._upstreams = upstreams
@@ -325,7 +325,7 @@ class Forwarder:
                     if loop.time() - last_data >= idle_s:
                         raise UpstreamTimeout("The upstream stopped sending data.")
                     _begin(ex, call, head, lines)
-                    await ex.write(keepalive)  # type: ignore[arg-type]
+                    await ex.write(keepalive)  # type: ignore[arg-type]  # None only when wait_s == idle_s: raised above
                     continue
                 if not chunk:
                     break
@@ -349,7 +349,7 @@ class Forwarder:
                 before, last = last, chunk
             rest = relay.flush() if relay is not None else b""
             if shared:
-                meter.feed_events(relay.events, rest)  # type: ignore[union-attr]
+                meter.feed_events(relay.events, rest)  # type: ignore[union-attr]  # shared: relay is set
             meter.finish()
             _begin(ex, call, head, lines)
             if rest:
@@ -514,9 +514,10 @@ def _model_of(body: dict[str, Any], endpoint: Endpoint, path_model: str | None) 
     if endpoint.model_in_path:
         model = (path_model or "").removeprefix("models/")
     else:
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
+        named = body.get("model")
+        if not isinstance(named, str) or not named:
             raise InvalidRequest("The request needs a 'model' string.", param="model")
+        model = named
     if not model or len(model) > 256:
         raise InvalidRequest("The model name is missing or too long.", param="model")
     return model
@@ -544,8 +545,9 @@ def _max_output_tokens(body: dict[str, Any], default: int) -> int:
             raise InvalidRequest(f"'{name}' must be a non-negative integer.", param=name)
         return min(value, 10_000_000)
     config = body.get("generationConfig")
-    if isinstance(config, dict) and isinstance(config.get("maxOutputTokens"), int):
-        return max(0, min(config["maxOutputTokens"], 10_000_000))
+    limit = config.get("maxOutputTokens") if isinstance(config, dict) else None
+    if isinstance(limit, int):
+        return max(0, min(limit, 10_000_000))
     return default
 
 
@@ -559,7 +561,7 @@ def _begin(ex: Exchange, call: Call, head: HeaderList, lines: bytes) -> None:
 def _is_stream(resp: Http1Response) -> bool:
     ctype = resp.headers.get("content-type") or ""
     # Gemini's streamGenerateContent without alt=sse streams a JSON array.
-    return ctype.startswith("text/event-stream") or ctype.startswith("application/json")
+    return ctype.startswith(("text/event-stream", "application/json"))
 
 
 def _pass_headers(resp: Http1Response, headers: HeaderList) -> HeaderList:

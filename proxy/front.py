@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl, unquote
 
 from aiohttp import web
@@ -85,7 +85,7 @@ def internal_connector(server: web.Server) -> Callable[[Callable[[], asyncio.Pro
         ours, theirs = socket.socketpair()
         await loop.connect_accepted_socket(server, theirs)
         transport, protocol = await loop.create_connection(factory, sock=ours)
-        return transport, protocol  # type: ignore[return-value]
+        return transport, protocol
 
     return connect
 

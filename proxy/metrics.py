@@ -27,7 +27,8 @@ Series (one count per upstream attempt, i.e. per usage record):
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -87,7 +88,7 @@ class _CallStats(Collector):
         # lookup per record; per-model series and per-endpoint histograms are summed from
         # it at scrape time. A histogram is [count per bucket (last: +Inf)..., sum].
         self.calls: dict[tuple[str, str, int], list[Any]] = {}
-        self.upstream_errors: dict[tuple[str, str], int] = {}
+        self.upstream_errors: dict[tuple[str, ...], float] = {}
 
     def observe(self, rec: UsageRecord) -> None:
         # Unpacked at once: a field read by name goes through a descriptor each time.
@@ -171,6 +172,12 @@ def _counter(name: str, doc: str, labels: list[str], table: Mapping[tuple[str, .
     return family
 
 
+def _go_float(value: float) -> str:
+    """A bucket bound as Prometheus writes it (prometheus_client's helper is untyped)."""
+    text: str = floatToGoString(value)  # type: ignore[no-untyped-call]  # untyped in prometheus_client
+    return text
+
+
 def _new_histogram() -> list[float]:
     return [0.0] * (len(_LATENCY_BUCKETS) + 2)
 
@@ -181,7 +188,7 @@ def _histogram(name: str, doc: str, table: dict[str, list[float]]) -> HistogramM
         cumulative, buckets = 0.0, []
         for bound, count in zip((*_LATENCY_BUCKETS, float("inf")), counts[:-1], strict=True):
             cumulative += count
-            buckets.append((floatToGoString(bound), cumulative))
+            buckets.append((_go_float(bound), cumulative))
         family.add_metric([label], buckets, sum_value=counts[-1])
     return family
 

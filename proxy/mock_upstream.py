@@ -606,6 +606,7 @@ def _chat_stream(call: _Call, model: str, tool: str | None) -> _Reply:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return {**head, "choices": [choice], **tail}
 
+    first: dict[str, Any]
     if tool is None:
         first = {"role": "assistant", "content": "", "refusal": None}
         slot = _slotted(chunk({"content": _SLOT}), b"data: ", b"\n\n")
@@ -1005,7 +1006,7 @@ def _gemini_usage(prompt: int, candidates: int | None) -> dict[str, Any]:
 
 def _gemini_tool(body: Mapping[str, Any]) -> str | None:
     tools = body.get("tools")
-    if not _wants_weather_tool(tools, _last_user_text(body.get("contents"), content_key="parts")):
+    if not isinstance(tools, list) or not _wants_weather_tool(tools, _last_user_text(body.get("contents"), content_key="parts")):
         return None
     for tool in tools:
         declarations = tool.get("functionDeclarations") if isinstance(tool, dict) else None

@@ -25,7 +25,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import uvloop
 from aiohttp import web
@@ -150,7 +150,7 @@ class Running:
         self.port = 0
 
     @classmethod
-    async def start(cls, config: Config, host: str, port: int, *, reuse_port: bool = False) -> "Running":
+    async def start(cls, config: Config, host: str, port: int, *, reuse_port: bool = False) -> Running:
         app = build_app(config)
         srv = config.server
         runner = web.AppRunner(
@@ -333,6 +333,7 @@ class _Workers:
             for obj in multiprocessing.connection.wait([*waiting, *sentinels], timeout=min(remaining, 0.5)):
                 if isinstance(obj, int):
                     return False  # a worker exited before it listened
+                assert isinstance(obj, multiprocessing.connection.Connection)  # `waiting` holds only pipes
                 try:
                     obj.recv_bytes()
                 except EOFError:

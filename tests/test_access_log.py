@@ -6,7 +6,11 @@ import asyncio
 import logging
 from types import SimpleNamespace
 
+import pytest
+
 from proxy.access_log import AccessLog
+
+pytestmark = pytest.mark.fast  # pure units: no sockets (see README, "Run the tests")
 
 
 def exchange(method: str, path: str, status: int, started: float) -> SimpleNamespace:

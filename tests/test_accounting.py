@@ -18,6 +18,8 @@ from proxy.config import ConfigError, parse_config
 from proxy.metrics import Metrics
 from proxy.store.base import StoreError, UsageRecord
 
+pytestmark = pytest.mark.fast  # pure units: no sockets (see README, "Run the tests")
+
 
 def rec(i: int | str, **kw: object) -> UsageRecord:
     base = dict(

@@ -4,6 +4,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.fast  # a static check: no sockets (see README, "Run the tests")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -449,6 +449,7 @@ def _record(key: str, **kw: Any) -> KeyRecord:
     return dataclasses.replace(base, **kw)
 
 
+@pytest.mark.fast
 async def test_authenticator_unit_timeout_single_flight_stale_bound():
     from proxy.errors import InvalidApiKey, ServiceUnavailable
 

@@ -10,6 +10,7 @@ import random
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -165,12 +166,13 @@ class LimiterMachine(RuleBasedStateMachine):
             assert sum(live) <= round(spec.budget_usd * 100)
 
 
-TestLimiterModel = LimiterMachine.TestCase
+TestLimiterModel = pytest.mark.fast(LimiterMachine.TestCase)
 TestLimiterModel.settings = settings(
     max_examples=300, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 
 
+@pytest.mark.fast
 @settings(max_examples=12, deadline=None)
 @given(spec=specs.map(lambda s: LimitSpec(
     rpm=None if s.rpm is None else s.rpm * 100, tpm=None if s.tpm is None else s.tpm * 300,
@@ -210,6 +212,7 @@ def test_long_runs_match_the_model(spec: LimitSpec, seed: int, fresh: bool) -> N
         loop.close()
 
 
+@pytest.mark.fast
 def test_exact_window_edge() -> None:
     """Written out once by hand: an admission leaves the window exactly 60 s later."""
     now = [1000.0]

@@ -36,6 +36,8 @@ from proxy.metering import (
 )
 from proxy.metering.sse import WholeEvents
 
+pytestmark = pytest.mark.fast  # pure units: no sockets (see README, "Run the tests")
+
 VECTORS = Path(__file__).parent / "fixtures" / "vectors"
 _spec = importlib.util.spec_from_file_location("load_vector", VECTORS / "load_vector.py")
 assert _spec is not None and _spec.loader is not None

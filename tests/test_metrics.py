@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import Metrics
 from proxy.store.base import UsageRecord
+
+pytestmark = pytest.mark.fast  # pure units: no sockets (see README, "Run the tests")
 
 
 def _record(endpoint: str, model: str, status: int, **fields: object) -> UsageRecord:

@@ -58,6 +58,7 @@ REPLIES = [
 ]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("wire,value", REPLIES)
 def test_parse_reply_whole_and_in_every_split(wire: bytes, value: object) -> None:
     assert parse_reply(wire + b":9\r\n", 0) == (value, len(wire))
@@ -66,6 +67,7 @@ def test_parse_reply_whole_and_in_every_split(wire: bytes, value: object) -> Non
             parse_reply(wire[:cut], 0)
 
 
+@pytest.mark.fast
 def test_parse_reply_errors_are_values_and_garbage_is_refused() -> None:
     err, end = parse_reply(b"-NOSCRIPT No matching script.\r\n", 0)
     assert isinstance(err, ReplyError) and err.code == "NOSCRIPT" and end == 31
@@ -74,6 +76,7 @@ def test_parse_reply_errors_are_values_and_garbage_is_refused() -> None:
             parse_reply(garbage, 0)
 
 
+@pytest.mark.fast
 def test_pack_and_script_commands() -> None:
     assert pack("SET", b"k", 12) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n"
     with pytest.raises(TypeError):
@@ -85,6 +88,7 @@ def test_pack_and_script_commands() -> None:
     assert s.eval(b"", 0, b"", 0) == b"*3\r\n$4\r\nEVAL\r\n$8\r\nreturn 1\r\n$1\r\n0\r\n"
 
 
+@pytest.mark.fast
 def test_address_from_url_and_config_checks(tmp_path: Path) -> None:
     a = RedisAddress.parse("rediss://us%40er:p%3Aw@cache.internal:6380/4")
     assert (a.host, a.port, a.db, a.username, a.password, a.tls) == ("cache.internal", 6380, 4, "us@er", "p:w", True)

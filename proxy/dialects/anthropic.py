@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import orjson
 

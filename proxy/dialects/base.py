@@ -8,8 +8,9 @@ Generic code never branches on a dialect's name; it asks the dialect.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Protocol
 
 from proxy.errors import ProxyError
 

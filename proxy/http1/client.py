@@ -295,7 +295,7 @@ class _Conn(asyncio.Protocol):
 
     # -- asyncio.Protocol --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport  # type: ignore[assignment]  # a stream connection: always a Transport
 
     def data_received(self, data: bytes) -> None:
         if not self.expecting:

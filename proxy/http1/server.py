@@ -22,10 +22,11 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, Callable, Coroutine, cast
+from typing import Any, cast
 
 import httptools
 

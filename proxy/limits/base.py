@@ -8,9 +8,10 @@ admission and per settlement, Redis TIME as the clock). Both pass one contract s
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Awaitable, Callable, Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 Reason = Literal["rpm", "tpm", "parallel", "budget"]
 

@@ -12,9 +12,9 @@ import asyncio
 import time
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Callable
+from datetime import UTC, datetime, timedelta
 
 from proxy.limits.base import (
     US_PER_S,
@@ -40,7 +40,7 @@ def period_bounds(now_s: int, period: str | None) -> tuple[int, int | None]:
     """(start, end) of the budget period containing `now_s`, unix seconds, UTC."""
     if period is None:
         return 0, None
-    now = datetime.fromtimestamp(now_s, tz=timezone.utc)
+    now = datetime.fromtimestamp(now_s, tz=UTC)
     if period == "day":
         start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         end = start + timedelta(days=1)

@@ -24,8 +24,9 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Union
+from typing import Union
 from urllib.parse import unquote, urlsplit
 
 __all__ = [
@@ -33,8 +34,9 @@ __all__ = [
     "bulks", "pack", "parse_reply",
 ]
 
+# Union, not |: a runtime alias with forward references (the | operator cannot take strings).
 Reply = Union[int, bytes, None, list["Reply"], "ReplyError"]
-Arg = Union[bytes, str, int]
+Arg = bytes | str | int
 
 DEFAULT_PORT = 6379
 # The limiter's replies are a few dozen bytes; a peer sending more is not a Redis we know
@@ -186,7 +188,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+        self._transport = transport  # type: ignore[assignment]  # a stream connection: always a Transport
 
     def send(self, command: bytes) -> asyncio.Future[Reply]:
         if self.closed or self._transport is None:
@@ -347,7 +349,7 @@ class RedisClient:
                 ),
                 self._connect_timeout_s,
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise ConnectionFailed(f"cannot connect ({type(exc).__name__})") from None
         # AUTH and SELECT first, pipelined; the connection is handed out only once both passed.
         setup = []

@@ -9,7 +9,7 @@ values are clamped and flagged; usage repeated in several events counts once.
 from __future__ import annotations
 
 import re
-from typing import ClassVar, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import orjson
 
@@ -240,7 +240,7 @@ class MeterBase:
         """One complete SSE event of this dialect's stream."""
         raise NotImplementedError(f"{type(self).__name__} does not meter streams")
 
-    def _body_usage(self, obj: dict) -> Usage | None:
+    def _body_usage(self, obj: dict[str, Any]) -> Usage | None:
         """The usage in a decoded non-streamed answer."""
         raise NotImplementedError(f"{type(self).__name__} does not meter bodies")
 

@@ -16,6 +16,7 @@ nothing is pending is sliced directly, never copied into the buffer first.
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 
 DEFAULT_MAX_EVENT_SIZE = 8 * 1024 * 1024
 
@@ -68,7 +69,7 @@ class SSESplitter:
             if not ends:
                 return []
             with memoryview(buf) as mv:
-                events = [bytes(mv[a:b]) for a, b in zip([0, *ends[:-1]], ends)]
+                events = [bytes(mv[a:b]) for a, b in pairwise([0, *ends])]
             last = ends[-1]
             del buf[:last]            # CPython drops a bytearray prefix without moving the rest
         else:
@@ -83,7 +84,7 @@ class SSESplitter:
             if len(ends) == 1:
                 events = [chunk[:ends[0]]]   # the usual chunk: one event (same object if whole)
             else:
-                events = [chunk[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+                events = [chunk[a:b] for a, b in pairwise([0, *ends])]
             last = ends[-1] if ends else 0
             if last < len(chunk):
                 with memoryview(chunk) as mv:

@@ -18,9 +18,11 @@ identity.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from typing import Callable, Mapping, TypeVar
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -47,9 +49,9 @@ def extract_key(headers: Mapping[str, str], query: Callable[[], Mapping[str, str
         scheme, _, value = auth.partition(" ")
         return value if scheme.lower() == "bearer" else ""
     for name in _HEADERS:
-        value = headers.get(name)
-        if value is not None:
-            return value
+        found = headers.get(name)
+        if found is not None:
+            return found
     if query is not None:
         return query().get("key")
     return None
@@ -153,7 +155,7 @@ class Authenticator:
         if fut is None:
             fut = asyncio.ensure_future(self._fetch(digest))
             self._inflight[digest] = fut
-            fut.add_done_callback(lambda f, d=digest: self._done(d, f))
+            fut.add_done_callback(functools.partial(self._done, digest))
         return await asyncio.shield(fut)
 
     def _done(self, digest: str, fut: asyncio.Future[KeyRecord | None]) -> None:

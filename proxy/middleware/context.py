@@ -11,9 +11,10 @@ import itertools
 import logging
 import os
 import re
-from typing import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from proxy.dialects import ANTHROPIC, GEMINI, OPENAI, Dialect
 from proxy.errors import (
@@ -128,7 +129,7 @@ def render_error(request: web.Request, err: ProxyError) -> web.Response:
     return web.Response(status=status, body=body, headers=headers)
 
 
-def make_context_middleware() -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def make_context_middleware() -> Middleware:
     @web.middleware
     async def context(request: web.Request, handler: Handler) -> web.StreamResponse:
         request[REQUEST_ID] = new_request_id(request.headers.get("x-request-id"))

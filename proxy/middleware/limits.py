@@ -30,9 +30,9 @@ def ratelimit_lines(d: Decision, limits: KeyAdmission) -> bytes:
     # its remaining count (never below 0) and reset time.
     lines = b""
     if limits.requests_lines is not None:
-        lines = limits.requests_lines % (d.remaining_requests, math.ceil(d.reset_requests_s))  # type: ignore[arg-type]
+        lines = limits.requests_lines % (d.remaining_requests, math.ceil(d.reset_requests_s))  # type: ignore[arg-type]  # not None while the limit is set
     if limits.tokens_lines is not None:
-        lines += limits.tokens_lines % (d.remaining_tokens, math.ceil(d.reset_tokens_s))  # type: ignore[arg-type]
+        lines += limits.tokens_lines % (d.remaining_tokens, math.ceil(d.reset_tokens_s))  # type: ignore[arg-type]  # not None while the limit is set
     return lines
 
 

@@ -8,8 +8,9 @@ Every query is parameterised; nothing is ever built from request text.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol, Sequence
+from typing import Literal, NamedTuple, Protocol
 
 from proxy.keys import digest_key, display_prefix, generate_key
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
-
+from typing import Any, TypeVar
 
 from proxy.store.base import (
     DuplicateName,
@@ -416,4 +416,4 @@ def _spend_usd(conn: sqlite3.Connection, key_id: str, since: float) -> float:
 
 
 def _one_key(rows: list[sqlite3.Row]) -> KeyRecord | None:
-    return key_from_row(rows[0]) if rows else None
+    return key_from_row(dict(rows[0])) if rows else None
