@@ -3,11 +3,15 @@
 With no master key configured the admin API is off: every /admin/ route answers 403.
 The master key is compared in constant time. Responses never contain a key's digest;
 the full key is returned once, by the create call.
+
+`master_only` is the one gate: it takes the master key as a Bearer header (scripts, the
+CLI) or a dashboard session signed in with the master key, whose every call must also
+carry its CSRF token and come from the dashboard's own origin
+(proxy/middleware/session.py). A session signed in with a gateway key is refused here.
 """
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,10 +19,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.config import masked
 from proxy.errors import Conflict, InvalidApiKey, InvalidRequest, NotFound, PermissionDenied
 from proxy.middleware.auth import KEY, extract_key
 from proxy.middleware.limits import spec_of
-from proxy.store.base import DuplicateName, KeyLimits, KeyRecord
+from proxy.middleware.session import COOKIE, session_of
+from proxy.sessions import MASTER, is_master_key
+from proxy.store.base import DuplicateName, KeyLimits, KeyRecord, Store
 from proxy.views import MAX_DAYS, MAX_LIMIT, check_name, key_json, parse_since, parse_ts, period_start, usage_json
 
 _PERIODS = (None, "day", "month")
@@ -107,11 +114,16 @@ def parse_limits(body: dict[str, Any], base: KeyRecord | None = None) -> KeyLimi
 def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
     def master_only(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def checked(request: web.Request) -> web.StreamResponse:
-            master = request.app[state_key].config.auth.master_key
+            state = request.app[state_key]
+            master = state.config.auth.master_key
             if not master:
                 raise PermissionDenied("The admin API is disabled: no master key is configured.", code="admin_disabled")
-            presented = extract_key(request.headers, None) or ""
-            if not hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), master.encode()):
+            presented = extract_key(request.headers, None)
+            if presented is None and COOKIE in request.cookies:
+                session = await session_of(request, state.sessions, master, state.relay_token)
+                if session.kind != MASTER:
+                    raise PermissionDenied("This session may see its own key's usage only.", code="admin_only")
+            elif not is_master_key(presented or "", master):
                 raise InvalidApiKey()
             return await handler(request)
 
@@ -191,28 +203,10 @@ def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
         return _json({"data": [usage_json(r) for r in records]})
 
     async def own_usage(request: web.Request) -> web.Response:
-        key: KeyRecord = request[KEY]
-        store = request.app[state_key].store
-        since = _since(request)
-        rows = await store.summarize_usage(since, "model", key.id)
-        spec = spec_of(key)
-        spent = await store.spend_usd(key.id, period_start(key.budget_period, time.time())) if key.budget_usd is not None else None
-        return _json(
-            {
-                "key": {k: v for k, v in key_json(key).items() if k not in ("revoked_at",)},
-                "since": since,
-                "usage": rows,
-                "limits": {"rpm": spec.rpm, "tpm": spec.tpm, "max_parallel": spec.max_parallel},
-                "budget": None
-                if key.budget_usd is None
-                else {
-                    "budget_usd": key.budget_usd,
-                    "period": key.budget_period,
-                    "spent_usd": spent,
-                    "remaining_usd": max(0.0, key.budget_usd - (spent or 0.0)),
-                },
-            }
-        )
+        return _json(await own_usage_doc(request.app[state_key].store, request[KEY], _since(request)))
+
+    async def config(request: web.Request) -> web.Response:
+        return _json(masked(request.app[state_key].config))
 
     r = app.router
     r.add_post("/admin/keys", master_only(create_key))
@@ -222,7 +216,30 @@ def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
     r.add_post("/admin/keys/{key}/revoke", master_only(revoke_key))
     r.add_delete("/admin/keys/{key}", master_only(revoke_key))
     r.add_get("/admin/usage", master_only(usage))
+    r.add_get("/admin/config", master_only(config))
     r.add_get("/v1/usage", own_usage)
+
+
+async def own_usage_doc(store: Store, key: KeyRecord, since: float) -> dict[str, Any]:
+    """What GET /v1/usage answers: the key's own usage by model since `since`, its
+    spend against its budget, and its limits (also the dashboard's self-service page)."""
+    rows = await store.summarize_usage(since, "model", key.id)
+    spec = spec_of(key)
+    spent = await store.spend_usd(key.id, period_start(key.budget_period, time.time())) if key.budget_usd is not None else None
+    return {
+        "key": {k: v for k, v in key_json(key).items() if k not in ("revoked_at",)},
+        "since": since,
+        "usage": rows,
+        "limits": {"rpm": spec.rpm, "tpm": spec.tpm, "max_parallel": spec.max_parallel},
+        "budget": None
+        if key.budget_usd is None
+        else {
+            "budget_usd": key.budget_usd,
+            "period": key.budget_period,
+            "spent_usd": spent,
+            "remaining_usd": max(0.0, key.budget_usd - (spent or 0.0)),
+        },
+    }
 
 
 def _since(request: web.Request) -> float:

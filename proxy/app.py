@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import admin
+from proxy import admin, dashboard
 from proxy.accounting import UsageSink
 from proxy.config import Config
 from proxy.dialects import GEMINI_MODEL_PREFIXES, MODEL_PATHS, ModelInfo
@@ -32,6 +33,7 @@ from proxy.middleware.context import dialect_for, make_context_middleware, on_pr
 from proxy.middleware.limits import Admission
 from proxy.mock_upstream import MockOptions, build_mock_app
 from proxy.routing import Router
+from proxy.sessions import Sessions
 from proxy.store import open_store
 from proxy.store.base import Store
 from proxy.upstream import UpstreamPool
@@ -56,6 +58,10 @@ class AppState:
     ready: bool = False
     started: float = field(default_factory=time.time)
     sink: UsageSink | None = None
+    sessions: Sessions | None = None  # dashboard sign-ins (set in build_app)
+    # Proves that x-llm-proxy-* request headers came from this process's front server
+    # (proxy/middleware/session.py).
+    relay_token: str = field(default_factory=lambda: secrets.token_hex(16))
 
     @property
     def in_flight(self) -> int:
@@ -69,7 +75,8 @@ class AppState:
 STATE = web.AppKey("llm_proxy_state", AppState)
 
 # Routes a request may reach without a client key. Everything else needs one, except
-# /admin/ which needs the master key instead (checked in proxy.admin).
+# /admin/ which needs the master key instead (checked in proxy.admin) and the /ui/
+# dashboard, which has its own sign-in (proxy.dashboard).
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics"})
 
 
@@ -160,8 +167,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     canonical = route.resource.canonical if route.resource is not None else ""
     if canonical in PUBLIC_PATHS:
         return await handler(request)
-    if canonical.startswith("/admin/"):
-        return await handler(request)  # master key checked by proxy.admin
+    if canonical.startswith(("/admin/", "/ui")):
+        return await handler(request)  # master key checked by proxy.admin, sessions by proxy.dashboard
     state = request.app[STATE]
     if state.streams.stopping:
         raise ShuttingDown()
@@ -248,6 +255,7 @@ def build_app(config: Config, *, store: Store | None = None, limiter: Limiter | 
     store = store or open_store(config.storage.url)
     limiter = limiter or make_limiter(config.limits.url, spend_seed=store.spend_usd)
     state = AppState(config=config, router=Router(config), store=store, limiter=limiter)
+    state.sessions = Sessions(state.store, config.auth.session_ttl_h * 3600)
 
     app = web.Application(
         middlewares=[make_context_middleware(), auth_middleware],
@@ -279,6 +287,7 @@ def build_app(config: Config, *, store: Store | None = None, limiter: Limiter | 
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics_handler)
     admin.add_routes(app, STATE)
+    dashboard.add_routes(app, STATE)
     return app
 
 

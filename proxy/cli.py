@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from proxy.config import ConfigError, load_config, mask, masked
+from proxy.config import ConfigError, load_config, masked
 from proxy.mock_upstream import MockOptions, run_mock
 from proxy.server import configure_logging, install_uvloop, run
 from proxy.store import open_store
@@ -28,14 +28,6 @@ def _table(rows: list[dict[str, Any]], cols: Sequence[str]) -> None:
     print("  ".join(c.upper().ljust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(str("" if r.get(c) is None else r.get(c)).ljust(widths[c]) for c in cols))
-
-
-def _mask_headers(doc: dict[str, Any]) -> dict[str, Any]:
-    """Upstream `headers` may carry credentials (Authorization, api-key, ...): mask their values."""
-    for u in doc.get("upstreams") or []:
-        if isinstance(u, dict) and isinstance(u.get("headers"), dict):
-            u["headers"] = {k: mask(v) if isinstance(v, str) else v for k, v in u["headers"].items()}
-    return doc
 
 
 # ---------------------------------------------------------------------- commands
@@ -194,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.cmd == "check-config":
-            _print_json(_mask_headers(masked(config)))
+            _print_json(masked(config))
             return 0
         if args.cmd == "serve":
             host = args.host or config.server.host

@@ -67,6 +67,8 @@ class AuthConfig:
     # Failed authentications (401) per client IP and minute before that IP gets 429s
     # for the rest of the minute (brute-force brake); 0 turns it off.
     max_failures_per_min: int = 20
+    # How long a dashboard sign-in (/ui/) lasts before the operator signs in again.
+    session_ttl_h: float = 12
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         for fb in m.fallbacks:
             if fb not in model_names:
                 raise ConfigError(f"{source}: models.{m.name} falls back to unknown model {fb!r}")
+    if not 0 < cfg.auth.session_ttl_h <= 24 * 366:
+        raise ConfigError(f"{source}: auth.session_ttl_h must be more than 0 and at most a year")
     if cfg.server.workers < 1:
         raise ConfigError(f"{source}: server.workers must be at least 1")
     for i, proxy_net in enumerate(cfg.server.trusted_proxies):
@@ -372,7 +376,7 @@ def mask(value: str | None) -> str | None:
 
 
 def masked(cfg: Config) -> dict[str, Any]:
-    """The resolved config as plain data with every secret masked (for check-config)."""
+    """The resolved config as plain data with every secret masked (check-config, GET /admin/config)."""
 
     def walk(obj: Any) -> Any:
         if dataclasses.is_dataclass(obj):
@@ -383,6 +387,9 @@ def masked(cfg: Config) -> dict[str, Any]:
                     out[f.name] = _mask_url(v)
                 elif f.name in SECRET_FIELDS and isinstance(v, str):
                     out[f.name] = mask(v)
+                elif f.name == "headers" and isinstance(v, Mapping):
+                    # upstream headers may carry credentials (Authorization, api-key, ...)
+                    out[f.name] = {k: mask(h) if isinstance(h, str) else h for k, h in v.items()}
                 else:
                     out[f.name] = walk(v)
             return out

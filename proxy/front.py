@@ -26,6 +26,7 @@ from proxy.http1.server import Exchange, Request
 from proxy.middleware.auth import extract_key
 from proxy.middleware.auth_failures import AuthFailures, ClientAddress, TooManyAuthFailures
 from proxy.middleware.context import dialect_for_path, error_parts, fresh_request_id, new_request_id, response_headers
+from proxy.middleware.session import RELAY_HOST, RELAY_PEER, RELAY_PREFIX, RELAY_PROTO, RELAY_TOKEN
 from proxy.store.base import KeyRecord
 from proxy.upstream import encode_head
 
@@ -114,7 +115,7 @@ class Front:
             self._auth_failures.check(client, request.started)
             route = model_route(request.path) if request.method == "POST" else None
             if route is None:
-                rid = await self._relay_internal(ex)
+                rid = await self._relay_internal(ex, client)
             else:
                 rid = new_request_id(request.headers.get("x-request-id"))
                 key = await self._model_call(ex, rid, *route)
@@ -149,10 +150,28 @@ class Front:
         status, headers, body = error_parts(dialect_for_path(request.path, request.headers), err, rid)
         ex.respond(status, response_headers(rid, request.headers.get("origin")) + list(headers.items()), body)
 
-    async def _relay_internal(self, ex: Exchange) -> str:
+    def _relay_head(self, request: Request, client: str) -> bytes:
+        """The request's headers for the aiohttp application, plus what only this server
+        knows: the client's address, whether the browser spoke TLS (to a trusted proxy),
+        and the Host it asked for (dashboard cookies and Origin checks need them)."""
+        headers = {
+            name: value for name, value in request.headers.items() if name not in _HOP_BY_HOP and not name.startswith(RELAY_PREFIX)
+        }
+        host = request.headers.get("host", "")
+        https = False
+        if self._client_address.trusted(request.remote):
+            https = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower() == "https"
+            host = request.headers.get("x-forwarded-host", "").split(",")[0].strip() or host
+        headers[RELAY_TOKEN] = self._state.relay_token
+        headers[RELAY_PEER] = client
+        headers[RELAY_PROTO] = "https" if https else "http"
+        headers[RELAY_HOST] = host
+        return encode_head(headers)
+
+    async def _relay_internal(self, ex: Exchange, client: str) -> str:
         """Relay to the aiohttp application; returns the request id it chose."""
         request = ex.request
-        head = encode_head({name: value for name, value in request.headers.items() if name not in _HOP_BY_HOP})
+        head = self._relay_head(request, client)
         target = request.path + ("?" + request.query_string if request.query_string else "")
         # HEAD is asked as GET (our client expects a body) and answered without one.
         method = "GET" if request.method == "HEAD" else request.method

@@ -499,6 +499,15 @@ def _concrete(canonical: str) -> str:
     return re.sub(r"\{key[^}]*\}", "test-key", path)
 
 
+# The dashboard's own public routes (reviewed): static pages, "who am I" (answers
+# signed_in: false without a session) and sign-in. Every other /ui/ route needs a session.
+DASHBOARD_PUBLIC = {
+    ("GET", "/ui"), ("HEAD", "/ui"), ("GET", "/ui/"), ("HEAD", "/ui/"),
+    ("GET", "/ui/{path}"), ("HEAD", "/ui/{path}"),
+    ("GET", "/ui/api/session"), ("HEAD", "/ui/api/session"), ("POST", "/ui/api/session"),
+}
+
+
 async def test_route_audit_every_route_needs_a_key(gateway):
     gw = await gateway()
     assert PUBLIC_PATHS == frozenset({"/", "/healthz", "/readyz", "/metrics"}), "widening the public list needs review"
@@ -516,14 +525,19 @@ async def test_route_audit_every_route_needs_a_key(gateway):
                 if canonical in PUBLIC_PATHS:
                     assert r.status in (200, 503), (method, path)
                     continue
+                if (method, canonical) in DASHBOARD_PUBLIC:
+                    # The dashboard's pages, "who am I" and sign-in itself (refused: no Origin).
+                    assert r.status in (200, 403, 404), (method, path, r.status)
+                    assert b'"csrf":' not in body  # no session, no token
+                    continue
                 if canonical.startswith("/admin/"):
                     seen_admin += 1
                     assert r.status == 401, (method, path, r.status, body)
                 else:
                     seen_key += 1
                     assert r.status == 401, (method, path, r.status, body)
-            # A client key is not the master key.
-            if canonical.startswith("/admin/"):
+            # A client key is not the master key, nor a dashboard session.
+            if canonical.startswith(("/admin/", "/ui/api/")) and (method, canonical) not in DASHBOARD_PUBLIC:
                 async with s.request(method, gw.url + path, headers=gw.headers()) as r:
                     assert r.status in (401, 403), (method, path)
                 async with s.request(method, gw.url + path, headers={"x-api-key": gw.key}) as r:

@@ -72,6 +72,10 @@ class ClientAddress:
                 return hop[:64]
         return peer
 
+    def trusted(self, address: str) -> bool:
+        """Whether `address` is one of the configured reverse proxies."""
+        return bool(self._nets) and self._trusted(address)
+
     def _trusted(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)

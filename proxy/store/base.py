@@ -88,6 +88,19 @@ class UsageRecord(NamedTuple):
     outcome: Outcome = "ok"
 
 
+@dataclass(frozen=True)
+class SessionRecord:
+    """A dashboard session (proxy/sessions.py). The session id lives only in the browser's
+    cookie; the store keeps its SHA-256, so a leaked database signs nobody in."""
+
+    digest: str                  # hex SHA-256 of the session id
+    kind: str                    # "master" (the whole console) | "key" (one key's own usage)
+    key_id: str | None           # the signed-in key, for "key" sessions
+    binding: str                 # master sessions: a MAC of the id under the master key then in force
+    created_at: float
+    expires_at: float
+
+
 class Store(Protocol):
     async def open(self) -> None: ...          # connect and migrate the schema
     async def close(self) -> None: ...
@@ -106,6 +119,11 @@ class Store(Protocol):
     async def list_usage(self, since: float, key_id: str | None = None, limit: int = 10_000) -> list[UsageRecord]: ...
     async def summarize_usage(self, since: float, by: GroupBy, key_id: str | None = None) -> list[dict[str, object]]: ...
     async def spend_usd(self, key_id: str, since: float) -> float: ...
+
+    # dashboard sessions
+    async def create_session(self, record: SessionRecord) -> None: ...   # also drops expired ones
+    async def get_session(self, digest: str) -> SessionRecord | None: ...
+    async def delete_session(self, digest: str) -> None: ...
 
 
 def new_key_id() -> str:

@@ -23,6 +23,7 @@ from proxy.store.base import (
     GroupBy,
     KeyLimits,
     KeyRecord,
+    SessionRecord,
     StoreError,
     UsageRecord,
     mint_key,
@@ -88,6 +89,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX usage_ts ON usage (ts)",
         "CREATE INDEX usage_key_ts ON usage (key_id, ts)",
+    ),
+    (
+        """CREATE TABLE ui_sessions (
+            digest     TEXT PRIMARY KEY,
+            kind       TEXT NOT NULL,
+            key_id     TEXT,
+            binding    TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX ui_sessions_expires ON ui_sessions (expires_at)",
     ),
 )
 
@@ -289,3 +301,24 @@ class PostgresStore:
             )
         return float(total)
 
+    # -- dashboard sessions ----------------------------------------------------------
+
+    async def create_session(self, record: SessionRecord) -> None:
+        async with self._conn("create session") as conn, conn.transaction():
+            await conn.execute("DELETE FROM ui_sessions WHERE expires_at <= $1", record.created_at)
+            await conn.execute(
+                """INSERT INTO ui_sessions (digest, kind, key_id, binding, created_at, expires_at)
+                   VALUES ($1, $2, $3, $4, $5, $6)""",
+                record.digest, record.kind, record.key_id, record.binding, record.created_at, record.expires_at,
+            )
+
+    async def get_session(self, digest: str) -> SessionRecord | None:
+        async with self._conn("session lookup") as conn:
+            row = await conn.fetchrow(
+                "SELECT digest, kind, key_id, binding, created_at, expires_at FROM ui_sessions WHERE digest = $1", digest
+            )
+        return SessionRecord(*row) if row is not None else None
+
+    async def delete_session(self, digest: str) -> None:
+        async with self._conn("delete session") as conn:
+            await conn.execute("DELETE FROM ui_sessions WHERE digest = $1", digest)

@@ -30,6 +30,7 @@ from proxy.store.base import (
     GroupBy,
     KeyLimits,
     KeyRecord,
+    SessionRecord,
     StoreError,
     UsageRecord,
     mint_key,
@@ -87,6 +88,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX usage_ts ON usage (ts)",
         "CREATE INDEX usage_key_ts ON usage (key_id, ts)",
+    ),
+    (
+        """CREATE TABLE ui_sessions (
+            digest     TEXT PRIMARY KEY,
+            kind       TEXT NOT NULL,
+            key_id     TEXT,
+            binding    TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL
+        )""",
+        "CREATE INDEX ui_sessions_expires ON ui_sessions (expires_at)",
     ),
 )
 
@@ -165,6 +177,17 @@ class SQLiteStore:
 
     async def spend_usd(self, key_id: str, since: float) -> float:
         return await self._call("spend", _spend_usd, key_id, since)
+
+    # -- dashboard sessions ----------------------------------------------------------
+
+    async def create_session(self, record: SessionRecord) -> None:
+        await self._call("create session", _create_session, record)
+
+    async def get_session(self, digest: str) -> SessionRecord | None:
+        return await self._call("session lookup", _get_session, digest)
+
+    async def delete_session(self, digest: str) -> None:
+        await self._call("delete session", _delete_session, digest)
 
     # -- worker thread ---------------------------------------------------------------
 
@@ -413,6 +436,26 @@ def _summarize_usage(conn: sqlite3.Connection, since: float, by: str, key_id: st
 def _spend_usd(conn: sqlite3.Connection, key_id: str, since: float) -> float:
     row = conn.execute("SELECT TOTAL(cost_usd) FROM usage WHERE key_id = ? AND ts >= ?", (key_id, since)).fetchone()
     return float(row[0])
+
+
+def _create_session(conn: sqlite3.Connection, r: SessionRecord) -> None:
+    with _write_txn(conn):
+        conn.execute("DELETE FROM ui_sessions WHERE expires_at <= ?", (r.created_at,))
+        conn.execute(
+            "INSERT INTO ui_sessions (digest, kind, key_id, binding, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (r.digest, r.kind, r.key_id, r.binding, r.created_at, r.expires_at),
+        )
+
+
+def _get_session(conn: sqlite3.Connection, digest: str) -> SessionRecord | None:
+    row = conn.execute(
+        "SELECT digest, kind, key_id, binding, created_at, expires_at FROM ui_sessions WHERE digest = ?", (digest,)
+    ).fetchone()
+    return SessionRecord(*row) if row is not None else None
+
+
+def _delete_session(conn: sqlite3.Connection, digest: str) -> None:
+    conn.execute("DELETE FROM ui_sessions WHERE digest = ?", (digest,)).fetchall()
 
 
 def _one_key(rows: list[sqlite3.Row]) -> KeyRecord | None:

@@ -1,0 +1,111 @@
+// Upstreams: every route's state, recent errors and latency, a test button, the config.
+import { h, toast } from "../dom.js";
+import * as f from "../format.js";
+import { post, optional } from "../api.js";
+import { upstreamStats } from "../data.js";
+import { pageHead, table, loading, failed } from "./common.js";
+
+export async function render(main, ctx) {
+  const body = h("div", null, loading());
+  main.replaceChildren(pageHead("Upstreams", h("span", { class: "muted" }, "last 24 h")), body);
+  let cfg, stats, live;
+  try {
+    [cfg, stats, live] = await Promise.all([
+      optional("/admin/config"), upstreamStats(), optional("/admin/upstreams")]);
+  } catch (err) {
+    if (ctx.alive()) body.replaceChildren(failed(err));
+    return;
+  }
+  if (!ctx.alive()) return;
+  const protocols = Object.fromEntries(((cfg && cfg.upstreams) || []).map((u) => [u.name, u]));
+  const statOf = new Map((stats || []).map((s) => [`${s.upstream}\u0000${s.upstream_model}`, s]));
+  const liveRows = (live && (live.data || live.routes || live.upstreams)) || [];
+  const liveOf = (model, route) => liveRows.find((r) => r.upstream === route.upstream &&
+    (r.model == null || r.model === model || r.model === route.model) &&
+    (r.upstream_model == null || r.upstream_model === route.model));
+  const rows = [];
+  for (const m of (cfg && cfg.models) || []) {
+    for (const route of m.routes) {
+      const up = protocols[route.upstream];
+      const served = !up || up.base_url === "mock://" || up.api_key;
+      rows.push({ model: m.name, route, served, stat: statOf.get(`${route.upstream}\u0000${route.model}`), live: liveOf(m.name, route) });
+    }
+  }
+  const testable = live !== null;
+  rows.sort((a, b) => b.served - a.served);
+  const notices = [];
+  if (!live) notices.push(h("div", { class: "notice info" }, "This gateway does not report live route state; the figures below come from the usage ledger."));
+  body.replaceChildren(...notices,
+    h("div", { class: "card flush", "data-testid": "routes", style: "margin-bottom:16px" }, table([
+      { title: "Model", cell: (r) => h("b", { class: "mono" }, r.model) },
+      { title: "Route", cell: (r) => [h("span", null, r.route.upstream, " → ", h("span", { class: "mono" }, r.route.model)),
+        h("span", { class: "sub" }, [protocols[r.route.upstream] ? protocols[r.route.upstream].protocol : "", r.route.weight != null ? `weight ${r.route.weight}` : "",
+          r.route.priority != null ? `priority ${r.route.priority}` : ""].filter(Boolean).join(" · "))] },
+      { title: "State", cell: (r) => statePill(r) },
+      { title: "Requests", num: true, cell: (r) => f.int(r.stat ? r.stat.requests : 0) },
+      { title: "Error rate", num: true, cell: (r) => f.pct(errorRate(r)) },
+      { title: "Latency p50", num: true, cell: (r) => f.ms(latency(r)) },
+      { title: "TTFT p50", num: true, cell: (r) => f.ms(r.stat ? r.stat.ttft_p50_ms : null) },
+      { title: "Last error", cell: (r) => lastError(r) },
+      { title: "", cell: (r) => testButton(r, testable) },
+    ], rows, "No models are configured.")),
+    h("details", { class: "card flush" }, h("summary", null, "Configuration (secrets masked)"),
+      h("pre", { class: "config", "data-testid": "config" }, cfg ? JSON.stringify(cfg, null, 2) : "Not available.")));
+}
+
+function errorRate(r) {
+  if (r.live && r.live.error_rate != null) return r.live.error_rate;
+  return r.stat ? r.stat.error_rate : null;
+}
+
+function latency(r) {
+  if (r.live) for (const k of ["latency_p50_ms", "latency_ms", "p50_ms"]) if (r.live[k] != null) return r.live[k];
+  return r.stat ? r.stat.latency_p50_ms : null;
+}
+
+function lastError(r) {
+  const err = (r.live && r.live.last_error) || (r.stat && r.stat.last_error);
+  if (!err) return h("span", { class: "faint" }, "none");
+  const at = (r.stat && r.stat.last_at) || (r.live && r.live.last_error_at);
+  return [h("span", { class: "mono" }, String(err)), at ? h("span", { class: "sub" }, f.ago(at)) : null];
+}
+
+function statePill(r) {
+  if (!r.served) return h("span", { class: "pill", title: "The upstream has no credential: this route is left out." }, "no credential");
+  if (r.live && r.live.state) {
+    const st = r.live.state;
+    if (st === "ok") return h("span", { class: "pill ok" }, "ok");
+    if (st === "cooldown") {
+      const until = r.live.cooldown_until || r.live.until;
+      return h("span", { class: "pill warn", title: until ? "until " + f.dateTime(until) : "" }, until ? `cooldown · ${f.ago(until)}` : "cooldown");
+    }
+    return h("span", { class: "pill bad" }, st);
+  }
+  if (!r.stat || !r.stat.requests) return h("span", { class: "pill" }, "no traffic");
+  if (r.stat.error_rate >= 0.5) return h("span", { class: "pill bad" }, "failing");
+  if (r.stat.error_rate > 0.05) return h("span", { class: "pill warn" }, "errors");
+  return h("span", { class: "pill ok" }, "ok");
+}
+
+function testButton(r, testable) {
+  const out = h("span", { class: "sub" });
+  const btn = h("button", {
+    class: "small", disabled: !testable, "data-testid": `test-${r.model}`,
+    title: testable ? "Send one tiny request through this model's routes" : "This gateway has no route test endpoint",
+    onclick: async () => {
+      btn.disabled = true;
+      out.textContent = "testing…";
+      try {
+        const res = await post("/admin/upstreams/test", { model: r.model, upstream: r.route.upstream });
+        out.textContent = res.error ? `${res.status}: ${res.error}` : `${res.status} in ${f.ms(res.latency_ms)}`;
+        out.className = "sub " + (res.error ? "error-text" : "");
+      } catch (err) {
+        toast("Test failed: " + err.message, true);
+        out.textContent = "";
+      } finally {
+        btn.disabled = false;
+      }
+    },
+  }, "Test");
+  return h("div", { class: "actions" }, h("div", null, btn, out));
+}
