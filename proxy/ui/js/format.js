@@ -8,7 +8,12 @@ export function int(n) {
 export function compact(n) {
   if (n == null) return DASH;
   const a = Math.abs(n);
-  const f = (v, unit) => (v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(2)).replace(/\.?0+$/, "") + unit;
+  // 570k, 57.5k, 5.75M: three significant digits, trailing zeros after the point dropped
+  const f = (v, unit) => {
+    const a = Math.abs(v);
+    const text = a >= 100 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : v.toFixed(2);
+    return (text.includes(".") ? text.replace(/\.?0+$/, "") : text) + unit;
+  };
   if (a >= 1e9) return f(n / 1e9, "B");
   if (a >= 1e6) return f(n / 1e6, "M");
   if (a >= 1e4) return f(n / 1e3, "k");
