@@ -27,9 +27,11 @@ from proxy.keys import digest_key, display_prefix, well_formed
 from proxy.store import PostgresStore, SQLiteStore, open_store
 from proxy.store import postgres as pg_backend
 from proxy.store import sqlite as sqlite_backend
-from proxy.store.base import DuplicateName, KeyLimits, KeyRecord, Store, StoreError, UsageRecord
+from proxy.sessions import Sessions
+from proxy.store.base import DuplicateName, KeyLimits, KeyRecord, SessionRecord, Store, StoreError, UsageRecord
 
 DAY = 86_400.0
+MASTER = "master-key-for-session-tests-0123"
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
 # Inputs shaped like injections (CVE-2026-42208 and friends): stored and matched literally.
@@ -101,9 +103,10 @@ async def dump(url: str) -> str:
     conn = await asyncpg.connect(url)
     try:
         tables = {r[0] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-        assert tables == {"keys", "usage", "schema_version"}, "a new table must be added to this dump"
+        assert tables == {"keys", "usage", "schema_version", "ui_sessions"}, "a new table must be added to this dump"
         rows = [
             *await conn.fetch("SELECT t::text FROM keys t"),
+            *await conn.fetch("SELECT t::text FROM ui_sessions t"),
             *await conn.fetch("SELECT t::text FROM usage t"),
             *await conn.fetch("SELECT t::text FROM schema_version t"),
         ]
@@ -395,6 +398,28 @@ async def test_spend_usd(store: Store) -> None:
 
 
 # -- hostile input, migrations, concurrency, health ---------------------------------------
+
+
+async def test_dashboard_sessions(store: Store, store_url: str) -> None:
+    """Sessions by digest: found until deleted; making one drops the expired ones; the
+    session id itself is never stored."""
+    now = time.time()
+    live = SessionRecord("a" * 64, "master", None, "b" * 64, now, now + 3600)
+    keyed = SessionRecord("c" * 64, "key", "key_0123456789abcdef", "", now, now + 60)
+    await store.create_session(live)
+    await store.create_session(keyed)
+    assert await store.get_session(live.digest) == live
+    assert await store.get_session(keyed.digest) == keyed
+    assert await store.get_session("d" * 64) is None
+    with pytest.raises(StoreError):
+        await store.create_session(live)  # the digest is the primary key
+    await store.delete_session(live.digest)
+    await store.delete_session(live.digest)  # idempotent
+    assert await store.get_session(live.digest) is None
+    await store.create_session(SessionRecord("e" * 64, "master", None, "f" * 64, now + 120, now + 3600))
+    assert await store.get_session(keyed.digest) is None  # expired by then: swept
+    sid, _ = await Sessions(store, 60).sign_in(MASTER, MASTER)  # type: ignore[misc]
+    assert sid not in await dump(store_url)
 
 
 async def test_sql_shaped_inputs_are_stored_literally_and_harmless(store: Store) -> None:

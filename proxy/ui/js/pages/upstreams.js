@@ -76,8 +76,9 @@ function statePill(r) {
     const st = r.live.state;
     if (st === "ok") return h("span", { class: "pill ok" }, "ok");
     if (st === "cooldown") {
-      const until = r.live.cooldown_until || r.live.until;
-      return h("span", { class: "pill warn", title: until ? "until " + f.dateTime(until) : "" }, until ? `cooldown · ${f.ago(until)}` : "cooldown");
+      let until = r.live.cooldown_until;
+      if (typeof until === "number") until = new Date(until * 1000).toISOString();  // unix seconds
+      return h("span", { class: "pill warn", title: until ? "until " + f.dateTime(until) : "" }, until ? `cooldown, ends ${f.ago(until)}` : "cooldown");
     }
     return h("span", { class: "pill bad" }, st);
   }
@@ -96,7 +97,8 @@ function testButton(r, testable) {
       btn.disabled = true;
       out.textContent = "testing…";
       try {
-        const res = await post("/admin/upstreams/test", { model: r.model, upstream: r.route.upstream });
+        // This route exactly: its upstream and the model name the upstream knows.
+        const res = await post("/admin/upstreams/test", { upstream: r.route.upstream, model: r.route.model });
         out.textContent = res.error ? `${res.status}: ${res.error}` : `${res.status} in ${f.ms(res.latency_ms)}`;
         out.className = "sub " + (res.error ? "error-text" : "");
       } catch (err) {

@@ -121,7 +121,7 @@ async function loadTable(card, ctx) {
 async function exportCsv() {
   const fl = filter();
   try {
-    const res = await request("GET", `/admin/usage${query({ ...fl, format: "csv", limit: 100000 })}`, undefined, { raw: true });
+    const res = await request("GET", `/admin/usage${query({ ...fl, format: "csv" })}`, undefined, { raw: true });
     let text = await res.text();
     if ((res.headers.get("content-type") || "").includes("json")) {
       text = csvOf((await usagePage(fl, null)).data);
