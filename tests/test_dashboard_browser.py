@@ -30,7 +30,7 @@ playwright_api = pytest.importorskip("playwright.async_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run", "--disable-sync",
+    "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
 ]
 ARTIFACTS = Path(__file__).with_name("artifacts")
 # The browser must be there: CI installs it (scripts/test); a missing one fails loudly.

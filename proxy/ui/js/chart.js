@@ -4,8 +4,9 @@ import { h, s } from "./dom.js";
 
 const M = { top: 10, right: 10, bottom: 24, left: 54 };
 
-function niceScale(max, count = 4) {
-  if (!(max > 0)) return { max: 1, step: 0.25 };
+function niceScale(max, integer, count = 4) {
+  if (!(max > 0)) return integer ? { max: 1, step: 1 } : { max: 1, step: 0.25 };
+  if (integer && max <= count) return { max: Math.ceil(max), step: 1 };
   const raw = max / count;
   const mag = 10 ** Math.floor(Math.log10(raw));
   const n = raw / mag;
@@ -38,7 +39,7 @@ function draw(box, spec) {
     }
     top = Math.max(top, stack);
   }
-  const { max, step } = niceScale(spec.yMax != null ? Math.max(spec.yMax, top) : top);
+  const { max, step } = niceScale(spec.yMax != null ? Math.max(spec.yMax, top) : top, spec.integer);
   const y = (v) => M.top + ph - (v / max) * ph;
   const x = (i) => M.left + (i + 0.5) * band;
   const fmt = spec.format || String;

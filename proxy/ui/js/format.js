@@ -20,6 +20,10 @@ export function compact(n) {
   return int(n);
 }
 
+export function plural(n, word) {
+  return `${int(n)} ${word}${n === 1 ? "" : "s"}`;
+}
+
 export function tokens(n) {
   return n == null ? DASH : compact(n) + (Math.abs(n) === 1 ? " token" : " tokens");
 }
@@ -64,7 +68,8 @@ export function perMin(n, unit) {
 export function date(iso) {
   if (!iso) return DASH;
   const d = new Date(iso);
-  return d.toLocaleString("en-GB", { day: "numeric", month: "short", hour: "2-digit", minute: "2-digit" });
+  const year = d.getFullYear() === new Date().getFullYear() ? undefined : "numeric";
+  return d.toLocaleDateString("en-GB", { day: "numeric", month: "short", year });
 }
 
 export function dateTime(iso) {

@@ -44,7 +44,7 @@ function budgetCell(k, spent) {
   if (k.budget_usd == null) return h("span", { class: "faint" }, "no budget");
   const per = k.budget_period ? ` / ${k.budget_period}` : " lifetime";
   return h("div", null,
-    h("div", null, spent == null ? "" : f.usd(spent) + " of ", h("b", null, f.usd(k.budget_usd)), h("span", { class: "faint" }, per)),
+    h("div", { class: "nowrap" }, spent == null ? "" : f.usd(spent) + " of ", h("b", null, f.usd(k.budget_usd)), h("span", { class: "faint" }, per)),
     spent == null ? null : meter(k.budget_usd ? spent / k.budget_usd : 1));
 }
 
@@ -53,7 +53,7 @@ function limitsCell(k) {
   if (k.rpm != null) parts.push(`${f.compact(k.rpm)} req/min`);
   if (k.tpm != null) parts.push(`${f.compact(k.tpm)} tokens/min`);
   if (k.max_parallel != null) parts.push(`${f.int(k.max_parallel)} parallel`);
-  return parts.length ? parts.map((p) => h("div", null, p)) : h("span", { class: "faint" }, "no limits");
+  return parts.length ? parts.map((p) => h("div", { class: "nowrap" }, p)) : h("span", { class: "faint" }, "no limits");
 }
 
 async function load(body, main, ctx) {
@@ -68,7 +68,7 @@ async function load(body, main, ctx) {
   if (!ctx.alive()) return;
   keys.sort((a, b) => (!!a.revoked_at - !!b.revoked_at) || String(b.created_at).localeCompare(String(a.created_at)));
   body.replaceChildren(table([
-    { title: "Name", cell: (k) => [h("b", null, k.name), h("span", { class: "sub mono" }, `${k.prefix}…  ·  ${k.id}`)] },
+    { title: "Name", cell: (k) => [h("b", { title: k.id }, k.name), h("span", { class: "sub mono", title: k.id }, `${k.prefix}…`)] },
     { title: "Status", cell: status },
     { title: "Models", cell: (k) => (k.models.length ? k.models.map((m) => h("span", { class: "chip mono" }, m)) : h("span", { class: "faint" }, "all models")) },
     { title: "Limits", cell: limitsCell },

@@ -41,16 +41,16 @@ async function load(body, head, ctx) {
     kpi("TTFT p50", f.ms(t.ttft_p50_ms), null, "time to first token", "kpi-ttft50"),
     kpi("TTFT p95", f.ms(t.ttft_p95_ms), null, "time to first token", "kpi-ttft95"));
 
-  const chartCard = (title, series, format, yMax) => {
+  const chartCard = (title, series, format, yMax, integer) => {
     const box = h("div");
     const card = h("div", { class: "card" }, h("div", { class: "card-head" }, h("h2", null, title), h("span", { class: "faint" }, per), legend(series)), box);
-    queueMicrotask(() => timeChart(box, { times, series, bucket: doc.bucket, format, yMax, label: title }));
+    queueMicrotask(() => timeChart(box, { times, series, bucket: doc.bucket, format, yMax, integer, label: title }));
     return card;
   };
   const charts = h("div", { class: "grid charts" },
     chartCard("Requests", [
       { name: "succeeded", kind: "bar", color: COLORS.primary, values: rows.map((r) => r.requests - r.errors) },
-      { name: "failed", kind: "bar", color: COLORS.bad, values: rows.map((r) => r.errors) }], (v) => f.compact(v)),
+      { name: "failed", kind: "bar", color: COLORS.bad, values: rows.map((r) => r.errors) }], (v) => f.compact(v), null, true),
     chartCard("Tokens", [
       { name: "prompt", kind: "bar", color: COLORS.primary, values: rows.map((r) => r.prompt_tokens) },
       { name: "completion", kind: "bar", color: COLORS.secondary, values: rows.map((r) => r.completion_tokens) }], (v) => f.compact(v)),

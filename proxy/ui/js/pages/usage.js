@@ -80,8 +80,8 @@ async function drawChart(card, ctx) {
   const total = rows.reduce((a, r) => a + r.requests, 0);
   const cost = rows.reduce((a, r) => a + r.cost_usd, 0);
   card.replaceChildren(h("div", { class: "card-head" }, h("h2", null, "Requests"),
-    h("span", { class: "faint" }, `${f.int(total)} requests · ${f.usd(cost)} · per ${bucket}`), legend(series)), box);
-  timeChart(box, { times: rows.map((r) => r.t), series, bucket, format: (v) => f.compact(v), height: 180 });
+    h("span", { class: "faint" }, `${f.plural(total, "request")} · ${f.usd(cost)} · per ${bucket}`), legend(series)), box);
+  timeChart(box, { times: rows.map((r) => r.t), series, bucket, format: (v) => f.compact(v), height: 180, integer: true });
 }
 
 async function loadTable(card, ctx) {
@@ -112,8 +112,7 @@ async function loadTable(card, ctx) {
       { title: "Duration", num: true, cell: (r) => f.ms(r.duration_ms) },
     ], rows, "No requests match these filters."));
     foot.replaceChildren(h("span", null, `${f.int(rows.length)} shown`),
-      page.next_cursor ? h("button", { class: "small", onclick: () => more(page.next_cursor), "data-testid": "more" }, "Load more") : null,
-      page.truncated ? h("span", { class: "faint" }, "(more records match than one page can hold)") : null);
+      ...(page.next_cursor ? [h("button", { class: "small", onclick: () => more(page.next_cursor), "data-testid": "more" }, "Load more")] : []));
   };
   await more(null);
 }
