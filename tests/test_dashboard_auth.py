@@ -12,8 +12,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-
 from _gateway import MASTER_KEY
+
 from proxy.sessions import Sessions
 from proxy.store.sqlite import SQLiteStore
 
@@ -249,3 +249,23 @@ def test_every_dashboard_asset_ships_in_the_package():
     for f in files:
         # setuptools globs do not cross "/": match segment counts as it does.
         assert any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs), f
+
+
+def test_page_code_builds_no_html_from_strings_and_stores_nothing():
+    """Every text reaches the page through textContent (proxy/ui/js/dom.js), so key names,
+    model names and error messages cannot inject markup; nothing is put in web storage."""
+    from pathlib import Path
+
+    import proxy
+
+    ui = Path(proxy.__file__).with_name("ui")
+    sources = {p.name: p.read_text() for p in ui.rglob("*.js")}
+    assert len(sources) >= 10
+    for name, text in sources.items():
+        text = text.replace('"http://www.w3.org/2000/svg"', "")  # the SVG namespace is a name, not a fetch
+        for banned in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function",
+                       "localStorage", "sessionStorage", "indexedDB", "document.cookie", "http://", "https://"):
+            assert banned not in text, (name, banned)
+    html = (ui / "index.html").read_text()
+    assert "<script" in html and "http" not in html.replace('http-equiv', "")  # no CDN, no inline code
+    assert "<script>" not in html

@@ -10,19 +10,19 @@ storage, no cookie and no log line. Screenshots of every page go to tests/artifa
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import openai
 import pytest
+from _gateway import MASTER_KEY
 from aiohttp import web
 
-from _gateway import MASTER_KEY
 from proxy.store.base import UsageRecord
 
 playwright_api = pytest.importorskip("playwright.async_api")
