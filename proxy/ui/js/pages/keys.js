@@ -6,12 +6,20 @@ import { pageHead, table, meter, loading, failed } from "./common.js";
 
 let configured = null;  // model names from the gateway's config
 
+let search = "";
+
 export function render(main, ctx) {
   const body = h("div", { class: "card flush" }, loading());
+  const box = h("input", { type: "search", placeholder: "Filter keys", class: "search", value: search, "aria-label": "Filter keys" });
+  box.addEventListener("input", () => {
+    search = box.value;
+    const q = search.trim().toLowerCase();
+    body.querySelectorAll("tbody tr").forEach((tr) => { tr.hidden = Boolean(q) && !tr.dataset.search.includes(q); });
+  });
   main.replaceChildren(
-    pageHead("Keys", h("button", { class: "primary", onclick: () => create(main, ctx), "data-testid": "create-key" }, "+ Create key")),
+    pageHead("Keys", box, h("button", { class: "primary", onclick: () => create(main, ctx), "data-testid": "create-key" }, "+ Create key")),
     body);
-  load(body, main, ctx);
+  load(body, main, ctx).then(() => box.dispatchEvent(new Event("input")));
 }
 
 function status(k) {
@@ -81,7 +89,11 @@ async function load(body, main, ctx) {
         h("button", { class: "small", onclick: () => rotate(k, main, ctx), "data-testid": `rotate-${k.name}` }, "Rotate"),
         h("button", { class: "small danger", onclick: () => revoke(k, main, ctx), "data-testid": `revoke-${k.name}` }, "Revoke")]) },
   ], keys, "No keys yet. Create one to let a client use the gateway."));
-  body.querySelectorAll("tbody tr").forEach((tr, i) => tr.setAttribute("data-key", keys[i].name));
+  body.querySelectorAll("tbody tr").forEach((tr, i) => {
+    const k = keys[i];
+    tr.setAttribute("data-key", k.name);
+    tr.dataset.search = [k.name, k.id, k.prefix, ...k.models].join(" ").toLowerCase();
+  });
 }
 
 async function models() {
@@ -121,10 +133,26 @@ function limitsOf(form) {
   };
 }
 
+// The Clipboard API needs a secure context (HTTPS or loopback); elsewhere the text is
+// selected and copied the old way.
+async function copyText(el, text) {
+  try {
+    await navigator.clipboard.writeText(text);
+    return true;
+  } catch {
+    const range = document.createRange();
+    range.selectNodeContents(el);
+    const sel = window.getSelection();
+    sel.removeAllRanges();
+    sel.addRange(range);
+    try { return document.execCommand("copy"); } catch { return false; }
+  }
+}
+
 async function showSecret(title, doc) {
   const code = h("code", { "data-testid": "secret" }, doc.key);
-  const copy = h("button", { type: "button", class: "small", onclick: async () => {
-    try { await navigator.clipboard.writeText(doc.key); copy.textContent = "Copied"; } catch { copy.textContent = "Select and copy"; }
+  const copy = h("button", { type: "button", class: "small", "data-testid": "copy", onclick: async () => {
+    copy.textContent = (await copyText(code, doc.key)) ? "Copied" : "Select and copy (Ctrl+C)";
   } }, "Copy");
   await modal({
     title, submit: "Done", cancel: null,

@@ -7,6 +7,8 @@ import { pageHead, segmented, kpi, table, meter, loading, failed } from "./commo
 
 let range = "24h";
 
+const REFRESH_MS = 60_000;
+
 export function render(main, ctx) {
   const body = h("div", null, loading());
   const head = pageHead("Overview",
@@ -14,6 +16,10 @@ export function render(main, ctx) {
     segmented([["24h", "24 h"], ["7d", "7 days"], ["30d", "30 days"]], range, (r) => { range = r; render(main, ctx); }, "range"));
   main.replaceChildren(head, body);
   load(body, head, ctx);
+  const timer = setInterval(() => {
+    if (!ctx.alive()) clearInterval(timer);
+    else if (document.visibilityState === "visible") load(body, head, ctx);
+  }, REFRESH_MS);
 }
 
 async function load(body, head, ctx) {
@@ -65,14 +71,15 @@ async function load(body, head, ctx) {
   const share = (v, max) => h("div", { class: "share" }, meter(max ? v / max : 0, true));
   const tops = h("div", { class: "grid two" },
     h("div", { class: "card flush", "data-testid": "top-keys" }, h("h2", null, "Top keys"), table([
-      { title: "Key", cell: (k) => [k.key_name || h("span", { class: "faint" }, "(no key)"), h("span", { class: "sub mono" }, k.key_id || "")] },
+      { title: "Key", cell: (k) => [k.key_id ? h("a", { href: `#/usage?key=${encodeURIComponent(k.key_id)}&preset=${range}` }, k.key_name || k.key_id) : h("span", { class: "faint" }, "(no key)"),
+        h("span", { class: "sub mono" }, k.key_id || "")] },
       { title: "Requests", num: true, cell: (k) => f.int(k.requests) },
       { title: "Tokens", num: true, cell: (k) => f.compact(k.tokens) },
       { title: "Spend", num: true, cell: (k) => f.usd(k.cost_usd) },
       { title: "", cell: (k) => share(k.cost_usd, maxKeyCost) },
     ], doc.top_keys, "No requests in this period.")),
     h("div", { class: "card flush", "data-testid": "top-models" }, h("h2", null, "Top models"), table([
-      { title: "Model", cell: (m) => h("span", { class: "mono" }, m.model) },
+      { title: "Model", cell: (m) => h("a", { class: "mono", href: `#/usage?model=${encodeURIComponent(m.model)}&preset=${range}` }, m.model) },
       { title: "Requests", num: true, cell: (m) => f.int(m.requests) },
       { title: "Tokens", num: true, cell: (m) => f.compact(m.tokens) },
       { title: "Spend", num: true, cell: (m) => f.usd(m.cost_usd) },

@@ -31,7 +31,17 @@ function select(name, label, options, value, testid) {
   return [el, h("label", { class: "field" }, label, el)];
 }
 
+// Links from other pages: #/usage?key=ID&model=M&preset=7d
+function fromHash() {
+  const q = new URLSearchParams(location.hash.split("?")[1] || "");
+  if (![...q.keys()].length) return;
+  Object.assign(state, { key: q.get("key") || "", model: q.get("model") || "", outcome: q.get("outcome") || "" });
+  if (PRESETS.some(([p]) => p === q.get("preset"))) state.preset = q.get("preset");
+  history.replaceState(null, "", "#/usage");
+}
+
 export async function render(main, ctx) {
+  fromHash();
   main.replaceChildren(pageHead("Usage"), loading());
   const [keys, cfg] = await Promise.all([get("/admin/keys").catch(() => ({ data: [] })), optional("/admin/config").catch(() => null)]);
   if (!ctx.alive()) return;
