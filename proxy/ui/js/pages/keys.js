@@ -41,9 +41,13 @@ async function spends(keys) {
   const periods = new Set(keys.filter((k) => k.budget_usd != null).map((k) => k.budget_period || "lifetime"));
   await Promise.all([...periods].map(async (p) => {
     const doc = await optional(`/admin/usage${query({ by: "key", since: periodStart(p) })}`);
-    const byName = {};
-    for (const row of (doc && doc.data) || []) if ("group" in row) byName[row.group] = row.cost_usd;
-    for (const k of keys) if ((k.budget_period || "lifetime") === p) out[k.id] = byName[k.name] ?? (doc ? 0 : null);
+    // Rows name the key (and, on newer gateways, its id: a revoked key's name can be reused).
+    const byId = {}, byName = {};
+    for (const row of (doc && doc.data) || []) {
+      if (row.key_id) byId[row.key_id] = row.cost_usd;
+      else if ("group" in row) byName[row.group] = row.cost_usd;
+    }
+    for (const k of keys) if ((k.budget_period || "lifetime") === p) out[k.id] = byId[k.id] ?? byName[k.name] ?? (doc ? 0 : null);
   }));
   return out;
 }

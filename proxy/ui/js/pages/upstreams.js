@@ -66,7 +66,7 @@ function latency(r) {
 function lastError(r) {
   const err = (r.live && r.live.last_error) || (r.stat && r.stat.last_error);
   if (!err) return h("span", { class: "faint" }, "none");
-  const at = (r.stat && r.stat.last_at) || (r.live && r.live.last_error_at);
+  const at = (r.stat && (r.stat.last_error_at || r.stat.last_at)) || (r.live && r.live.last_error_at);
   return [h("span", { class: "mono" }, String(err)), at ? h("span", { class: "sub" }, f.ago(at)) : null];
 }
 
