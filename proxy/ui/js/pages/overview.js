@@ -59,7 +59,7 @@ async function load(body, head, ctx) {
       { name: "failed", kind: "bar", color: COLORS.bad, values: rows.map((r) => r.errors) }], (v) => f.compact(v), null, true),
     chartCard("Tokens", [
       { name: "prompt", kind: "bar", color: COLORS.primary, values: rows.map((r) => r.prompt_tokens) },
-      { name: "completion", kind: "bar", color: COLORS.secondary, values: rows.map((r) => r.completion_tokens) }], (v) => f.compact(v)),
+      { name: "completion", kind: "bar", color: COLORS.secondary, values: rows.map((r) => r.completion_tokens) }], (v) => f.compact(v), null, true),
     chartCard("Spend", [
       { name: "spend", kind: "area", color: COLORS.ok, values: rows.map((r) => r.cost_usd) }], (v, axis) => (axis ? f.usdAxis(v) : f.usd(v))),
     chartCard("Error rate", [
@@ -85,5 +85,9 @@ async function load(body, head, ctx) {
       { title: "Spend", num: true, cell: (m) => f.usd(m.cost_usd) },
       { title: "", cell: (m) => share(m.cost_usd, maxModelCost) },
     ], doc.top_models, "No requests in this period.")));
-  body.replaceChildren(kpis, charts, tops);
+  const welcome = t.requests ? null : h("div", { class: "notice info", "data-testid": "welcome" },
+    `No requests in the last ${range === "24h" ? "24 hours" : range === "7d" ? "7 days" : "30 days"}. `,
+    h("a", { href: "#/keys" }, "Create a key"), `, then point a client at ${location.origin}/v1 with it (OpenAI SDKs), `,
+    `${location.origin} (Anthropic, Gemini).`);
+  body.replaceChildren(...(welcome ? [welcome] : []), kpis, charts, tops);
 }
