@@ -17,6 +17,7 @@ top of the front server's brake on every 401.
 from __future__ import annotations
 
 import hashlib
+import logging
 import mimetypes
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ from proxy.middleware.auth_failures import AuthFailures
 from proxy.middleware.session import COOKIE, check_origin, clear_cookie, client_of, session_of, set_cookie
 from proxy.sessions import KEY, Session
 from proxy.views import parse_since
+
+log = logging.getLogger("llm_proxy.dashboard")
 
 UI_DIR = Path(__file__).with_name("ui")
 # Sign-in failures per client address and minute before that address must wait.
@@ -123,8 +126,12 @@ def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
         started = await state.sessions.sign_in(presented.strip(), state.config.auth.master_key)
         if started is None:
             brake.failed(client.address, now)
+            # For the operator's audit (and fail2ban): who tried, never what was tried.
+            log.warning("dashboard sign-in refused from %s", client.address)
             raise InvalidApiKey("That key is not the master key or an active gateway key.")
         session_id, session = started
+        who = "the master key" if session.key is None else f"key {session.key.name!r}"
+        log.info("dashboard sign-in with %s from %s", who, client.address)
         response = _json(_session_doc(session))
         set_cookie(response, client, session_id, int(session.expires_at - time.time()))
         return response

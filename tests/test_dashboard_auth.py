@@ -148,11 +148,15 @@ async def test_master_session_has_no_self_page_and_key_sessions_need_csrf(gatewa
         assert r.status == 403
 
 
-async def test_failed_sign_ins_are_braked(gateway, http):
+async def test_failed_sign_ins_are_braked(gateway, http, caplog):
     gw = await gateway()
+    tried = "sk-" + "x" * 43
     for _ in range(5):
-        r, doc = await _sign_in(http, gw.url, "sk-" + "x" * 43)
+        r, doc = await _sign_in(http, gw.url, tried)
         assert r.status == 401 and "Set-Cookie" not in r.headers
+    refused = [rec for rec in caplog.records if rec.name == "llm_proxy.dashboard"]
+    assert len(refused) == 5 and "127.0.0.1" in refused[0].getMessage()
+    assert tried not in caplog.text
     r, doc = await _sign_in(http, gw.url, MASTER_KEY)  # even the right key waits now
     assert r.status == 429 and int(r.headers["Retry-After"]) > 0
     assert doc["error"]["code"] == "too_many_auth_failures"
