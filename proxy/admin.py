@@ -19,11 +19,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.config import masked
+from proxy.config import ModelConfig, masked
 from proxy.errors import Conflict, InvalidApiKey, InvalidRequest, NotFound, PermissionDenied
 from proxy.middleware.auth import KEY, extract_key
 from proxy.middleware.limits import spec_of
 from proxy.middleware.session import COOKIE, session_of
+from proxy.routing import Route
 from proxy.sessions import MASTER, is_master_key
 from proxy.store.base import DuplicateName, KeyLimits, KeyRecord, Store
 from proxy.views import MAX_DAYS, MAX_LIMIT, check_name, key_json, parse_since, parse_ts, period_start, usage_json
@@ -208,7 +209,50 @@ def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
     async def config(request: web.Request) -> web.Response:
         return _json(masked(request.app[state_key].config))
 
+    async def upstreams(request: web.Request) -> web.Response:
+        """Each route's breaker state, this process's recent error rate and latency."""
+        state = request.app[state_key]
+        health = state.health
+        await health.sync()   # shared states: the freshest view, not the last poll's
+        seen: dict[tuple[str, str], dict[str, Any]] = {}
+        for route in state.router.routes:
+            row = seen.get(route.key)
+            if row is None:
+                row = seen[route.key] = {**health.view(route.key).to_json(), "protocol": route.upstream.protocol, "models": []}
+            row["models"].append({"model": route.model.name, "priority": route.priority, "weight": route.weight})
+        return _json({"data": list(seen.values()), "shared": health.shared})
+
+    async def test_upstream(request: web.Request) -> web.Response:
+        """One tiny real call through one route: {"model": client model} (its first
+        route) or {"upstream": U, "model": upstream model}."""
+        body = await body_of(request)
+        state = request.app[state_key]
+        model, upstream = body.get("model"), body.get("upstream")
+        if not isinstance(model, str) or not model or (upstream is not None and not isinstance(upstream, str)):
+            raise InvalidRequest("Give {\"model\": NAME} or {\"upstream\": U, \"model\": M}.", param="model")
+        router, pool = state.router, state.upstreams
+        if upstream is None:
+            route = router.first_route(model)
+        else:
+            route = next((r for r in router.routes if r.key == (upstream, model)), None)
+            if route is None:
+                try:
+                    target = pool.get(upstream)
+                except KeyError:
+                    raise NotFound(f"No usable upstream '{upstream[:64]}'.", code="upstream_not_found") from None
+                route = Route(ModelConfig(model, ()), target.config, model, 1.0)
+        return _json(await state.checks.test(route, pool, route.model.name))
+
+    async def reload(request: web.Request) -> web.Response:
+        result = await request.app[state_key].reloader.reload(tell_parent=True)
+        if not result.ok:
+            raise InvalidRequest(result.summary, code="invalid_config")
+        return _json(result.to_json())
+
     r = app.router
+    r.add_get("/admin/upstreams", master_only(upstreams))
+    r.add_post("/admin/upstreams/test", master_only(test_upstream))
+    r.add_post("/admin/reload", master_only(reload))
     r.add_post("/admin/keys", master_only(create_key))
     r.add_get("/admin/keys", master_only(list_keys))
     r.add_get("/admin/keys/{key}", master_only(get_key))

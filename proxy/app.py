@@ -25,6 +25,10 @@ from proxy.dialects.gemini import GEMINI
 from proxy.dialects.openai import OPENAI
 from proxy.errors import NotFound, ProxyError, ShuttingDown
 from proxy.forward import Forwarder, StreamRegistry
+from proxy.health import RouteHealth
+from proxy.health.shared import RedisStates
+from proxy.live_config import Reloader, fill_pool
+from proxy.upstream_checks import UpstreamChecks
 from proxy.limits import make_limiter
 from proxy.limits.base import Limiter
 from proxy.metrics import Metrics
@@ -62,6 +66,9 @@ class AppState:
     # Proves that x-llm-proxy-* request headers came from this process's front server
     # (proxy/middleware/session.py).
     relay_token: str = field(default_factory=lambda: secrets.token_hex(16))
+    health: RouteHealth | None = None
+    reloader: Reloader | None = None
+    checks: UpstreamChecks | None = None
 
     @property
     def in_flight(self) -> int:
@@ -209,20 +216,31 @@ async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
         await site.start()
         port = mock_runner.addresses[0][1]
         mock_base = f"http://127.0.0.1:{port}"
-    for u in cfg.upstreams:
-        if u.is_mock:
-            base = mock_base + ("/v1" if u.protocol == "openai" else "")
-            state.upstreams.add(u, base, u.api_key or "mock-upstream-key")
-        elif u.api_key:
-            state.upstreams.add(u, u.base_url, u.api_key)
+    fill_pool(state.upstreams, cfg, mock_base)
+    assert state.reloader is not None
+    state.reloader.mock_base = mock_base
     if state.router.skipped:
         log.warning("models left out (their upstream has no credential): %s", ", ".join(state.router.skipped))
     try:
         yield
     finally:
-        await state.upstreams.close()
+        await state.reloader.close()
+        await state.upstreams.close()   # the current pool: a reload may have replaced the first
         if mock_runner is not None:
             await mock_runner.cleanup()
+
+
+def _swap(state: AppState) -> Callable[[Config, Router, UpstreamPool], None]:
+    """The reload's swap: every reference the request path reads, in one synchronous step."""
+
+    def apply(config: Config, router: Router, upstreams: UpstreamPool) -> None:
+        state.config, state.router, state.upstreams = config, router, upstreams
+        if state.health is not None:
+            state.health.use_policy(config.routing.breaker)
+        if state.forwarder is not None:
+            state.forwarder.use(config, router, upstreams)
+
+    return apply
 
 
 async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -240,22 +258,61 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     state.sink = sink
     state.admission = Admission(state.limiter, cfg.limits.fail_open)
     state.authenticator = Authenticator(state.store, KeyCache(cfg.auth.cache_ttl_s, cfg.auth.negative_cache_ttl_s))
-    state.forwarder = Forwarder(cfg, state.router, state.upstreams, state.admission, sink, state.streams)
+    state.forwarder = Forwarder(cfg, state.router, state.upstreams, state.admission, sink, state.streams, state.health)
+    assert state.health is not None
+    state.checks = UpstreamChecks(lambda: (state.router, state.upstreams), state.health, sink.record)
+    checking = asyncio.create_task(state.checks.run())
     state.ready = True
     try:
         yield
     finally:
         state.ready = False
+        checking.cancel()
         await state.admission.drain()
         # Handlers have drained by now (aiohttp runs cleanup after shutdown): flush last.
         await sink.close()
 
 
-def build_app(config: Config, *, store: Store | None = None, limiter: Limiter | None = None) -> web.Application:
+def make_route_health(config: Config) -> RouteHealth:
+    """Breaker states in this process, or shared through Redis when the limits are."""
+    policy = config.routing.breaker
+    if config.limits.url.startswith(("redis://", "rediss://")):
+        return RouteHealth(policy, RedisStates(config.limits.url, policy))
+    return RouteHealth(policy)
+
+
+async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    health = state.health
+    assert health is not None
+    sync: asyncio.Task[None] | None = None
+    if health.shared:
+        await health.sync()
+        sync = asyncio.create_task(health.run_sync(state.config.routing.shared_sync_s))
+    try:
+        yield
+    finally:
+        if sync is not None:
+            sync.cancel()
+        await health.close()
+
+
+def build_app(
+    config: Config,
+    *,
+    store: Store | None = None,
+    limiter: Limiter | None = None,
+    config_path: str | None = None,
+    parent_pid: int | None = None,
+) -> web.Application:
+    """`config_path`: the file a reload reads (None: resolved as at start-up);
+    `parent_pid`: the --workers parent, told of reloads asked through the admin API."""
     store = store or open_store(config.storage.url)
     limiter = limiter or make_limiter(config.limits.url, spend_seed=store.spend_usd)
     state = AppState(config=config, router=Router(config), store=store, limiter=limiter)
     state.sessions = Sessions(state.store, config.auth.session_ttl_h * 3600)
+    state.reloader = Reloader(config_path, lambda: (state.config, state.upstreams), _swap(state), parent_pid=parent_pid)
+    state.health = make_route_health(config)
 
     app = web.Application(
         middlewares=[make_context_middleware(), auth_middleware],
@@ -269,6 +326,7 @@ def build_app(config: Config, *, store: Store | None = None, limiter: Limiter | 
     app[STATE] = state
     app.on_response_prepare.append(on_prepare)
     app.cleanup_ctx.append(_backends(app))
+    app.cleanup_ctx.append(_health_ctx)
     app.cleanup_ctx.append(_upstreams_ctx)
     app.cleanup_ctx.append(_pipeline_ctx)
 

@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
-from proxy.config import ConfigError, load_config, masked
+from proxy.config import Config, ConfigError, load_config, masked
 from proxy.mock_upstream import MockOptions, run_mock
 from proxy.server import configure_logging, install_uvloop, run
 from proxy.store import open_store
@@ -110,6 +112,39 @@ def cmd_usage(args: argparse.Namespace, url: str) -> int:
     return 0
 
 
+def cmd_reload(config: Config) -> int:
+    """Ask the running server (this config's listen address) to reload its config file,
+    through POST /admin/reload with the master key; with --workers N, every worker reloads."""
+    master = config.auth.master_key
+    if not master:
+        print("error: reload needs auth.master_key (the admin API is off without it)", file=sys.stderr)
+        return 2
+    host = config.server.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    req = urllib.request.Request(
+        f"http://{host}:{config.server.port}/admin/reload", data=b"{}", method="POST",
+        headers={"Authorization": f"Bearer {master}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            doc = orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = orjson.loads(exc.read())["error"]["message"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            message = f"status {exc.code}"
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"error: no server answered on {host}:{config.server.port} ({type(exc).__name__})", file=sys.stderr)
+        return 1
+    print(doc.get("summary", "reloaded"))
+    return 0
+
+
 def _since_arg(text: str) -> float:
     try:
         return parse_since(text)
@@ -164,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ttfb-ms", type=float, default=0.0)
 
     sub.add_parser("check-config", parents=[common], help="validate and print the resolved config, secrets masked")
+    sub.add_parser("reload", parents=[common], help="tell the running server to re-read its config file")
     return p
 
 
@@ -188,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "check-config":
             _print_json(masked(config))
             return 0
+        if args.cmd == "reload":
+            return cmd_reload(config)
         if args.cmd == "serve":
             host = args.host or config.server.host
             port = args.port or config.server.port

@@ -24,6 +24,9 @@ from urllib.parse import urlsplit
 import yaml
 
 PROTOCOLS = ("openai", "anthropic", "gemini")
+# Provider kinds that call an upstream of a protocol differently (proxy/dialects): Azure
+# OpenAI's deployment URLs, api-version and api-key header.
+KINDS = ("azure",)
 # `base_url: mock://` makes the gateway start its built-in mock provider in-process
 # on a loopback port and send that upstream's traffic there (the offline demo).
 MOCK_BASE_URL = "mock://"
@@ -109,6 +112,17 @@ class UpstreamConfig:
     max_parallel: int = 512
     # Extra headers sent to this upstream on every request (e.g. OpenAI-Organization).
     headers: Mapping[str, str] = field(default_factory=dict)
+    # Seconds between active health checks (a model-list request); 0: off. Results feed
+    # the routes' circuit breakers like real calls do.
+    health_check_s: float = 0
+    # A provider kind (KINDS) for upstreams that speak the protocol at other URLs, and the
+    # API version it needs (Azure OpenAI: api-version).
+    kind: str | None = None
+    api_version: str | None = None
+    # Ask for the usage chunk of OpenAI streams (stream_options.include_usage). Off for
+    # servers that reject the option, which saves the refused first try; usage of their
+    # streams is then what they report anyway, else estimated.
+    stream_usage: bool = True
 
     @property
     def is_mock(self) -> bool:
@@ -120,6 +134,8 @@ class RouteConfig:
     upstream: str
     model: str
     weight: float = 1
+    # Lower tiers are tried first; weights choose the order inside a tier (DESIGN §7).
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,11 +155,34 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class BreakerConfig:
+    """Per route (upstream + upstream model): when to stop sending it traffic for a while."""
+
+    # Consecutive failed attempts that open the breaker (cooldown).
+    failures: int = 3
+    # The first cooldown; each further trip doubles it, up to max_s.
+    cooldown_s: float = 5
+    max_cooldown_s: float = 300
+    # A provider's Retry-After (429, 529, 503) is honoured up to this many seconds.
+    max_retry_after_s: float = 600
+    # How long the one probe request of a half-open route may take before another may probe.
+    probe_timeout_s: float = 120
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    # With a Redis limits.url: how often each process reads the shared route states.
+    shared_sync_s: float = 1.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
 
@@ -287,6 +326,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for u in cfg.upstreams:
         if u.protocol not in PROTOCOLS:
             raise ConfigError(f"{source}: upstreams.{u.name}.protocol must be one of {', '.join(PROTOCOLS)}")
+        if u.kind is not None and u.kind not in KINDS:
+            raise ConfigError(f"{source}: upstreams.{u.name}.kind must be one of {', '.join(KINDS)} (or left out)")
+        if u.kind == "azure" and (u.protocol != "openai" or not u.api_version):
+            raise ConfigError(f"{source}: upstreams.{u.name}: kind azure needs protocol openai and an api_version")
         if not (u.is_mock or u.base_url.startswith(("http://", "https://"))):
             raise ConfigError(f"{source}: upstreams.{u.name}.base_url must be http(s):// or {MOCK_BASE_URL}")
     model_names = [m.name for m in cfg.models]
@@ -300,11 +343,26 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                 raise ConfigError(f"{source}: models.{m.name} routes to unknown upstream {r.upstream!r}")
             if r.weight <= 0:
                 raise ConfigError(f"{source}: models.{m.name} route weight must be positive")
+            if r.priority < 0:
+                raise ConfigError(f"{source}: models.{m.name} route priority must be 0 or more")
         for fb in m.fallbacks:
             if fb not in model_names:
                 raise ConfigError(f"{source}: models.{m.name} falls back to unknown model {fb!r}")
     if not 0 < cfg.auth.session_ttl_h <= 24 * 366:
         raise ConfigError(f"{source}: auth.session_ttl_h must be more than 0 and at most a year")
+    b = cfg.routing.breaker
+    if b.failures < 1:
+        raise ConfigError(f"{source}: routing.breaker.failures must be at least 1")
+    for name in ("cooldown_s", "max_cooldown_s", "max_retry_after_s", "probe_timeout_s"):
+        if not 0 < getattr(b, name) < float("inf"):
+            raise ConfigError(f"{source}: routing.breaker.{name} must be a positive number")
+    if b.max_cooldown_s < b.cooldown_s:
+        raise ConfigError(f"{source}: routing.breaker.max_cooldown_s must be at least cooldown_s")
+    if not 0 < cfg.routing.shared_sync_s <= 60:
+        raise ConfigError(f"{source}: routing.shared_sync_s must be from 0 to 60 seconds")
+    for u in cfg.upstreams:
+        if u.health_check_s < 0:
+            raise ConfigError(f"{source}: upstreams.{u.name}.health_check_s must be 0 (off) or more")
     if cfg.server.workers < 1:
         raise ConfigError(f"{source}: server.workers must be at least 1")
     for i, proxy_net in enumerate(cfg.server.trusted_proxies):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import orjson
 
@@ -21,6 +22,7 @@ from proxy.errors import (
     InvalidRequest,
     ModelNotAllowed,
     ProxyError,
+    RateLimited,
     ServiceUnavailable,
     UnsupportedMediaType,
     UnsupportedParameter,
@@ -31,6 +33,7 @@ from proxy.errors import (
 )
 from proxy.http1.client import Http1Response, UpstreamConnectionError
 from proxy.http1.server import Exchange
+from proxy.health import Failure, RouteHealth, failure_for_status, retry_after_s
 from proxy.limits.base import Reservation
 from proxy.metering import meter_for, settle
 from proxy.metering.base import Meter, Usage
@@ -95,17 +98,25 @@ class Forwarder:
         admission: Admission,
         sink: UsageSink,
         state: StreamRegistry,
+        health: RouteHealth | None = None,
     ) -> None:
-        self._router = router
-        self._upstreams = upstreams
         self._admission = admission
         self._sink = sink
         self._record = sink.record
         self._streams = state
-        self._keepalive_s = config.server.stream_keepalive_s
-        self._default_max_tokens = config.limits.default_max_tokens
+        self._health = health or RouteHealth(config.routing.breaker)
+        self.use(config, router, upstreams)
         # (upstream, upstream_model) pairs that rejected stream_options.include_usage.
         self._no_include_usage: set[tuple[str, str]] = set()
+
+    def use(self, config: Config, router: Router, upstreams: UpstreamPool) -> None:
+        """Swap in a (re)loaded configuration. Requests read the router and the pool
+        together before their first await, so each runs wholly on one configuration:
+        those in flight finish on the old one, new ones take this."""
+        self._router = router
+        self._upstreams = upstreams
+        self._keepalive_s = config.server.stream_keepalive_s
+        self._default_max_tokens = config.limits.default_max_tokens
 
     # ------------------------------------------------------------------ entry point
 
@@ -138,7 +149,8 @@ class Forwarder:
         stream = _stream_flag(body, endpoint)
         if key is not None and key.models and model not in key.models:
             raise ModelNotAllowed(f"This key may not use the model '{model[:64]}'.", param="model")
-        plan = self._router.plan(model, endpoint.dialect.name)
+        plan: Sequence[Route] = self._router.plan(model, endpoint.dialect.name)
+        upstreams = self._upstreams   # read with the plan: one configuration per request
         price = plan[0].model.price
         prompt_estimate = estimate_prompt_tokens(raw)
         max_out = _max_output_tokens(body, self._default_max_tokens)
@@ -151,10 +163,15 @@ class Forwarder:
         if admitted is None:   # the limiter must wait (Redis, or a budget's first request)
             admitted = await self._admission.admit(key, call.request_id, reserve, reserve_usd, True)
         reservation, limit_lines = admitted
+        leases: list[tuple[tuple[str, str], float]] = []
         try:
-            await self._run(ex, call, body, raw, plan, common, limit_lines)
+            if self._health.unsettled:   # some route has failures on record: skip what cools down
+                plan, leases = await self._health.arrange(plan)
+            await self._run(ex, call, body, raw, plan, common, limit_lines, upstreams)
         finally:
             self._finish(call, reservation)
+            if leases:
+                self._health.release(leases)
 
     # ------------------------------------------------------------------ attempts
 
@@ -164,32 +181,57 @@ class Forwarder:
         call: Call,
         body: dict[str, Any],
         raw: bytes,
-        plan: tuple[Route, ...],
+        plan: Sequence[Route],
         headers: HeaderList,
         lines: bytes,
+        upstreams: UpstreamPool,
     ) -> None:
-        """`headers` go on the answer, and `lines`, the same encoded (rate limits)."""
+        """Try the plan's routes in turn until one answers. `headers` go on the answer,
+        and `lines`, the same encoded (rate limits).
+
+        Before the first byte, a route that fails (proxy/health/verdict.py) is recorded,
+        logged and reported to the route's breaker, and the next route is tried. The last
+        route's failure is relayed as the upstream said it, unless an earlier failure says
+        more (a 429 with its Retry-After beats a refused connection): then that one is
+        rendered in the caller's dialect."""
+        best: Failure | None = None
         last_error: ProxyError | None = None
+        health = self._health
         for attempt, route in enumerate(plan):
             call.route = route
             if attempt:  # a fresh Call starts in this state
                 call.attempt, call.emitted = attempt, False
                 call.outcome, call.error, call.status, call.meter, call.ttft_ms = "ok", None, 0, None, None
-            target = self._upstreams.get(route.upstream.name)
+            target = upstreams.get(route.upstream.name)
             out, dropper_needed = self._upstream_body(call, body, raw, route)
+            sent = time.monotonic()
             try:
                 resp = await self._open(ex, call, target, out, dropper_needed, body, raw, route)
             except (UpstreamError, UpstreamTimeout) as exc:
                 self._fail(call, exc)
-                # Kept without its traceback, which holds this frame (a cycle otherwise,
-                # also when a later route answers); raising it again gives it a new one.
-                last_error = exc.with_traceback(None)
+                failure = Failure("timeout" if isinstance(exc, UpstreamTimeout) else "unreachable")
+                await self._attempt_failed(call, failure, sent)
+                if failure.outranks(best):
+                    # Kept without its traceback, which holds this frame (a cycle otherwise,
+                    # also when a later route answers); raising it again gives it a new one.
+                    best, last_error = failure, exc.with_traceback(None)
                 continue
+            reported = False
             try:
-                if resp.status >= 500 and attempt + 1 < len(plan):
-                    # Nothing reached the client yet: the next route may do better.
-                    self._fail(call, UpstreamError(f"The upstream failed with status {resp.status}."))
-                    continue
+                kind = failure_for_status(resp.status)
+                if kind is None:
+                    health.succeeded(route, (time.monotonic() - sent) * 1000)
+                else:
+                    failure = Failure(kind, resp.status, retry_after_s(resp.headers))
+                    await self._attempt_failed(call, failure, sent)
+                    reported = True
+                    if attempt + 1 < len(plan) or (best is not None and best.outranks(failure)):
+                        # Nothing reached the client yet: the next route may do better.
+                        call.outcome, call.error, call.status = "upstream_error", f"upstream_{resp.status}", resp.status
+                        self._emit(call)
+                        if failure.outranks(best):
+                            best, last_error = failure, None
+                        continue
                 if 300 <= resp.status < 400:
                     # Never followed nor passed on: a redirect could
                     # send the caller, or a later hop, to an internal host.
@@ -207,13 +249,27 @@ class Forwarder:
             except ProxyError as exc:
                 call.outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error"
                 call.error, call.status = exc.code, exc.status
+                if not reported:
+                    await self._attempt_failed(call, Failure("timeout" if isinstance(exc, UpstreamTimeout) else "server_error"), sent)
                 raise
             finally:
                 resp.close()
         try:
-            raise last_error or UpstreamError("No upstream could serve the request.")
+            raise last_error or _error_for(best)
         finally:
             last_error = None  # raised, its traceback holds this frame: not both ways
+
+    async def _attempt_failed(self, call: Call, failure: Failure, sent: float) -> None:
+        """Each failed attempt: one WARNING line (never a key or a body) and one report to
+        the route's breaker."""
+        route = call.route
+        assert route is not None
+        latency_ms = (time.monotonic() - sent) * 1000
+        log.warning(
+            "upstream attempt failed: request %s upstream %s model %s: %s after %.0f ms",
+            call.client_request_id, route.upstream.name, route.upstream_model, failure.label, latency_ms,
+        )
+        await self._health.failed(route, failure.retry_after, latency_ms)
 
     def _upstream_body(self, call: Call, body: dict[str, Any], raw: bytes, route: Route) -> tuple[bytes, bool]:
         """Re-encode only when something must change; say whether to drop a usage event."""
@@ -225,6 +281,7 @@ class Forwarder:
         if (
             call.stream
             and call.endpoint.wants_include_usage
+            and route.upstream.stream_usage
             and (route.upstream.name, route.upstream_model) not in self._no_include_usage
         ):
             new_body, client_asked = ensure_include_usage(body)
@@ -273,7 +330,7 @@ class Forwarder:
         call.ttft_ms = (time.time() - call.started) * 1000
         if resp.status in (401, 403):
             # The provider rejected the operator's credential; its body may echo it.
-            log.error("upstream %s rejected the gateway's credential (status %d)", target.name, resp.status)
+            # (Logged with every failed attempt, in _attempt_failed.)
             raise UpstreamError("The upstream rejected the gateway's credentials.", code="upstream_auth_error")
         if resp.status == 529:
             raise UpstreamOverloaded("The upstream is overloaded; please retry.")
@@ -580,6 +637,21 @@ def _sse_terminator(tail: bytes) -> bytes:
     if tail.endswith(b"\r\n"):
         return b"\r\n"
     return tail[-1:] if tail.endswith((b"\n", b"\r")) else b"\n\n"
+
+
+def _error_for(best: Failure | None) -> ProxyError:
+    """The error for a call whose every route failed, `best` being the most telling
+    upstream answer (connection errors and timeouts are re-raised as they were)."""
+    if best is None:
+        return UpstreamError("No upstream could serve the request.")
+    wait = math.ceil(best.retry_after) if best.retry_after is not None else None
+    if best.kind == "rate_limited":
+        return RateLimited("The upstream provider is rate limiting this model; retry later.", retry_after_s=wait)
+    if best.kind == "overloaded":
+        return UpstreamOverloaded("The upstream is overloaded; please retry.", retry_after_s=wait)
+    if best.kind == "auth":
+        return UpstreamError("The upstream rejected the gateway's credentials.", code="upstream_auth_error")
+    return UpstreamError(f"The upstream failed with status {best.status}.")
 
 
 def _shutdown_error() -> ServiceUnavailable:

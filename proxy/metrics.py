@@ -16,6 +16,8 @@ Series (one count per upstream attempt, i.e. per usage record):
     llm_proxy_estimated_requests_total{model}   records whose tokens are an estimate
     llm_proxy_cost_usd_total{model}
     llm_proxy_upstream_errors_total{upstream,outcome}
+    llm_proxy_upstream_attempts_total{upstream,outcome}   every attempt, ok ones too
+    llm_proxy_routes_in_cooldown                 routes (upstream + model) skipped by their breaker now
     llm_proxy_time_to_first_byte_seconds{endpoint}   histogram
     llm_proxy_request_duration_seconds{endpoint}     histogram
     llm_proxy_open_streams, llm_proxy_in_flight_requests
@@ -89,6 +91,7 @@ class _CallStats(Collector):
         # it at scrape time. A histogram is [count per bucket (last: +Inf)..., sum].
         self.calls: dict[tuple[str, str, int], list[Any]] = {}
         self.upstream_errors: dict[tuple[str, ...], float] = {}
+        self.attempts: dict[tuple[str, ...], float] = {}
 
     def observe(self, rec: UsageRecord) -> None:
         # Unpacked at once: a field read by name goes through a descriptor each time.
@@ -112,8 +115,9 @@ class _CallStats(Collector):
             agg[6] += 1
         if cost > 0:
             agg[7] += cost
+        ekey = (upstream, outcome)
+        self.attempts[ekey] = self.attempts.get(ekey, 0) + 1
         if outcome == "upstream_error" or outcome == "timeout":
-            ekey = (upstream, outcome)
             self.upstream_errors[ekey] = self.upstream_errors.get(ekey, 0) + 1
         # Seconds; a clock step backwards counts as 0. `le` is inclusive: bisect_left.
         if ttft_ms is not None:
@@ -160,6 +164,8 @@ class _CallStats(Collector):
         yield _counter("llm_proxy_estimated_requests", "Model calls whose token counts are estimated", ["model"],
                        self._by_model(6))
         yield _counter("llm_proxy_upstream_errors", "Failed upstream attempts", ["upstream", "outcome"], self.upstream_errors)
+        yield _counter("llm_proxy_upstream_attempts", "Upstream attempts by upstream and outcome", ["upstream", "outcome"],
+                       self.attempts)
         yield _counter("llm_proxy_cost_usd", "Spend in USD by model", ["model"], self._by_model(7))
         yield _histogram("llm_proxy_time_to_first_byte_seconds", "Time to first byte", self._by_endpoint(8))
         yield _histogram("llm_proxy_request_duration_seconds", "Request duration", self._by_endpoint(9))
@@ -199,6 +205,7 @@ class Metrics:
         r = self.registry
         self.open_streams = Gauge("llm_proxy_open_streams", "Streams being relayed", registry=r)
         self.in_flight = Gauge("llm_proxy_in_flight_requests", "Requests being handled", registry=r)
+        self.cooling = Gauge("llm_proxy_routes_in_cooldown", "Routes (upstream + model) their breaker skips now", registry=r)
         self._calls = _CallStats()
         r.register(self._calls)
         self._sink = _SinkCollector()
@@ -208,5 +215,7 @@ class Metrics:
     def render(self, state: Any) -> tuple[bytes, str]:
         self.open_streams.set(len(state.streams))
         self.in_flight.set(state.in_flight)
+        if state.health is not None:
+            self.cooling.set(state.health.in_cooldown({route.key for route in state.router.routes}))
         self._sink.sink = state.sink
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,4 +1,10 @@
-"""Model name → upstream route. Only operator config chooses hosts; client text never does."""
+"""Model name → upstream routes in attempt order. Only operator config chooses hosts;
+client text never does.
+
+A plan is the model's routes by priority tier (lower first), each tier in a weighted
+random order, then each fallback model's routes the same way (DESIGN §7). Which of
+them are cooling down is not the router's business: proxy/health arranges the plan.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,12 @@ class Route:
     upstream: UpstreamConfig
     upstream_model: str
     weight: float
+    priority: int = 0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The route's identity for its circuit breaker: (upstream, upstream model)."""
+        return (self.upstream.name, self.upstream_model)
 
 
 class Router:
@@ -35,7 +47,7 @@ class Router:
                 up = config.upstream(r.upstream)
                 if not up.api_key and not up.is_mock:
                     continue
-                routes.append(Route(model, up, r.model, r.weight))
+                routes.append(Route(model, up, r.model, r.weight, r.priority))
             if routes:
                 self._routes[model.name] = tuple(routes)
                 self._models[model.name] = model
@@ -45,6 +57,18 @@ class Router:
     @property
     def models(self) -> list[ModelConfig]:
         return list(self._models.values())
+
+    @property
+    def routes(self) -> list[Route]:
+        """Every route of every served model, in config order."""
+        return [r for routes in self._routes.values() for r in routes]
+
+    def first_route(self, name: str) -> Route:
+        """The model's first route by priority (what the admin's route test calls)."""
+        routes = self._routes.get(name)
+        if not routes:
+            raise ModelNotFound(f"The model '{_short(name)}' does not exist or is not served here.", param="model")
+        return min(routes, key=lambda r: r.priority)
 
     def protocols(self, name: str) -> set[str]:
         return {r.upstream.protocol for r in self._routes.get(name, ())}
@@ -71,8 +95,10 @@ class Router:
                 param="model",
                 code="dialect_mismatch",
             )
-        groups = [usable] + [
-            [r for r in self._routes.get(fb, ()) if r.upstream.protocol == protocol] for fb in self._models[name].fallbacks
+        groups = _tiers(usable) + [
+            tier
+            for fb in self._models[name].fallbacks
+            for tier in _tiers([r for r in self._routes.get(fb, ()) if r.upstream.protocol == protocol])
         ]
         plan = tuple(route for group in groups for route in self._weighted_order(group))
         if all(len(group) <= 1 for group in groups):
@@ -89,6 +115,14 @@ class Router:
             out.append(pick)
             remaining.remove(pick)
         return out
+
+
+def _tiers(routes: list[Route]) -> list[list[Route]]:
+    """The routes grouped by priority, lowest first (config order kept inside a tier)."""
+    by: dict[int, list[Route]] = {}
+    for r in routes:
+        by.setdefault(r.priority, []).append(r)
+    return [by[p] for p in sorted(by)]
 
 
 def _short(name: str) -> str:

@@ -1,13 +1,15 @@
 """`llm-proxy serve`: uvloop, the front HTTP/1.1 server before the aiohttp app, graceful stop.
 
-SIGTERM / SIGINT / SIGHUP: stop accepting, /readyz turns 503, idle keep-alive connections close,
+SIGHUP: reload the config file (proxy/live_config.py); the server keeps serving.
+
+SIGTERM / SIGINT: stop accepting, /readyz turns 503, idle keep-alive connections close,
 new requests on busy connections get 503; in-flight requests and streams may finish
 within `shutdown_grace_s`. Then the rest are cancelled (streams get a shutdown error
 event first), the usage sink flushes, stores close, and the process exits 0. In a
 single process a second signal ends the grace period at once.
 
 `--workers N` runs N such processes on one port (SO_REUSEPORT). The parent tells
-systemd READY=1 once every worker listens, forwards those signals to them, and
+systemd READY=1 once every worker listens, forwards those signals (and SIGHUP) to them, and
 exits 0 once all of them drained. A worker that dies on its own takes the others
 down gracefully and the parent exits 1, so the service manager restarts the set.
 """
@@ -40,10 +42,11 @@ from proxy.middleware.auth_failures import AuthFailures, ClientAddress
 
 log = logging.getLogger("llm_proxy.server")
 
-# SIGHUP (the terminal of a foreground `serve` closed) drains too: its default action
-# ends the process at once, and the requests in flight would go unrecorded. There is no
-# configuration reload to give it instead.
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP reloads the configuration. Its default action would end the process at once (the
+# requests in flight unrecorded): it is blocked or handled from the start of every process.
+_RELOAD_SIGNAL = signal.SIGHUP
+_HANDLED_SIGNALS = (*_STOP_SIGNALS, _RELOAD_SIGNAL)
 # After the grace period: how long cancelled handlers get to write their shutdown error
 # event and record usage, and how long aiohttp then waits for anything left over.
 _CANCEL_WAIT_S = 5.0
@@ -85,8 +88,11 @@ async def serve(
     notify: bool = True,
     on_ready: Callable[[], None] | None = None,
     second_signal_ends_grace: bool = True,
+    config_path: str | None = None,
+    parent_pid: int | None = None,
 ) -> None:
-    """Serve until a stop signal (SIGTERM / SIGINT / SIGHUP), then drain (see the module docstring) and return.
+    """Serve until a stop signal (SIGTERM / SIGINT), then drain (see the module docstring)
+    and return; SIGHUP reloads `config_path` (None: resolved as at start-up).
 
     `notify`: send READY=1 / STOPPING=1 on $NOTIFY_SOCKET. `on_ready`: called once the
     port accepts connections. `second_signal_ends_grace`: off in --workers children, which
@@ -106,8 +112,21 @@ async def serve(
     early, _early_signals[:] = list(_early_signals), []
     for _ in early:
         on_signal()
+    reloads: set[asyncio.Task[object]] = set()
+    started: list[Running] = []
 
-    running = await Running.start(config, host, port, reuse_port=reuse_port)
+    def on_reload() -> None:
+        if not started or started[0].state.reloader is None:
+            log.warning("SIGHUP before the server started: the config it loads is read now anyway")
+            return
+        task: asyncio.Task[object] = asyncio.ensure_future(started[0].state.reloader.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(_RELOAD_SIGNAL, on_reload)
+
+    running = await Running.start(config, host, port, reuse_port=reuse_port, config_path=config_path, parent_pid=parent_pid)
+    started.append(running)
     # Everything made at start-up lives until exit: keep it out of every collection, and
     # collect the young generation less often (the hot path allocates many short-lived
     # objects but builds no cycles worth chasing every 700 allocations).
@@ -150,8 +169,17 @@ class Running:
         self.port = 0
 
     @classmethod
-    async def start(cls, config: Config, host: str, port: int, *, reuse_port: bool = False) -> Running:
-        app = build_app(config)
+    async def start(
+        cls,
+        config: Config,
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool = False,
+        config_path: str | None = None,
+        parent_pid: int | None = None,
+    ) -> Running:
+        app = build_app(config, config_path=config_path, parent_pid=parent_pid)
         srv = config.server
         runner = web.AppRunner(
             app,
@@ -262,8 +290,10 @@ def _worker(
     # sent while it was starting up waits until it can be handled gracefully.
     for sig in _STOP_SIGNALS:
         signal.signal(sig, lambda signum, _frame: _early_signals.append(signum))
+    # A reload before the loop runs: the config is read after this anyway.
+    signal.signal(_RELOAD_SIGNAL, lambda signum, _frame: None)
     _stop_with_parent(parent_pid)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)
     install_uvloop()
     configure_logging()
 
@@ -273,7 +303,10 @@ def _worker(
 
     try:
         config = load_config(config_path)
-        asyncio.run(serve(config, host, port, reuse_port=True, notify=False, on_ready=on_ready, second_signal_ends_grace=False))
+        asyncio.run(serve(
+            config, host, port, reuse_port=True, notify=False, on_ready=on_ready, second_signal_ends_grace=False,
+            config_path=config_path, parent_pid=parent_pid,
+        ))
     except Exception:
         log.exception("worker %d failed", index)
         sys.exit(1)
@@ -305,6 +338,17 @@ class _Workers:
 
     def alive(self) -> bool:
         return any(p.is_alive() for p in self.procs)
+
+    def reload(self) -> None:
+        """SIGHUP every worker: each re-reads the config file on its own."""
+        if self.stopping:
+            return
+        for proc in self.procs:
+            if proc.pid is not None and proc.exitcode is None:
+                try:
+                    os.kill(proc.pid, _RELOAD_SIGNAL)
+                except ProcessLookupError:
+                    pass
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
         """Ask every worker to drain and exit (a repeated signal is forwarded too; the
@@ -358,8 +402,9 @@ class _Workers:
 def run(config: Config, config_path: str | None, host: str, port: int, workers: int) -> int:
     if workers <= 1:
         install_uvloop()
+        signal.signal(_RELOAD_SIGNAL, lambda _signum, _frame: None)   # until serve() handles it
         try:
-            asyncio.run(serve(config, host, port))
+            asyncio.run(serve(config, host, port, config_path=config_path))
         except OSError as exc:  # e.g. the address is in use, the spool is not writable
             log.error("cannot start: %s", exc)
             return 1
@@ -374,8 +419,9 @@ def run(config: Config, config_path: str | None, host: str, port: int, workers: 
 
     # Stop signals are blocked while the workers are spawned and they inherit that mask:
     # a signal cannot kill a half-started worker, it is handled once the worker can.
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
     previous = {sig: signal.signal(sig, on_signal) for sig in _STOP_SIGNALS}
+    previous[_RELOAD_SIGNAL] = signal.signal(_RELOAD_SIGNAL, lambda _signum, _frame: group.reload())
     try:
         try:
             group.start()

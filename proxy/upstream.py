@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from proxy.config import UpstreamConfig
-from proxy.dialects import BY_PROTOCOL, Dialect
+from proxy.dialects import Dialect, upstream_dialect
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.http1.client import Http1Client, Http1Response, UpstreamConnectionError
 
@@ -60,7 +60,7 @@ class UpstreamPool:
             connect_timeout_s=config.timeouts.connect_s,
             keepalive_s=30,
         )
-        dialect = BY_PROTOCOL[config.protocol]
+        dialect = upstream_dialect(config.protocol, config.kind, config.api_version)
         # Streams pass through byte for byte: never let an upstream compress them.
         fixed = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         # Later entries win, whatever their case: the credential over operator headers over ours.
@@ -78,6 +78,13 @@ class UpstreamPool:
 
     def get(self, name: str) -> UpstreamTarget:
         return self._targets[name]
+
+    def adopt(self, target: UpstreamTarget) -> None:
+        """Take over another pool's target (a reload keeps unchanged upstreams' connections)."""
+        self._targets[target.name] = target
+
+    def targets(self) -> list[UpstreamTarget]:
+        return list(self._targets.values())
 
     async def close(self) -> None:
         await asyncio.gather(*(t.client.close() for t in self._targets.values()))

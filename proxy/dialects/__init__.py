@@ -1,11 +1,21 @@
 """API dialects, one module each; they know their wire format and nothing of storage."""
 
 from proxy.dialects.anthropic import ANTHROPIC, COUNT_TOKENS, MESSAGES
+from proxy.dialects.azure import AzureOpenAIDialect
 from proxy.dialects.base import Dialect, Endpoint, ModelInfo
 from proxy.dialects.gemini import GEMINI, GENERATE, STREAM_GENERATE
 from proxy.dialects.openai import CHAT, COMPLETIONS, EMBEDDINGS, OPENAI, RESPONSES
 
 BY_PROTOCOL: dict[str, Dialect] = {d.name: d for d in (OPENAI, ANTHROPIC, GEMINI)}
+
+
+def upstream_dialect(protocol: str, kind: str | None, api_version: str | None) -> Dialect:
+    """How to call an upstream: its protocol's dialect, or a provider kind's variant of it
+    (config.KINDS: `azure`, Azure OpenAI's deployment URLs and api-key header)."""
+    if kind == "azure":
+        return AzureOpenAIDialect(api_version or "")
+    return BY_PROTOCOL[protocol]
+
 
 # POST path -> the model-calling endpoint it serves (versioned and un-versioned).
 MODEL_PATHS: dict[str, Endpoint] = {
@@ -26,5 +36,5 @@ GEMINI_METHODS: dict[str, Endpoint] = {"generateContent": GENERATE, "streamGener
 
 __all__ = [
     "ANTHROPIC", "BY_PROTOCOL", "Dialect", "Endpoint", "GEMINI", "GEMINI_METHODS", "GEMINI_MODEL_PREFIXES",
-    "MODEL_PATHS", "ModelInfo", "OPENAI",
+    "MODEL_PATHS", "ModelInfo", "OPENAI", "upstream_dialect",
 ]

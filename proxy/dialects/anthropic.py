@@ -64,6 +64,13 @@ class AnthropicDialect:
         url = base_url.rstrip("/") + _PATHS[endpoint]
         return url + "?beta=true" if "beta=true" in query else url
 
+    def models_url(self, base_url: str) -> str:
+        return base_url.rstrip("/") + "/v1/models"
+
+    def test_call(self, upstream_model: str) -> tuple[str, bytes]:
+        body = {"model": upstream_model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
+        return "messages", orjson.dumps(body)
+
     def models_body(self, models: Sequence[ModelInfo], query: Mapping[str, str]) -> bytes:
         try:
             limit = max(1, min(1000, int(query.get("limit", "1000"))))

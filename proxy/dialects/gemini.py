@@ -62,6 +62,13 @@ class GeminiDialect:
         url = f"{base_url.rstrip('/')}/v1beta/models/{upstream_model}:{endpoint}"
         return url + "?alt=sse" if "alt=sse" in query else url
 
+    def models_url(self, base_url: str) -> str:
+        return base_url.rstrip("/") + "/v1beta/models"
+
+    def test_call(self, upstream_model: str) -> tuple[str, bytes]:
+        body = {"contents": [{"role": "user", "parts": [{"text": "ping"}]}], "generationConfig": {"maxOutputTokens": 1}}
+        return "generateContent", orjson.dumps(body)
+
     def models_body(self, models: Sequence[ModelInfo], query: Mapping[str, str]) -> bytes:
         return orjson.dumps(
             {

@@ -44,6 +44,13 @@ class OpenAIDialect:
     def upstream_url(self, base_url: str, endpoint: str, upstream_model: str, stream: bool, query: str) -> str:
         return base_url.rstrip("/") + _PATHS[endpoint]
 
+    def models_url(self, base_url: str) -> str:
+        return base_url.rstrip("/") + "/models"
+
+    def test_call(self, upstream_model: str) -> tuple[str, bytes]:
+        body = {"model": upstream_model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+        return "chat.completions", orjson.dumps(body)
+
     def models_body(self, models: Sequence[ModelInfo], query: Mapping[str, str]) -> bytes:
         return orjson.dumps(
             {

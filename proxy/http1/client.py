@@ -630,6 +630,11 @@ class Http1Client:
             conn.close()
         return None
 
+    @property
+    def in_use(self) -> int:
+        """Requests holding or waiting for a connection (0: closing now cuts nothing)."""
+        return self._open - len(self._idle) + len(self._waiters)
+
     async def close(self) -> None:
         """Close every connection; waiting and later requests raise ConnectFailed."""
         if self._closed:
