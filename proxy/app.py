@@ -27,10 +27,9 @@ from proxy.errors import NotFound, ProxyError, ShuttingDown
 from proxy.forward import Forwarder, StreamRegistry
 from proxy.health import RouteHealth
 from proxy.health.shared import RedisStates
-from proxy.live_config import Reloader, fill_pool
-from proxy.upstream_checks import UpstreamChecks
 from proxy.limits import make_limiter
 from proxy.limits.base import Limiter
+from proxy.live_config import Reloader, fill_pool
 from proxy.metrics import Metrics
 from proxy.middleware.auth import KEY, Authenticator, KeyCache, extract_key
 from proxy.middleware.context import dialect_for, make_context_middleware, on_prepare
@@ -41,6 +40,7 @@ from proxy.sessions import Sessions
 from proxy.store import open_store
 from proxy.store.base import Store
 from proxy.upstream import UpstreamPool
+from proxy.upstream_checks import UpstreamChecks
 
 log = logging.getLogger("llm_proxy.app")
 

@@ -10,8 +10,9 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import orjson
 
@@ -31,9 +32,9 @@ from proxy.errors import (
     UpstreamTimeout,
     UsageUnavailable,
 )
+from proxy.health import Failure, RouteHealth, failure_for_status, retry_after_s
 from proxy.http1.client import Http1Response, UpstreamConnectionError
 from proxy.http1.server import Exchange
-from proxy.health import Failure, RouteHealth, failure_for_status, retry_after_s
 from proxy.limits.base import Reservation
 from proxy.metering import meter_for, settle
 from proxy.metering.base import Meter, Usage

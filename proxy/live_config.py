@@ -22,8 +22,9 @@ import dataclasses
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from proxy.config import Config, ConfigError, UpstreamConfig, load_config
 from proxy.routing import Router

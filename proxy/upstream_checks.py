@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from proxy.health import Failure, RouteHealth, failure_for_status
 from proxy.http1.client import UpstreamConnectionError

@@ -268,6 +268,7 @@ async def test_openrouter_comments_pass_through_byte_for_byte(gateway, provider)
     assert "free-models-per-min" in err.value.message and err.value.response.headers["retry-after"] == "3"
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "extra,message",
     [("kind: azure", "kind azure needs protocol openai and an api_version"),

@@ -102,6 +102,7 @@ async def test_redis_states_are_shared_between_clients(redis_server):
         await b.close()
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "status,kind",
     [(429, "rate_limited"), (529, "overloaded"), (503, "overloaded"), (500, "server_error"), (502, "server_error"),
@@ -111,6 +112,7 @@ def test_which_answers_fail_a_route(status, kind):
     assert failure_for_status(status) == kind
 
 
+@pytest.mark.fast
 def test_retry_after_forms():
     assert retry_after_s({"retry-after": "17"}) == 17
     assert retry_after_s({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
@@ -119,6 +121,7 @@ def test_retry_after_forms():
     assert retry_after_s({}) is None
 
 
+@pytest.mark.fast
 def test_the_most_telling_failure():
     rate, refused = Failure("rate_limited", 429, 5), Failure("unreachable")
     assert rate.outranks(refused) and not refused.outranks(rate) and refused.outranks(None)
@@ -131,6 +134,7 @@ def _router(*routes: RouteConfig, fallbacks: tuple[str, ...] = ()) -> Router:
     return Router(Config(upstreams=ups, models=models), rng=random.Random(7))
 
 
+@pytest.mark.fast
 def test_priority_tiers_then_weights_then_fallbacks():
     router = _router(
         RouteConfig("c", "x", priority=1), RouteConfig("a", "x", weight=3), RouteConfig("b", "x", weight=1),

@@ -9,7 +9,7 @@ newer v1 API, `{base}/openai/v1`, is plain OpenAI: use `protocol: openai` withou
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 from urllib.parse import quote
 
 from proxy.dialects.openai import OpenAIDialect

@@ -20,8 +20,9 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Coroutine, Iterable, Protocol, Sequence, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from proxy.health import breaker
 from proxy.health.breaker import CLOSED, BreakerState, Policy
@@ -97,7 +98,7 @@ class RouteView:
 
 
 class RouteHealth:
-    def __init__(self, policy: Policy, shared: SharedStates | None = None, clock: "Clock | None" = None) -> None:
+    def __init__(self, policy: Policy, shared: SharedStates | None = None, clock: Clock | None = None) -> None:
         self.policy = policy
         self._shared = shared
         self.now = clock or time.time   # the clock (tests set their own)

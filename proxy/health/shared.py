@@ -85,7 +85,7 @@ def _field(key: tuple[str, str]) -> bytes:
 
 
 def _ms(seconds: float) -> int:
-    return int(round(seconds * 1000))
+    return round(seconds * 1000)
 
 
 def _state(value: object) -> BreakerState:
@@ -127,7 +127,7 @@ class RedisStates:
         out: dict[tuple[str, str], BreakerState] = {}
         if not isinstance(reply, list):
             return out
-        for name, value in zip(reply[::2], reply[1::2]):
+        for name, value in zip(reply[::2], reply[1::2], strict=True):
             if isinstance(name, bytes) and b"\x00" in name:
                 upstream, model = name.decode().split("\x00", 1)
                 out[(upstream, model)] = _state(value)

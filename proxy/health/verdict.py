@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import email.utils
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 # Kinds, from the most telling to the least: when every route failed, the client is told
 # about the best one (a 429 keeps its Retry-After; a timeout says more than a refusal).
@@ -26,7 +26,7 @@ class Failure:
     status: int = 0                   # the upstream's status; 0 when it never answered
     retry_after: float | None = None  # seconds the upstream asked to wait
 
-    def outranks(self, other: "Failure | None") -> bool:
+    def outranks(self, other: Failure | None) -> bool:
         return other is None or _RANK[self.kind] < _RANK[other.kind]
 
     @property
