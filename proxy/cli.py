@@ -112,20 +112,22 @@ def cmd_usage(args: argparse.Namespace, url: str) -> int:
     return 0
 
 
-def cmd_reload(config: Config) -> int:
-    """Ask the running server (this config's listen address) to reload its config file,
-    through POST /admin/reload with the master key; with --workers N, every worker reloads."""
+def cmd_reload(config: Config, host: str | None = None, port: int | None = None) -> int:
+    """Ask the running server (this config's listen address, or --host/--port) to reload
+    its config file, through POST /admin/reload with the master key; with --workers N,
+    every worker reloads."""
     master = config.auth.master_key
     if not master:
         print("error: reload needs auth.master_key (the admin API is off without it)", file=sys.stderr)
         return 2
-    host = config.server.host
+    host = host or config.server.host
+    port = port or config.server.port
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     elif ":" in host:
         host = f"[{host}]"
     req = urllib.request.Request(
-        f"http://{host}:{config.server.port}/admin/reload", data=b"{}", method="POST",
+        f"http://{host}:{port}/admin/reload", data=b"{}", method="POST",
         headers={"Authorization": f"Bearer {master}", "Content-Type": "application/json"},
     )
     try:
@@ -139,7 +141,7 @@ def cmd_reload(config: Config) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError) as exc:
-        print(f"error: no server answered on {host}:{config.server.port} ({type(exc).__name__})", file=sys.stderr)
+        print(f"error: no server answered on {host}:{port} ({type(exc).__name__})", file=sys.stderr)
         return 1
     print(doc.get("summary", "reloaded"))
     return 0
@@ -199,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ttfb-ms", type=float, default=0.0)
 
     sub.add_parser("check-config", parents=[common], help="validate and print the resolved config, secrets masked")
-    sub.add_parser("reload", parents=[common], help="tell the running server to re-read its config file")
+    rl = sub.add_parser("reload", parents=[common], help="tell the running server to re-read its config file")
+    rl.add_argument("--host", help="the server's address (default: server.host)")
+    rl.add_argument("--port", type=int, help="the server's port (default: server.port; as given to serve --port)")
     return p
 
 
@@ -225,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_json(masked(config))
             return 0
         if args.cmd == "reload":
-            return cmd_reload(config)
+            return cmd_reload(config, args.host, args.port)
         if args.cmd == "serve":
             host = args.host or config.server.host
             port = args.port or config.server.port

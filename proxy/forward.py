@@ -219,7 +219,7 @@ class Forwarder:
                 continue
             reported = False
             try:
-                kind = failure_for_status(resp.status)
+                kind = None if resp.status < 400 else failure_for_status(resp.status)
                 if kind is None:
                     health.succeeded(route, (time.monotonic() - sent) * 1000)
                 else:

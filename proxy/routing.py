@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy.config import Config, ModelConfig, UpstreamConfig
 from proxy.errors import InvalidRequest, ModelNotFound
@@ -25,11 +25,12 @@ class Route:
     upstream_model: str
     weight: float
     priority: int = 0
+    # The route's identity for its circuit breaker: (upstream, upstream model). Made once:
+    # it is read on every attempt.
+    key: tuple[str, str] = field(init=False, compare=False)
 
-    @property
-    def key(self) -> tuple[str, str]:
-        """The route's identity for its circuit breaker: (upstream, upstream model)."""
-        return (self.upstream.name, self.upstream_model)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.upstream.name, self.upstream_model))
 
 
 class Router:

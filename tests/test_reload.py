@@ -222,3 +222,14 @@ async def test_every_worker_reloads(proc, scripted_upstream, second):
     assert len(scripted_upstream.received) == 0 and len(second.received) == 12
     pids = {line.split("(pid ")[1].split(")")[0] for line in gw.log().splitlines() if "listening on" in line}
     assert len(pids) == 2
+    # Through one worker's admin API: that worker reloads and has the parent reload all.
+    scripted_upstream.default = Reply(headers=JSON, chunks=[b'{"id":"from-first","choices":[]}'])
+    gw.write(scripted_upstream, OLD_KEY)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/admin/reload", headers={"Authorization": f"Bearer {MASTER}"}) as r:
+            assert r.status == 200 and (await r.json())["changed"] == ["upstreams ~up (base_url, api_key)"]
+    await gw.until(lambda: gw.log().count("config reloaded: upstreams") >= 4)
+    for _ in range(12):
+        async with aiohttp.ClientSession() as s:
+            assert await _call(s, gw) == (200, b'{"id":"from-first","choices":[]}')
+    assert len(scripted_upstream.received) == 12

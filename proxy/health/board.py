@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -58,21 +57,33 @@ class SharedStates(Protocol):
     async def close(self) -> None: ...
 
 
-@dataclass
 class _Stats:
-    recent: deque[int]
-    failures: int = 0         # failures among `recent`
-    attempts: int = 0
-    latency_ms: float | None = None
+    """Attempts, and the error rate over roughly the last _RECENT of them: both counts are
+    halved whenever the window fills (a few integer operations per attempt, no deque)."""
+
+    __slots__ = ("attempts", "failed", "latency_ms", "window")
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.window = 0
+        self.failed = 0.0
+        self.latency_ms: float | None = None
 
     def add(self, failed: bool, latency_ms: float | None) -> None:
-        if len(self.recent) == self.recent.maxlen:
-            self.failures -= self.recent[0]
-        self.recent.append(int(failed))
-        self.failures += int(failed)
         self.attempts += 1
+        if self.window >= _RECENT:
+            self.window //= 2
+            self.failed /= 2
+        self.window += 1
+        if failed:
+            self.failed += 1
         if latency_ms is not None:
-            self.latency_ms = latency_ms if self.latency_ms is None else self.latency_ms + _EWMA * (latency_ms - self.latency_ms)
+            last = self.latency_ms
+            self.latency_ms = latency_ms if last is None else last + _EWMA * (latency_ms - last)
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.failed / self.window if self.window else None
 
 
 @dataclass(frozen=True)
@@ -149,8 +160,14 @@ class RouteHealth:
         return [route for _, _, route in sorted(cooling, key=lambda c: (c[0], c[1]))], leases
 
     def succeeded(self, route: Routed, latency_ms: float | None) -> None:
+        """On every answered attempt: kept to a dict lookup and a few operations."""
         key = route.key
-        self._stat(key).add(False, latency_ms)
+        stats = self._stats.get(key)
+        if stats is None:
+            stats = self._stats[key] = _Stats()
+        stats.add(False, latency_ms)
+        if not self._states:
+            return
         state = self._states.get(key)
         if state is None:
             return
@@ -212,7 +229,7 @@ class RouteHealth:
             key[0], key[1], phase,
             state.until if phase == "cooldown" else None,
             state.fails,
-            (stats.failures / len(stats.recent)) if stats and stats.recent else None,
+            stats.error_rate if stats else None,
             stats.attempts if stats else 0,
             stats.latency_ms if stats else None,
         )
@@ -249,7 +266,7 @@ class RouteHealth:
     def _stat(self, key: RouteKey) -> _Stats:
         stats = self._stats.get(key)
         if stats is None:
-            stats = self._stats[key] = _Stats(deque(maxlen=_RECENT))
+            stats = self._stats[key] = _Stats()
         return stats
 
     def _set(self, key: RouteKey, state: BreakerState) -> None:
