@@ -1,4 +1,5 @@
-"""Issue 23: live configuration. A real `llm-proxy serve` process, reloaded by SIGHUP,
+"""Issue 23: live configuration (and, at the end, two processes sharing a cooldown through
+Redis). A real `llm-proxy serve` process, reloaded by SIGHUP,
 POST /admin/reload and `llm-proxy reload`: in-flight requests finish on the old config,
 new ones use the new; a broken file changes nothing and its error is logged and returned;
 with --workers N every worker reloads."""
@@ -233,3 +234,49 @@ async def test_every_worker_reloads(proc, scripted_upstream, second):
         async with aiohttp.ClientSession() as s:
             assert await _call(s, gw) == (200, b'{"id":"from-first","choices":[]}')
     assert len(scripted_upstream.received) == 12
+
+
+async def test_two_gateway_processes_share_a_cooldown_through_redis(tmp_path, scripted_upstream, second, redis_server):
+    """Process A sees `up` fail and cools it down in Redis; process B, which never called
+    it, sends it nothing (its failover goes straight to `backup`)."""
+    second.default = Reply(headers=JSON, chunks=[b'{"id":"from-second","choices":[]}'])
+    scripted_upstream.script(Reply(status=500, headers=JSON, chunks=[b'{"error":{"message":"down"}}']))
+    gws = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        gw = Proc(tmp_path / name)
+        gw.config.write_text(f"""
+server: {{host: 127.0.0.1, port: {gw.port}, shutdown_grace_s: 2, access_log: false}}
+auth: {{master_key: "{MASTER}"}}
+storage: {{url: "sqlite:///{gw.db}", spool_path: "{tmp_path / name / 'spool.jsonl'}", flush_interval_s: 0.05}}
+limits: {{url: "{redis_server.url}"}}
+routing: {{breaker: {{failures: 1, cooldown_s: 300}}, shared_sync_s: 0.1}}
+upstreams:
+  - {{name: up, protocol: openai, base_url: "{scripted_upstream.base}/v1", api_key: "{OLD_KEY}"}}
+  - {{name: backup, protocol: openai, base_url: "{second.base}/v1", api_key: "{NEW_KEY}"}}
+models:
+  - {{name: gpt, routes: [{{upstream: up, model: gpt-x}}, {{upstream: backup, model: gpt-y, priority: 1}}]}}
+""")
+        gws.append(gw)
+    a, b = gws
+    try:
+        await asyncio.gather(a.start(), b.start())
+        async with aiohttp.ClientSession() as s:
+            assert await _call(s, a) == (200, b'{"id":"from-second","choices":[]}')
+            assert len(scripted_upstream.received) == 1
+            # B reads the shared states every shared_sync_s (its gauge shows its own view).
+            deadline = time.monotonic() + 10
+            while True:
+                async with s.get(b.url + "/metrics") as r:
+                    if "llm_proxy_routes_in_cooldown 1.0" in await r.text():
+                        break
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            for _ in range(5):
+                assert await _call(s, b) == (200, b'{"id":"from-second","choices":[]}')
+            async with s.get(b.url + "/admin/upstreams", headers={"Authorization": f"Bearer {MASTER}"}) as r:
+                rows = {row["upstream"]: row for row in (await r.json())["data"]}
+        assert len(scripted_upstream.received) == 1 and len(second.received) == 6
+        assert rows["up"]["state"] == "cooldown" and rows["up"]["attempts"] == 0 and rows["backup"]["attempts"] == 5
+    finally:
+        await asyncio.gather(a.stop(), b.stop())
