@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from proxy.health import Failure, RouteHealth, failure_for_status
+from proxy.health import RouteHealth, failure_for_status, retry_after_s
 from proxy.http1.client import UpstreamConnectionError
 from proxy.metering import meter_for, settle
 from proxy.metering.base import Usage
@@ -47,11 +47,11 @@ class UpstreamChecks:
         path = target.dialect.upstream_url(target.base_path, endpoint, route.upstream_model, False, "")
         rid = fresh_request_id()
         started, sent = time.time(), time.monotonic()
-        status, error, usage, ttft = 0, None, Usage(), None
+        status, error, usage, ttft, wait = 0, None, Usage(), None, None
         try:
             resp = await target.client.request("POST", path, request_head({}, target, rid), body, target.config.timeouts.first_byte_s)
             try:
-                status = resp.status
+                status, wait = resp.status, retry_after_s(resp.headers)
                 ttft = (time.monotonic() - sent) * 1000
                 data = await resp.read_all(_BODY_CAP, target.config.timeouts.idle_s)
             finally:
@@ -68,7 +68,7 @@ class UpstreamChecks:
         except (UpstreamConnectionError, OSError):
             error = "unreachable"
         latency_ms = (time.monotonic() - sent) * 1000
-        await self._report(route, status, error, latency_ms)
+        await self._report(route, status, error, latency_ms, wait)
         self._record(UsageRecord(
             rid, started, None, None, endpoint, model, route.upstream.name, route.upstream_model, False, status,
             usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_creation_tokens,
@@ -101,13 +101,13 @@ class UpstreamChecks:
             await asyncio.sleep(1.0)
 
     async def check(self, target: UpstreamTarget, routes: list[Route]) -> tuple[int, str | None]:
-        status, error = 0, None
+        status, error, wait = 0, None, None
         sent = time.monotonic()
         head = request_head({}, target, fresh_request_id())
         try:
             resp = await target.client.request("GET", target.dialect.models_url(target.base_path), head, b"", target.config.timeouts.connect_s + 10)
             try:
-                status = resp.status
+                status, wait = resp.status, retry_after_s(resp.headers)
                 await resp.read_all(_BODY_CAP, target.config.timeouts.idle_s)
             finally:
                 resp.close()
@@ -121,17 +121,13 @@ class UpstreamChecks:
         if error is not None:
             log.warning("health check failed: upstream %s: %s after %.0f ms", target.name, error, latency_ms)
         for route in routes:
-            await self._report(route, status, error, latency_ms)
+            await self._report(route, status, error, latency_ms, wait)
         return status, error
 
-    async def _report(self, route: Route, status: int, error: str | None, latency_ms: float) -> None:
-        if error is None:
+    async def _report(self, route: Route, status: int, error: str | None, latency_ms: float, wait: float | None) -> None:
+        """An answer whose status fails no route (2xx, or a 4xx about the request itself)
+        says the route works; no answer or a failing status counts against it."""
+        if error is None or (status and failure_for_status(status) is None):
             self._health.succeeded(route, latency_ms)
-            return
-        kind = failure_for_status(status) if status else None
-        if kind is None and status == 0:
-            kind = error
-        if kind is None:   # an answer that says the route works (a 4xx about the request)
-            self._health.succeeded(route, latency_ms)
-            return
-        await self._health.failed(route, Failure(kind, status).retry_after, latency_ms)
+        else:
+            await self._health.failed(route, wait, latency_ms)
