@@ -203,6 +203,12 @@ async def test_operator_console(gateway, browser, caplog):
 
     await page.click("text=Upstreams")
     await page.wait_for_selector("[data-testid=routes] >> text=mock-gpt")
+    # One tiny request through a route, and a config reload.
+    await page.click("[data-testid=test-mock-gpt]")
+    await page.wait_for_selector("[data-testid=routes] tr:has([data-testid=test-mock-gpt]) >> text=200 in")
+    await page.click("[data-testid=reload]")
+    # The API's own answer is shown (here a refusal: this test gateway was not started from a file).
+    await page.wait_for_selector(".toast >> text=/reload/i")
     await page.click("text=Configuration (secrets masked)")
     config_text = await page.text_content("[data-testid=config]")
     assert "****" in config_text and "sk-upstream-CANARY" not in config_text

@@ -7,7 +7,8 @@ import { pageHead, table, loading, failed } from "./common.js";
 
 export async function render(main, ctx) {
   const body = h("div", null, loading());
-  main.replaceChildren(pageHead("Upstreams", h("span", { class: "muted" }, "last 24 h")), body);
+  main.replaceChildren(pageHead("Upstreams", h("span", { class: "muted" }, "figures of the last 24 h"),
+    h("button", { onclick: () => reload(main, ctx), "data-testid": "reload", title: "Re-read the config file (like SIGHUP or llm-proxy reload)" }, "Reload config")), body);
   let cfg, stats, live;
   try {
     [cfg, stats, live] = await Promise.all([
@@ -39,9 +40,10 @@ export async function render(main, ctx) {
     h("div", { class: "card flush", "data-testid": "routes", style: "margin-bottom:16px" }, table([
       { title: "Model", cell: (r) => h("b", { class: "mono" }, r.model) },
       { title: "Route", cell: (r) => [h("span", null, r.route.upstream, " → ", h("span", { class: "mono" }, r.route.model)),
-        h("span", { class: "sub" }, [protocols[r.route.upstream] ? protocols[r.route.upstream].protocol : "", r.route.weight != null ? `weight ${r.route.weight}` : "",
-          r.route.priority != null ? `priority ${r.route.priority}` : ""].filter(Boolean).join(" · "))] },
-      { title: "State", cell: (r) => statePill(r) },
+        h("span", { class: "sub" }, [protocols[r.route.upstream] ? protocols[r.route.upstream].protocol : "",
+          r.route.weight != null && r.route.weight !== 1 ? `weight ${r.route.weight}` : "",
+          r.route.priority ? `priority ${r.route.priority}` : ""].filter(Boolean).join(" · "))] },
+      { title: "State", cell: (r) => [statePill(r), recent(r)] },
       { title: "Requests", num: true, cell: (r) => f.int(r.stat ? r.stat.requests : 0) },
       { title: "Error rate", num: true, cell: (r) => f.pct(errorRate(r)) },
       { title: "Latency p50", num: true, cell: (r) => f.ms(latency(r)) },
@@ -53,14 +55,30 @@ export async function render(main, ctx) {
       h("pre", { class: "config", "data-testid": "config" }, cfg ? JSON.stringify(cfg, null, 2) : "Not available.")));
 }
 
+async function reload(main, ctx) {
+  try {
+    const res = await post("/admin/reload");
+    toast(res.summary || res.status);
+    if (ctx.alive()) render(main, ctx);
+  } catch (err) {
+    toast(err.status === 404 ? "This gateway cannot reload its config without a restart." : "Reload refused: " + err.message, true);
+  }
+}
+
+// The columns are the ledger's (24 h, every process); the breaker's own recent view
+// (this process, the last attempts) goes under the state.
 function errorRate(r) {
-  if (r.live && r.live.error_rate != null) return r.live.error_rate;
   return r.stat ? r.stat.error_rate : null;
 }
 
 function latency(r) {
-  if (r.live) for (const k of ["latency_p50_ms", "latency_ms", "p50_ms"]) if (r.live[k] != null) return r.live[k];
   return r.stat ? r.stat.latency_p50_ms : null;
+}
+
+function recent(r) {
+  if (!r.live || !r.live.attempts) return null;
+  return h("span", { class: "sub", title: "the route breaker's recent attempts in this process" },
+    `recently ${f.pct(r.live.error_rate)} errors · ${f.ms(r.live.latency_ms)}`);
 }
 
 function lastError(r) {
