@@ -2,12 +2,19 @@
 
 With no master key configured the admin API is off: every /admin/ route answers 403.
 The master key is compared in constant time. Responses never contain a key's digest;
-the full key is returned once, by the create call.
+the full key is returned once, by the create call (and a new one by rotate).
 
 `master_only` is the one gate: it takes the master key as a Bearer header (scripts, the
 CLI) or a dashboard session signed in with the master key, whose every call must also
 carry its CSRF token and come from the dashboard's own origin
 (proxy/middleware/session.py). A session signed in with a gateway key is refused here.
+
+Keys are never deleted: `DELETE /admin/keys/{key}` revokes, like `POST .../revoke`. The
+row stays, so the usage ledger keeps naming it and its spend stays on record; its name
+is free for a new key at once. A revocation or rotation is effective at once in this
+process and within `auth.cache_ttl_s` in every other worker or node.
+
+The usage, series, overview and upstream views live in `proxy.admin_stats`.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy import admin_stats
 from proxy.config import ModelConfig, masked
 from proxy.errors import Conflict, InvalidApiKey, InvalidRequest, NotFound, PermissionDenied
 from proxy.middleware.auth import KEY, extract_key
@@ -26,11 +34,13 @@ from proxy.middleware.limits import spec_of
 from proxy.middleware.session import COOKIE, session_of
 from proxy.routing import Route
 from proxy.sessions import MASTER, is_master_key
-from proxy.store.base import DuplicateName, KeyLimits, KeyRecord, Store
-from proxy.views import MAX_DAYS, MAX_LIMIT, check_name, key_json, parse_since, parse_ts, period_start, usage_json
+from proxy.store.base import DuplicateName, KeyLimits, KeyRecord, KeyRevoked, Store
+from proxy.views import MAX_DAYS, MAX_LIMIT, check_name, key_json, parse_since, parse_ts, period_start
 
 _PERIODS = (None, "day", "month")
-_LIMIT_FIELDS = ("models", "rpm", "tpm", "max_parallel", "budget_usd", "budget_period", "expires_at", "expires_in_days")
+_LIMIT_FIELDS = (
+    "models", "rpm", "tpm", "max_parallel", "budget_usd", "budget_period", "expires_at", "expires_in_days", "force"
+)
 
 
 def _json(doc: Any, status: int = 200) -> web.Response:
@@ -90,6 +100,8 @@ def parse_limits(body: dict[str, Any], base: KeyRecord | None = None) -> KeyLimi
         except ValueError:
             raise InvalidRequest(f"'{n}' must be unix seconds or an ISO date/time, up to year 9999.", param=n) from None
 
+    if "force" in body and not isinstance(body["force"], bool):
+        raise InvalidRequest("'force' must be true or false.", param="force")
     expires_at = pick("expires_at", expires)
     if "expires_in_days" in body:
         if "expires_at" in body:
@@ -139,6 +151,20 @@ def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
             raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
         return body
 
+    def check_models(request: web.Request, body: dict[str, Any], limits: KeyLimits) -> None:
+        """Model names the config does not know are refused (a typo would lock the key out)
+        unless the body says `"force": true` (e.g. a model about to be added)."""
+        if body.get("force") is True or "models" not in body:
+            return
+        known = {m.name for m in request.app[state_key].config.models}
+        unknown = [m for m in limits.models if m not in known]
+        if unknown:
+            raise InvalidRequest(
+                f"Unknown model '{unknown[0][:64]}' in 'models' (not in the config); send \"force\": true to allow it.",
+                param="models",
+                code="unknown_model",
+            )
+
     async def create_key(request: web.Request) -> web.Response:
         body = await body_of(request)
         try:
@@ -146,6 +172,7 @@ def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
         except ValueError as exc:
             raise InvalidRequest(f"'name': {exc}.", param="name") from None
         limits = parse_limits(body)
+        check_models(request, body, limits)
         try:
             record, key = await request.app[state_key].store.create_key(name, limits)
         except DuplicateName:
@@ -167,7 +194,9 @@ def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
 
     async def update_key(request: web.Request) -> web.Response:
         record = await found(request)
-        limits = parse_limits(await body_of(request), base=record)
+        body = await body_of(request)
+        limits = parse_limits(body, base=record)
+        check_models(request, body, limits)
         state = request.app[state_key]
         updated = await state.store.update_key(record.id, limits)
         if state.authenticator is not None:
@@ -186,22 +215,19 @@ def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
             raise NotFound("No such key.", code="key_not_found")
         return _json(key_json(revoked))
 
-    async def usage(request: web.Request) -> web.Response:
-        store = request.app[state_key].store
-        since = _since(request)
-        by = request.query.get("by")
-        key_id = None
-        if "key" in request.query:
-            record = await store.get_key(request.query["key"])
-            if record is None:
-                raise NotFound("No such key.", code="key_not_found")
-            key_id = record.id
-        if by:
-            if by not in ("key", "model", "day"):
-                raise InvalidRequest("'by' must be key, model or day.", param="by")
-            return _json({"data": await store.summarize_usage(since, by, key_id)})
-        records = await store.list_usage(since, key_id)
-        return _json({"data": [usage_json(r) for r in records]})
+    async def rotate_key(request: web.Request) -> web.Response:
+        record = await found(request)
+        state = request.app[state_key]
+        try:
+            rotated = await state.store.rotate_key(record.id)
+        except KeyRevoked:
+            raise Conflict("A revoked key cannot be rotated.", code="key_revoked") from None
+        if state.authenticator is not None:
+            state.authenticator.forget(record.digest)  # the old secret stops at once here
+        if rotated is None:
+            raise NotFound("No such key.", code="key_not_found")
+        new_record, key = rotated
+        return _json({**key_json(new_record), "key": key})
 
     async def own_usage(request: web.Request) -> web.Response:
         return _json(await own_usage_doc(request.app[state_key].store, request[KEY], _since(request)))
@@ -259,7 +285,12 @@ def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
     r.add_patch("/admin/keys/{key}", master_only(update_key))
     r.add_post("/admin/keys/{key}/revoke", master_only(revoke_key))
     r.add_delete("/admin/keys/{key}", master_only(revoke_key))
-    r.add_get("/admin/usage", master_only(usage))
+    r.add_post("/admin/keys/{key}/rotate", master_only(rotate_key))
+    views = admin_stats.make_handlers(lambda request: request.app[state_key].store)
+    r.add_get("/admin/usage", master_only(views["usage"]))
+    r.add_get("/admin/usage/series", master_only(views["series"]))
+    r.add_get("/admin/stats/overview", master_only(views["overview"]))
+    r.add_get("/admin/stats/upstreams", master_only(views["upstreams"]))
     r.add_get("/admin/config", master_only(config))
     r.add_get("/v1/usage", own_usage)
 

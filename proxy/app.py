@@ -33,6 +33,7 @@ from proxy.live_config import Reloader, fill_pool
 from proxy.metrics import Metrics
 from proxy.middleware.auth import KEY, Authenticator, KeyCache, extract_key
 from proxy.middleware.context import dialect_for, make_context_middleware, on_prepare
+from proxy.middleware.last_used import LastUsed
 from proxy.middleware.limits import Admission
 from proxy.mock_upstream import MockOptions, build_mock_app
 from proxy.routing import Router
@@ -77,6 +78,7 @@ class AppState:
     forwarder: Forwarder | None = None
     admission: Admission | None = None
     authenticator: Authenticator | None = None
+    last_used: LastUsed | None = None
 
 
 STATE = web.AppKey("llm_proxy_state", AppState)
@@ -257,7 +259,11 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     await sink.start()
     state.sink = sink
     state.admission = Admission(state.limiter, cfg.limits.fail_open)
-    state.authenticator = Authenticator(state.store, KeyCache(cfg.auth.cache_ttl_s, cfg.auth.negative_cache_ttl_s))
+    state.last_used = LastUsed(state.store)
+    state.last_used.start()
+    state.authenticator = Authenticator(
+        state.store, KeyCache(cfg.auth.cache_ttl_s, cfg.auth.negative_cache_ttl_s), last_used=state.last_used
+    )
     state.forwarder = Forwarder(cfg, state.router, state.upstreams, state.admission, sink, state.streams, state.health)
     assert state.health is not None
     state.checks = UpstreamChecks(lambda: (state.router, state.upstreams), state.health, sink.record)
@@ -270,7 +276,10 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         checking.cancel()
         await state.admission.drain()
         # Handlers have drained by now (aiohttp runs cleanup after shutdown): flush last.
-        await sink.close()
+        try:
+            await sink.close()
+        finally:
+            await state.last_used.close()  # the store is still open (closed by _backends)
 
 
 def make_route_health(config: Config) -> RouteHealth:

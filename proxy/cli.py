@@ -9,16 +9,31 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import orjson
 
+from proxy.admin_stats import OUTCOMES, USAGE_CSV_COLUMNS
 from proxy.config import Config, ConfigError, load_config, masked
 from proxy.mock_upstream import MockOptions, run_mock
 from proxy.server import configure_logging, install_uvloop, run
-from proxy.store import open_store
-from proxy.store.base import DuplicateName, KeyLimits, Store, StoreError
-from proxy.views import MAX_DAYS, check_limits, check_name, key_json, parse_since, usage_json
+from proxy.store import ledger, open_store
+from proxy.store.base import DuplicateName, KeyLimits, KeyRevoked, Store, StoreError, UsageFilter
+from proxy.views import (
+    MAX_DAYS,
+    check_limits,
+    check_name,
+    csv_text,
+    iso,
+    key_json,
+    parse_since,
+    parse_until,
+    usage_json,
+)
+
+DEFAULT_USAGE_LIMIT = 100
+_LIMIT_FIELDS = ("models", "rpm", "tpm", "max_parallel", "budget_usd", "budget_period", "expires_at")
 
 
 def _print_json(doc: Any) -> None:
@@ -44,24 +59,42 @@ async def _with_store(url: str, fn: Any) -> Any:
         await store.close()
 
 
-def cmd_keys(args: argparse.Namespace, url: str, cache_ttl_s: float = 5.0) -> int:
+def _models_arg(text: str | None) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(m.strip() for m in (text or "").split(",") if m.strip()))
+
+
+def _check_models(models: tuple[str, ...], known: frozenset[str], force: bool) -> None:
+    """A typo in --models would lock the key out of the model it was made for."""
+    unknown = [m for m in models if m not in known]
+    if unknown and not force:
+        raise ValueError(f"unknown model {unknown[0]!r} in --models (not in the config); add --force to allow it")
+
+
+def _expiry(days: float | None) -> float | None:
+    if days is None:
+        return None
+    if not 0 <= days <= MAX_DAYS:
+        raise ValueError(f"--expires-in-days must be from 0 to {MAX_DAYS}")
+    return time.time() + days * 86400
+
+
+def cmd_keys(args: argparse.Namespace, url: str, cache_ttl_s: float = 5.0, known_models: frozenset[str] = frozenset()) -> int:
     if args.keys_cmd == "create":
-        days = args.expires_in_days
         try:
             check_name(args.name)
-            if days is not None and not 0 <= days <= MAX_DAYS:
-                raise ValueError(f"--expires-in-days must be from 0 to {MAX_DAYS}")
+            models = _models_arg(args.models)
             limits = check_limits(
                 KeyLimits(
-                    models=tuple(dict.fromkeys(m.strip() for m in (args.models or "").split(",") if m.strip())),
+                    models=models,
                     rpm=args.rpm,
                     tpm=args.tpm,
                     max_parallel=args.max_parallel,
                     budget_usd=args.budget_usd,
                     budget_period=args.budget_period,
-                    expires_at=time.time() + days * 86400 if days is not None else None,
+                    expires_at=_expiry(args.expires_in_days),
                 )
             )
+            _check_models(models, known_models, args.force)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -81,8 +114,13 @@ def cmd_keys(args: argparse.Namespace, url: str, cache_ttl_s: float = 5.0) -> in
         if args.json:
             _print_json(rows)
         else:
-            _table(rows, ("id", "name", "prefix", "models", "rpm", "tpm", "max_parallel", "budget_usd", "expires_at", "revoked_at"))
+            _table(rows, ("id", "name", "prefix", "models", "rpm", "tpm", "max_parallel", "budget_usd", "expires_at",
+                          "revoked_at", "last_used_at"))
         return 0
+    if args.keys_cmd == "update":
+        return _keys_update(args, url, cache_ttl_s, known_models)
+    if args.keys_cmd == "rotate":
+        return _keys_rotate(args, url, cache_ttl_s)
     record = asyncio.run(_with_store(url, lambda s: s.revoke_key(args.id_or_name)))
     if record is None:
         print(f"error: no key {args.id_or_name!r}", file=sys.stderr)
@@ -90,26 +128,137 @@ def cmd_keys(args: argparse.Namespace, url: str, cache_ttl_s: float = 5.0) -> in
     if args.json:
         _print_json(key_json(record))
     else:
-        print(f"Revoked key '{record.name}' ({record.id}). It stops working within the auth cache time ({cache_ttl_s:g} s).")
+        print(f"Revoked key '{record.name}' ({record.id}). It stops working within the auth cache time ({cache_ttl_s:g} s);"
+              " its name is free for a new key.")
     return 0
+
+
+_UNSET = object()
+
+
+def _keys_update(args: argparse.Namespace, url: str, cache_ttl_s: float, known_models: frozenset[str]) -> int:
+    """Options left out keep their value; `none` clears a limit (and --models "" allows every model)."""
+
+    async def update(store: Store) -> Any:
+        record = await store.get_key(args.id_or_name)
+        if record is None:
+            return None
+        changes: dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("rpm", args.rpm), ("tpm", args.tpm), ("max_parallel", args.max_parallel),
+                ("budget_usd", args.budget_usd), ("budget_period", args.budget_period),
+            )
+            if value is not _UNSET
+        }
+        if args.models is not None:
+            changes["models"] = _models_arg(args.models)
+            _check_models(changes["models"], known_models, args.force)
+        if args.expires_in_days is not _UNSET:
+            changes["expires_at"] = _expiry(args.expires_in_days)
+        limits = check_limits(replace(KeyLimits(**{f: getattr(record, f) for f in _LIMIT_FIELDS}), **changes))
+        return await store.update_key(record.id, limits)
+
+    try:
+        record = asyncio.run(_with_store(url, update))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if record is None:
+        print(f"error: no key {args.id_or_name!r}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(key_json(record))
+    else:
+        print(f"Updated key '{record.name}' ({record.id}). The running server applies it within the auth cache time"
+              f" ({cache_ttl_s:g} s).")
+    return 0
+
+
+def _keys_rotate(args: argparse.Namespace, url: str, cache_ttl_s: float) -> int:
+    try:
+        rotated = asyncio.run(_with_store(url, lambda s: s.rotate_key(args.id_or_name)))
+    except KeyRevoked:
+        print(f"error: key {args.id_or_name!r} is revoked; create a new key instead", file=sys.stderr)
+        return 1
+    if rotated is None:
+        print(f"error: no key {args.id_or_name!r}", file=sys.stderr)
+        return 1
+    record, key = rotated
+    if args.json:
+        _print_json({**key_json(record), "key": key})
+    else:
+        print(
+            f"Rotated key '{record.name}' ({record.id}): same id, name and limits, new secret. It is shown only this"
+            f" once:\n\n  {key}\n\nThe old secret stops working within the auth cache time ({cache_ttl_s:g} s) in"
+            " running servers."
+        )
+    return 0
+
+
+USAGE_COLUMNS = ("ts", "key_name", "model", "endpoint", "status", "prompt_tokens", "completion_tokens", "cost_usd",
+                 "estimated", "outcome")
+GROUP_COLUMNS = ("group", "requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd",
+                 "estimated")
 
 
 def cmd_usage(args: argparse.Namespace, url: str) -> int:
-    since = args.since
-    if args.by:
-        rows = asyncio.run(_with_store(url, lambda s: s.summarize_usage(since, args.by)))
+    async def run(store: Store) -> int:
+        key_id = None
+        if args.key:
+            record = await store.get_key(args.key)
+            if record is None:
+                print(f"error: no key {args.key!r}", file=sys.stderr)
+                return 1
+            key_id = record.id
+        f = UsageFilter(since=args.since, until=args.until, key_id=key_id, model=args.model, outcome=args.outcome)
+        if args.by:
+            rows = await store.usage_groups(f, args.by)
+            for r in rows:
+                r["last_ts"] = iso(r["last_ts"])
+            if args.by == "key_model":
+                cols: Sequence[str] = ("key_name", "model", *GROUP_COLUMNS[1:])
+            else:
+                cols = GROUP_COLUMNS
+            if args.json:
+                # The original fields for key, model and day; key_model rows carry their own.
+                _print_json(ledger.legacy_summary(rows) if args.by in ("key", "model", "day") else rows)
+            elif args.format == "csv":
+                sys.stdout.write(csv_text(rows, list(rows[0]) if rows else list(cols)))
+            else:
+                _table(rows, cols)
+            return 0
+        if args.format == "csv" and args.limit is None:
+            # Every matching record, a page at a time.
+            after = None
+            header = True
+            while True:
+                page = await store.page_usage(f, 5000, after)
+                sys.stdout.write(csv_text([usage_json(r) for r in page], USAGE_CSV_COLUMNS, header=header))
+                header = False
+                if len(page) < 5000:
+                    return 0
+                after = (page[-1].ts, page[-1].id)
+        limit = args.limit or DEFAULT_USAGE_LIMIT
+        records = await store.page_usage(f, limit + 1, None)
+        page, more = records[:limit], len(records) > limit
+        rows = [usage_json(r) for r in page]
         if args.json:
             _print_json(rows)
+        elif args.format == "csv":
+            sys.stdout.write(csv_text(rows, USAGE_CSV_COLUMNS))
         else:
-            _table(rows, ("group", "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "estimated"))
+            _table(rows, USAGE_COLUMNS)
+        if more:
+            print(
+                f"note: showing the newest {limit} records; older ones match too (raise --limit, or use --until"
+                f" {iso(page[-1].ts)})",
+                file=sys.stderr,
+            )
         return 0
-    records = asyncio.run(_with_store(url, lambda s: s.list_usage(since)))
-    if args.json:
-        _print_json([usage_json(r) for r in records])
-    else:
-        rows = [usage_json(r) for r in records]
-        _table(rows, ("ts", "key_name", "model", "endpoint", "status", "prompt_tokens", "completion_tokens", "cost_usd", "estimated", "outcome"))
-    return 0
+
+    rc: int = asyncio.run(_with_store(url, run))
+    return rc
 
 
 def cmd_reload(config: Config, host: str | None = None, port: int | None = None) -> int:
@@ -154,6 +303,33 @@ def _since_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(f"--since: {exc}") from None
 
 
+def _until_arg(text: str) -> float:
+    try:
+        return parse_until(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--until: {exc}") from None
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("--limit must be a positive integer")
+    return int(text)
+
+
+def _or_none(kind: Any) -> Any:
+    """For `keys update`: a value of `kind`, or `none` to clear the limit."""
+
+    def parse(text: str) -> Any:
+        if text.strip().lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --config is accepted at every level (`llm-proxy --config F keys list`, `keys --config F
     # list`, `keys list --config F`). SUPPRESS: a nested parser that did not see the option
@@ -184,14 +360,37 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--json", action="store_true")
     kl = ksub.add_parser("list", parents=[common])
     kl.add_argument("--json", action="store_true")
-    kr = ksub.add_parser("revoke", parents=[common])
+    kc.add_argument("--force", action="store_true", help="allow --models names the config does not know")
+    kr = ksub.add_parser("revoke", parents=[common], help="revoke a key for good (its name becomes free)")
     kr.add_argument("id_or_name")
     kr.add_argument("--json", action="store_true")
+    kt = ksub.add_parser("rotate", parents=[common], help="new secret for a key: same id, name and limits")
+    kt.add_argument("id_or_name")
+    kt.add_argument("--json", action="store_true")
+    ku = ksub.add_parser("update", parents=[common], help="change a key's limits, models or expiry (none clears)")
+    ku.add_argument("id_or_name")
+    ku.add_argument("--models", help='comma-separated allowlist ("" for every model)')
+    ku.add_argument("--rpm", type=_or_none(int), default=_UNSET)
+    ku.add_argument("--tpm", type=_or_none(int), default=_UNSET)
+    ku.add_argument("--max-parallel", type=_or_none(int), default=_UNSET)
+    ku.add_argument("--budget-usd", type=_or_none(float), default=_UNSET)
+    ku.add_argument("--budget-period", type=_or_none(str), choices=("day", "month", None), default=_UNSET,
+                    metavar="{day,month,none}")
+    ku.add_argument("--expires-in-days", type=_or_none(float), default=_UNSET)
+    ku.add_argument("--force", action="store_true", help="allow --models names the config does not know")
+    ku.add_argument("--json", action="store_true")
 
-    u = sub.add_parser("usage", parents=[common], help="show recorded usage")
+    u = sub.add_parser("usage", parents=[common], help="show recorded usage, newest first")
     u.add_argument("--since", type=_since_arg, default="24h")
-    u.add_argument("--by", choices=("key", "model", "day"))
-    u.add_argument("--json", action="store_true")
+    u.add_argument("--until", type=_until_arg, help="end of the range (ISO, unix seconds or 1h-style), exclusive")
+    u.add_argument("--by", choices=("key", "model", "day", "key_model"))
+    u.add_argument("--key", help="only this key (id or name)")
+    u.add_argument("--model", help="only this model (as clients ask for it)")
+    u.add_argument("--outcome", choices=OUTCOMES, help="only this outcome (error: upstream_error or timeout)")
+    u.add_argument("--limit", type=_positive, help=f"at most N records (default {DEFAULT_USAGE_LIMIT}; all for csv)")
+    out = u.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true")
+    out.add_argument("--format", choices=("table", "csv"), default="table")
 
     m = sub.add_parser("mock-upstream", parents=[common], help="run a fake OpenAI/Anthropic/Gemini provider")
     m.add_argument("--host", default="127.0.0.1")
@@ -235,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port = args.port or config.server.port
             return run(config, args.config, host, port, args.workers or config.server.workers)
         if args.cmd == "keys":
-            return cmd_keys(args, config.storage.url, config.auth.cache_ttl_s)
+            return cmd_keys(args, config.storage.url, config.auth.cache_ttl_s, frozenset(m.name for m in config.models))
         if args.cmd == "usage":
             return cmd_usage(args, config.storage.url)
     except StoreError as exc:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import calendar
+import csv
 import datetime
+import io
 import math
 import re
 import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from proxy.store.base import KeyLimits, KeyRecord, UsageRecord
@@ -37,6 +40,14 @@ def parse_since(text: str, now: float | None = None) -> float:
         return max(0.0, dt.timestamp())
     except (ValueError, OverflowError):
         raise ValueError("expected 24h, 7d or an ISO date") from None
+
+
+def parse_until(text: str, now: float | None = None) -> float:
+    """The end of a range: unix seconds, an ISO date/time, or '1h'-style (that long ago)."""
+    t = text.strip()
+    if re.fullmatch(r"\d{1,12}(\.\d+)?", t, re.ASCII):
+        return parse_ts(float(t))
+    return parse_since(t, now)
 
 
 def parse_ts(value: object) -> float:
@@ -111,6 +122,7 @@ def key_json(k: KeyRecord) -> dict[str, Any]:
         "expires_at": iso(k.expires_at),
         "revoked_at": iso(k.revoked_at),
         "created_at": iso(k.created_at),
+        "last_used_at": iso(k.last_used_at),
     }
 
 
@@ -127,3 +139,35 @@ def period_start(period: str | None, now: float) -> float:
     t = time.gmtime(now)
     day = t.tm_mday if period == "day" else 1
     return float(calendar.timegm((t.tm_year, t.tm_mon, day, 0, 0, 0)))
+
+
+def percentile(ordered: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile of an ascending sequence; None when it is empty."""
+    if not ordered:
+        return None
+    return float(ordered[max(0, math.ceil(q * len(ordered)) - 1)])
+
+
+# A cell a spreadsheet would run as a formula (CSV injection): quoted with a leading '.
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(rows: Iterable[dict[str, Any]], columns: Sequence[str], header: bool = True) -> str:
+    """Rows as CSV (RFC 4180, CRLF line ends): a header row, then one line per row."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    if header:
+        writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row.get(c)) for c in columns])
+    return out.getvalue()
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and value.startswith(_FORMULA):
+        return "'" + value
+    return value

@@ -21,6 +21,8 @@ import pytest
 
 from _gateway import MASTER_KEY, free_port
 from proxy.keys import digest_key, well_formed
+from proxy.store import open_store
+from proxy.store.base import KeyLimits, UsageRecord
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN = {"Authorization": f"Bearer {MASTER_KEY}"}
@@ -487,3 +489,116 @@ def test_check_config_masks_a_redis_password_without_user(tmp_path):
     r = cli(tmp_path, cfg, "check-config", env=cli_env(LIMITS_URL=f"redis://:{secret}@127.0.0.1:6379/0"))
     assert r.returncode == 0, r.stderr
     assert secret not in r.stdout
+
+
+def in_process(capsys: pytest.CaptureFixture[str]) -> Any:
+    """`cli(tmp, cfg, *args)` through `proxy.cli.main` in this process: the same code as
+    `python -m proxy`, without a second's interpreter start per call."""
+    from proxy.cli import main
+
+    def run(tmp: Path, cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        try:
+            rc = main([*args, "--config", str(cfg)])
+        except SystemExit as exc:  # argparse refusing an option
+            rc = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, rc, out, err)
+
+    return run
+
+
+def test_cli_keys_rotate_update_and_name_reuse(tmp_path, cli_store_url, capsys):
+    cfg = write_config(tmp_path, storage_url=cli_store_url)
+    cli = in_process(capsys)
+    r = cli(tmp_path, cfg, "keys", "create", "--name", "team", "--models", "demo", "--rpm", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    created = orjson.loads(r.stdout)
+    r = cli(tmp_path, cfg, "keys", "rotate", "team", "--json")
+    assert r.returncode == 0, r.stderr
+    rotated = orjson.loads(r.stdout)
+    assert well_formed(rotated["key"]) and rotated["key"] != created["key"]
+    assert {k: rotated[k] for k in ("id", "name", "models", "rpm")} == {"id": created["id"], "name": "team", "models": ["demo"], "rpm": 5}
+    r = cli(tmp_path, cfg, "keys", "rotate", created["id"])
+    assert r.returncode == 0 and "sk-" in r.stdout and "shown only this" in r.stdout
+    # update: left-out options keep their value, `none` clears, unknown models need --force
+    r = cli(tmp_path, cfg, "keys", "update", "team", "--tpm", "900", "--budget-usd", "2.5", "--expires-in-days", "30", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = orjson.loads(r.stdout)
+    assert doc["tpm"] == 900 and doc["rpm"] == 5 and doc["budget_usd"] == 2.5 and doc["expires_at"] and doc["models"] == ["demo"]
+    r = cli(tmp_path, cfg, "keys", "update", "team", "--rpm", "none", "--expires-in-days", "none", "--models", "", "--json")
+    doc = orjson.loads(r.stdout)
+    assert r.returncode == 0 and doc["rpm"] is None and doc["expires_at"] is None and doc["models"] == [] and doc["tpm"] == 900
+    r = cli(tmp_path, cfg, "keys", "update", "team", "--models", "demo,gpt-9-typo", "--json")
+    assert r.returncode == 2 and r.stdout == "" and "gpt-9-typo" in r.stderr and "--force" in r.stderr
+    r = cli(tmp_path, cfg, "keys", "create", "--name", "typo", "--models", "gpt-9-typo")
+    assert r.returncode == 2 and "gpt-9-typo" in r.stderr
+    r = cli(tmp_path, cfg, "keys", "update", "team", "--models", "gpt-9-typo", "--force", "--json")
+    assert r.returncode == 0 and orjson.loads(r.stdout)["models"] == ["gpt-9-typo"]
+    r = cli(tmp_path, cfg, "keys", "update", "team", "--rpm", "-3")
+    assert r.returncode == 2 and "rpm" in r.stderr
+    r = cli(tmp_path, cfg, "keys", "update", "nobody", "--rpm", "3")
+    assert r.returncode == 1 and "nobody" in r.stderr
+    # revoke frees the name; a revoked key cannot be rotated
+    assert cli(tmp_path, cfg, "keys", "revoke", "team").returncode == 0
+    r = cli(tmp_path, cfg, "keys", "rotate", created["id"])
+    assert r.returncode == 1 and "revoked" in r.stderr
+    r = cli(tmp_path, cfg, "keys", "create", "--name", "team", "--json")
+    assert r.returncode == 0, r.stderr
+    r = cli(tmp_path, cfg, "keys", "list", "--json")
+    listed = orjson.loads(r.stdout)
+    assert [k["name"] for k in listed] == ["team", "team"] and all("last_used_at" in k for k in listed)
+    r = cli(tmp_path, cfg, "keys", "list")
+    assert "LAST_USED_AT" in r.stdout
+
+
+def test_cli_usage_listing_filters_groupings_and_csv(tmp_path, cli_store_url, capsys):
+    cfg = write_config(tmp_path, storage_url=cli_store_url)
+    cli = in_process(capsys)
+
+    async def seed() -> list[UsageRecord]:
+        store = open_store(cli_store_url)
+        await store.open()
+        try:
+            a, _ = await store.create_key("a", KeyLimits())
+            now = time.time()
+            records = [
+                UsageRecord(f"r{i:03d}", now - 60 * i, a.id if i % 2 else None, "a" if i % 2 else None, "chat.completions",
+                            "demo" if i % 3 else "other", "mock", "mock-gpt", False, 200, prompt_tokens=i, completion_tokens=1,
+                            cost_usd=0.5, outcome="timeout" if i % 5 == 0 else "ok")
+                for i in range(150)
+            ]
+            await store.write_usage(records)
+            return records
+        finally:
+            await store.close()
+
+    records = asyncio.run(seed())
+    newest = sorted(records, key=lambda r: r.ts, reverse=True)
+    r = cli(tmp_path, cfg, "usage", "--json")
+    rows = orjson.loads(r.stdout)
+    assert r.returncode == 0 and [x["id"] for x in rows] == [x.id for x in newest[:100]]  # newest first, default 100
+    assert "newest 100" in r.stderr  # says it is cut
+    r = cli(tmp_path, cfg, "usage", "--json", "--limit", "500")
+    assert len(orjson.loads(r.stdout)) == 150 and r.stderr == ""
+    r = cli(tmp_path, cfg, "usage", "--json", "--key", "a", "--model", "demo", "--outcome", "ok", "--limit", "500")
+    want = [x.id for x in newest if x.key_name == "a" and x.model == "demo" and x.outcome == "ok"]
+    assert [x["id"] for x in orjson.loads(r.stdout)] == want
+    r = cli(tmp_path, cfg, "usage", "--json", "--outcome", "error", "--until", "1h")
+    assert {x["outcome"] for x in orjson.loads(r.stdout)} == {"timeout"}
+    r = cli(tmp_path, cfg, "usage", "--format", "csv")
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[0].startswith("id,ts,key_id,key_name") and len(lines) == 151  # csv: all of them
+    r = cli(tmp_path, cfg, "usage", "--by", "key_model", "--json")
+    groups = {(g["key_name"], g["model"]): g["requests"] for g in orjson.loads(r.stdout)}
+    want_groups: dict[tuple[Any, str], int] = {}
+    for x in records:
+        want_groups[(x.key_name, x.model)] = want_groups.get((x.key_name, x.model), 0) + 1
+    assert groups == want_groups
+    r = cli(tmp_path, cfg, "usage", "--by", "model", "--format", "csv")
+    assert r.returncode == 0 and r.stdout.splitlines()[0].startswith("group,") and "demo," in r.stdout
+    r = cli(tmp_path, cfg, "usage", "--by", "key_model")
+    assert r.returncode == 0 and "KEY_NAME" in r.stdout
+    r = cli(tmp_path, cfg, "usage", "--key", "nobody")
+    assert r.returncode == 1 and "nobody" in r.stderr
+    r = cli(tmp_path, cfg, "usage", "--json", "--format", "csv")
+    assert r.returncode == 2

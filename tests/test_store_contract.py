@@ -103,11 +103,14 @@ async def dump(url: str) -> str:
     conn = await asyncpg.connect(url)
     try:
         tables = {r[0] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-        assert tables == {"keys", "usage", "schema_version", "ui_sessions"}, "a new table must be added to this dump"
+        assert tables == {"keys", "usage", "usage_hourly", "usage_daily", "schema_version", "ui_sessions"}, (
+            "a new table must be added to this dump")
         rows = [
             *await conn.fetch("SELECT t::text FROM keys t"),
             *await conn.fetch("SELECT t::text FROM ui_sessions t"),
             *await conn.fetch("SELECT t::text FROM usage t"),
+            *await conn.fetch("SELECT t::text FROM usage_hourly t"),
+            *await conn.fetch("SELECT t::text FROM usage_daily t"),
             *await conn.fetch("SELECT t::text FROM schema_version t"),
         ]
         return "\n".join(r[0] for r in rows)
@@ -628,3 +631,191 @@ def test_open_store_picks_the_backend_from_the_url() -> None:
         with pytest.raises(ValueError) as info:
             open_store(bad)
         assert "hunter2" not in str(info.value)
+
+
+# -- operator views: pages, roll-up aggregates, rotation, name reuse, last use -------------
+
+
+def brute_groups(records: list[UsageRecord], since: float, until: float | None, dims: Any) -> dict[Any, tuple[int, int, int, float]]:
+    out: dict[Any, tuple[int, int, int, float]] = {}
+    for r in records:
+        if r.ts < since or (until is not None and r.ts >= until):
+            continue
+        g = dims(r)
+        n, errors, tokens, cost = out.get(g, (0, 0, 0, 0.0))
+        out[g] = (n + 1, errors + (r.outcome in ("upstream_error", "timeout")), tokens + r.prompt_tokens, cost + r.cost_usd)
+    return out
+
+
+async def test_aggregates_are_exact_for_any_range(store: Store) -> None:
+    """Whole hours come from the roll-up, the partial ones at each end from the ledger:
+    every range, aligned or not, must add up to what the raw records say."""
+    from proxy.store.base import UsageFilter
+
+    a, _ = await store.create_key("a", KeyLimits())
+    b, _ = await store.create_key("b", KeyLimits())
+    records = []
+    for i in range(400):
+        outcome = ("ok", "ok", "ok", "upstream_error", "timeout", "client_abort")[i % 6]
+        records.append(rec(f"u{i:04d}", T0 + i * 613.7, (a, b, None)[i % 3], model="m2" if i % 4 in (1, 2) else "m1",
+                           upstream=("x", "y")[i % 7 % 2], upstream_model="um", prompt_tokens=i, cost_usd=i / 1000,
+                           outcome=outcome, error=None if outcome == "ok" else outcome, ttft_ms=float(i) if i % 4 else None))
+    await store.write_usage(records[:200])
+    await store.write_usage(records[100:])  # replays add nothing
+    ranges = [(0.0, None), (T0, None), (T0 + 1800, None), (T0 + 3599.5, T0 + 7200.25), (T0 + 5000, T0 + 5100),
+              (T0 + 3600, T0 + 36000), (T0 + 10.5, T0 + 200_000.5), (T0 + 100_000, None)]
+    for since, until in ranges:
+        f = UsageFilter(since=since, until=until)
+        got_series = await store.usage_series(f, "hour")
+        want = brute_groups(records, since, until, lambda r: int(r.ts // 3600 * 3600))
+        assert {p["t"]: (p["requests"], p["errors"], p["prompt_tokens"]) for p in got_series} == {
+            t: v[:3] for t, v in want.items()}, (since, until)
+        for p in got_series:
+            assert p["cost_usd"] == pytest.approx(want[p["t"]][3])
+        days = await store.usage_series(f, "day")
+        assert sum(p["requests"] for p in days) == sum(v[0] for v in want.values())
+        assert all(p["t"] % 86400 == 0 for p in days)
+        km = await store.usage_groups(f, "key_model")
+        want_km = brute_groups(records, since, until, lambda r: (r.key_id, r.model))
+        assert {(g["key_id"], g["model"]): (g["requests"], g["errors"], g["prompt_tokens"]) for g in km} == {
+            k: v[:3] for k, v in want_km.items()}
+        routes = await store.usage_groups(f, "upstream")
+        want_routes = brute_groups(records, since, until, lambda r: r.upstream)
+        assert {g["upstream"]: g["requests"] for g in routes} == {k: v[0] for k, v in want_routes.items()}
+        for g in routes:
+            errs = [r for r in records if r.upstream == g["upstream"] and r.error and since <= r.ts and (until is None or r.ts < until)]
+            last = max(errs, key=lambda r: r.ts) if errs else None
+            assert g["last_error"] == (last.error if last else None)
+            assert g["last_error_ts"] == (last.ts if last else None)
+    by_key = await store.usage_groups(UsageFilter(since=T0 + 1800, key_id=b.id, outcome="error"), "key")
+    assert [(g["group"], g["key_id"]) for g in by_key] == [("b", b.id)]
+    assert by_key[0]["requests"] == sum(1 for r in records if r.key_id == b.id and r.ts >= T0 + 1800 and r.outcome in ("upstream_error", "timeout"))
+    models = await store.usage_groups(UsageFilter(since=T0, model="m2", outcome="timeout"), "model")
+    assert [(g["group"], g["requests"]) for g in models] == [("m2", sum(1 for r in records if r.model == "m2" and r.outcome == "timeout"))]
+    sample = await store.usage_sample(UsageFilter(since=T0, until=T0 + 3 * 613.7), 2)
+    assert sample == [(r.upstream, r.upstream_model, r.ttft_ms, r.duration_ms) for r in (records[2], records[1])]
+
+
+async def test_page_usage_newest_first_with_cursor(store: Store) -> None:
+    from proxy.store.base import UsageFilter
+
+    k, _ = await store.create_key("k", KeyLimits())
+    # Ties on ts are ordered by id, so a page boundary inside a tie loses and repeats nothing.
+    records = [rec(f"p{i:03d}", T0 + i // 3, k if i % 2 else None, model=f"m{i % 3}",
+                   outcome="timeout" if i % 5 == 0 else "ok") for i in range(50)]
+    await store.write_usage(records)
+    newest = sorted(records, key=lambda r: (r.ts, r.id), reverse=True)
+    for f, want in (
+        (UsageFilter(), newest),
+        (UsageFilter(key_id=k.id), [r for r in newest if r.key_id == k.id]),
+        (UsageFilter(model="m1", since=T0 + 3), [r for r in newest if r.model == "m1" and r.ts >= T0 + 3]),
+        (UsageFilter(outcome="timeout", until=T0 + 10), [r for r in newest if r.outcome == "timeout" and r.ts < T0 + 10]),
+        (UsageFilter(outcome="error"), [r for r in newest if r.outcome == "timeout"]),
+        (UsageFilter(outcome="ok", model="m2"), [r for r in newest if r.outcome == "ok" and r.model == "m2"]),
+    ):
+        got: list[UsageRecord] = []
+        after = None
+        while True:
+            page = await store.page_usage(f, 7, after)
+            got += page
+            if len(page) < 7:
+                break
+            after = (page[-1].ts, page[-1].id)
+        assert got == want, f
+    assert await store.page_usage(UsageFilter(), 0) == []
+
+
+async def test_rotate_key(store: Store) -> None:
+    k, old = await store.create_key("k", KeyLimits(models=("m",), rpm=5, budget_usd=2.0))
+    rotated = await store.rotate_key("k")
+    assert rotated is not None
+    r, new = rotated
+    assert well_formed(new) and new != old and r.prefix == display_prefix(new) and r.digest == digest_key(new)
+    assert replace(r, prefix=k.prefix, digest=k.digest) == k  # same id, name, limits, times
+    assert await store.key_by_digest(digest_key(old)) is None
+    assert await store.key_by_digest(digest_key(new)) == r
+    assert await store.rotate_key("nobody") is None
+    await store.revoke_key(k.id)
+    from proxy.store.base import KeyRevoked
+
+    with pytest.raises(KeyRevoked):
+        await store.rotate_key(k.id)
+    assert (await store.get_key(k.id)).digest == r.digest  # type: ignore[union-attr]
+
+
+async def test_revoked_names_can_be_reused(store: Store) -> None:
+    first, _ = await store.create_key("team", KeyLimits(rpm=1))
+    with pytest.raises(DuplicateName):
+        await store.create_key("team", KeyLimits())
+    await store.revoke_key("team")
+    second, _ = await store.create_key("team", KeyLimits(rpm=2))
+    with pytest.raises(DuplicateName):
+        await store.create_key("team", KeyLimits())
+    assert (await store.get_key("team")) == second  # the live key wins the name
+    assert (await store.get_key(first.id)).revoked_at is not None  # type: ignore[union-attr]
+    updated = await store.update_key("team", KeyLimits(rpm=3))
+    assert updated is not None and updated.id == second.id
+    await store.revoke_key("team")
+    third, _ = await store.create_key("team", KeyLimits())
+    assert [k.id for k in await store.list_keys()] == [first.id, second.id, third.id]
+    await store.revoke_key("team")
+    assert (await store.get_key("team")).id == third.id  # type: ignore[union-attr]  # all revoked: the newest
+
+
+async def test_touch_keys_keeps_the_latest_time(store: Store) -> None:
+    a, _ = await store.create_key("a", KeyLimits())
+    b, _ = await store.create_key("b", KeyLimits())
+    assert a.last_used_at is None
+    await store.touch_keys({a.id: T0, b.id: T0 + 5, "key_missing": T0})
+    await store.touch_keys({a.id: T0 - 100})
+    got = {k.name: k.last_used_at for k in await store.list_keys()}
+    assert got == {"a": T0, "b": T0 + 5}
+    await store.touch_keys({})
+
+
+async def test_upgrade_from_schema_1_keeps_data_and_back_fills_the_roll_up(store_url: str) -> None:
+    """A database made by the first release: its keys and usage survive the upgrade, its
+    records show in the aggregates, and a revoked key's name becomes free."""
+    from proxy.store.base import UsageFilter
+
+    if is_sqlite(store_url):
+        path = sqlite_path(store_url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+        for statement in sqlite_backend.MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES (1, 0)")
+        conn.execute("INSERT INTO keys (id, name, prefix, digest, created_at, revoked_at) VALUES ('key_0000000000000001', 'old', 'sk-x', 'd1', 1, 2)")
+        conn.executemany(f"INSERT INTO usage VALUES ({', '.join('?' * 21)})",
+                         [tuple(rec(f"o{i}", T0 + i * 1000, None, error="upstream_500" if i == 3 else None))
+                          for i in range(10)])
+        conn.close()
+    else:
+        pconn = await asyncpg.connect(store_url)
+        try:
+            await pconn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)")
+            for statement in pg_backend.MIGRATIONS[0]:
+                await pconn.execute(statement)
+            await pconn.execute("INSERT INTO schema_version VALUES (1, 0)")
+            await pconn.execute("INSERT INTO keys (id, name, prefix, digest, created_at, revoked_at) VALUES ('key_0000000000000001', 'old', 'sk-x', 'd1', 1, 2)")
+            await pconn.executemany(f"INSERT INTO usage VALUES ({', '.join(f'${i + 1}' for i in range(21))})",
+                                    [tuple(rec(f"o{i}", T0 + i * 1000, None, error="upstream_500" if i == 3 else None))
+                                     for i in range(10)])
+        finally:
+            await pconn.close()
+    s = open_store(store_url)
+    await s.open()
+    try:
+        assert await schema_versions(store_url) == list(range(1, migrations_count(store_url) + 1))
+        assert (await s.get_key("old")).last_used_at is None  # type: ignore[union-attr]
+        new, _ = await s.create_key("old", KeyLimits())  # the revoked key's name is free
+        assert new.name == "old"
+        series = await s.usage_series(UsageFilter(since=T0), "hour")
+        assert sum(p["requests"] for p in series) == 10
+        [route] = await s.usage_groups(UsageFilter(since=T0 + 1), "upstream")
+        assert route["requests"] == 9 and route["last_error"] == "upstream_500"
+        await s.write_usage([rec("after", T0 + 50, new)])
+        assert sum(p["requests"] for p in await s.usage_series(UsageFilter(since=T0), "day")) == 11
+    finally:
+        await s.close()

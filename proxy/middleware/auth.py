@@ -28,6 +28,7 @@ from aiohttp import web
 
 from proxy.errors import InvalidApiKey, ServiceUnavailable
 from proxy.keys import digest_key, well_formed
+from proxy.middleware.last_used import LastUsed
 from proxy.store.base import KeyRecord, Store
 
 log = logging.getLogger("llm_proxy.auth")
@@ -121,8 +122,10 @@ class Authenticator:
         cache: KeyCache,
         clock: Callable[[], float] = time.time,
         lookup_timeout_s: float = 5.0,
+        last_used: LastUsed | None = None,
     ) -> None:
         self._store = store
+        self._last_used = last_used
         self._cache = cache
         self._clock = clock
         self._timeout = lookup_timeout_s
@@ -145,8 +148,11 @@ class Authenticator:
                     raise ServiceUnavailable(
                         "Authentication is temporarily unavailable.", code="auth_unavailable", retry_after_s=5
                     ) from None
-        if record is None or not record.is_active(self._clock()):
+        now = self._clock()
+        if record is None or not record.is_active(now):
             raise InvalidApiKey()
+        if self._last_used is not None:
+            self._last_used.touch(record.id, now)
         return record
 
     async def _lookup(self, digest: str) -> KeyRecord | None:

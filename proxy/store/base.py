@@ -8,14 +8,22 @@ Every query is parameterised; nothing is ever built from request text.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from proxy.keys import digest_key, display_prefix, generate_key
 
 Outcome = Literal["ok", "client_abort", "upstream_error", "timeout", "shutdown"]
 GroupBy = Literal["key", "model", "day"]
+# Groupings of the usage ledger for operators: `GroupBy` plus key x model and upstream route.
+Grouping = Literal["key", "model", "day", "key_model", "upstream"]
+Bucket = Literal["hour", "day"]
+# The outcomes that count as errors in error rates: the upstream failed or timed out (its
+# own 4xx/5xx included). A client that went away or a shutdown is not the upstream's error.
+ERROR_OUTCOMES: tuple[str, ...] = ("upstream_error", "timeout")
+# An `outcome` filter value that matches every error outcome at once.
+ANY_ERROR = "error"
 
 
 class StoreError(Exception):
@@ -23,7 +31,11 @@ class StoreError(Exception):
 
 
 class DuplicateName(StoreError):
-    """A key with that name already exists."""
+    """A live (not revoked) key with that name already exists."""
+
+
+class KeyRevoked(StoreError):
+    """The key is revoked: it cannot be rotated (revocation is final)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,7 @@ class KeyRecord:
     expires_at: float | None     # unix seconds
     revoked_at: float | None
     created_at: float
+    last_used_at: float | None = None   # updated in batches (proxy/middleware/last_used.py)
 
     def is_active(self, now: float) -> bool:
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
@@ -101,6 +114,21 @@ class SessionRecord:
     expires_at: float
 
 
+@dataclass(frozen=True)
+class UsageFilter:
+    """Which usage records a listing or an aggregate covers: `since <= ts < until`."""
+
+    since: float = 0.0
+    until: float | None = None
+    key_id: str | None = None
+    model: str | None = None
+    outcome: str | None = None     # an Outcome, or ANY_ERROR for every outcome in ERROR_OUTCOMES
+
+
+# A position in a newest-first listing: the (ts, id) of the last record already shown.
+Cursor = tuple[float, str]
+
+
 class Store(Protocol):
     async def open(self) -> None: ...          # connect and migrate the schema
     async def close(self) -> None: ...
@@ -113,6 +141,8 @@ class Store(Protocol):
     async def list_keys(self) -> list[KeyRecord]: ...
     async def update_key(self, id_or_name: str, limits: KeyLimits) -> KeyRecord | None: ...
     async def revoke_key(self, id_or_name: str) -> KeyRecord | None: ...
+    async def rotate_key(self, id_or_name: str) -> tuple[KeyRecord, str] | None: ...   # KeyRevoked
+    async def touch_keys(self, last_used: Mapping[str, float]) -> None: ...   # key id -> unix seconds
 
     # usage
     async def write_usage(self, records: Sequence[UsageRecord]) -> None: ...
@@ -125,9 +155,21 @@ class Store(Protocol):
     async def get_session(self, digest: str) -> SessionRecord | None: ...
     async def delete_session(self, digest: str) -> None: ...
 
+    # usage for operators (newest first, paginated; aggregates over hourly roll-ups)
+    async def page_usage(self, f: UsageFilter, limit: int, after: Cursor | None = None) -> list[UsageRecord]: ...
+    async def usage_series(self, f: UsageFilter, bucket: Bucket) -> list[dict[str, Any]]: ...
+    async def usage_groups(self, f: UsageFilter, by: Grouping) -> list[dict[str, Any]]: ...
+    async def usage_sample(self, f: UsageFilter, n: int) -> list[tuple[str, str, float | None, float]]: ...
+
 
 def new_key_id() -> str:
     return "key_" + secrets.token_hex(8)
+
+
+def new_secret() -> tuple[str, str, str]:
+    """A fresh key: (plaintext, display prefix, digest). Only the last two are stored."""
+    key = generate_key()
+    return key, display_prefix(key), digest_key(key)
 
 
 def mint_key(name: str, limits: KeyLimits, now: float) -> tuple[KeyRecord, str]:
@@ -136,12 +178,12 @@ def mint_key(name: str, limits: KeyLimits, now: float) -> tuple[KeyRecord, str]:
     The record holds only the digest and a display prefix; the plaintext goes back to
     the caller once and is never persisted, so a leaked database grants no access.
     """
-    key = generate_key()
+    key, prefix, digest = new_secret()
     record = KeyRecord(
         id=new_key_id(),
         name=name,
-        prefix=display_prefix(key),
-        digest=digest_key(key),
+        prefix=prefix,
+        digest=digest,
         models=tuple(limits.models),
         rpm=limits.rpm,
         tpm=limits.tpm,

@@ -13,21 +13,30 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
 
+from proxy.store import ledger
 from proxy.store.base import (
+    Bucket,
+    Cursor,
     DuplicateName,
     GroupBy,
+    Grouping,
     KeyLimits,
     KeyRecord,
+    KeyRevoked,
     SessionRecord,
     StoreError,
+    UsageFilter,
     UsageRecord,
     mint_key,
+    new_secret,
 )
+from proxy.store.ledger import ERRORS_SQL, LEVELS, POSTGRES, ROLLUP_COLUMNS, ROLLUP_KEYS, rollup_upsert
 from proxy.store.rows import USAGE_COLUMNS, key_from_row, models_json, usage_from_row
 
 POOL_MIN = 1
@@ -37,15 +46,35 @@ COMMAND_TIMEOUT_S = 30.0
 CLOSE_TIMEOUT_S = 10.0
 # Any fixed bigint shared by every process of this app: ASCII "llmproxy".
 MIGRATION_LOCK = 0x6C6C6D70726F7879
+USAGE_WRITE_LOCK = MIGRATION_LOCK + 1
 _GROUPS = ("key", "model", "day")
 _INSERT_USAGE = (
     f"INSERT INTO usage ({USAGE_COLUMNS}) "
     f"VALUES ({', '.join(f'${i + 1}' for i in range(len(UsageRecord._fields)))}) ON CONFLICT (id) DO NOTHING"
 )
+# The key an id or a name refers to: an id match wins (a key *named* like another key's id
+# can never shadow it), then the live key of that name, then the newest revoked one.
+_REF = """SELECT id FROM keys WHERE id = $1 OR name = $1
+          ORDER BY id = $1 DESC, revoked_at IS NULL DESC, created_at DESC, id DESC LIMIT 1"""
 # What the driver and the network can raise; anything else is a bug and stays visible.
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
 
-# Step i takes the schema from version i to i + 1. Append only: never edit a released step.
+_TYPES = {"int": "BIGINT", "float": "DOUBLE PRECISION", "text": "TEXT"}
+
+
+def _backfill(table: str, size: int) -> str:
+    return f"""INSERT INTO {table} ({ROLLUP_COLUMNS})
+        SELECT t, key_id, MAX(key_name), model, upstream, upstream_model, outcome,
+               SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens),
+               SUM(reasoning_tokens), SUM(cost_usd), SUM(estimated), SUM(ttft_sum), SUM(ttft_count),
+               SUM(duration_sum), MAX(last_ts),
+               (array_agg(last_error ORDER BY last_error_ts DESC NULLS LAST))[1], MAX(last_error_ts)
+        FROM (SELECT {ledger.rollup_values(POSTGRES, "usage", size)} FROM usage) AS u
+        GROUP BY {", ".join(ROLLUP_KEYS)}"""
+
+
+# Step i takes the schema from version i to i + 1. Append only: never edit a released step
+# (nor what it is built from: ledger.ROLLUP_COLUMNS, rollup_table, rollup_upsert, _backfill).
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE keys (
@@ -100,6 +129,28 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             expires_at DOUBLE PRECISION NOT NULL
         )""",
         "CREATE INDEX ui_sessions_expires ON ui_sessions (expires_at)",
+    ),
+    (
+        # Names are unique among live keys only, so a revoked key's name can be reused.
+        "ALTER TABLE keys DROP CONSTRAINT IF EXISTS keys_name_key",
+        "CREATE UNIQUE INDEX keys_live_name ON keys (name) WHERE revoked_at IS NULL",
+        "ALTER TABLE keys ADD COLUMN last_used_at DOUBLE PRECISION",
+        # The explorer's filters: by model, and errors only (few rows, so a small index).
+        "CREATE INDEX usage_model_ts ON usage (model, ts)",
+        f"CREATE INDEX usage_errors_ts ON usage (ts) WHERE {ERRORS_SQL}",
+        # Roll-ups for the aggregates (see proxy/store/ledger.py).
+        ledger.rollup_table("usage_hourly", _TYPES),
+        ledger.rollup_table("usage_daily", _TYPES),
+        f"""CREATE FUNCTION usage_rollup() RETURNS trigger LANGUAGE plpgsql AS $fn$
+            BEGIN
+                {"; ".join(rollup_upsert(POSTGRES, table, size, "NEW") for table, size in LEVELS)};
+                RETURN NULL;
+            END
+        $fn$""",
+        "CREATE TRIGGER usage_rollup AFTER INSERT ON usage FOR EACH ROW EXECUTE FUNCTION usage_rollup()",
+        # The records written before this version, one roll-up row per bucket (an upsert
+        # may not touch a row twice in one statement here).
+        *(_backfill(table, size) for table, size in LEVELS),
     ),
 )
 
@@ -186,7 +237,7 @@ class PostgresStore:
                 """INSERT INTO keys (id, name, prefix, digest, models, rpm, tpm, max_parallel,
                                      budget_usd, budget_period, expires_at, revoked_at, created_at)
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-                   ON CONFLICT (name) DO NOTHING
+                   ON CONFLICT (name) WHERE revoked_at IS NULL DO NOTHING
                    RETURNING id""",
                 r.id, r.name, r.prefix, r.digest, models_json(r.models), r.rpm, r.tpm, r.max_parallel,
                 r.budget_usd, r.budget_period, r.expires_at, r.revoked_at, r.created_at,
@@ -201,11 +252,8 @@ class PostgresStore:
         return key_from_row(row) if row else None
 
     async def get_key(self, id_or_name: str) -> KeyRecord | None:
-        # An id match wins, so a key *named* like another key's id can never shadow it.
         async with self._conn("key lookup") as conn:
-            row = await conn.fetchrow(
-                "SELECT * FROM keys WHERE id = $1 OR name = $1 ORDER BY id = $1 DESC LIMIT 1", id_or_name
-            )
+            row = await conn.fetchrow(f"SELECT * FROM keys WHERE id = ({_REF})", id_or_name)
         return key_from_row(row) if row else None
 
     async def list_keys(self) -> list[KeyRecord]:
@@ -216,9 +264,9 @@ class PostgresStore:
     async def update_key(self, id_or_name: str, limits: KeyLimits) -> KeyRecord | None:
         async with self._conn("update key") as conn:
             row = await conn.fetchrow(
-                """UPDATE keys SET models = $2, rpm = $3, tpm = $4, max_parallel = $5,
+                f"""UPDATE keys SET models = $2, rpm = $3, tpm = $4, max_parallel = $5,
                                    budget_usd = $6, budget_period = $7, expires_at = $8
-                   WHERE id = (SELECT id FROM keys WHERE id = $1 OR name = $1 ORDER BY id = $1 DESC LIMIT 1)
+                   WHERE id = ({_REF})
                    RETURNING *""",
                 id_or_name, models_json(limits.models), limits.rpm, limits.tpm, limits.max_parallel,
                 limits.budget_usd, limits.budget_period, limits.expires_at,
@@ -229,12 +277,36 @@ class PostgresStore:
         # COALESCE keeps the first revocation time: revoking twice changes nothing.
         async with self._conn("revoke key") as conn:
             row = await conn.fetchrow(
-                """UPDATE keys SET revoked_at = COALESCE(revoked_at, $2)
-                   WHERE id = (SELECT id FROM keys WHERE id = $1 OR name = $1 ORDER BY id = $1 DESC LIMIT 1)
+                f"""UPDATE keys SET revoked_at = COALESCE(revoked_at, $2)
+                   WHERE id = ({_REF})
                    RETURNING *""",
                 id_or_name, time.time(),
             )
         return key_from_row(row) if row else None
+
+    async def rotate_key(self, id_or_name: str) -> tuple[KeyRecord, str] | None:
+        plaintext, prefix, digest = new_secret()
+        async with self._conn("rotate key") as conn, conn.transaction():
+            # FOR UPDATE: a revoke from another process waits, or is seen here.
+            found = await conn.fetchrow(f"SELECT * FROM keys WHERE id = ({_REF}) FOR UPDATE", id_or_name)
+            if found is None:
+                return None
+            if found["revoked_at"] is not None:
+                raise KeyRevoked("a revoked key cannot be rotated")
+            row = await conn.fetchrow(
+                "UPDATE keys SET prefix = $2, digest = $3 WHERE id = $1 RETURNING *", found["id"], prefix, digest
+            )
+        return key_from_row(row), plaintext
+
+    async def touch_keys(self, last_used: Mapping[str, float]) -> None:
+        if not last_used:
+            return
+        # Sorted by id: concurrent flushes from several processes lock rows in one order.
+        async with self._conn("touch keys") as conn, conn.transaction():
+            await conn.executemany(
+                "UPDATE keys SET last_used_at = GREATEST(COALESCE(last_used_at, 0), $2) WHERE id = $1",
+                sorted(last_used.items()),
+            )
 
     # -- usage -----------------------------------------------------------------------
 
@@ -243,7 +315,12 @@ class PostgresStore:
             return
         # One transaction per batch; a replayed id is skipped (first write wins), so retries
         # and spool replays never double-bill (RELIABILITY §5 I1).
+        # Each insert locks its id and (through the roll-up trigger) its usage_hourly row
+        # until commit; two processes' batches sharing ids or roll-up rows would take
+        # those locks in different orders and deadlock. One transaction-scoped advisory
+        # lock makes usage batches take turns instead (each is a few milliseconds).
         async with self._conn("write usage") as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", USAGE_WRITE_LOCK)
             await conn.executemany(_INSERT_USAGE, records)
 
     async def list_usage(self, since: float, key_id: str | None = None, limit: int = 10_000) -> list[UsageRecord]:
@@ -261,38 +338,30 @@ class PostgresStore:
     async def summarize_usage(self, since: float, by: GroupBy, key_id: str | None = None) -> list[dict[str, object]]:
         if by not in _GROUPS:
             raise ValueError("by must be one of: key, model, day")
-        # Days are UTC calendar days of the whole second (floor), whatever the session
-        # TimeZone; the "C" collation orders groups bytewise, exactly like SQLite.
-        async with self._conn("summarize usage") as conn:
-            rows = await conn.fetch(
-                """SELECT (CASE $2::text WHEN 'key' THEN key_name
-                                         WHEN 'model' THEN model
-                                         ELSE to_char(to_timestamp(floor(ts)) AT TIME ZONE 'UTC', 'YYYY-MM-DD')
-                          END) COLLATE "C" AS grp,
-                          COUNT(*) AS requests,
-                          SUM(prompt_tokens)::bigint AS prompt_tokens,
-                          SUM(completion_tokens)::bigint AS completion_tokens,
-                          SUM(cached_tokens)::bigint AS cached_tokens,
-                          SUM(cost_usd) AS cost_usd,
-                          COUNT(*) FILTER (WHERE estimated) AS estimated
-                   FROM usage
-                   WHERE ts >= $1 AND ($3::text IS NULL OR key_id = $3)
-                   GROUP BY grp
-                   ORDER BY grp NULLS LAST""",
-                since, by, key_id,
-            )
-        return [
-            {
-                "group": row["grp"],
-                "requests": row["requests"],
-                "prompt_tokens": row["prompt_tokens"],
-                "completion_tokens": row["completion_tokens"],
-                "cached_tokens": row["cached_tokens"],
-                "cost_usd": row["cost_usd"],
-                "estimated": row["estimated"],
-            }
-            for row in rows
-        ]
+        return ledger.legacy_summary(await self.usage_groups(UsageFilter(since=since, key_id=key_id), by))
+
+    async def page_usage(self, f: UsageFilter, limit: int, after: Cursor | None = None) -> list[UsageRecord]:
+        if limit <= 0:
+            return []
+        sql, params = ledger.page_query(f, limit, after)
+        return [usage_from_row(row) for row in await self._query("list usage", sql, params)]
+
+    async def usage_series(self, f: UsageFilter, bucket: Bucket) -> list[dict[str, Any]]:
+        return await ledger.series(lambda sql, p: self._query("usage series", sql, p), POSTGRES, f, bucket)
+
+    async def usage_groups(self, f: UsageFilter, by: Grouping) -> list[dict[str, Any]]:
+        return await ledger.groups(lambda sql, p: self._query("usage groups", sql, p), POSTGRES, f, by)
+
+    async def usage_sample(self, f: UsageFilter, n: int) -> list[tuple[str, str, float | None, float]]:
+        sql, params = ledger.sample_query(f, n)
+        rows = await self._query("usage sample", sql, params)
+        return [(r["upstream"], r["upstream_model"], r["ttft_ms"], r["duration_ms"]) for r in rows]
+
+    async def _query(self, what: str, sql: str, params: dict[str, Any]) -> list[asyncpg.Record]:
+        text, args = ledger.numbered(sql, params)
+        async with self._conn(what) as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(text, *args)
+        return rows
 
     async def spend_usd(self, key_id: str, since: float) -> float:
         async with self._conn("spend") as conn:

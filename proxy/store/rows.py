@@ -31,6 +31,7 @@ def key_from_row(row: Row) -> KeyRecord:
         expires_at=row["expires_at"],
         revoked_at=row["revoked_at"],
         created_at=row["created_at"],
+        last_used_at=row["last_used_at"],
     )
 
 

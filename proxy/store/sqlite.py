@@ -18,24 +18,32 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 
+from proxy.store import ledger
 from proxy.store.base import (
+    Bucket,
+    Cursor,
     DuplicateName,
     GroupBy,
+    Grouping,
     KeyLimits,
     KeyRecord,
+    KeyRevoked,
     SessionRecord,
     StoreError,
+    UsageFilter,
     UsageRecord,
     mint_key,
+    new_secret,
 )
-from proxy.store.rows import USAGE_COLUMNS, key_from_row, models_json, usage_from_row
+from proxy.store.ledger import ERRORS_SQL, LEVELS, SQLITE, rollup_upsert
+from proxy.store.rows import USAGE_COLUMNS, Row, key_from_row, models_json, usage_from_row
 
 T = TypeVar("T")
 
@@ -43,8 +51,10 @@ BUSY_TIMEOUT_S = 5.0
 MEMORY = ":memory:"
 _MIN_SQLITE = (3, 35, 0)  # RETURNING (3.35) and upsert (3.24)
 _GROUPS = ("key", "model", "day")
+_TYPES = {"int": "INTEGER", "float": "REAL", "text": "TEXT"}
 
-# Step i takes the schema from version i to i + 1. Append only: never edit a released step.
+# Step i takes the schema from version i to i + 1. Append only: never edit a released step
+# (nor what it is built from: ledger.ROLLUP_COLUMNS, rollup_table and rollup_upsert).
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE keys (
@@ -99,6 +109,46 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             expires_at REAL NOT NULL
         )""",
         "CREATE INDEX ui_sessions_expires ON ui_sessions (expires_at)",
+    ),
+    (
+        # Names are unique among live keys only, so a revoked key's name can be reused.
+        # SQLite cannot drop a column's UNIQUE: the table is rebuilt (same columns, plus
+        # last_used_at), which also drops the implicit unique index on name.
+        """CREATE TABLE keys_v2 (
+            id            TEXT PRIMARY KEY,
+            name          TEXT NOT NULL,
+            prefix        TEXT NOT NULL,
+            digest        TEXT NOT NULL UNIQUE,
+            models        TEXT NOT NULL DEFAULT '[]',
+            rpm           INTEGER,
+            tpm           INTEGER,
+            max_parallel  INTEGER,
+            budget_usd    REAL,
+            budget_period TEXT,
+            expires_at    REAL,
+            revoked_at    REAL,
+            created_at    REAL NOT NULL,
+            last_used_at  REAL
+        )""",
+        """INSERT INTO keys_v2 (id, name, prefix, digest, models, rpm, tpm, max_parallel, budget_usd,
+                                budget_period, expires_at, revoked_at, created_at)
+           SELECT id, name, prefix, digest, models, rpm, tpm, max_parallel, budget_usd,
+                  budget_period, expires_at, revoked_at, created_at FROM keys""",
+        "DROP TABLE keys",
+        "ALTER TABLE keys_v2 RENAME TO keys",
+        "CREATE UNIQUE INDEX keys_live_name ON keys (name) WHERE revoked_at IS NULL",
+        # The explorer's filters: by model, and errors only (few rows, so a small index).
+        "CREATE INDEX usage_model_ts ON usage (model, ts)",
+        f"CREATE INDEX usage_errors_ts ON usage (ts) WHERE {ERRORS_SQL}",
+        # Roll-ups for the aggregates (see proxy/store/ledger.py); WITHOUT ROWID: the
+        # primary key is the table, so a range of buckets is one contiguous read.
+        ledger.rollup_table("usage_hourly", _TYPES) + " WITHOUT ROWID",
+        ledger.rollup_table("usage_daily", _TYPES) + " WITHOUT ROWID",
+        "CREATE TRIGGER usage_rollup AFTER INSERT ON usage BEGIN "
+        + "; ".join(rollup_upsert(SQLITE, table, size, "NEW") for table, size in LEVELS)
+        + "; END",
+        # The records written before this version.
+        *(rollup_upsert(SQLITE, table, size, "usage") for table, size in LEVELS),
     ),
 )
 
@@ -159,6 +209,15 @@ class SQLiteStore:
     async def revoke_key(self, id_or_name: str) -> KeyRecord | None:
         return await self._call("revoke key", _revoke_key, id_or_name, time.time())
 
+    async def rotate_key(self, id_or_name: str) -> tuple[KeyRecord, str] | None:
+        plaintext, prefix, digest = new_secret()
+        record = await self._call("rotate key", _rotate_key, id_or_name, prefix, digest)
+        return None if record is None else (record, plaintext)
+
+    async def touch_keys(self, last_used: Mapping[str, float]) -> None:
+        if last_used:
+            await self._call("touch keys", _touch_keys, sorted(last_used.items()))
+
     # -- usage -----------------------------------------------------------------------
 
     async def write_usage(self, records: Sequence[UsageRecord]) -> None:
@@ -173,7 +232,27 @@ class SQLiteStore:
     async def summarize_usage(self, since: float, by: GroupBy, key_id: str | None = None) -> list[dict[str, object]]:
         if by not in _GROUPS:
             raise ValueError("by must be one of: key, model, day")
-        return await self._call("summarize usage", _summarize_usage, since, by, key_id)
+        return ledger.legacy_summary(await self.usage_groups(UsageFilter(since=since, key_id=key_id), by))
+
+    async def page_usage(self, f: UsageFilter, limit: int, after: Cursor | None = None) -> list[UsageRecord]:
+        if limit <= 0:
+            return []
+        sql, params = ledger.page_query(f, limit, after)
+        return [usage_from_row(row) for row in await self._query("list usage", sql, params)]
+
+    async def usage_series(self, f: UsageFilter, bucket: Bucket) -> list[dict[str, Any]]:
+        return await ledger.series(lambda sql, p: self._query("usage series", sql, p), SQLITE, f, bucket)
+
+    async def usage_groups(self, f: UsageFilter, by: Grouping) -> list[dict[str, Any]]:
+        return await ledger.groups(lambda sql, p: self._query("usage groups", sql, p), SQLITE, f, by)
+
+    async def usage_sample(self, f: UsageFilter, n: int) -> list[tuple[str, str, float | None, float]]:
+        sql, params = ledger.sample_query(f, n)
+        rows = await self._query("usage sample", sql, params)
+        return [(r["upstream"], r["upstream_model"], r["ttft_ms"], r["duration_ms"]) for r in rows]
+
+    async def _query(self, what: str, sql: str, params: dict[str, Any]) -> list[Row]:
+        return await self._call(what, _fetch, sql, params)
 
     async def spend_usd(self, key_id: str, since: float) -> float:
         return await self._call("spend", _spend_usd, key_id, since)
@@ -299,7 +378,7 @@ def _insert_key(conn: sqlite3.Connection, r: KeyRecord) -> None:
         """INSERT INTO keys (id, name, prefix, digest, models, rpm, tpm, max_parallel,
                              budget_usd, budget_period, expires_at, revoked_at, created_at)
            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-           ON CONFLICT (name) DO NOTHING""",
+           ON CONFLICT (name) WHERE revoked_at IS NULL DO NOTHING""",
         (
             r.id, r.name, r.prefix, r.digest, models_json(r.models), r.rpm, r.tpm, r.max_parallel,
             r.budget_usd, r.budget_period, r.expires_at, r.revoked_at, r.created_at,
@@ -313,10 +392,14 @@ def _key_by_digest(conn: sqlite3.Connection, digest: str) -> KeyRecord | None:
     return _one_key(conn.execute("SELECT * FROM keys WHERE digest = ?", (digest,)).fetchall())
 
 
+# The key an id or a name refers to: an id match wins (a key *named* like another key's id
+# can never shadow it), then the live key of that name, then the newest revoked one.
+_REF = """SELECT id FROM keys WHERE id = :ref OR name = :ref
+          ORDER BY id = :ref DESC, revoked_at IS NULL DESC, created_at DESC, id DESC LIMIT 1"""
+
+
 def _get_key(conn: sqlite3.Connection, ref: str) -> KeyRecord | None:
-    rows = conn.execute(
-        "SELECT * FROM keys WHERE id = :ref OR name = :ref ORDER BY id = :ref DESC LIMIT 1", {"ref": ref}
-    ).fetchall()
+    rows = conn.execute(f"SELECT * FROM keys WHERE id = ({_REF})", {"ref": ref}).fetchall()
     return _one_key(rows)
 
 
@@ -327,10 +410,10 @@ def _list_keys(conn: sqlite3.Connection) -> list[KeyRecord]:
 def _update_key(conn: sqlite3.Connection, ref: str, limits: KeyLimits) -> KeyRecord | None:
     # fetchall() steps the statement to completion, which is what commits it.
     rows = conn.execute(
-        """UPDATE keys SET models = :models, rpm = :rpm, tpm = :tpm, max_parallel = :max_parallel,
+        f"""UPDATE keys SET models = :models, rpm = :rpm, tpm = :tpm, max_parallel = :max_parallel,
                            budget_usd = :budget_usd, budget_period = :budget_period,
                            expires_at = :expires_at
-           WHERE id = (SELECT id FROM keys WHERE id = :ref OR name = :ref ORDER BY id = :ref DESC LIMIT 1)
+           WHERE id = ({_REF})
            RETURNING *""",
         {
             "ref": ref,
@@ -349,12 +432,42 @@ def _update_key(conn: sqlite3.Connection, ref: str, limits: KeyLimits) -> KeyRec
 def _revoke_key(conn: sqlite3.Connection, ref: str, now: float) -> KeyRecord | None:
     # COALESCE keeps the first revocation time: revoking twice changes nothing.
     rows = conn.execute(
-        """UPDATE keys SET revoked_at = COALESCE(revoked_at, :now)
-           WHERE id = (SELECT id FROM keys WHERE id = :ref OR name = :ref ORDER BY id = :ref DESC LIMIT 1)
+        f"""UPDATE keys SET revoked_at = COALESCE(revoked_at, :now)
+           WHERE id = ({_REF})
            RETURNING *""",
         {"ref": ref, "now": now},
     ).fetchall()
     return _one_key(rows)
+
+
+def _rotate_key(conn: sqlite3.Connection, ref: str, prefix: str, digest: str) -> KeyRecord | None:
+    # One transaction: the check for revocation and the new digest cannot interleave with
+    # a revoke from another process.
+    with _write_txn(conn):
+        found = _get_key(conn, ref)
+        if found is None:
+            return None
+        if found.revoked_at is not None:
+            raise KeyRevoked("a revoked key cannot be rotated")
+        rows = conn.execute(
+            "UPDATE keys SET prefix = ?, digest = ? WHERE id = ? AND revoked_at IS NULL RETURNING *",
+            (prefix, digest, found.id),
+        ).fetchall()
+    return _one_key(rows)
+
+
+def _touch_keys(conn: sqlite3.Connection, last_used: list[tuple[str, float]]) -> None:
+    # Sorted by id by the caller; MAX keeps a later time written by another process.
+    with _write_txn(conn):
+        conn.executemany(
+            "UPDATE keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?",
+            [(ts, key_id) for key_id, ts in last_used],
+        )
+
+
+def _fetch(conn: sqlite3.Connection, sql: str, params: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = conn.execute(sql, params).fetchall()  # sqlite3.Row indexes by column name
+    return rows
 
 
 # bool is not an exact int, so the sqlite3 module looks for an adapter for every bool it
@@ -399,38 +512,6 @@ def _list_usage(conn: sqlite3.Connection, since: float, key_id: str | None, limi
         {"since": since, "key_id": key_id, "limit": limit},
     ).fetchall()
     return [usage_from_row(row) for row in rows]
-
-
-def _summarize_usage(conn: sqlite3.Connection, since: float, by: str, key_id: str | None) -> list[dict[str, object]]:
-    # Days are UTC calendar days of the whole second (CAST floors), matching PostgreSQL.
-    rows = conn.execute(
-        """SELECT CASE :by WHEN 'key' THEN key_name
-                           WHEN 'model' THEN model
-                           ELSE strftime('%Y-%m-%d', CAST(ts AS INTEGER), 'unixepoch') END AS grp,
-                  COUNT(*) AS requests,
-                  SUM(prompt_tokens) AS prompt_tokens,
-                  SUM(completion_tokens) AS completion_tokens,
-                  SUM(cached_tokens) AS cached_tokens,
-                  TOTAL(cost_usd) AS cost_usd,
-                  SUM(estimated) AS estimated
-           FROM usage
-           WHERE ts >= :since AND (:key_id IS NULL OR key_id = :key_id)
-           GROUP BY grp
-           ORDER BY grp NULLS LAST""",
-        {"by": by, "since": since, "key_id": key_id},
-    ).fetchall()
-    return [
-        {
-            "group": row["grp"],
-            "requests": int(row["requests"]),
-            "prompt_tokens": int(row["prompt_tokens"]),
-            "completion_tokens": int(row["completion_tokens"]),
-            "cached_tokens": int(row["cached_tokens"]),
-            "cost_usd": float(row["cost_usd"]),
-            "estimated": int(row["estimated"]),
-        }
-        for row in rows
-    ]
 
 
 def _spend_usd(conn: sqlite3.Connection, key_id: str, since: float) -> float:
