@@ -270,7 +270,7 @@ class Forwarder:
             "upstream attempt failed: request %s upstream %s model %s: %s after %.0f ms",
             call.client_request_id, route.upstream.name, route.upstream_model, failure.label, latency_ms,
         )
-        await self._health.failed(route, failure.retry_after, latency_ms)
+        await self._health.failed(route, failure.retry_after, latency_ms, failure.label)
 
     def _upstream_body(self, call: Call, body: dict[str, Any], raw: bytes, route: Route) -> tuple[bytes, bool]:
         """Re-encode only when something must change; say whether to drop a usage event."""

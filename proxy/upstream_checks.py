@@ -130,4 +130,4 @@ class UpstreamChecks:
         if error is None or (status and failure_for_status(status) is None):
             self._health.succeeded(route, latency_ms)
         else:
-            await self._health.failed(route, wait, latency_ms)
+            await self._health.failed(route, wait, latency_ms, error)

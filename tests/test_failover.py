@@ -246,6 +246,7 @@ async def test_admin_upstreams_and_metrics_show_each_route(gateway, scripted_ups
     up, back = rows[("up", "gpt-a")], rows[("backup", "gpt-b")]
     assert (up["state"], up["cooldown_until"], up["error_rate"], up["attempts"]) == ("cooldown", clock.t + 30, 1.0, 1)
     assert {"model": "pair", "priority": 0, "weight": 1} in up["models"]
+    assert up["last_error"] == "503" and up["last_error_at"].endswith("+00:00")
     assert (back["state"], back["error_rate"], back["cooldown_until"]) == ("ok", 0.0, None)
     assert back["latency_ms"] is not None and back["latency_ms"] >= 0
     assert rows[("dead", "gpt-d")]["state"] == "ok" and rows[("dead", "gpt-d")]["attempts"] == 0

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from proxy.health import breaker
@@ -61,13 +62,15 @@ class _Stats:
     """Attempts, and the error rate over roughly the last _RECENT of them: both counts are
     halved whenever the window fills (a few integer operations per attempt, no deque)."""
 
-    __slots__ = ("attempts", "failed", "latency_ms", "window")
+    __slots__ = ("attempts", "failed", "last_error", "last_error_at", "latency_ms", "window")
 
     def __init__(self) -> None:
         self.attempts = 0
         self.window = 0
         self.failed = 0.0
         self.latency_ms: float | None = None
+        self.last_error: str | None = None      # status or error class, never upstream text
+        self.last_error_at: float | None = None
 
     def add(self, failed: bool, latency_ms: float | None) -> None:
         self.attempts += 1
@@ -98,13 +101,18 @@ class RouteView:
     error_rate: float | None      # over this process's last attempts
     attempts: int
     latency_ms: float | None
+    last_error: str | None = None
+    last_error_at: float | None = None
 
     def to_json(self) -> dict[str, object]:
+        at = self.last_error_at
         return {
             "upstream": self.upstream, "model": self.model, "state": self.state,
             "cooldown_until": self.cooldown_until, "consecutive_failures": self.consecutive_failures,
             "error_rate": self.error_rate, "attempts": self.attempts,
             "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 1),
+            "last_error": self.last_error,
+            "last_error_at": None if at is None else datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds"),
         }
 
 
@@ -179,10 +187,15 @@ class RouteHealth:
         if self._shared is not None:
             self._spawn(self._shared_success(key, now))
 
-    async def failed(self, route: Routed, retry_after: float | None, latency_ms: float | None) -> BreakerState:
+    async def failed(
+        self, route: Routed, retry_after: float | None, latency_ms: float | None, error: str | None = None
+    ) -> BreakerState:
+        """`error`: the status or error class, for the admin view (never upstream text)."""
         key = route.key
-        self._stat(key).add(True, latency_ms)
         now = self.now()
+        stats = self._stat(key)
+        stats.add(True, latency_ms)
+        stats.last_error, stats.last_error_at = error, now
         before = self._states.get(key, CLOSED)
         after: BreakerState | None = None
         if self._shared is not None:
@@ -232,6 +245,8 @@ class RouteHealth:
             stats.error_rate if stats else None,
             stats.attempts if stats else 0,
             stats.latency_ms if stats else None,
+            stats.last_error if stats else None,
+            stats.last_error_at if stats else None,
         )
 
     # ------------------------------------------------------------------ shared states
