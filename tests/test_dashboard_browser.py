@@ -159,6 +159,18 @@ async def test_operator_console(gateway, browser, caplog):
     assert await table.count() == 1
     row = await table.first.text_content()
     assert "alice" in row and "mock-gpt" in row
+    # Failures only, every key: the seeded upstream errors and nothing else.
+    await page.select_option("[data-testid=f-key]", "")
+    await page.select_option("[data-testid=f-outcome]", "error")
+    await page.click("[data-testid=apply]")
+    await page.wait_for_selector("[data-testid=usage-table] tbody tr >> text=upstream error")
+    failures = await page.locator("[data-testid=usage-table] tbody tr").all_text_contents()
+    expected = [r for r in await gw.records() if r.outcome != "ok" and r.ts >= time.time() - 86400]
+    assert len(failures) == len(expected) >= 1
+    assert all("upstream error" in row and "HTTP 502" in row for row in failures)
+    await page.select_option("[data-testid=f-outcome]", "")
+    await page.select_option("[data-testid=f-key]", alice.id)
+    await page.click("[data-testid=apply]")
     await _shot(page, "usage")
     async with page.expect_download() as download:
         await page.click("[data-testid=export-csv]")

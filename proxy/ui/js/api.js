@@ -41,16 +41,6 @@ export const get = (path) => request("GET", path);
 export const post = (path, body) => request("POST", path, body ?? {});
 export const patch = (path, body) => request("PATCH", path, body);
 
-// GET that answers null when the route does not exist on this gateway (feature detection).
-export async function optional(path) {
-  try {
-    return await get(path);
-  } catch (err) {
-    if (err.status === 404 || err.status === 405) return null;
-    throw err;
-  }
-}
-
 export function query(params) {
   const q = new URLSearchParams();
   for (const [k, v] of Object.entries(params)) if (v != null && v !== "") q.set(k, v);

@@ -1,7 +1,7 @@
 // Keys: the list with spend against budget; create, edit, rotate, revoke.
 import { h, modal, toast } from "../dom.js";
 import * as f from "../format.js";
-import { get, post, patch, optional, query } from "../api.js";
+import { get, post, patch, query } from "../api.js";
 import { pageHead, table, meter, loading, failed } from "./common.js";
 
 let configured = null;  // model names from the gateway's config
@@ -40,14 +40,11 @@ async function spends(keys) {
   const out = {};
   const periods = new Set(keys.filter((k) => k.budget_usd != null).map((k) => k.budget_period || "lifetime"));
   await Promise.all([...periods].map(async (p) => {
-    const doc = await optional(`/admin/usage${query({ by: "key", since: periodStart(p) })}`);
-    // Rows name the key (and, on newer gateways, its id: a revoked key's name can be reused).
-    const byId = {}, byName = {};
-    for (const row of (doc && doc.data) || []) {
-      if (row.key_id) byId[row.key_id] = row.cost_usd;
-      else if ("group" in row) byName[row.group] = row.cost_usd;
-    }
-    for (const k of keys) if ((k.budget_period || "lifetime") === p) out[k.id] = byId[k.id] ?? byName[k.name] ?? (doc ? 0 : null);
+    const doc = await get(`/admin/usage${query({ by: "key", since: periodStart(p) })}`);
+    // By id: a revoked key's name can be reused by a new key.
+    const byId = {};
+    for (const row of doc.data) byId[row.key_id] = row.cost_usd;
+    for (const k of keys) if ((k.budget_period || "lifetime") === p) out[k.id] = byId[k.id] ?? 0;
   }));
   return out;
 }
@@ -102,8 +99,7 @@ async function load(body, main, ctx) {
 
 async function models() {
   if (configured) return configured;
-  const cfg = await optional("/admin/config");
-  configured = cfg ? cfg.models.map((m) => m.name) : [];
+  configured = (await get("/admin/config")).models.map((m) => m.name);
   return configured;
 }
 

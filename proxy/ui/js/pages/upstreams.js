@@ -1,7 +1,7 @@
 // Upstreams: every route's state, recent errors and latency, a test button, the config.
 import { h, toast } from "../dom.js";
 import * as f from "../format.js";
-import { post, optional } from "../api.js";
+import { get, post } from "../api.js";
 import { upstreamStats } from "../data.js";
 import { pageHead, table, loading, failed } from "./common.js";
 
@@ -12,31 +12,27 @@ export async function render(main, ctx) {
   let cfg, stats, live;
   try {
     [cfg, stats, live] = await Promise.all([
-      optional("/admin/config"), upstreamStats(), optional("/admin/upstreams")]);
+      get("/admin/config"), upstreamStats(), get("/admin/upstreams")]);
   } catch (err) {
     if (ctx.alive()) body.replaceChildren(failed(err));
     return;
   }
   if (!ctx.alive()) return;
-  const protocols = Object.fromEntries(((cfg && cfg.upstreams) || []).map((u) => [u.name, u]));
-  const statOf = new Map((stats || []).map((s) => [`${s.upstream}\u0000${s.upstream_model}`, s]));
-  const liveRows = (live && (live.data || live.routes || live.upstreams)) || [];
-  const liveOf = (model, route) => liveRows.find((r) => r.upstream === route.upstream &&
-    (r.model == null || r.model === model || r.model === route.model) &&
-    (r.upstream_model == null || r.upstream_model === route.model));
+  const protocols = Object.fromEntries(cfg.upstreams.map((u) => [u.name, u]));
+  const statOf = new Map(stats.map((s) => [`${s.upstream}\u0000${s.upstream_model}`, s]));
+  const liveRows = live.data;
+  // A route is an (upstream, upstream model) pair; several client models may share one.
+  const liveOf = (route) => liveRows.find((r) => r.upstream === route.upstream && r.model === route.model);
   const rows = [];
-  for (const m of (cfg && cfg.models) || []) {
+  for (const m of cfg.models) {
     for (const route of m.routes) {
       const up = protocols[route.upstream];
       const served = !up || up.base_url === "mock://" || up.api_key;
-      rows.push({ model: m.name, route, served, stat: statOf.get(`${route.upstream}\u0000${route.model}`), live: liveOf(m.name, route) });
+      rows.push({ model: m.name, route, served, stat: statOf.get(`${route.upstream}\u0000${route.model}`), live: liveOf(route) });
     }
   }
-  const testable = live !== null;
   rows.sort((a, b) => b.served - a.served);
-  const notices = [];
-  if (!live) notices.push(h("div", { class: "notice info" }, "This gateway does not report live route state; the figures below come from the usage ledger."));
-  body.replaceChildren(...notices,
+  body.replaceChildren(
     h("div", { class: "card flush", "data-testid": "routes", style: "margin-bottom:16px" }, table([
       { title: "Model", cell: (r) => h("b", { class: "mono" }, r.model) },
       { title: "Route", cell: (r) => [h("span", null, r.route.upstream, " → ", h("span", { class: "mono" }, r.route.model)),
@@ -49,10 +45,10 @@ export async function render(main, ctx) {
       { title: "Latency p50", num: true, cell: (r) => f.ms(latency(r)) },
       { title: "TTFT p50", num: true, cell: (r) => f.ms(r.stat ? r.stat.ttft_p50_ms : null) },
       { title: "Last error", cell: (r) => lastError(r) },
-      { title: "", cell: (r) => testButton(r, testable) },
+      { title: "", cell: (r) => testButton(r) },
     ], rows, "No models are configured.")),
     h("details", { class: "card flush" }, h("summary", null, "Configuration (secrets masked)"),
-      h("pre", { class: "config", "data-testid": "config" }, cfg ? JSON.stringify(cfg, null, 2) : "Not available.")));
+      h("pre", { class: "config", "data-testid": "config" }, JSON.stringify(cfg, null, 2))));
 }
 
 async function reload(main, ctx) {
@@ -82,10 +78,12 @@ function recent(r) {
 }
 
 function lastError(r) {
-  const err = (r.live && r.live.last_error) || (r.stat && r.stat.last_error);
-  if (!err) return h("span", { class: "faint" }, "none");
-  const at = (r.stat && (r.stat.last_error_at || r.stat.last_at)) || (r.live && r.live.last_error_at);
-  return [h("span", { class: "mono" }, String(err)), at ? h("span", { class: "sub" }, f.ago(at)) : null];
+  // The ledger's (24 h), else the breaker's (this process, since start).
+  const src = r.stat && r.stat.last_error ? r.stat : r.live && r.live.last_error ? r.live : null;
+  if (!src) return h("span", { class: "faint" }, "none");
+  let at = src.last_error_at;
+  if (typeof at === "number") at = new Date(at * 1000).toISOString();  // unix seconds
+  return [h("span", { class: "mono" }, String(src.last_error)), at ? h("span", { class: "sub" }, f.ago(at)) : null];
 }
 
 function statePill(r) {
@@ -106,11 +104,11 @@ function statePill(r) {
   return h("span", { class: "pill ok" }, "ok");
 }
 
-function testButton(r, testable) {
+function testButton(r) {
   const out = h("span", { class: "sub" });
   const btn = h("button", {
-    class: "small", disabled: !testable, "data-testid": `test-${r.model}`,
-    title: testable ? "Send one tiny request through this model's routes" : "This gateway has no route test endpoint",
+    class: "small", "data-testid": `test-${r.model}`,
+    title: "Send one tiny request (one output token) through this route; it is recorded in the usage ledger",
     onclick: async () => {
       btn.disabled = true;
       out.textContent = "testing…";

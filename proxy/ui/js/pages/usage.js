@@ -1,12 +1,13 @@
 // Usage explorer: filter the ledger by key, model, time and outcome; chart, table, CSV.
 import { h, toast } from "../dom.js";
 import * as f from "../format.js";
-import { get, optional, request, query } from "../api.js";
+import { get, request, query } from "../api.js";
 import { timeChart, legend, COLORS } from "../chart.js";
-import { usagePage, usageSeries, fillSeries, csvOf } from "../data.js";
+import { usagePage, usageSeries, fillSeries } from "../data.js";
 import { pageHead, table, loading, failed, outcomePill } from "./common.js";
 
-const OUTCOMES = ["ok", "client_abort", "upstream_error", "timeout", "shutdown"];
+const OUTCOMES = [["ok", "ok"], ["error", "any failure"], ["client_abort", "client went away"], ["upstream_error", "upstream error"],
+  ["timeout", "timeout"], ["shutdown", "cut by shutdown"]];
 const PRESETS = [["1h", "last hour"], ["24h", "last 24 h"], ["7d", "last 7 days"], ["30d", "last 30 days"], ["custom", "custom…"]];
 const state = { preset: "24h", since: "", until: "", key: "", model: "", outcome: "" };
 
@@ -43,16 +44,22 @@ function fromHash() {
 export async function render(main, ctx) {
   fromHash();
   main.replaceChildren(pageHead("Usage"), loading());
-  const [keys, cfg] = await Promise.all([get("/admin/keys").catch(() => ({ data: [] })), optional("/admin/config").catch(() => null)]);
+  let keys, cfg;
+  try {
+    [keys, cfg] = await Promise.all([get("/admin/keys"), get("/admin/config")]);
+  } catch (err) {
+    if (ctx.alive()) main.replaceChildren(pageHead("Usage"), failed(err));
+    return;
+  }
   if (!ctx.alive()) return;
-  const models = cfg ? cfg.models.map((m) => m.name) : [];
+  const models = cfg.models.map((m) => m.name);
   const [preset, presetField] = select("preset", "Time", PRESETS, state.preset, "f-time");
   const since = h("input", { type: "datetime-local", value: state.since, "aria-label": "From" });
   const until = h("input", { type: "datetime-local", value: state.until, "aria-label": "Until" });
   const custom = h("label", { class: "field", hidden: state.preset !== "custom" }, "From – until (local time)", h("div", { class: "share" }, since, until));
   const [key, keyField] = select("key", "Key", [["", "all keys"], ...keys.data.map((k) => [k.id, k.name])], state.key, "f-key");
   const [model, modelField] = select("model", "Model", [["", "all models"], ...models.map((m) => [m, m])], state.model, "f-model");
-  const [outcome, outcomeField] = select("outcome", "Outcome", [["", "any outcome"], ...OUTCOMES.map((o) => [o, o.replace(/_/g, " ")])], state.outcome, "f-outcome");
+  const [outcome, outcomeField] = select("outcome", "Outcome", [["", "any outcome"], ...OUTCOMES], state.outcome, "f-outcome");
   preset.addEventListener("change", () => { custom.hidden = preset.value !== "custom"; });
   const apply = () => {
     Object.assign(state, { preset: preset.value, since: since.value, until: until.value, key: key.value, model: model.value, outcome: outcome.value });
@@ -130,11 +137,10 @@ async function loadTable(card, ctx) {
 async function exportCsv() {
   const fl = filter();
   try {
+    // Every matching record (the server streams it); fetched, not linked, so that the
+    // call carries the CSRF header like every other.
     const res = await request("GET", `/admin/usage${query({ ...fl, format: "csv" })}`, undefined, { raw: true });
-    let text = await res.text();
-    if ((res.headers.get("content-type") || "").includes("json")) {
-      text = csvOf((await usagePage(fl, null)).data);
-    }
+    const text = await res.text();
     const url = URL.createObjectURL(new Blob([text], { type: "text/csv" }));
     const a = h("a", { href: url, download: `llm-proxy-usage-${new Date().toISOString().slice(0, 16).replace(/:/g, "")}.csv` });
     document.body.append(a);
