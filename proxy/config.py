@@ -123,6 +123,11 @@ class UpstreamConfig:
     # servers that reject the option, which saves the refused first try; usage of their
     # streams is then what they report anyway, else estimated.
     stream_usage: bool = True
+    # protocol openai: whether it serves the Responses API; if not, Responses calls are
+    # translated onto its chat completions (DESIGN §7).
+    responses: bool = True
+    # max_tokens for translated calls that did not say (Anthropic requires one).
+    default_max_tokens: int = 4096
 
     @property
     def is_mock(self) -> bool:
@@ -332,6 +337,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: upstreams.{u.name}: kind azure needs protocol openai and an api_version")
         if not (u.is_mock or u.base_url.startswith(("http://", "https://"))):
             raise ConfigError(f"{source}: upstreams.{u.name}.base_url must be http(s):// or {MOCK_BASE_URL}")
+        if u.default_max_tokens < 1:
+            raise ConfigError(f"{source}: upstreams.{u.name}.default_max_tokens must be at least 1")
     model_names = [m.name for m in cfg.models]
     if len(set(model_names)) != len(model_names):
         raise ConfigError(f"{source}: model names must be unique")

@@ -46,6 +46,9 @@ from proxy.middleware.limits import Admission
 from proxy.pricing import cost_usd, max_cost_usd
 from proxy.routing import Route, Router
 from proxy.store.base import KeyRecord, Outcome, UsageRecord
+from proxy.translate import Translation, targets, translation_for
+from proxy.translate.common import ClientContext
+from proxy.translate.stream import StreamTranslator
 from proxy.upstream import UpstreamPool, UpstreamTarget, open_response, request_head
 
 log = logging.getLogger("llm_proxy.forward")
@@ -150,7 +153,7 @@ class Forwarder:
         stream = _stream_flag(body, endpoint)
         if key is not None and key.models and model not in key.models:
             raise ModelNotAllowed(f"This key may not use the model '{model[:64]}'.", param="model")
-        plan: Sequence[Route] = self._router.plan(model, endpoint.dialect.name)
+        plan: Sequence[Route] = self._router.plan(model, endpoint.dialect.name, targets(endpoint.name))
         upstreams = self._upstreams   # read with the plan: one configuration per request
         price = plan[0].model.price
         prompt_estimate = estimate_prompt_tokens(raw)
@@ -204,10 +207,15 @@ class Forwarder:
                 call.attempt, call.emitted = attempt, False
                 call.outcome, call.error, call.status, call.meter, call.ttft_ms = "ok", None, 0, None, None
             target = upstreams.get(route.upstream.name)
-            out, dropper_needed = self._upstream_body(call, body, raw, route)
+            # The one seam of cross-dialect translation: None keeps the byte-exact path.
+            translation = translation_for(call.endpoint.name, route.upstream)
+            if translation is None:
+                out, dropper_needed = self._upstream_body(call, body, raw, route)
+            else:
+                out, dropper_needed = translation.request(body, route.upstream_model, call.stream), False
             sent = time.monotonic()
             try:
-                resp = await self._open(ex, call, target, out, dropper_needed, body, raw, route)
+                resp = await self._open(ex, call, target, out, dropper_needed, body, raw, route, translation)
             except (UpstreamError, UpstreamTimeout) as exc:
                 self._fail(call, exc)
                 failure = Failure("timeout" if isinstance(exc, UpstreamTimeout) else "unreachable")
@@ -237,6 +245,9 @@ class Forwarder:
                     # Never followed nor passed on: a redirect could
                     # send the caller, or a later hop, to an internal host.
                     raise UpstreamError(f"The upstream answered with a redirect (status {resp.status}).")
+                if translation is not None:
+                    ctx = translation.context(call.model, call.stream, call.prompt_estimate, ex.request.query_string)
+                    return await self._translated(ex, call, target, resp, translation, ctx, headers, lines)
                 if resp.status < 300:
                     call.meter = meter_for(call.endpoint.name, call.stream, sse="alt=sse" in ex.request.query_string)
                 if call.stream and resp.status == 200 and _is_stream(resp):
@@ -300,10 +311,17 @@ class Forwarder:
         body: dict[str, Any],
         raw: bytes,
         route: Route,
+        translation: Translation | None = None,
     ) -> Http1Response:
-        path = target.dialect.upstream_url(
-            target.base_path, call.endpoint.name, route.upstream_model, call.stream, ex.request.query_string
-        )
+        if translation is None:
+            path = target.dialect.upstream_url(
+                target.base_path, call.endpoint.name, route.upstream_model, call.stream, ex.request.query_string
+            )
+        else:
+            path = target.dialect.upstream_url(
+                target.base_path, translation.upstream_endpoint(call.stream), route.upstream_model, call.stream,
+                translation.upstream_query(call.stream),
+            )
         head = request_head(ex.request.headers, target, call.request_id)
         resp = await open_response(target, path, out, head)
         if resp.status == 400 and dropper_needed:
@@ -318,8 +336,39 @@ class Forwarder:
 
     # ------------------------------------------------------------------ relays
 
+    async def _translated(
+        self,
+        ex: Exchange,
+        call: Call,
+        target: UpstreamTarget,
+        resp: Http1Response,
+        translation: Translation,
+        ctx: ClientContext,
+        headers: HeaderList,
+        lines: bytes,
+    ) -> None:
+        """The upstream's answer, in the caller's dialect: metered on the upstream's own
+        bytes (its numbers are what is billed), relayed through the translator."""
+        if translation.dropped:
+            headers = [*headers, ("x-llm-proxy-translation", "dropped=" + ",".join(translation.dropped)[:512])]
+        endpoint = translation.upstream_endpoint(call.stream)
+        if resp.status < 300:
+            call.meter = meter_for(endpoint, call.stream, sse=True)
+        if call.stream and resp.status == 200 and _is_stream(resp):
+            relay = translation.stream(ctx)
+            return await self._relay_stream(ex, call, target, resp, relay, headers, lines)
+        return await self._relay_body(ex, call, target, resp, headers, lines, translation, ctx)
+
     async def _relay_body(
-        self, ex: Exchange, call: Call, target: UpstreamTarget, resp: Http1Response, headers: HeaderList, lines: bytes
+        self,
+        ex: Exchange,
+        call: Call,
+        target: UpstreamTarget,
+        resp: Http1Response,
+        headers: HeaderList,
+        lines: bytes,
+        translation: Translation | None = None,
+        ctx: ClientContext | None = None,
     ) -> None:
         try:
             data = await resp.read_all(_UPSTREAM_BODY_CAP, target.config.timeouts.idle_s)
@@ -344,6 +393,12 @@ class Forwarder:
             call.meter.finish()
         elif resp.status >= 400:
             call.outcome, call.error = "upstream_error", f"upstream_{resp.status}"
+        if translation is not None and ctx is not None:
+            if resp.status >= 400:
+                raise translation.error(resp.status, data, resp.headers.get("retry-after"))
+            data = translation.response(data, ctx)
+            ex.respond(resp.status, [*headers, ("Content-Type", "application/json")], data, lines)
+            return
         if resp.status >= 400:
             data = call.endpoint.dialect.relay_error_body(data, call.client_request_id)
         ex.respond(resp.status, _pass_headers(resp, headers), data, lines)
@@ -354,7 +409,7 @@ class Forwarder:
         call: Call,
         target: UpstreamTarget,
         resp: Http1Response,
-        relay: UsageChunkDropper | WholeEvents | None,
+        relay: UsageChunkDropper | WholeEvents | StreamTranslator | None,
         headers: HeaderList,
         lines: bytes,
     ) -> None:

@@ -40,6 +40,8 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from proxy.mock_checks import check_anthropic, check_chat, check_gemini, thinking_signature
+
 __all__ = [
     "DEFAULT_WORDS",
     "FailMode",
@@ -354,17 +356,27 @@ def _text_of(content: Any) -> str:
 
 
 def _last_user_text(messages: Any, content_key: str = "content") -> str:
-    """Text of the last user turn (OpenAI/Anthropic ``messages`` or Gemini ``contents``)."""
-    if not isinstance(messages, list):
+    """Text of the conversation's last turn when the user wrote it (OpenAI/Anthropic
+    ``messages`` or Gemini ``contents``); "" after tool results, so a tool loop ends."""
+    if not isinstance(messages, list) or not messages:
         return ""
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "user":
-            return _text_of(message.get(content_key))
+    message = messages[-1]
+    if isinstance(message, dict) and message.get("role") in ("user", None):
+        return _text_of(message.get(content_key))
     return ""
 
 
 def _wants_weather_tool(tools: Any, user_text: str) -> bool:
     return isinstance(tools, list) and bool(tools) and "weather" in user_text.lower()
+
+
+def _tool_calls_wanted(user_text: str) -> int:
+    """How many tool calls to make at once: two when the user asks for them in parallel."""
+    return 2 if "parallel" in user_text.lower() else 1
+
+
+# What the mock "thinks" when a request turns reasoning on (deterministic: tests sign it).
+_THOUGHT = "The user wants the weather, so I call the tool."
 
 
 # --------------------------------------------------------------------------- errors and auth
@@ -541,15 +553,24 @@ def _tool_name_openai(tools: list[Any]) -> str:
 def _chat_completions(call: _Call) -> _Reply:
     model = call.require_model()
     body = call.body
+    problem = check_chat(body)
+    if problem is not None:
+        raise _BadRequest(problem)
     tool = None
-    if _wants_weather_tool(body.get("tools"), _last_user_text(body.get("messages"))):
+    text = _last_user_text(body.get("messages"))
+    if _wants_weather_tool(body.get("tools"), text):
         tool = _tool_name_openai(body["tools"])
+    calls = _tool_calls_wanted(text)
+    # DeepSeek-style thinking: reasoning_content in the answer, required back (check_chat).
+    reasoning = _THOUGHT if body.get("reasoning_effort") is not None else None
     if body.get("stream") is True:
-        return _chat_stream(call, model, tool)
-    return _json_reply(_chat_document(call, model, tool))
+        return _chat_stream(call, model, tool, calls, reasoning)
+    return _json_reply(_chat_document(call, model, tool, calls, reasoning))
 
 
-def _chat_document(call: _Call, model: str, tool: str | None) -> dict[str, Any]:
+def _chat_document(
+    call: _Call, model: str, tool: str | None, calls: int = 1, reasoning: str | None = None
+) -> dict[str, Any]:
     message: dict[str, Any]
     if tool is None:
         completion = call.chunks
@@ -571,11 +592,16 @@ def _chat_document(call: _Call, model: str, tool: str | None) -> dict[str, Any]:
                     "type": "function",
                     "function": {"name": tool, "arguments": "".join(_TOOL_ARG_FRAGMENTS)},
                 }
+                for _ in range(calls)
             ],
             "refusal": None,
             "annotations": [],
         }
+        completion *= calls
         finish = "tool_calls"
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+        completion += 1
     doc: dict[str, Any] = {
         "id": _new_id("chatcmpl-"),
         "object": "chat.completion",
@@ -590,7 +616,9 @@ def _chat_document(call: _Call, model: str, tool: str | None) -> dict[str, Any]:
     return doc
 
 
-def _chat_stream(call: _Call, model: str, tool: str | None) -> _Reply:
+def _chat_stream(
+    call: _Call, model: str, tool: str | None, calls: int = 1, reasoning: str | None = None
+) -> _Reply:
     include_usage = _include_usage(call.body)
     head = {
         "id": _new_id("chatcmpl-"),
@@ -630,9 +658,18 @@ def _chat_stream(call: _Call, model: str, tool: str | None) -> _Reply:
         slot = _slotted(chunk(fragment), b"data: ", b"\n\n")
         values = [orjson.dumps(f) for f in _TOOL_ARG_FRAGMENTS]
         finish = "tool_calls"
-    events = [_sse(chunk(first)), *_fill(slot, values), _sse(chunk({}, finish))]
+    events = [_sse(chunk(first)), *_fill(slot, values)]
+    for k in range(1, calls if tool is not None else 1):
+        # A parallel call: its own index and id, then its argument fragments.
+        opening = {"index": k, "id": _new_id("call_"), "type": "function", "function": {"name": tool, "arguments": ""}}
+        events.append(_sse(chunk({"tool_calls": [opening]})))
+        more = _slotted(chunk({"tool_calls": [{"index": k, "function": {"arguments": _SLOT}}]}), b"data: ", b"\n\n")
+        events.extend(_fill(more, [orjson.dumps(f) for f in _TOOL_ARG_FRAGMENTS]))
+    if reasoning is not None:
+        events.insert(0, _sse(chunk({"role": "assistant", "content": None, "reasoning_content": reasoning})))
+    events.append(_sse(chunk({}, finish)))
     if include_usage and call.with_usage:
-        usage = _openai_usage(call.prompt_tokens, len(values))
+        usage = _openai_usage(call.prompt_tokens, (len(values) * (calls if tool is not None else 1)) + (reasoning is not None))
         events.append(_sse({**head, "choices": [], "usage": usage}))
     events.append(b"data: [DONE]\n\n")
     return _stream_reply(events)
@@ -875,26 +912,43 @@ def _tool_name_anthropic(tools: list[Any]) -> str:
     return name if isinstance(name, str) and name else "get_weather"
 
 
+def _thinking_on(body: Mapping[str, Any]) -> bool:
+    thinking = body.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") == "enabled"
+
+
 def _messages(call: _Call) -> _Reply:
     model = call.require_model()
     body = call.body
+    problem = check_anthropic(body)
+    if problem is not None:
+        raise _BadRequest(problem)
     tool = None
-    if _wants_weather_tool(body.get("tools"), _last_user_text(body.get("messages"))):
+    text = _last_user_text(body.get("messages"))
+    if _wants_weather_tool(body.get("tools"), text):
         tool = _tool_name_anthropic(body["tools"])
+    calls = _tool_calls_wanted(text)
+    thinking = _thinking_on(body)
     if body.get("stream") is True:
-        return _messages_stream(call, model, tool)
+        return _messages_stream(call, model, tool, calls, thinking)
+    blocks: list[dict[str, Any]] = []
+    if thinking:
+        blocks.append({"type": "thinking", "thinking": _THOUGHT, "signature": thinking_signature(_THOUGHT)})
     if tool is None:
-        block: dict[str, Any] = {"type": "text", "text": call.kit.text(call.chunks)}
+        blocks.append({"type": "text", "text": call.kit.text(call.chunks)})
         completion, stop = call.chunks, "end_turn"
     else:
-        block = {"type": "tool_use", "id": _new_id("toolu_"), "name": tool, "input": _TOOL_ARGS}
-        completion, stop = len(_TOOL_ARG_FRAGMENTS), "tool_use"
+        blocks.extend(
+            {"type": "tool_use", "id": _new_id("toolu_"), "name": tool, "input": _TOOL_ARGS} for _ in range(calls)
+        )
+        completion, stop = len(_TOOL_ARG_FRAGMENTS) * calls, "tool_use"
+    completion += thinking
     doc: dict[str, Any] = {
         "model": model,
         "id": _new_id("msg_"),
         "type": "message",
         "role": "assistant",
-        "content": [block],
+        "content": blocks,
         "stop_reason": stop,
         "stop_sequence": None,
     }
@@ -903,7 +957,9 @@ def _messages(call: _Call) -> _Reply:
     return _json_reply(doc)
 
 
-def _messages_stream(call: _Call, model: str, tool: str | None) -> _Reply:
+def _messages_stream(
+    call: _Call, model: str, tool: str | None, calls: int = 1, thinking: bool = False
+) -> _Reply:
     message: dict[str, Any] = {
         "id": _new_id("msg_"),
         "type": "message",
@@ -916,10 +972,13 @@ def _messages_stream(call: _Call, model: str, tool: str | None) -> _Reply:
     if call.with_usage:
         # Like the real API: output_tokens starts at 1; message_delta carries the total.
         message["usage"] = _anthropic_usage(call.prompt_tokens, 1)
+    first = 1 if thinking else 0   # the index of the first text / tool_use block
     if tool is None:
         block: dict[str, Any] = {"type": "text", "text": ""}
         ready = call.kit.anthropic_deltas
         deltas = [ready[i % len(ready)] for i in range(call.chunks)]
+        if first:
+            deltas = [d.replace(b'"index":0', b'"index":1', 1) for d in deltas]
         completion, stop = call.chunks, "end_turn"
     else:
         block = {"type": "tool_use", "id": _new_id("toolu_"), "name": tool, "input": {}}
@@ -928,32 +987,64 @@ def _messages_stream(call: _Call, model: str, tool: str | None) -> _Reply:
                 "content_block_delta",
                 {
                     "type": "content_block_delta",
-                    "index": 0,
+                    "index": first,
                     "delta": {"type": "input_json_delta", "partial_json": f},
                 },
             )
             for f in ("", *_TOOL_ARG_FRAGMENTS)  # the real API opens with an empty fragment
         ]
-        completion, stop = len(_TOOL_ARG_FRAGMENTS), "tool_use"
+        completion, stop = len(_TOOL_ARG_FRAGMENTS) * calls, "tool_use"
+    completion += thinking
     message_delta: dict[str, Any] = {
         "type": "message_delta",
         "delta": {"stop_reason": stop, "stop_sequence": None},
     }
     if call.with_usage:
         message_delta["usage"] = {"output_tokens": completion}
-    events = [
-        _named_sse("message_start", {"type": "message_start", "message": message}),
+    events = [_named_sse("message_start", {"type": "message_start", "message": message})]
+    if thinking:
+        events.extend(_thinking_events())
+    events += [
         _named_sse(
             "content_block_start",
-            {"type": "content_block_start", "index": 0, "content_block": block},
+            {"type": "content_block_start", "index": first, "content_block": block},
         ),
         b'event: ping\ndata: {"type": "ping"}\n\n',
         *deltas,
-        _named_sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        _named_sse("content_block_stop", {"type": "content_block_stop", "index": first}),
+    ]
+    for k in range(1, calls if tool is not None else 1):
+        index = first + k
+        opening: dict[str, Any] = {"type": "tool_use", "id": _new_id("toolu_"), "name": tool, "input": {}}
+        events.append(_named_sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": opening}))
+        events.extend(
+            _named_sse("content_block_delta", {"type": "content_block_delta", "index": index,
+                                               "delta": {"type": "input_json_delta", "partial_json": f}})
+            for f in _TOOL_ARG_FRAGMENTS
+        )
+        events.append(_named_sse("content_block_stop", {"type": "content_block_stop", "index": index}))
+    events += [
         _named_sse("message_delta", message_delta),
         _named_sse("message_stop", {"type": "message_stop"}),
     ]
     return _stream_reply(events, _ANTHROPIC_SSE_TYPE)
+
+
+def _thinking_events() -> list[bytes]:
+    """A thinking block at index 0: its text in two deltas, the signature just before stop."""
+    half = len(_THOUGHT) // 2
+    start = {"type": "thinking", "thinking": "", "signature": ""}
+    return [
+        _named_sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": start}),
+        *(
+            _named_sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                               "delta": {"type": "thinking_delta", "thinking": piece}})
+            for piece in (_THOUGHT[:half], _THOUGHT[half:])
+        ),
+        _named_sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                           "delta": {"type": "signature_delta", "signature": thinking_signature(_THOUGHT)}}),
+        _named_sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    ]
 
 
 def _count_tokens(call: _Call) -> _Reply:
@@ -1030,14 +1121,33 @@ def _gemini_chunk(
     return chunk
 
 
+def _check_gemini(call: _Call) -> None:
+    problem = check_gemini(call.body)
+    if problem is not None:
+        raise _BadRequest(problem)
+
+
+def _gemini_call_parts(body: Mapping[str, Any], tool: str) -> list[Any]:
+    """The function call parts of a tool turn: with thinking on, a thought part first and
+    a thoughtSignature on the first call only, as Gemini does with parallel calls."""
+    text = _last_user_text(body.get("contents"), content_key="parts")
+    parts: list[Any] = [{"functionCall": {"name": tool, "args": _TOOL_ARGS}} for _ in range(_tool_calls_wanted(text))]
+    config = body.get("generationConfig")
+    if isinstance(config, dict) and isinstance(config.get("thinkingConfig"), dict):
+        parts[0]["thoughtSignature"] = thinking_signature(tool)
+        parts.insert(0, {"text": _THOUGHT, "thought": True})
+    return parts
+
+
 def _generate_content(call: _Call) -> _Reply:
+    _check_gemini(call)
     tool = _gemini_tool(call.body)
     if tool is None:
         parts: list[Any] = [{"text": call.kit.text(call.chunks)}]
         completion = call.chunks
     else:
-        parts = [{"functionCall": {"name": tool, "args": _TOOL_ARGS}}]
-        completion = 1
+        parts = _gemini_call_parts(call.body, tool)
+        completion = len(parts)
     usage = _gemini_usage(call.prompt_tokens, completion) if call.with_usage else None
     return _json_reply(_gemini_chunk(parts, True, usage, call.model), _GOOGLE_JSON_TYPE)
 
@@ -1048,9 +1158,9 @@ def _gemini_stream_docs(call: _Call) -> list[bytes]:
     tool = _gemini_tool(call.body)
     if tool is not None:
         # Function calls arrive whole, in one part, never as partial arguments.
-        part = {"functionCall": {"name": tool, "args": _TOOL_ARGS}}
-        usage = _gemini_usage(prompt, 1) if call.with_usage else None
-        return [orjson.dumps(_gemini_chunk([part], True, usage, call.model))]
+        parts = _gemini_call_parts(call.body, tool)
+        usage = _gemini_usage(prompt, len(parts)) if call.with_usage else None
+        return [orjson.dumps(_gemini_chunk(parts, True, usage, call.model))]
     values = call.kit.word_values(call.chunks)
     middle_usage = _gemini_usage(prompt, None) if call.with_usage else None
     slot = _slotted(_gemini_chunk([{"text": _SLOT}], False, middle_usage, call.model), b"", b"")
@@ -1060,6 +1170,7 @@ def _gemini_stream_docs(call: _Call) -> list[bytes]:
 
 
 def _stream_generate_content(call: _Call) -> _Reply:
+    _check_gemini(call)
     docs = _gemini_stream_docs(call)
     if call.query.get("alt") == "sse":
         return _stream_reply([b"data: " + d + b"\r\n\r\n" for d in docs])

@@ -40,7 +40,7 @@ class Router:
         self._rng = rng or random.Random()
         self._routes: dict[str, tuple[Route, ...]] = {}
         self._models: dict[str, ModelConfig] = {}
-        self._fixed: dict[tuple[str, str], tuple[Route, ...]] = {}  # plans without a weighted pick
+        self._fixed: dict[tuple[str, str, frozenset[str]], tuple[Route, ...]] = {}  # plans without a weighted pick
         self.skipped: list[str] = []
         for model in config.models:
             routes = []
@@ -74,20 +74,22 @@ class Router:
     def protocols(self, name: str) -> set[str]:
         return {r.upstream.protocol for r in self._routes.get(name, ())}
 
-    def plan(self, name: str, protocol: str) -> tuple[Route, ...]:
+    def plan(self, name: str, protocol: str, translatable: frozenset[str] = frozenset()) -> tuple[Route, ...]:
         """The routes to try for `name` in order: a weighted pick first, then fallbacks.
 
-        Raises ModelNotFound for unknown names and InvalidRequest when the model is only
-        served by upstreams of another dialect (until cross-dialect translation exists).
+        Routes whose upstream speaks `protocol`, or one of the `translatable` protocols
+        the caller's endpoint can be translated to, are usable. Raises ModelNotFound for
+        unknown names and InvalidRequest when no route is usable (an endpoint without
+        translation, such as embeddings, on a model of another protocol).
         A plan with no weighted choice in it is made once and kept (the usual case).
         """
-        fixed = self._fixed.get((name, protocol))
+        fixed = self._fixed.get((name, protocol, translatable))
         if fixed is not None:
             return fixed
         routes = self._routes.get(name)
         if routes is None:
             raise ModelNotFound(f"The model '{_short(name)}' does not exist or is not served here.", param="model")
-        usable = [r for r in routes if r.upstream.protocol == protocol]
+        usable = [r for r in routes if r.upstream.protocol == protocol or r.upstream.protocol in translatable]
         if not usable:
             others = ", ".join(sorted(self.protocols(name)))
             raise InvalidRequest(
@@ -99,11 +101,13 @@ class Router:
         groups = _tiers(usable) + [
             tier
             for fb in self._models[name].fallbacks
-            for tier in _tiers([r for r in self._routes.get(fb, ()) if r.upstream.protocol == protocol])
+            for tier in _tiers(
+                [r for r in self._routes.get(fb, ()) if r.upstream.protocol == protocol or r.upstream.protocol in translatable]
+            )
         ]
         plan = tuple(route for group in groups for route in self._weighted_order(group))
         if all(len(group) <= 1 for group in groups):
-            self._fixed[(name, protocol)] = plan
+            self._fixed[(name, protocol, translatable)] = plan
         return plan
 
     def _weighted_order(self, routes: list[Route]) -> list[Route]:

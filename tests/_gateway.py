@@ -144,6 +144,9 @@ def test_config(tmp: Path, upstream_base: str, mock_base: str, **overrides: Any)
         UpstreamConfig("mock-anthropic", mock_base, "anthropic", "mock-key", timeouts),
         UpstreamConfig("mock-gemini", mock_base, "gemini", "mock-key", timeouts),
         UpstreamConfig("dead", "http://127.0.0.1:9/v1", "openai", "dead-key", timeouts),
+        # Chat-only servers (vLLM, Ollama...): Responses calls are translated onto chat.
+        UpstreamConfig("up-chatonly", upstream_base + "/v1", "openai", UPSTREAM_KEY, timeouts, responses=False),
+        UpstreamConfig("mock-chatonly", mock_base + "/v1", "openai", "mock-key", timeouts, responses=False),
     )
 
     def model(name: str, upstream: str, target: str, fallbacks: tuple[str, ...] = ()) -> ModelConfig:
@@ -158,6 +161,8 @@ def test_config(tmp: Path, upstream_base: str, mock_base: str, **overrides: Any)
         model("mock-gemini", "mock-gemini", "mock-gemini"),
         model("dead-gpt", "dead", "gpt-dead"),
         model("dead-then-mock", "dead", "gpt-dead", ("mock-gpt",)),
+        model("up-chatonly", "up-chatonly", "local-model"),
+        model("mock-chatonly", "mock-chatonly", "mock-gpt"),
     )
     base = Config(
         server=ServerConfig(host="127.0.0.1", port=0, shutdown_grace_s=2, stream_keepalive_s=15),

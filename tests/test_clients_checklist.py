@@ -719,10 +719,11 @@ async def test_statuses_map_to_sdk_exception_classes(gateway):
         with pytest.raises(openai.PermissionDeniedError):
             await client.chat.completions.create(model="mock-gpt", messages=[USER])
     async with ant(gw) as client:
-        for exc, model in ((anthropic.BadRequestError, "mock-gpt"), (anthropic.NotFoundError, "no-such-model"),
-                           (anthropic.InternalServerError, "up-claude")):
+        for exc, kw in ((anthropic.BadRequestError, {"model": "mock-claude", "extra_body": {"api_base": "http://x"}}),
+                        (anthropic.NotFoundError, {"model": "no-such-model"}),
+                        (anthropic.InternalServerError, {"model": "up-claude"})):
             with pytest.raises(exc) as err:
-                await client.messages.create(model=model, max_tokens=8, messages=[USER])
+                await client.messages.create(max_tokens=8, messages=[USER], **kw)
             assert err.value.request_id == err.value.body["request_id"]  # item 49
     async with ant(gw, key=limited) as client:
         with pytest.raises(anthropic.PermissionDeniedError):

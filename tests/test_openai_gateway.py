@@ -155,7 +155,6 @@ async def test_error_rows_in_openai_shape(gateway):
         (gw.headers(), {"messages": []}, 400, "invalid_request_error"),
         (gw.headers(), {**CHAT, "stream": "yes"}, 400, "invalid_request_error"),
         (gw.headers(), {**CHAT, "api_base": "http://evil"}, 400, "unsupported_parameter"),
-        (gw.headers(), {**CHAT, "model": "up-claude"}, 400, "dialect_mismatch"),
         (gw.headers(), {**CHAT, "model": "dead-gpt"}, 502, "upstream_error"),
     ]
     for headers, body, status, code in cases:
@@ -165,6 +164,9 @@ async def test_error_rows_in_openai_shape(gateway):
         assert set(err) == {"message", "type", "param", "code"}
         assert got_headers.get("x-request-id"), (body, got_headers)
         assert UPSTREAM_KEY not in raw.decode() and "pg_sleep" not in raw.decode()
+    # Embeddings are not translated: an Anthropic-only model cannot serve them.
+    status, _, raw = await _post(gw, "/v1/embeddings", {"model": "mock-claude", "input": "x"}, gw.headers())
+    assert (status, orjson.loads(raw)["error"]["code"]) == (400, "dialect_mismatch")
     status, _, raw = await _post(gw, "/v1/chat/completions", raw=b'{"model":')
     assert status == 400 and orjson.loads(raw)["error"]["code"] == "invalid_json"
     status, _, raw = await _post(gw, "/v1/chat/completions", raw=b"[]")

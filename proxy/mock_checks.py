@@ -1,0 +1,278 @@
+"""What the mock provider refuses: the request rules each real API enforces.
+
+The gateway's translators write requests for protocols the client does not speak; a
+translation mistake must fail a test here instead of at a real provider. Each check
+returns the provider's own kind of message (or None for a valid request). Only rules
+that real APIs enforce with a 400 are checked, so a request the mock accepts would be
+accepted there too, as far as the shapes go.
+
+Standalone like the mock: it uses none of the gateway's code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from typing import Any
+
+_ANTHROPIC_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
+_IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+# Keys the Gemini `Schema` type accepts in functionDeclarations[].parameters (TRANSLATION §1.5).
+GEMINI_SCHEMA_KEYS = frozenset({
+    "type", "format", "title", "description", "nullable", "enum", "items", "minItems", "maxItems", "properties",
+    "required", "minProperties", "maxProperties", "minLength", "maxLength", "pattern", "example", "anyOf",
+    "propertyOrdering", "default", "minimum", "maximum",
+})
+
+
+def thinking_signature(text: str) -> str:
+    """The signature the mock gives (and expects back on) a thinking block: it depends
+    on the text, so a changed or dropped text fails like a real provider's check."""
+    return "mocksig_" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------- OpenAI chat
+
+
+def check_chat(body: dict[str, Any]) -> str | None:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty array."
+    open_calls: set[str] = set()
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            return f"messages[{i}] must be an object."
+        role = msg.get("role")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            return f"Invalid value for 'messages[{i}].role': '{role}'."
+        if role == "tool":
+            call_id = msg.get("tool_call_id")
+            if call_id not in open_calls:
+                return (f"Invalid parameter: messages with role 'tool' must be a response to a preceeding message "
+                        f"with 'tool_calls' (messages[{i}].tool_call_id={call_id!r}).")
+            open_calls.discard(call_id)
+            continue
+        if open_calls:
+            return ("An assistant message with 'tool_calls' must be followed by tool messages responding to each "
+                    f"'tool_call_id'. The following tool_call_ids did not have response messages: {sorted(open_calls)}")
+        if role == "assistant":
+            calls = msg.get("tool_calls") or []
+            ids = [c.get("id") for c in calls if isinstance(c, dict)]
+            if len(set(ids)) != len(ids) or not all(isinstance(x, str) and x for x in ids):
+                return f"messages[{i}].tool_calls: ids must be distinct non-empty strings."
+            for c in calls:
+                fn = c.get("function") if isinstance(c, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+                    return f"messages[{i}].tool_calls[].function.arguments must be a string."
+            if calls and body.get("reasoning_effort") is not None and not msg.get("reasoning_content"):
+                # DeepSeek's thinking mode (TRANSLATION P28).
+                return (f"Missing reasoning_content field in the assistant message at message index {i}. "
+                        "The reasoning_content in the thinking mode must be passed back to the API.")
+            open_calls = {str(x) for x in ids}
+        content = msg.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else None
+                    if not isinstance(url, str) or not url.startswith(("data:image/", "https://", "http://")):
+                        return f"messages[{i}]: invalid image_url."
+    return None
+
+
+# ---------------------------------------------------------------------------- Anthropic
+
+
+def check_anthropic(body: dict[str, Any]) -> str | None:
+    max_tokens = body.get("max_tokens")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        return "max_tokens: Field required"
+    if body.get("temperature") is not None and body.get("top_p") is not None:
+        return "`temperature` and `top_p` cannot both be specified for this model. Please use only one."
+    thinking = body.get("thinking")
+    thinking_on = isinstance(thinking, dict) and thinking.get("type") == "enabled"
+    budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+    if thinking_on and not (isinstance(budget, int) and 1024 <= budget < max_tokens):
+        return "thinking.budget_tokens: must be ≥ 1024 and less than max_tokens"
+    system = body.get("system")
+    if isinstance(system, list):
+        for block in system:
+            if not isinstance(block, dict) or block.get("type") != "text" or not str(block.get("text", "")).strip():
+                return "system: text content blocks must be non-empty"
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "messages: at least one message is required"
+    pending: list[str] = []
+    for i, msg in enumerate(messages):
+        problem = _anthropic_message(msg, i, messages, pending, thinking_on)
+        if problem:
+            return problem
+    return None
+
+
+def _anthropic_message(msg: Any, i: int, messages: list[Any], pending: list[str], thinking_on: bool) -> str | None:
+    if not isinstance(msg, dict) or msg.get("role") not in ("user", "assistant"):
+        return f"messages.{i}.role: Input should be 'user' or 'assistant'"
+    role = msg["role"]
+    if i == 0 and role != "user":
+        return "messages: first message must use the \"user\" role"
+    if i and messages[i - 1].get("role") == role:
+        return f"messages.{i}: roles must alternate between \"user\" and \"assistant\""
+    content = msg.get("content")
+    blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if not isinstance(blocks, list) or not blocks:
+        return f"messages.{i}: content must be a non-empty string or list"
+    for j, block in enumerate(blocks):
+        problem = _anthropic_block(block, f"messages.{i}.content.{j}")
+        if problem:
+            return problem
+    if role == "user":
+        results = [b.get("tool_use_id") for b in blocks if b.get("type") == "tool_result"]
+        if pending:
+            head = [b.get("tool_use_id") for b in blocks[: len(pending)] if b.get("type") == "tool_result"]
+            if sorted(head) != sorted(pending):
+                return (f"messages.{i}: `tool_use` ids were found without `tool_result` blocks immediately after: "
+                        f"{', '.join(sorted(set(pending) - set(head)))}. Each `tool_use` block must have a "
+                        "corresponding `tool_result` block in the next message.")
+        elif results:
+            return f"messages.{i}.content: unexpected `tool_use_id` found in `tool_result` blocks: {results[0]}"
+        pending.clear()
+        return None
+    if pending:
+        return f"messages.{i}: tool_use without tool_result"
+    uses = [b["id"] for b in blocks if b.get("type") == "tool_use"]
+    last_tool_turn = uses and all(
+        not any(b.get("type") == "tool_use" for b in (m.get("content") if isinstance(m.get("content"), list) else []))
+        for m in messages[i + 1:] if m.get("role") == "assistant"
+    )
+    if thinking_on and last_tool_turn and blocks[0].get("type") not in ("thinking", "redacted_thinking"):
+        return (f"messages.{i}.content.0.type: Expected `thinking` or `redacted_thinking`, but found "
+                f"`{blocks[0].get('type')}`. When `thinking` is enabled, a final `assistant` message must start "
+                "with a thinking block.")
+    pending.extend(uses)
+    return None
+
+
+def _anthropic_block(block: Any, where: str) -> str | None:
+    if not isinstance(block, dict):
+        return f"{where}: must be an object"
+    kind = block.get("type")
+    if kind == "text":
+        if not isinstance(block.get("text"), str) or not block["text"].strip():
+            return f"{where}: text content blocks must be non-empty"
+    elif kind == "image":
+        return _anthropic_image(block, where)
+    elif kind == "tool_use":
+        if not isinstance(block.get("id"), str) or not _ANTHROPIC_ID.match(block["id"]):
+            return f"{where}.id: String should match pattern '^[a-zA-Z0-9_-]+$'"
+        if not isinstance(block.get("input"), dict):
+            return f"{where}.input: Input should be a valid dictionary"
+    elif kind == "tool_result":
+        if not isinstance(block.get("tool_use_id"), str) or not _ANTHROPIC_ID.match(block["tool_use_id"]):
+            return f"{where}.tool_use_id: String should match pattern '^[a-zA-Z0-9_-]+$'"
+        inner = block.get("content")
+        if isinstance(inner, list):
+            for k, item in enumerate(inner):
+                problem = _anthropic_block(item, f"{where}.content.{k}")
+                if problem:
+                    return problem
+    elif kind == "thinking":
+        if block.get("signature") != thinking_signature(str(block.get("thinking", ""))):
+            return f"{where}: Invalid `signature` in `thinking` block"
+    elif kind != "redacted_thinking":
+        return f"{where}.type: unknown content block type {kind!r}"
+    return None
+
+
+def _anthropic_image(block: dict[str, Any], where: str) -> str | None:
+    source = block.get("source")
+    if not isinstance(source, dict):
+        return f"{where}.source: Field required"
+    if source.get("type") == "url":
+        return None if isinstance(source.get("url"), str) else f"{where}.source.url: Field required"
+    if source.get("type") != "base64" or source.get("media_type") not in _IMAGE_TYPES:
+        return f"{where}.source.media_type: Input should be one of {', '.join(_IMAGE_TYPES)}"
+    try:
+        base64.b64decode(str(source.get("data")), validate=True)
+    except (binascii.Error, ValueError):
+        return f"{where}.source.data: invalid base64 data"
+    return None
+
+
+# ---------------------------------------------------------------------------- Gemini
+
+
+def check_gemini(body: dict[str, Any]) -> str | None:
+    contents = body.get("contents")
+    if not isinstance(contents, list) or not contents:
+        return "* GenerateContentRequest.contents: contents is not specified"
+    calls = 0
+    for i, content in enumerate(contents):
+        if not isinstance(content, dict) or content.get("role") not in ("user", "model", None):
+            return f"Please use a valid role: user, model. (contents[{i}])"
+        parts = content.get("parts")
+        if not isinstance(parts, list) or not parts:
+            return f"* GenerateContentRequest.contents[{i}].parts: contents.parts must not be empty."
+        responses = sum(1 for p in parts if isinstance(p, dict) and "functionResponse" in p)
+        if calls and responses != calls:
+            return ("Please ensure that the number of function response parts is equal to the number of function "
+                    "call parts of the function call turn.")
+        if responses and not calls:
+            return f"contents[{i}]: functionResponse without a preceding functionCall turn."
+        calls = sum(1 for p in parts if isinstance(p, dict) and "functionCall" in p) if content.get("role") == "model" else 0
+        if calls:
+            problem = _signature_problem(parts, i, isinstance((body.get("generationConfig") or {}).get("thinkingConfig"), dict))
+            if problem:
+                return problem
+        for p in parts:
+            if isinstance(p, dict) and "functionResponse" in p:
+                fr = p["functionResponse"]
+                if not isinstance(fr, dict) or not fr.get("name") or not isinstance(fr.get("response"), dict):
+                    return f"contents[{i}]: functionResponse needs a name and a response object."
+    for tool in body.get("tools") or []:
+        for decl in (tool.get("functionDeclarations") or []) if isinstance(tool, dict) else []:
+            params = decl.get("parameters") if isinstance(decl, dict) else None
+            if params is not None:
+                bad = _schema_problem(params, f"functionDeclarations[{decl.get('name')}].parameters")
+                if bad:
+                    return bad
+    return None
+
+
+def _signature_problem(parts: list[Any], i: int, thinking: bool) -> str | None:
+    """Gemini 3: the first function call of a model turn carries the signature Gemini
+    gave it (or the documented skip value for foreign histories); a wrong one fails."""
+    first = next(p for p in parts if isinstance(p, dict) and "functionCall" in p)
+    sig = first.get("thoughtSignature")
+    name = str(first["functionCall"].get("name") if isinstance(first["functionCall"], dict) else "")
+    if sig is None:
+        return f"Function call is missing a thought_signature in functionCall parts. contents[{i}]" if thinking else None
+    if sig not in ("skip_thought_signature_validator", thinking_signature(name)):
+        return f"Corrupted thought signature. contents[{i}]"
+    return None
+
+
+def _schema_problem(schema: Any, where: str) -> str | None:
+    if not isinstance(schema, dict):
+        return f'Invalid JSON payload received. {where} must be an object.'
+    for key, value in schema.items():
+        if key not in GEMINI_SCHEMA_KEYS:
+            return f'Invalid JSON payload received. Unknown name "{key}" at \'{where}\': Cannot find field.'
+        if key == "type" and not isinstance(value, str):
+            return f"Invalid JSON payload received. {where}.type: Proto field is not repeating, cannot start list."
+        if key == "properties" and isinstance(value, dict):
+            for name, sub in value.items():
+                bad = _schema_problem(sub, f"{where}.properties[{name}]")
+                if bad:
+                    return bad
+        if key == "items":
+            bad = _schema_problem(value, f"{where}.items")
+            if bad:
+                return bad
+        if key == "anyOf" and isinstance(value, list):
+            for k, sub in enumerate(value):
+                bad = _schema_problem(sub, f"{where}.anyOf[{k}]")
+                if bad:
+                    return bad
+    return None

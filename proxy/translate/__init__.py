@@ -1,0 +1,193 @@
+"""Translation between the four wire formats (pure: no I/O). See hub.py for the design.
+
+The forwarder asks `translation_for(endpoint, upstream)` once per attempt. None means
+the caller speaks the upstream's protocol and the byte-exact relay runs untouched;
+otherwise the `Translation` turns the request body into the upstream's, and the
+upstream's answer (a JSON body, an error body, or a stream through
+`Translation.stream`) into the caller's dialect.
+
+    client dialect (endpoint)        upstream protocol
+    chat.completions   ─┐        ┌─ openai (chat completions)
+    responses          ─┼─ hub ──┼─ anthropic (messages)
+    messages           ─┤        └─ gemini (generateContent)
+    generateContent    ─┘
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from proxy.config import UpstreamConfig
+from proxy.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    ProxyError,
+    QuotaExceeded,
+    RateLimited,
+    RequestTooLarge,
+    UnsupportedParameter,
+)
+from proxy.translate import anthropic, chat, gemini, responses
+from proxy.translate.common import ClientContext, UpstreamOptions
+from proxy.translate.hub import BadInput, Request, Response, Untranslatable
+from proxy.translate.stream import Decoder, Encoder, StreamTranslator
+
+__all__ = ["Translation", "targets", "translation_for"]
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One dialect's half of every translation (the functions of its module)."""
+
+    name: str
+    decode_request: Callable[[dict[str, Any]], Request] | None
+    encode_request: Callable[[Request, UpstreamOptions], dict[str, Any]] | None
+    decode_response: Callable[[dict[str, Any]], Response] | None
+    encode_response: Callable[[Response, ClientContext], dict[str, Any]]
+    decoder: Callable[[], Decoder] | None
+    encoder: Callable[[ClientContext], Encoder]
+    # Its streams allow one open block at a time (see sequence.py).
+    sequential: bool
+
+
+CHAT = Codec("chat", chat.decode_request, chat.encode_request, chat.decode_response, chat.encode_response,
+             chat.StreamDecoder, chat.StreamEncoder, False)
+ANTHROPIC = Codec("anthropic", anthropic.decode_request, anthropic.encode_request, anthropic.decode_response,
+                  anthropic.encode_response, anthropic.StreamDecoder, anthropic.StreamEncoder, True)
+
+GEMINI = Codec("gemini", gemini.decode_request, gemini.encode_request, gemini.decode_response, gemini.encode_response,
+               gemini.StreamDecoder, gemini.StreamEncoder, False)
+# Responses is a client dialect here; Responses calls to an upstream that serves the
+# Responses API go there byte for byte.
+RESPONSES = Codec("responses", responses.decode_request, None, None, responses.encode_response,
+                  None, responses.StreamEncoder, True)
+
+# The client dialect of each model-calling endpoint that can be translated.
+CLIENT_CODECS: dict[str, Codec] = {
+    "chat.completions": CHAT,
+    "responses": RESPONSES,
+    "messages": ANTHROPIC,
+    "generateContent": GEMINI,
+    "streamGenerateContent": GEMINI,
+}
+UPSTREAM_CODECS: dict[str, Codec] = {"openai": CHAT, "anthropic": ANTHROPIC, "gemini": GEMINI}
+
+
+_TARGETS = {endpoint: frozenset(UPSTREAM_CODECS) for endpoint in CLIENT_CODECS}
+_NONE: frozenset[str] = frozenset()
+
+
+def targets(endpoint: str) -> frozenset[str]:
+    """The upstream protocols a call on `endpoint` may be served by through translation
+    (the same object every time: the router keys its cached plans on it)."""
+    return _TARGETS.get(endpoint, _NONE)
+
+
+def translation_for(endpoint: str, upstream: UpstreamConfig) -> Translation | None:
+    client = CLIENT_CODECS.get(endpoint)
+    if client is None:
+        return None
+    if client is RESPONSES and upstream.protocol == "openai" and upstream.responses:
+        return None
+    target = UPSTREAM_CODECS.get(upstream.protocol)
+    if target is None or target is client:
+        return None
+    return Translation(client, target, upstream)
+
+
+class Translation:
+    """One attempt's translation: the request out, the answer back."""
+
+    def __init__(self, client: Codec, upstream: Codec, config: UpstreamConfig) -> None:
+        self.client = client
+        self.upstream = upstream
+        self._config = config
+        self.dropped: list[str] = []
+        self._include_usage = False
+        self._freeform: frozenset[str] = frozenset()
+        self._namespaces: dict[str, str] = {}
+
+    def upstream_endpoint(self, stream: bool) -> str:
+        """The upstream's endpoint name (for its URL and its usage meter)."""
+        if self.upstream is GEMINI:
+            return "streamGenerateContent" if stream else "generateContent"
+        return "messages" if self.upstream is ANTHROPIC else "chat.completions"
+
+    def upstream_query(self, stream: bool) -> str:
+        return "alt=sse" if self.upstream is GEMINI and stream else ""
+
+    def request(self, body: dict[str, Any], model: str, stream: bool) -> bytes:
+        """The upstream request body (BadInput, Untranslatable → a 400 for the caller)."""
+        assert self.client.decode_request is not None and self.upstream.encode_request is not None
+        try:
+            req = self.client.decode_request(body)
+            req.stream = stream
+            out = self.upstream.encode_request(req, UpstreamOptions(model, self._config.default_max_tokens))
+        except BadInput as exc:
+            raise InvalidRequest(str(exc), param=exc.param) from None
+        except Untranslatable as exc:
+            raise UnsupportedParameter(
+                f"{exc} (upstream '{self._config.name}', protocol {self._config.protocol}).",
+                param=exc.feature.split("[")[0].split(" ")[0], code="untranslatable",
+            ) from None
+        self.dropped = req.dropped
+        self._include_usage = req.include_usage
+        self._freeform = frozenset(t.name for t in req.tools if t.freeform)
+        self._namespaces = {t.name: t.namespace for t in req.tools if t.namespace}
+        return orjson.dumps(out)
+
+    def context(self, model: str, stream: bool, prompt_estimate: int, query: str = "") -> ClientContext:
+        """What the answer's encoder needs to know of the caller's request."""
+        return ClientContext(model, stream, self._include_usage, prompt_estimate,
+                             freeform_tools=self._freeform, namespaces=self._namespaces, sse=self.client is not GEMINI or "alt=sse" in query)
+
+    def response(self, data: bytes, ctx: ClientContext) -> bytes:
+        assert self.upstream.decode_response is not None
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise InvalidRequest("The upstream's answer could not be translated.", code="upstream_error")
+        return orjson.dumps(self.client.encode_response(self.upstream.decode_response(doc), ctx))
+
+    def stream(self, ctx: ClientContext) -> StreamTranslator:
+        assert self.upstream.decoder is not None
+        return StreamTranslator(self.upstream.decoder(), self.client.encoder(ctx), self.client.sequential)
+
+    def error(self, status: int, data: bytes, retry_after: str | None) -> ProxyError:
+        """An upstream 4xx in the caller's dialect: its body shape is the upstream's, so it
+        cannot pass through; its message is kept so users can report it (TRANSLATION §0.6)."""
+        message = _upstream_message(data)
+        text = f"The upstream ({self._config.protocol}) refused the request: {message}"
+        if status == 429:
+            retry = int(retry_after) if retry_after and retry_after.isdigit() else None
+            if "quota" in message.lower() or "billing" in message.lower():
+                return QuotaExceeded(text)
+            return RateLimited(text, retry_after_s=retry)
+        if status == 402:
+            return QuotaExceeded(text)
+        if status == 404:
+            return ModelNotFound(text)
+        if status == 413:
+            return RequestTooLarge(text)
+        lowered = message.lower()
+        too_long = "too long" in lowered or "context length" in lowered or "exceeds the maximum" in lowered
+        err = InvalidRequest(text, code="context_length_exceeded" if too_long else "upstream_invalid_request")
+        err.status = status if 400 <= status < 500 else 400
+        return err
+
+
+def _upstream_message(data: bytes) -> str:
+    # All three providers put it at error.message.
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return "(no message)"
+    err = doc.get("error") if isinstance(doc, dict) else None
+    message = err.get("message") if isinstance(err, dict) else None
+    return str(message)[:2000] if message else "(no message)"

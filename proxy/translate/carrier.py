@@ -1,0 +1,101 @@
+"""Carriers: opaque upstream state, parked in a field the client echoes back.
+
+Multi-turn tool use with reasoning models only works when the next request hands the
+provider back its own opaque state (TRANSLATION.md §2.5): Anthropic thinking blocks
+with their signature, Gemini thoughtSignature, a chat upstream's reasoning_content. The
+gateway keeps nothing between requests, so it writes that state into the one place of
+the *client's* dialect the client sends back unchanged:
+
+| client dialect | slot                                                         |
+|----------------|--------------------------------------------------------------|
+| Anthropic      | `thinking.signature` = `lpx1.<owner>.<value>`; a tool call's own state rides on `tool_use.id` |
+| Responses      | `reasoning.encrypted_content` = `lpx1.<owner>.<value>`       |
+| Gemini         | `thoughtSignature` = `lpx1.<owner>.<value>`                  |
+| Chat           | the tool call id: `<id>_lpx1_<base64url(json)>` (ids are echoed verbatim by every client, unknown fields are not) |
+
+A value without the `lpx1.` prefix is the client dialect's own (a real Anthropic
+signature from a same-dialect turn). The owner decides where a carrier may be replayed:
+an upstream encoder uses a Sig only when it issued it and drops it otherwise, since
+providers verify their signatures. Carriers are not encrypted or signed by the gateway:
+they hold only what the provider already gave this client, and a forged one is
+rejected by the provider that checks it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from typing import Any
+
+import orjson
+
+from proxy.translate.hub import Sig, Thinking
+
+PREFIX = "lpx1."
+ID_MARK = "_lpx1_"
+
+
+def wrap(sig: Sig) -> str:
+    return f"{PREFIX}{sig.owner}.{sig.value}"
+
+
+def unwrap(value: str, native_owner: str) -> Sig:
+    """A signature string from the client: a carrier, or the client dialect's own."""
+    if value.startswith(PREFIX):
+        owner, _, inner = value[len(PREFIX):].partition(".")
+        return Sig(owner, inner)
+    return Sig(native_owner, value)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def id_with(call_id: str, payload: dict[str, Any]) -> str:
+    """A tool call id that also carries `payload` ([A-Za-z0-9_-] only: valid everywhere)."""
+    return call_id + ID_MARK + _b64(orjson.dumps(payload))
+
+
+def split_id(call_id: str) -> tuple[str, dict[str, Any] | None]:
+    """The original id and its payload; a malformed payload is ignored, never fatal."""
+    head, mark, tail = call_id.partition(ID_MARK)
+    if not mark:
+        return call_id, None
+    try:
+        payload = orjson.loads(_unb64(tail))
+    except (ValueError, orjson.JSONDecodeError):
+        return head, None
+    return head, payload if isinstance(payload, dict) else None
+
+
+def thinking_payload(blocks: list[Thinking]) -> list[list[Any]]:
+    return [[b.text, b.sig.owner if b.sig else None, b.sig.value if b.sig else None, b.redacted] for b in blocks]
+
+
+def thinking_from_payload(items: Any) -> list[Thinking]:
+    out: list[Thinking] = []
+    if not isinstance(items, list):
+        return out
+    for item in items:
+        if isinstance(item, list) and len(item) == 4 and isinstance(item[0], str):
+            text, owner, value, redacted = item
+            sig = Sig(owner, value) if isinstance(owner, str) and isinstance(value, str) else None
+            out.append(Thinking(text, sig, bool(redacted)))
+    return out
+
+
+_ID_OK = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def safe_id(call_id: str) -> str:
+    """An id valid for Anthropic (`^[a-zA-Z0-9_-]+$`) and Responses (≤ 64): kept when it
+    already is, else a deterministic clean form, so a re-sent history maps the same way."""
+    if _ID_OK.fullmatch(call_id):
+        return call_id
+    clean = re.sub(r"[^A-Za-z0-9_-]", "_", call_id)[:40] or "call"
+    return f"{clean}_{hashlib.sha256(call_id.encode()).hexdigest()[:12]}"

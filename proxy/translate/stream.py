@@ -1,0 +1,88 @@
+"""The stream translator: upstream bytes in, client bytes out, one pass.
+
+    upstream bytes → SSE split → upstream decoder → hub events → [sequencer] → client encoder → bytes
+
+Each `feed` returns at once what the upstream bytes so far decide; nothing waits for
+the end of the stream. What is held is only what a grammar forces: an SSE event
+until its blank line, a parallel tool call's deltas while another block is open
+(sequence.py), a Gemini call's arguments until the call is whole (gemini.py).
+
+The relay in the forwarder uses it like its other relays (`feed`, `flush`, `events`);
+`events` is the upstream SSE split of the last feed, so the upstream's usage meter
+reads the same split instead of splitting the stream a second time.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from proxy.metering.sse import SSEEventTooLarge, SSESplitter, event_data, event_name
+from proxy.translate.hub import Event, Failure
+from proxy.translate.sequence import Sequencer
+
+
+class Decoder(Protocol):
+    def feed(self, name: bytes | None, data: bytes) -> list[Event]: ...
+    def close(self) -> list[Event]: ...
+
+
+class Encoder(Protocol):
+    def encode(self, ev: Event) -> bytes: ...
+    def failure(self, status: int, message: str) -> bytes: ...
+
+
+class StreamTranslator:
+    def __init__(self, decoder: Decoder, encoder: Encoder, sequential: bool) -> None:
+        self._splitter = SSESplitter()
+        self._decoder = decoder
+        self._encoder = encoder
+        self._sequencer = Sequencer() if sequential else None
+        self._failed = False
+        self.events: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._failed:
+            self.events = []
+            return b""
+        try:
+            self.events = self._splitter.feed(chunk)
+        except SSEEventTooLarge:
+            self.events = []
+            return self._fail("The upstream sent an event too large to translate.")
+        return self._translate(self.events)
+
+    def flush(self) -> bytes:
+        """At upstream EOF: the unterminated last event, then the decoder's verdict (a
+        stream that ended before its end marker becomes the client's error event)."""
+        if self._failed:
+            self.events = []
+            return b""
+        rest = self._splitter.flush()
+        self.events = [rest] if rest.strip() else []
+        out = self._translate(self.events)
+        return out + self._emit(self._decoder.close())
+
+    def _translate(self, events: list[bytes]) -> bytes:
+        out = []
+        for raw in events:
+            data = event_data(raw)
+            if data is None:
+                continue   # comments, keep-alives, bare event lines
+            out.append(self._emit(self._decoder.feed(event_name(raw), data)))
+        return b"".join(out)
+
+    def _emit(self, hub: list[Event]) -> bytes:
+        if not hub:
+            return b""
+        out = []
+        for ev in hub:
+            for item in self._sequencer.feed(ev) if self._sequencer is not None else (ev,):
+                out.append(self._encoder.encode(item))
+                if isinstance(item, Failure):
+                    self._failed = True
+                    return b"".join(out)
+        return b"".join(out)
+
+    def _fail(self, message: str) -> bytes:
+        self._failed = True
+        return self._encoder.failure(502, message)
