@@ -208,7 +208,7 @@ class Forwarder:
                 call.outcome, call.error, call.status, call.meter, call.ttft_ms = "ok", None, 0, None, None
             target = upstreams.get(route.upstream.name)
             # The one seam of cross-dialect translation: None keeps the byte-exact path.
-            translation = translation_for(call.endpoint.name, route.upstream)
+            translation = translation_for(call.endpoint.name, route.upstream, body)
             if translation is None:
                 out, dropper_needed = self._upstream_body(call, body, raw, route)
             else:
@@ -612,6 +612,8 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
 
 
 def _check_fields(body: dict[str, Any], endpoint: Endpoint) -> None:
+    if any(name in body for name in endpoint.other_shapes):
+        return   # another API's shape: the translator checks it
     for name in endpoint.required:
         if name not in body:
             for field_name, route in endpoint.misdirected:

@@ -388,9 +388,13 @@ async def test_sdk_responses_and_legacy_completions(gateway):
 
 async def test_bad_bodies_never_500(gateway):
     gw = await gateway()
+    # Cursor's Responses-shaped body on the chat route is translated (issue 22, item 8),
+    # and what cannot be (previous_response_id) is a 400 naming it, never a 500.
     cursor_body = {"model": "mock-gpt", "input": [{"role": "user", "content": "x"}], "store": False}
     status, _, raw = await _post(gw, "/v1/chat/completions", cursor_body)
-    assert status == 400 and orjson.loads(raw)["error"]["param"] == "input"
+    assert status == 200 and orjson.loads(raw)["object"] == "chat.completion"
+    status, _, raw = await _post(gw, "/v1/chat/completions", {**cursor_body, "previous_response_id": "resp_1"})
+    assert status == 400 and orjson.loads(raw)["error"]["param"] == "previous_response_id"
     for raw_body in (b"[" * 100_000, b'{"model": "mock-gpt", "x": "\xff\xfe"}', b'{"model":"\\ud800"}', b"null", b'"str"', b"1e999"):
         status, _, raw = await _post(gw, "/v1/chat/completions", raw=raw_body)
         assert status == 400, raw_body[:20]

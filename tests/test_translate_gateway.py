@@ -489,3 +489,56 @@ async def test_untranslatable_is_a_400_in_the_callers_shape(gateway):
                                          tools=[{"type": "web_search_20250305", "name": "web_search"}])
     assert "web_search_20250305" in err2.value.message
     assert gw.mock_stats[__import__("proxy.mock_upstream", fromlist=["x"]).mock_stats].total == 0
+
+
+# ---------------------------------------------------------------------- Cursor's quirks (issue 22, item 8)
+
+
+@pytest.mark.parametrize("model,path", [("mock-gpt", "/v1/chat/completions"), ("mock-claude", "/v1/messages"),
+                                        ("mock-gemini", "/v1beta/models/mock-gemini:generateContent")])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_cursor_responses_shaped_body_on_the_chat_route(gateway, model, path, stream):
+    """P24: `input`/`instructions`/`reasoning`/`include` on /v1/chat/completions, Chat chunks back."""
+    import openai
+    gw = await gateway()
+    body = {"model": model, "instructions": "be brief", "stream": stream, "reasoning": {"effort": "low"},
+            "include": ["reasoning.encrypted_content"], "store": False,
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "hello"}]}]}
+    async with _openai(gw) as client:
+        if stream:
+            got = await client.chat.completions.create(model=model, messages=[], stream=True, extra_body=body)
+            text = "".join([c.choices[0].delta.content or "" async for c in got if c.choices])
+        else:
+            resp = await client.chat.completions.create(model=model, messages=[], extra_body=body)
+            text = resp.choices[0].message.content
+    assert "mock" in text
+    sent = orjson.dumps(_last_body(gw, path if not stream or "gemini" not in model else path.replace("generateContent", "streamGenerateContent"))).decode()
+    assert "be brief" in sent and "hello" in sent
+
+
+@pytest.mark.parametrize("model,path", [("mock-claude", "/v1/messages"), ("mock-gemini", "/v1beta/models/mock-gemini:generateContent")])
+async def test_cursor_anthropic_flavoured_chat_body(gateway, model, path):
+    import openai
+    gw = await gateway()
+    async with _openai(gw) as client:
+        resp = await client.chat.completions.create(
+            model=model,
+            messages=[{"role": "system", "content": [{"type": "text", "text": "rules", "cache_control": {"type": "ephemeral"}}]},
+                      {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}],
+            tools=[OPENAI_TOOL], tool_choice={"type": "auto"})   # Cursor's Anthropic-style tool_choice
+    assert "mock" in resp.choices[0].message.content
+    sent = _last_body(gw, path)
+    if model == "mock-claude":   # kept where the upstream honours it (P34)
+        assert sent["system"][0]["cache_control"] == {"type": "ephemeral"}
+        assert sent["messages"][0]["content"][0]["cache_control"] == {"type": "ephemeral"}
+        assert sent["tool_choice"] == {"type": "auto"}
+    else:
+        assert sent["toolConfig"] == {"functionCallingConfig": {"mode": "AUTO"}}
+
+
+async def test_cursor_verify_lists_models_of_every_protocol(gateway):
+    import openai
+    gw = await gateway()
+    async with _openai(gw) as client:
+        ids = [m.id async for m in client.models.list()]
+    assert {"mock-gpt", "mock-claude", "mock-gemini"} <= set(ids)

@@ -61,3 +61,6 @@ class Endpoint:
     required: tuple[str, ...] = ()
     # Fields that mean the caller is speaking another API on this route, and which route.
     misdirected: tuple[tuple[str, str], ...] = ()
+    # Fields that make a body of another API's shape which the translator reads instead
+    # (Cursor sends Responses-shaped bodies, `input` for `messages`, to chat completions).
+    other_shapes: tuple[str, ...] = ()

@@ -61,14 +61,16 @@ class OpenAIDialect:
 
 
 OPENAI = OpenAIDialect()
-# Cursor sends Responses-shaped bodies (`input`, `previous_response_id`) to chat
-# completions; answer with a 400 that names the field instead of an upstream 500.
+# Cursor sends Responses-shaped bodies (`input`, `instructions`) to chat completions and
+# expects chat chunks back: they are translated (proxy/translate). What cannot be
+# (`previous_response_id`) gets a 400 that names the field, never an upstream 500.
 CHAT = Endpoint(
     "chat.completions",
     OPENAI,
     wants_include_usage=True,
     required=("messages",),
-    misdirected=(("input", "/v1/responses"), ("previous_response_id", "/v1/responses")),
+    misdirected=(("previous_response_id", "/v1/responses"),),
+    other_shapes=("input",),
 )
 COMPLETIONS = Endpoint("completions", OPENAI, wants_include_usage=True, required=("prompt",))
 EMBEDDINGS = Endpoint("embeddings", OPENAI, can_stream=False, required=("input",))

@@ -66,6 +66,10 @@ GEMINI = Codec("gemini", gemini.decode_request, gemini.encode_request, gemini.de
 RESPONSES = Codec("responses", responses.decode_request, None, None, responses.encode_response,
                   None, responses.StreamEncoder, True)
 
+# Cursor's Responses-shaped bodies on the chat route, answered in chat's shape (P24).
+CHAT_WITH_RESPONSES_BODY = Codec("chat", responses.decode_request, None, None, chat.encode_response,
+                                 None, chat.StreamEncoder, False)
+
 # The client dialect of each model-calling endpoint that can be translated.
 CLIENT_CODECS: dict[str, Codec] = {
     "chat.completions": CHAT,
@@ -87,10 +91,12 @@ def targets(endpoint: str) -> frozenset[str]:
     return _TARGETS.get(endpoint, _NONE)
 
 
-def translation_for(endpoint: str, upstream: UpstreamConfig) -> Translation | None:
+def translation_for(endpoint: str, upstream: UpstreamConfig, body: dict[str, Any] | None = None) -> Translation | None:
     client = CLIENT_CODECS.get(endpoint)
     if client is None:
         return None
+    if client is CHAT and body is not None and not body.get("messages") and "input" in body:
+        client = CHAT_WITH_RESPONSES_BODY
     if client is RESPONSES and upstream.protocol == "openai" and upstream.responses:
         return None
     target = UPSTREAM_CODECS.get(upstream.protocol)
