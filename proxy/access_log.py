@@ -10,7 +10,10 @@ import asyncio
 import logging
 import time
 
+import orjson
+
 from proxy.http1.server import Exchange
+from proxy.logs import JSON, PREFORMATTED, TEXT, utc_stamp
 
 
 def _printable(text: str, limit: int = 200) -> str:
@@ -19,8 +22,9 @@ def _printable(text: str, limit: int = 200) -> str:
 
 
 # %-formatting: one C call per line, where an f-string with format specs makes one
-# call per field.
-_LINE = '%s.%03d %s "%s %s" %d %.1fms key=%s rid=%s'
+# call per field. The first field is proxy.logs' text prefix (time, level, logger name)
+# without its milliseconds, so that every line of a batch reads like any other log line.
+_LINE = '%s.%03d INFO %s %s "%s %s" %d %.1fms key=%s rid=%s'
 
 
 class AccessLog:
@@ -33,9 +37,10 @@ class AccessLog:
     its own time.
     """
 
-    def __init__(self, logger: logging.Logger | None = None, interval_s: float = 0.2) -> None:
+    def __init__(self, logger: logging.Logger | None = None, interval_s: float = 0.2, fmt: str = TEXT) -> None:
         self._logger = logger or logging.getLogger("llm_proxy.access")
         self._interval = interval_s
+        self._json = fmt == JSON
         # (unix time, client, method, path, status, duration s, key name, request id)
         self._pending: list[tuple[float, str, str, str, int, float, str, str]] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -59,6 +64,10 @@ class AccessLog:
         pending, self._pending = self._pending, []
         if not pending:
             return
+        if self._json:
+            self._logger.info("%s", self._json_lines(pending), extra=PREFORMATTED)
+            return
+        name = self._logger.name
         # The date part once per second of the batch (usually one or two), then every
         # line by one comprehension. Paths are cut at 200 characters (a no-op slice for
         # shorter ones).
@@ -67,7 +76,7 @@ class AccessLog:
             for second in {int(entry[0]) for entry in pending}
         }
         lines = [
-            _LINE % (stamps[int(now)], now % 1 * 1000, client, method, path[:200], status, took_s * 1000, key_name, rid)
+            _LINE % (stamps[int(now)], now % 1 * 1000, name, client, method, path[:200], status, took_s * 1000, key_name, rid)
             for now, client, method, path, status, took_s, key_name, rid in pending
         ]
         # One check for the whole batch: the fields a client can choose (address, path,
@@ -76,9 +85,23 @@ class AccessLog:
         if not "".join(lines).isprintable():
             lines = [
                 _LINE % (
-                    stamps[int(now)], now % 1 * 1000, _printable(client, 64), _printable(method, 32), _printable(path),
+                    stamps[int(now)], now % 1 * 1000, name, _printable(client, 64), _printable(method, 32), _printable(path),
                     status, took_s * 1000, _printable(key_name, 128), rid,
                 )
                 for now, client, method, path, status, took_s, key_name, rid in pending
             ]
-        self._logger.info("%s", "\n".join(lines))
+        self._logger.info("%s", "\n".join(lines), extra=PREFORMATTED)
+
+    def _json_lines(self, pending: list[tuple[float, str, str, str, int, float, str, str]]) -> str:
+        """One JSON object per line (control characters are escaped by the encoder)."""
+        name = self._logger.name
+        return "\n".join(
+            orjson.dumps(
+                {
+                    "ts": utc_stamp(now), "level": "INFO", "logger": name,
+                    "msg": f"{method} {path[:200]} {status}", "client": client, "method": method, "path": path[:200],
+                    "status": status, "duration_ms": round(took_s * 1000, 1), "key": key_name, "rid": rid,
+                }
+            ).decode()
+            for now, client, method, path, status, took_s, key_name, rid in pending
+        )

@@ -63,6 +63,7 @@ from typing import Any
 
 import orjson
 
+from proxy.logs import Outage
 from proxy.store.base import Store, UsageRecord
 
 log = logging.getLogger("llm_proxy.usage")
@@ -121,6 +122,7 @@ class UsageSink:
         self._store_ok = True
         self._backoff = 0.0
         self._retry_at = 0.0
+        self._outage = Outage(log, "usage store")
         # Spool files this process claimed for replay and has not finished yet.
         self._claimed: list[Path] = []
         self._replay_offset = 0        # in _claimed[0]: everything before it is committed
@@ -303,7 +305,7 @@ class UsageSink:
             try:
                 await asyncio.wait_for(self._store.write_usage(batch), self._write_timeout)
             except Exception as exc:  # the store's failure must not lose records
-                self._store_failed(exc, len(batch))
+                self._store_failed(exc)
             else:
                 self._store_answered()
                 self.written += len(batch)
@@ -318,19 +320,15 @@ class UsageSink:
     def _store_available(self) -> bool:
         return self._store_ok or time.monotonic() >= self._retry_at
 
-    def _store_failed(self, exc: BaseException, n: int) -> None:
+    def _store_failed(self, exc: BaseException) -> None:
         self.store_errors += 1
         self._backoff = min(self._backoff * 2 or _BACKOFF_FIRST_S, _BACKOFF_MAX_S)
         self._retry_at = time.monotonic() + self._backoff
-        if self._store_ok:
-            log.warning("usage store write failed (%s); spooling %d records", type(exc).__name__, n)
-        else:
-            log.info("usage store still failing (%s); next try in %.1fs", type(exc).__name__, self._backoff)
+        self._outage.failed(exc, "usage records go to the spool until it answers")
         self._store_ok = False
 
     def _store_answered(self) -> None:
-        if not self._store_ok:
-            log.info("usage store answers again")
+        self._outage.ended()
         self._store_ok = True
         self._backoff = 0.0
 
@@ -442,8 +440,7 @@ class UsageSink:
             try:
                 await asyncio.wait_for(self._store.write_usage(records), self._write_timeout)
             except Exception as exc:
-                self._store_failed(exc, 0)
-                log.warning("usage spool replay deferred (%s)", type(exc).__name__)
+                self._store_failed(exc)
                 return False
             self._store_answered()
             self.replayed += len(records)

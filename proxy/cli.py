@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from proxy.admin_stats import OUTCOMES, USAGE_CSV_COLUMNS
-from proxy.config import Config, ConfigError, load_config, masked
+from proxy.config import Config, ConfigError, describe_store, load_config, masked, resolve_path, sqlite_path
+from proxy.logs import configure_logging
 from proxy.mock_upstream import MockOptions, run_mock
-from proxy.server import configure_logging, install_uvloop, run
+from proxy.server import install_uvloop, run
 from proxy.store import ledger, open_store
 from proxy.store.base import DuplicateName, KeyLimits, KeyRevoked, Store, StoreError, UsageFilter
 from proxy.views import (
@@ -330,6 +333,19 @@ def _or_none(kind: Any) -> Any:
     return parse
 
 
+def _int_arg(flag: str, low: int, high: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag}: expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{flag}: must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --config is accepted at every level (`llm-proxy --config F keys list`, `keys --config F
     # list`, `keys list --config F`). SUPPRESS: a nested parser that did not see the option
@@ -343,8 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", parents=[common], help="run the gateway")
     s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--workers", type=int)
+    s.add_argument("--port", type=_int_arg("--port", 0, 65535))
+    s.add_argument("--workers", type=_int_arg("--workers", 1, 1024))
 
     k = sub.add_parser("keys", parents=[common], help="manage virtual keys")
     ksub = k.add_subparsers(dest="keys_cmd", required=True)
@@ -406,6 +422,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _new_database(url: str) -> Path | None:
+    """The SQLite file a command is about to create (None: it exists, or no SQLite)."""
+    path = sqlite_path(url)
+    return path if path is not None and not path.exists() else None
+
+
+def _note_new_database(path: Path | None, where: str) -> None:
+    """`keys` or `usage` that made a new, empty SQLite database most likely read another
+    config than the server (or the server never ran): say which, on stderr."""
+    if path is not None and path.exists():
+        print(f"note: there was no database at {path}: a new, empty one was made ({where})", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.config = getattr(args, "config", None)
@@ -423,21 +452,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    configure_logging(fmt=config.server.log_format)
+    where = f"config {resolve_path(args.config)}; keys and usage in {describe_store(config.storage.url)}"
     try:
         if args.cmd == "check-config":
+            print(where, file=sys.stderr)  # stdout holds the JSON document alone
             _print_json(masked(config))
             return 0
         if args.cmd == "reload":
             return cmd_reload(config, args.host, args.port)
         if args.cmd == "serve":
+            logging.getLogger("llm_proxy.cli").info("%s; usage spool %s", where, config.storage.spool_path)
             host = args.host or config.server.host
             port = args.port or config.server.port
             return run(config, args.config, host, port, args.workers or config.server.workers)
+        new_db = _new_database(config.storage.url)
         if args.cmd == "keys":
-            return cmd_keys(args, config.storage.url, config.auth.cache_ttl_s, frozenset(m.name for m in config.models))
-        if args.cmd == "usage":
-            return cmd_usage(args, config.storage.url)
+            rc = cmd_keys(args, config.storage.url, config.auth.cache_ttl_s, frozenset(m.name for m in config.models))
+        elif args.cmd == "usage":
+            rc = cmd_usage(args, config.storage.url)
+        else:
+            return 2
+        if rc == 0:
+            _note_new_database(new_db, where)
+        return rc
     except StoreError as exc:
         print(f"error: the store is unavailable: {exc}", file=sys.stderr)
         return 1
-    return 2

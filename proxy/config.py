@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import types
@@ -27,6 +28,7 @@ PROTOCOLS = ("openai", "anthropic", "gemini")
 # Provider kinds that call an upstream of a protocol differently (proxy/dialects): Azure
 # OpenAI's deployment URLs, api-version and api-key header.
 KINDS = ("azure",)
+LOG_FORMATS = ("text", "json")
 # `base_url: mock://` makes the gateway start its built-in mock provider in-process
 # on a loopback port and send that upstream's traffic there (the offline demo).
 MOCK_BASE_URL = "mock://"
@@ -37,25 +39,42 @@ class ConfigError(ValueError):
     """A configuration problem, with the key path and line where it was found."""
 
 
+def _bounded(default: Any, low: float | None = None, high: float | None = None, *, above: bool = False) -> Any:
+    """A numeric field with its valid range, checked where the file sets it (so the error
+    names the line): `low <= value <= high`, or `value > low` when `above`."""
+    return field(default=default, metadata={"low": low, "high": high, "above": above})
+
+
+def _non_negative(default: Any) -> Any:
+    return _bounded(default, 0)
+
+
+def _positive(default: Any) -> Any:
+    return _bounded(default, 0, above=True)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
-    port: int = 8080
-    workers: int = 1
-    max_body_mb: float = 32
-    shutdown_grace_s: float = 30
-    keepalive_s: float = 60
+    port: int = _bounded(8080, 0, 65535)  # 0: any free port
+    workers: int = _bounded(1, 1, 1024)
+    max_body_mb: float = _positive(32)
+    shutdown_grace_s: float = _non_negative(30)
+    keepalive_s: float = _positive(60)
     # A request head must arrive within this, and a body may not pause longer (slowloris).
-    head_timeout_s: float = 10
+    head_timeout_s: float = _positive(10)
     # A client that stops reading a response for this long is disconnected (its stream
     # is billed for what was delivered).
-    write_stall_s: float = 60
-    max_line_size: int = 8190
-    max_field_size: int = 8190
-    max_headers: int = 100
+    write_stall_s: float = _positive(60)
+    max_line_size: int = _bounded(8190, 1)
+    max_field_size: int = _bounded(8190, 1)
+    max_headers: int = _bounded(100, 1)
     access_log: bool = True
+    # Log lines: "text" (one line each: time, level, logger, message) or "json" (one
+    # object per line, for log shippers).
+    log_format: str = "text"
     # Keep-alive comment (OpenAI) / ping event (Anthropic) while an upstream is silent.
-    stream_keepalive_s: float = 15
+    stream_keepalive_s: float = _positive(15)
     # Addresses (IPs or CIDRs) of reverse proxies in front of the gateway: for requests
     # from them, the client's address is taken from X-Forwarded-For (access log, auth brake).
     trusted_proxies: tuple[str, ...] = ()
@@ -65,22 +84,27 @@ class ServerConfig:
 class AuthConfig:
     master_key: str | None = None
     # Seconds a key lookup is cached; revocation takes effect within this time.
-    cache_ttl_s: float = 5
-    negative_cache_ttl_s: float = 5
+    cache_ttl_s: float = _non_negative(5)
+    negative_cache_ttl_s: float = _non_negative(5)
     # Failed authentications (401) per client IP and minute before that IP gets 429s
     # for the rest of the minute (brute-force brake); 0 turns it off.
-    max_failures_per_min: int = 20
+    max_failures_per_min: int = _non_negative(20)
     # How long a dashboard sign-in (/ui/) lasts before the operator signs in again.
     session_ttl_h: float = 12
 
 
 @dataclass(frozen=True)
 class StorageConfig:
+    # The directory that relative paths in `url` (SQLite) and `spool_path` are resolved
+    # against; a relative state_dir is resolved against the config file's directory, and
+    # an empty one is that directory. So every command that reads one config file uses
+    # one database, whatever its working directory (see `anchor_paths`).
+    state_dir: str = ""
     url: str = "sqlite:///data/llm-proxy.db"
     # Where usage records go when the store cannot take them (fsync'd, replayed later).
     spool_path: str = "data/usage-spool.jsonl"
-    flush_interval_s: float = 0.25
-    queue_max: int = 100_000
+    flush_interval_s: float = _positive(0.25)
+    queue_max: int = _bounded(100_000, 1)
     # Records waiting in the spool past this size: billable requests get 503 until it
     # drains (RELIABILITY I8: refuse rather than serve calls that cannot be billed).
     spool_max_mb: float = 1024.0
@@ -92,14 +116,14 @@ class LimitsConfig:
     # When the limits backend is unreachable: false answers 503 (fail closed).
     fail_open: bool = False
     # Token reservation for a request that does not say `max_tokens`.
-    default_max_tokens: int = 4096
+    default_max_tokens: int = _bounded(4096, 1)
 
 
 @dataclass(frozen=True)
 class Timeouts:
-    connect_s: float = 10
-    first_byte_s: float = 120
-    idle_s: float = 300  # > Claude Code's 120 s pauses; keep-alives cover the client meanwhile
+    connect_s: float = _positive(10)
+    first_byte_s: float = _positive(120)
+    idle_s: float = _positive(300)  # > Claude Code's 120 s pauses; keep-alives cover the client meanwhile
 
 
 @dataclass(frozen=True)
@@ -109,7 +133,7 @@ class UpstreamConfig:
     protocol: str = "openai"
     api_key: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
-    max_parallel: int = 512
+    max_parallel: int = _bounded(512, 1)
     # Extra headers sent to this upstream on every request (e.g. OpenAI-Organization).
     headers: Mapping[str, str] = field(default_factory=dict)
     # Seconds between active health checks (a model-list request); 0: off. Results feed
@@ -138,17 +162,17 @@ class UpstreamConfig:
 class RouteConfig:
     upstream: str
     model: str
-    weight: float = 1
+    weight: float = _positive(1)
     # Lower tiers are tried first; weights choose the order inside a tier (DESIGN §7).
     priority: int = 0
 
 
 @dataclass(frozen=True)
 class Price:
-    input_per_mtok: float = 0
-    output_per_mtok: float = 0
-    cached_input_per_mtok: float | None = None
-    cache_write_per_mtok: float | None = None
+    input_per_mtok: float = _non_negative(0)
+    output_per_mtok: float = _non_negative(0)
+    cached_input_per_mtok: float | None = _non_negative(None)
+    cache_write_per_mtok: float | None = _non_negative(None)
 
 
 @dataclass(frozen=True)
@@ -203,10 +227,24 @@ class Config:
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+class UnsetVariable(KeyError):
+    """A `${VAR}` without a default whose variable is not in the environment."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
 def expand_env(text: str, env: Mapping[str, str]) -> str:
+    """`${VAR}` and `${VAR:-default}` from `env`. A `${VAR}` without a default must be set
+    (an empty value counts as set): an unset one raises `UnsetVariable`, so that a
+    forgotten secret or URL is named instead of silently becoming an empty string."""
+
     def sub(m: re.Match[str]) -> str:
         name, default = m.group(1), m.group(2)
         value = env.get(name)
+        if value is None and default is None:
+            raise UnsetVariable(name)
         if value is None or (value == "" and default is not None):
             return default if default is not None else ""
         return value
@@ -218,13 +256,23 @@ def _where(node: yaml.Node, path: str) -> str:
     return f"{path or '<root>'} (line {node.start_mark.line + 1})"
 
 
-def _scalar(node: yaml.ScalarNode, env: Mapping[str, str], tp: Any) -> Any:
+def _expanded(node: yaml.ScalarNode, path: str, env: Mapping[str, str]) -> str:
+    try:
+        return expand_env(str(node.value), env)
+    except UnsetVariable as exc:
+        raise ConfigError(
+            f"{_where(node, path)}: the environment variable {exc.name} is not set "
+            f"(set it, or give a default in the file: ${{{exc.name}:-value}})"
+        ) from None
+
+
+def _scalar(node: yaml.ScalarNode, path: str, env: Mapping[str, str], tp: Any) -> Any:
     """The scalar's value for a field of type `tp`, after `${VAR}` expansion.
 
     Quoted and plain scalars are treated alike once expanded, so `port: "${PORT:-8080}"`
     is a number; strings stay strings even when they look like numbers.
     """
-    text = expand_env(str(node.value), env)
+    text = _expanded(node, path, env)
     plain = node.style is None
     if plain and text in ("", "~", "null", "Null", "NULL"):
         return None
@@ -243,7 +291,7 @@ def _convert(node: yaml.Node, tp: Any, path: str, env: Mapping[str, str]) -> Any
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if isinstance(node, yaml.ScalarNode):
-            raw = _scalar(node, env, args[0])
+            raw = _scalar(node, path, env, args[0])
             if raw is None or raw == "":
                 return None
         return _convert(node, args[0], path, env)
@@ -253,8 +301,13 @@ def _convert(node: yaml.Node, tp: Any, path: str, env: Mapping[str, str]) -> Any
         return _build(tp, node, path, env)
     if origin is tuple:
         (item_tp, _ellipsis) = typing.get_args(tp)
-        if isinstance(node, yaml.ScalarNode) and _scalar(node, env, None) is None:
-            return ()
+        if isinstance(node, yaml.ScalarNode):
+            if _scalar(node, path, env, None) is None:
+                return ()
+            if item_tp is str:
+                # A list of strings may come from one variable: "${TRUSTED_PROXIES:-}" holding
+                # "10.0.0.0/8,127.0.0.1" (environment files cannot hold YAML lists).
+                return tuple(s.strip() for s in _expanded(node, path, env).split(",") if s.strip())
         if not isinstance(node, yaml.SequenceNode):
             raise ConfigError(f"{_where(node, path)}: expected a list")
         return tuple(_convert(n, item_tp, f"{path}[{i}]", env) for i, n in enumerate(node.value))
@@ -263,13 +316,14 @@ def _convert(node: yaml.Node, tp: Any, path: str, env: Mapping[str, str]) -> Any
             raise ConfigError(f"{_where(node, path)}: expected a mapping")
         out: dict[str, str] = {}
         for k, v in node.value:
+            sub = path + "." + str(k.value)
             if not isinstance(v, yaml.ScalarNode):
-                raise ConfigError(f"{_where(v, path + '.' + str(k.value))}: expected a string")
-            out[str(k.value)] = str(_scalar(v, env, str))
+                raise ConfigError(f"{_where(v, sub)}: expected a string")
+            out[str(k.value)] = str(_scalar(v, sub, env, str))
         return types.MappingProxyType(out)
     if not isinstance(node, yaml.ScalarNode):
         raise ConfigError(f"{_where(node, path)}: expected a {tp.__name__}")
-    raw = _scalar(node, env, tp)
+    raw = _scalar(node, path, env, tp)
     if tp is str:
         if raw is None:
             raise ConfigError(f"{_where(node, path)}: expected a string")
@@ -281,10 +335,24 @@ def _convert(node: yaml.Node, tp: Any, path: str, env: Mapping[str, str]) -> Any
     if tp in (int, float):
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             raise ConfigError(f"{_where(node, path)}: expected a number, got {raw!r}")
+        if not math.isfinite(raw):
+            raise ConfigError(f"{_where(node, path)}: expected a finite number, got {raw!r}")
         if tp is int and not float(raw).is_integer():
             raise ConfigError(f"{_where(node, path)}: expected an integer, got {raw!r}")
         return tp(raw)
     raise ConfigError(f"{_where(node, path)}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def _check_bounds(f: dataclasses.Field[Any], value: Any, node: yaml.Node, path: str) -> None:
+    """The range a `_bounded` field declares, for a value the file set."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or "low" not in f.metadata:
+        return
+    low, high, above = f.metadata["low"], f.metadata["high"], f.metadata["above"]
+    if above and not value > low:
+        raise ConfigError(f"{_where(node, path)}: must be greater than {low:g}, got {value:g}")
+    if low is not None and value < low or high is not None and value > high:
+        span = f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}"
+        raise ConfigError(f"{_where(node, path)}: must be {span}, got {value:g}")
 
 
 def _build(cls: type, node: yaml.MappingNode, path: str, env: Mapping[str, str]) -> Any:
@@ -299,13 +367,19 @@ def _build(cls: type, node: yaml.MappingNode, path: str, env: Mapping[str, str])
         if key in kwargs:
             raise ConfigError(f"{_where(key_node, sub)}: duplicate key {key!r}")
         kwargs[key] = _convert(value_node, hints[key], sub, env)
+        _check_bounds(fields[key], kwargs[key], value_node, sub)
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_where(node, path)}: missing required key {name!r}")
     return cls(**kwargs)
 
 
-def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = "<config>") -> Config:
+def parse_config(
+    text: str, env: Mapping[str, str] | None = None, source: str = "<config>", config_dir: Path | None = None
+) -> Config:
+    """The validated config in `text`. With `config_dir` (the directory of the file it came
+    from), relative storage paths are anchored there (see `anchor_paths`); without it they
+    stay relative to the working directory."""
     env = os.environ if env is None else env
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -321,7 +395,40 @@ def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = 
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
     validate(cfg, source)
-    return cfg
+    return cfg if config_dir is None else anchor_paths(cfg, config_dir)
+
+
+def anchor_paths(cfg: Config, config_dir: Path) -> Config:
+    """`cfg` with the state directory, a relative SQLite path and a relative spool path made
+    absolute: state_dir against `config_dir`, the others against state_dir.
+
+    Relative to the working directory, `keys create` run from another directory than
+    `serve` made a second, empty database, and the key it printed was unknown to the
+    server; anchored, every command reading one config file meets the same files."""
+    storage = cfg.storage
+    state = Path(os.path.abspath(config_dir / os.path.expanduser(storage.state_dir)))
+    url = storage.url
+    scheme, sep, rest = url.partition("://")
+    if scheme.lower() == "sqlite" and sep and rest.startswith("/") and rest not in ("/", "/:memory:"):
+        url = f"{scheme}:///{state / os.path.expanduser(rest[1:])}"  # absolute: sqlite:////...
+    spool = state / os.path.expanduser(storage.spool_path)
+    return dataclasses.replace(
+        cfg, storage=dataclasses.replace(storage, state_dir=str(state), url=url, spool_path=str(spool))
+    )
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a `sqlite:///` URL (None for other stores and `:memory:`)."""
+    scheme, sep, rest = url.partition("://")
+    if scheme.lower() != "sqlite" or not sep or not rest.startswith("/") or rest in ("/", "/:memory:"):
+        return None
+    return Path(rest[1:])
+
+
+def describe_store(url: str) -> str:
+    """The store for a log line or a message: a SQLite file's path, else the masked URL."""
+    path = sqlite_path(url)
+    return f"SQLite {path}" if path is not None else _mask_url(url)
 
 
 def validate(cfg: Config, source: str = "<config>") -> None:
@@ -372,6 +479,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: upstreams.{u.name}.health_check_s must be 0 (off) or more")
     if cfg.server.workers < 1:
         raise ConfigError(f"{source}: server.workers must be at least 1")
+    if cfg.server.log_format not in LOG_FORMATS:
+        raise ConfigError(f"{source}: server.log_format must be one of {', '.join(LOG_FORMATS)}")
     for i, proxy_net in enumerate(cfg.server.trusted_proxies):
         try:
             ipaddress.ip_network(proxy_net, strict=False)
@@ -410,23 +519,26 @@ DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
 
 
 def resolve_path(explicit: str | None) -> Path:
-    """--config, else $LLM_PROXY_CONFIG, else ./config/proxy.yaml, else the built-in default."""
+    """--config, else $LLM_PROXY_CONFIG, else ./config/proxy.yaml, else the built-in default
+    (always an absolute path, so that messages say which file it was)."""
     if explicit:
-        return Path(explicit)
+        return Path(explicit).absolute()
     env = os.environ.get("LLM_PROXY_CONFIG")
     if env:
-        return Path(env)
+        return Path(env).absolute()
     local = Path("config/proxy.yaml")
-    return local if local.exists() else DEFAULT_CONFIG_PATH
+    return local.absolute() if local.exists() else DEFAULT_CONFIG_PATH
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """The config file's contents, validated, with relative storage paths anchored to its
+    directory (see `anchor_paths`; the built-in default names an absolute state_dir)."""
     p = resolve_path(str(path) if path else None)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config {p}: {exc.strerror}") from None
-    return parse_config(text, env, source=str(p))
+    return parse_config(text, env, source=str(p), config_dir=p.parent)
 
 
 def _mask_url(url: str) -> str:

@@ -27,7 +27,6 @@ from proxy.middleware.auth import extract_key
 from proxy.middleware.auth_failures import AuthFailures, ClientAddress, TooManyAuthFailures
 from proxy.middleware.context import dialect_for_path, error_parts, fresh_request_id, new_request_id, response_headers
 from proxy.middleware.session import RELAY_HOST, RELAY_PEER, RELAY_PREFIX, RELAY_PROTO, RELAY_TOKEN
-from proxy.store.base import KeyRecord
 from proxy.upstream import encode_head
 
 log = logging.getLogger("llm_proxy.http")
@@ -91,6 +90,15 @@ def internal_connector(server: web.Server) -> Callable[[Callable[[], asyncio.Pro
     return connect
 
 
+class _Caller:
+    """The key name for a request's access line ("-" until a key authenticated)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self) -> None:
+        self.name = "-"
+
+
 class Front:
     def __init__(
         self,
@@ -108,7 +116,7 @@ class Front:
 
     async def handle(self, ex: Exchange) -> None:
         request = ex.request
-        key: KeyRecord | None = None
+        caller = _Caller()
         rid = "-"
         client = self._client_address(request.remote, request.headers.get("x-forwarded-for"))
         try:
@@ -118,32 +126,35 @@ class Front:
                 rid = await self._relay_internal(ex, client)
             else:
                 rid = new_request_id(request.headers.get("x-request-id"))
-                key = await self._model_call(ex, rid, *route)
+                await self._model_call(ex, rid, caller, *route)
         except (NotFound, TooManyAuthFailures) as err:  # an unknown Gemini method; a brute-forcing address
             self._render(ex, err, fresh_request_id() if rid == "-" else rid)
         finally:
             if ex.status == 401:  # a wrong client key or master key, on any route
                 self._auth_failures.failed(client, request.started)
             if self._access_log is not None:
-                self._access_log.line(ex, client, key.name if key is not None else "-", rid)
+                self._access_log.line(ex, client, caller.name, rid)
 
-    async def _model_call(self, ex: Exchange, rid: str, endpoint: Endpoint, path_model: str | None) -> KeyRecord | None:
+    async def _model_call(
+        self, ex: Exchange, rid: str, caller: "_Caller", endpoint: Endpoint, path_model: str | None
+    ) -> None:
         request = ex.request
         state = self._state
         common = response_headers(rid, request.headers.get("origin"))
-        key: KeyRecord | None = None
         try:
             if state.streams.stopping:
                 raise ShuttingDown()
             assert state.authenticator is not None and state.forwarder is not None
             query = (lambda: dict(parse_qsl(request.query_string))) if endpoint.dialect is GEMINI else None
             key = await state.authenticator.authenticate(extract_key(request.headers, query))
+            # Named before the call: a stream its client aborts ends this task by
+            # cancellation, and its access line must still say whose it was.
+            caller.name = key.name
             await state.forwarder.handle(ex, endpoint, key, rid, common, path_model)
         except ProxyError as err:
             if not ex.head_sent:
                 status, headers, body = error_parts(endpoint.dialect, err, rid)
                 ex.respond(status, common + list(headers.items()), body)
-        return key
 
     def _render(self, ex: Exchange, err: ProxyError, rid: str) -> None:
         request = ex.request

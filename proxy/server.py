@@ -38,6 +38,7 @@ from proxy.config import Config, load_config
 from proxy.front import Front, internal_connector, protocol_error
 from proxy.http1.client import Http1Client
 from proxy.http1.server import Http1Server, ServerLimits
+from proxy.logs import configure_logging
 from proxy.middleware.auth_failures import AuthFailures, ClientAddress
 
 log = logging.getLogger("llm_proxy.server")
@@ -194,7 +195,7 @@ class Running:
         internal = Http1Client(
             "http://llm-proxy.internal", max_connections=64, connect_timeout_s=5, connect=internal_connector(runner.server)
         )
-        access_log = AccessLog() if srv.access_log else None
+        access_log = AccessLog(fmt=srv.log_format) if srv.access_log else None
         http = Http1Server(
             Front(
                 app[STATE],
@@ -303,6 +304,7 @@ def _worker(
 
     try:
         config = load_config(config_path)
+        configure_logging(fmt=config.server.log_format)
         asyncio.run(serve(
             config, host, port, reuse_port=True, notify=False, on_ready=on_ready, second_signal_ends_grace=False,
             config_path=config_path, parent_pid=parent_pid,
@@ -448,14 +450,6 @@ def run(config: Config, config_path: str | None, host: str, port: int, workers: 
         log.error("worker exit codes: %s", codes)
         return 1
     return 0
-
-
-def configure_logging(level: str | None = None) -> None:
-    logging.basicConfig(
-        level=(level or os.environ.get("LLM_PROXY_LOG_LEVEL", "INFO")).upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
 
 
 __all__ = ["configure_logging", "install_uvloop", "run", "sd_notify", "serve"]

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from proxy.errors import InvalidApiKey, ServiceUnavailable
 from proxy.keys import digest_key, well_formed
+from proxy.logs import Outage
 from proxy.middleware.last_used import LastUsed
 from proxy.store.base import KeyRecord, Store
 
@@ -131,6 +132,7 @@ class Authenticator:
         self._timeout = lookup_timeout_s
         self._inflight: dict[str, asyncio.Future[KeyRecord | None]] = {}
         self._generation = 0  # bumped by forget(): answers fetched before it are not cached
+        self._outage = Outage(log, "key store")
 
     async def authenticate(self, presented: str | None) -> KeyRecord:
         if not presented or not well_formed(presented):
@@ -142,15 +144,22 @@ class Authenticator:
                 record = await self._lookup(digest)
             except Exception as exc:
                 # A known key keeps working from its stale entry; unknown ones get 503.
+                self._outage.failed(exc, "keys seen in the last few minutes keep working, others get 503")
                 record = self._cache.stale(digest, self._clock())
                 if record is None:
-                    log.warning("key store unavailable during auth (%s)", type(exc).__name__)
                     raise ServiceUnavailable(
                         "Authentication is temporarily unavailable.", code="auth_unavailable", retry_after_s=5
                     ) from None
-        now = self._clock()
-        if record is None or not record.is_active(now):
+        if record is None:
             raise InvalidApiKey()
+        now = self._clock()
+        if not record.is_active(now):
+            # The caller holds this very key's secret: telling them it was revoked or has
+            # expired (same status and code as any bad key, DESIGN §1) reveals nothing to
+            # anyone else, and saves them guessing at a typo.
+            if record.revoked_at is not None:
+                raise InvalidApiKey("This API key has been revoked.")
+            raise InvalidApiKey("This API key has expired.")
         if self._last_used is not None:
             self._last_used.touch(record.id, now)
         return record
@@ -174,6 +183,7 @@ class Authenticator:
         generation = self._generation
         async with asyncio.timeout(self._timeout):
             record = await self._store.key_by_digest(digest)
+        self._outage.ended()
         if generation == self._generation:
             self._cache.put(digest, record, self._clock())
         return record

@@ -23,8 +23,10 @@ from proxy.errors import (
     NotFound,
     ProxyError,
     RequestTooLarge,
+    ServiceUnavailable,
     UnsupportedMediaType,
 )
+from proxy.store.base import StoreError
 
 log = logging.getLogger("llm_proxy.http")
 
@@ -147,6 +149,12 @@ def make_context_middleware() -> Middleware:
             # The client went away mid-request; nothing to answer.
             log.debug("client connection lost (%s)", type(exc).__name__)
             raise
+        except StoreError as exc:
+            # An outage, not a bug: one line (no traceback) per refused admin or usage call.
+            log.warning("store unavailable for %s %s (%s): 503", request.method, request.path[:200], type(exc).__name__)
+            return render_error(
+                request, ServiceUnavailable("The key and usage store is unavailable; please retry.", code="store_unavailable", retry_after_s=5)
+            )
         except Exception:
             log.exception("unhandled error in %s %s", request.method, request.path)
             return render_error(request, ProxyError("Internal error."))

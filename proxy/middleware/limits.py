@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 from proxy.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from proxy.limits.base import Decision, Limiter, LimiterUnavailable, LimitSpec, Reservation
+from proxy.logs import Outage
 from proxy.store.base import KeyRecord
 
 log = logging.getLogger("llm_proxy.limits")
@@ -98,6 +99,7 @@ class Admission:
         self._limiter = limiter
         self._fail_open = fail_open
         self._settling: set[asyncio.Task[None]] = set()
+        self._outage = Outage(log, "limits backend")
         # key id -> its KeyAdmission: keys come from the auth cache as the same objects, so
         # this is built once per cached record.
         self._keys: dict[str, KeyAdmission] = {}
@@ -135,15 +137,19 @@ class Admission:
             return _NO_LIMITS
         try:
             decision = await self._limiter.admit(limits.record.id, limits.spec, request_id, tokens, cost_usd, fresh)
-        except LimiterUnavailable:
+        except LimiterUnavailable as exc:
+            self._outage.failed(
+                exc, "admitting limited keys without limits (fail_open)" if self._fail_open
+                else "limited keys get 503 rate_limiter_unavailable",
+            )
             if self._fail_open:
-                log.warning("limits backend unavailable; admitting %s (fail_open)", limits.record.name)
                 return _NO_LIMITS
             raise ServiceUnavailable(
                 "Rate limiting is temporarily unavailable; please retry.",
                 code="rate_limiter_unavailable",
                 retry_after_s=2,
             ) from None
+        self._outage.ended()
         return _answer(decision, limits)
 
     def settle(self, reservation: Reservation | None, tokens: int, cost_usd: float) -> None:
@@ -160,7 +166,8 @@ class Admission:
             await self._limiter.settle(reservation, tokens, cost_usd)
         except LimiterUnavailable:
             # The reservation expires by its TTL; the usage store still has the record.
-            log.warning("could not settle a reservation; it will expire")
+            # The outage itself is logged by admissions.
+            log.debug("could not settle a reservation; it will expire")
 
     async def drain(self) -> None:
         if self._settling:
