@@ -42,6 +42,7 @@ from proxy.store import open_store
 from proxy.store.base import Store
 from proxy.upstream import UpstreamPool
 from proxy.upstream_checks import UpstreamChecks
+from proxy.worker_metrics import WorkerMetrics
 
 log = logging.getLogger("llm_proxy.app")
 
@@ -70,6 +71,8 @@ class AppState:
     health: RouteHealth | None = None
     reloader: Reloader | None = None
     checks: UpstreamChecks | None = None
+    # Under `serve --workers N`: merges the sibling workers' numbers into each scrape.
+    worker_metrics: WorkerMetrics | None = None
 
     @property
     def in_flight(self) -> int:
@@ -161,6 +164,8 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics_handler(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body, ctype = state.metrics.render(state)
+    if state.worker_metrics is not None:
+        body = await state.worker_metrics.scrape(body)
     return web.Response(body=body, headers={"Content-Type": ctype})
 
 

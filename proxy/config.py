@@ -54,6 +54,15 @@ def _positive(default: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """HTTPS on the gateway's own port: a PEM certificate chain and its private key
+    (relative paths: against the config file's directory). Re-read on reload."""
+
+    cert_file: str
+    key_file: str
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = _bounded(8080, 0, 65535)  # 0: any free port
@@ -78,6 +87,8 @@ class ServerConfig:
     # Addresses (IPs or CIDRs) of reverse proxies in front of the gateway: for requests
     # from them, the client's address is taken from X-Forwarded-For (access log, auth brake).
     trusted_proxies: tuple[str, ...] = ()
+    # Serve HTTPS instead of HTTP (proxy/tls.py); None: plain HTTP (a terminator in front).
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +192,10 @@ class ModelConfig:
     routes: tuple[RouteConfig, ...]
     fallbacks: tuple[str, ...] = ()
     price: Price = field(default_factory=Price)
+    # Other names clients ask for the same model by (a dated id, a client's shorthand such
+    # as Claude Code's `sonnet`). Each is served as a model of its own with these routes
+    # and price, listed and recorded under the name the client used (see `expand_aliases`).
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -394,8 +409,22 @@ def parse_config(
             cfg = _build(Config, root, "", env)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+    cfg = expand_aliases(cfg)
     validate(cfg, source)
     return cfg if config_dir is None else anchor_paths(cfg, config_dir)
+
+
+def expand_aliases(cfg: Config) -> Config:
+    """Each model alias as a model of its own (same routes, fallbacks and price), after
+    the model that names it: everything downstream (router, model lists, allowlists,
+    usage records, metrics) knows model names only."""
+    if not any(m.aliases for m in cfg.models):
+        return cfg
+    models: list[ModelConfig] = []
+    for m in cfg.models:
+        models.append(m)
+        models.extend(dataclasses.replace(m, name=alias, aliases=()) for alias in m.aliases)
+    return dataclasses.replace(cfg, models=tuple(models))
 
 
 def anchor_paths(cfg: Config, config_dir: Path) -> Config:
@@ -412,8 +441,17 @@ def anchor_paths(cfg: Config, config_dir: Path) -> Config:
     if scheme.lower() == "sqlite" and sep and rest.startswith("/") and rest not in ("/", "/:memory:"):
         url = f"{scheme}:///{state / os.path.expanduser(rest[1:])}"  # absolute: sqlite:////...
     spool = state / os.path.expanduser(storage.spool_path)
+    server = cfg.server
+    if server.tls is not None:
+        server = dataclasses.replace(
+            server,
+            tls=TlsConfig(
+                cert_file=os.path.abspath(config_dir / os.path.expanduser(server.tls.cert_file)),
+                key_file=os.path.abspath(config_dir / os.path.expanduser(server.tls.key_file)),
+            ),
+        )
     return dataclasses.replace(
-        cfg, storage=dataclasses.replace(storage, state_dir=str(state), url=url, spool_path=str(spool))
+        cfg, server=server, storage=dataclasses.replace(storage, state_dir=str(state), url=url, spool_path=str(spool))
     )
 
 
@@ -448,7 +486,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: upstreams.{u.name}.default_max_tokens must be at least 1")
     model_names = [m.name for m in cfg.models]
     if len(set(model_names)) != len(model_names):
-        raise ConfigError(f"{source}: model names must be unique")
+        twice = sorted({n for n in model_names if model_names.count(n) > 1})
+        raise ConfigError(f"{source}: model names and aliases must be unique: {', '.join(twice)}")
     for m in cfg.models:
         if not m.routes:
             raise ConfigError(f"{source}: models.{m.name}.routes must not be empty")

@@ -23,11 +23,14 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import uvloop
 from aiohttp import web
@@ -40,6 +43,8 @@ from proxy.http1.client import Http1Client
 from proxy.http1.server import Http1Server, ServerLimits
 from proxy.logs import configure_logging
 from proxy.middleware.auth_failures import AuthFailures, ClientAddress
+from proxy.tls import ServerTls
+from proxy.worker_metrics import WorkerMetrics
 
 log = logging.getLogger("llm_proxy.server")
 
@@ -91,6 +96,7 @@ async def serve(
     second_signal_ends_grace: bool = True,
     config_path: str | None = None,
     parent_pid: int | None = None,
+    worker_metrics: WorkerMetrics | None = None,
 ) -> None:
     """Serve until a stop signal (SIGTERM / SIGINT), then drain (see the module docstring)
     and return; SIGHUP reloads `config_path` (None: resolved as at start-up).
@@ -98,6 +104,7 @@ async def serve(
     `notify`: send READY=1 / STOPPING=1 on $NOTIFY_SOCKET. `on_ready`: called once the
     port accepts connections. `second_signal_ends_grace`: off in --workers children, which
     may get one signal twice (from the terminal's process group and from the parent).
+    `worker_metrics`: this process is one of `--workers N` (proxy/worker_metrics.py).
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -135,7 +142,11 @@ async def serve(
     gc.freeze()
     gc.set_threshold(10_000, 50, 100)
     try:
-        log.info("llm-proxy listening on http://%s:%d (pid %d)", host, running.port, os.getpid())
+        if worker_metrics is not None:
+            await worker_metrics.start(lambda: running.state.metrics.render(running.state)[0])
+            running.state.worker_metrics = worker_metrics
+        scheme = "https" if running.tls is not None else "http"
+        log.info("llm-proxy listening on %s://%s:%d (pid %d)", scheme, host, running.port, os.getpid())
         if notify:
             sd_notify("READY=1")
         if on_ready is not None:
@@ -150,6 +161,8 @@ async def serve(
         # before the upstream pools and stores close.
         # The signal handlers stay until the loop closes: a late duplicate signal must
         # not kill the process while it flushes.
+        if worker_metrics is not None:
+            worker_metrics.close()
         await running.close()
     log.info("stopped")
 
@@ -168,6 +181,15 @@ class Running:
         self.access_log = access_log
         self.server: asyncio.Server | None = None
         self.port = 0
+        # `server.tls`: the listening socket's certificate. A config reload calls
+        # `reload_tls` (turning TLS on or off needs a restart: the socket is made once).
+        self.tls: ServerTls | None = None
+
+    def reload_tls(self, config: Config) -> None:
+        """Re-read the certificate and key files named by `config` (server.tls) for new
+        connections. Raises OSError / ssl.SSLError on a bad pair, changing nothing."""
+        if self.tls is not None and config.server.tls is not None:
+            self.tls.reload(config.server.tls)
 
     @classmethod
     async def start(
@@ -218,8 +240,11 @@ class Running:
         running = cls(app, runner, internal, http, access_log)
         running.state.handlers = http.tasks  # requests in flight: drained at shutdown
         try:
+            if srv.tls is not None:
+                running.tls = ServerTls(srv.tls)
             running.server = await asyncio.get_running_loop().create_server(
-                http.protocol, host, port, reuse_port=reuse_port or None, backlog=1024
+                http.protocol, host, port, reuse_port=reuse_port or None, backlog=1024,
+                ssl=running.tls.context if running.tls is not None else None,
             )
         except BaseException:
             await running.close()
@@ -285,7 +310,13 @@ def _stop_with_parent(parent_pid: int) -> None:
 
 
 def _worker(
-    config_path: str | None, host: str, port: int, ready: multiprocessing.connection.Connection, index: int, parent_pid: int
+    config_path: str | None,
+    host: str,
+    port: int,
+    ready: multiprocessing.connection.Connection,
+    index: int,
+    parent_pid: int,
+    metrics: tuple[str, int],
 ) -> None:
     # The parent started this process with the stop signals blocked, so a stop signal
     # sent while it was starting up waits until it can be handled gracefully.
@@ -305,9 +336,10 @@ def _worker(
     try:
         config = load_config(config_path)
         configure_logging(fmt=config.server.log_format)
+        directory, count = metrics
         asyncio.run(serve(
             config, host, port, reuse_port=True, notify=False, on_ready=on_ready, second_signal_ends_grace=False,
-            config_path=config_path, parent_pid=parent_pid,
+            config_path=config_path, parent_pid=parent_pid, worker_metrics=WorkerMetrics(Path(directory), index, count),
         ))
     except Exception:
         log.exception("worker %d failed", index)
@@ -324,10 +356,16 @@ class _Workers:
         self._writers: list[multiprocessing.connection.Connection] = []
         self.stopping = False
         self.signalled = False  # a stop signal came from outside (not a worker failure)
+        # The workers' metrics sockets (proxy/worker_metrics.py); mkdtemp makes it 0700.
+        self.metrics_dir = tempfile.mkdtemp(prefix="llm-proxy-metrics-")
         for i in range(count):
             reader, writer = ctx.Pipe(duplex=False)
             self.procs.append(
-                ctx.Process(target=_worker, args=(config_path, host, port, writer, i, os.getpid()), name=f"llm-proxy-worker-{i}")
+                ctx.Process(
+                    target=_worker,
+                    args=(config_path, host, port, writer, i, os.getpid(), (self.metrics_dir, count)),
+                    name=f"llm-proxy-worker-{i}",
+                )
             )
             self._ready.append(reader)
             self._writers.append(writer)
@@ -431,7 +469,7 @@ def run(config: Config, config_path: str | None, host: str, port: int, workers: 
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if group.wait_ready(_START_TIMEOUT_S):
             sd_notify("READY=1")
-            log.info("%d workers serving on http://%s:%d", workers, host, port)
+            log.info("%d workers serving on %s://%s:%d", workers, "https" if config.server.tls else "http", host, port)
         elif not group.stopping:
             log.error("not every worker started: stopping")
             group.stop()
@@ -442,6 +480,7 @@ def run(config: Config, config_path: str | None, host: str, port: int, workers: 
             group.wait_exit()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        shutil.rmtree(group.metrics_dir, ignore_errors=True)
     # A worker ended by the stop signal itself (one that arrived while it was already
     # closing its event loop) stopped as asked.
     asked = {0} | ({-sig for sig in _STOP_SIGNALS} if group.signalled else set())

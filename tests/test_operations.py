@@ -22,7 +22,7 @@ import pytest
 
 from _gateway import Reply
 from proxy.config import ConfigError, anchor_paths, load_config, parse_config
-from proxy.store.base import StoreError
+from proxy.store.base import KeyLimits, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT = {"model": "up-gpt", "messages": [{"role": "user", "content": "hi"}]}
@@ -250,3 +250,266 @@ async def test_an_aborted_stream_has_its_key_name_on_its_access_line(gateway: An
         await asyncio.sleep(0.02)
     lines = [line for line in caplog.text.splitlines() if "/v1/chat/completions" in line]
     assert len(lines) == 1 and "key=test-key " in lines[0], lines
+
+
+# ---------------------------------------------------------------------- /metrics with workers
+
+
+def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[tuple[str, str], ...], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name:
+                out[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def _total(text: str, name: str, **labels: str) -> float:
+    return sum(v for k, v in _samples(text, name).items() if set(labels.items()) <= set(k))
+
+
+async def test_one_scrape_sums_every_worker(gateway: Any, tmp_path: Path) -> None:
+    """Two gateways as two workers of one service: whichever gets the scrape reports
+    both workers' calls; flags merge by minimum, the shared spool's size by maximum."""
+    from proxy.worker_metrics import WorkerMetrics
+
+    sockets = tmp_path / "m"
+    sockets.mkdir(mode=0o700)
+    from proxy.config import StorageConfig
+
+    second = StorageConfig(url=f"sqlite:///{tmp_path}/b.db", spool_path=str(tmp_path / "b-spool.jsonl"), flush_interval_s=0.05)
+    a, b = await gateway(), await gateway(storage=second)
+    for i, gw in enumerate((a, b)):
+        peer = WorkerMetrics(sockets, i, 2)
+        await peer.start(lambda gw=gw: gw.state.metrics.render(gw.state)[0])
+        gw.state.worker_metrics = peer
+    try:
+        async with aiohttp.ClientSession() as s:
+            for gw, n in ((a, 3), (b, 2)):
+                for _ in range(n):
+                    async with s.post(gw.url + "/v1/chat/completions", json={**CHAT, "model": "mock-gpt"}, headers=gw.headers()) as r:
+                        assert r.status == 200
+            await a.wait_records(3)
+            await b.wait_records(2)
+            b.state.sink._store_ok = False  # one worker's store writes failing: not all is well
+            for gw in (a, b):
+                async with s.get(gw.url + "/metrics") as r:
+                    text = await r.text()
+                assert _total(text, "llm_proxy_requests_total", model="mock-gpt") == 5
+                assert _total(text, "llm_proxy_request_duration_seconds_count") == 5
+                assert _total(text, "llm_proxy_workers") == 2 and _total(text, "llm_proxy_workers_scraped") == 2
+                assert _total(text, "llm_proxy_usage_store_ok") == 0 and _total(text, "llm_proxy_usage_accepting") == 1
+            b.state.sink._store_ok = True
+            # A sibling that is gone is left out, and the scrape says so.
+            b.state.worker_metrics.close()
+            async with s.get(a.url + "/metrics") as r:
+                text = await r.text()
+            assert _total(text, "llm_proxy_requests_total") == 3 and _total(text, "llm_proxy_workers_scraped") == 1
+    finally:
+        for gw in (a, b):
+            gw.state.worker_metrics.close()
+
+
+async def test_serve_with_two_workers_reports_the_whole_service(tmp_path: Path) -> None:
+    from _gateway import free_port
+
+    port = free_port()
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text(
+        f"""server: {{host: 127.0.0.1, port: {port}, workers: 2, shutdown_grace_s: 2}}
+storage: {{url: "sqlite:///gw.db", spool_path: spool.jsonl, flush_interval_s: 0.05}}
+upstreams: [{{name: mock, protocol: openai, base_url: "mock://"}}]
+models: [{{name: demo, routes: [{{upstream: mock, model: mock-gpt}}]}}]
+"""
+    )
+    made = _cli(tmp_path, "keys", "create", "--name", "w", "--json", "--config", str(cfg))
+    assert made.returncode == 0, made.stderr
+    key = orjson.loads(made.stdout)["key"]
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--config", str(cfg)], cwd=REPO, env=_env(),
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while b"2 workers serving" not in log.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            await asyncio.sleep(0.05)
+        n = 10
+        # A fresh connection per request: the kernel spreads them over the two workers.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            for _ in range(n):
+                async with s.post(url + "/v1/chat/completions", json={**CHAT, "model": "demo"}, headers={"Authorization": f"Bearer {key}"}) as r:
+                    assert r.status == 200
+            for _ in range(6):  # whichever worker answers the scrape
+                while True:
+                    async with s.get(url + "/metrics") as r:
+                        text = await r.text()
+                    if _total(text, "llm_proxy_requests_total") >= n or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.05)  # a record is counted as its handler ends, after the response
+                assert _total(text, "llm_proxy_requests_total", model="demo") == n, text
+                assert _total(text, "llm_proxy_workers") == 2 and _total(text, "llm_proxy_workers_scraped") == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    output = log.read_text()
+    assert f"config {cfg}; keys and usage in SQLite {tmp_path / 'gw.db'}; usage spool {tmp_path / 'spool.jsonl'}" in output
+    assert proc.returncode == 0, output
+
+
+# ---------------------------------------------------------------------- out of the box for agents
+
+# What the agents ask for when left at their defaults (and their documented shorthands).
+CLAUDE_CODE = ("sonnet", "opus", "haiku", "claude-sonnet-4-6", "claude-opus-4-7", "claude-haiku-4-5-20251001", "claude-sonnet-4-5-20250929")
+CODEX = ("gpt-5.5", "gpt-5.4", "gpt-5.3-codex", "gpt-5.2-codex")
+GEMINI_CLI = ("gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-3-pro-preview", "gemini-3-flash-preview")
+
+
+async def test_the_default_config_serves_what_claude_code_codex_and_gemini_cli_ask_for(tmp_path: Path) -> None:
+    """config/proxy.yaml with the three provider keys set (the providers played by the
+    built-in mock): each agent's default model names answer 200 on the agent's own API."""
+    import dataclasses
+
+    from aiohttp import web
+
+    from proxy.mock_upstream import build_mock_app
+    from proxy.server import Running
+
+    keys = {"OPENAI_API_KEY": "sk-o", "ANTHROPIC_API_KEY": "sk-a", "GEMINI_API_KEY": "g-k"}
+    cfg = load_config(REPO / "config" / "proxy.yaml", env={**keys, "LLM_PROXY_STATE_DIR": str(tmp_path)})
+    for shipped in (REPO / "config" / "production.yaml", REPO / "proxy" / "default_config.yaml"):
+        other = load_config(shipped, env={**keys, "LLM_PROXY_STORAGE_URL": "sqlite:///x.db", "LLM_PROXY_LIMITS_URL": "memory://"})
+        assert {m.name for m in cfg.models} - {m.name for m in other.models} <= {"demo", "demo-embedding", "demo-claude", "demo-gemini"}
+    mock = web.AppRunner(build_mock_app(), access_log=None)
+    await mock.setup()
+    site = web.TCPSite(mock, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{mock.addresses[0][1]}"
+    real = {"openai": base + "/v1", "anthropic": base, "gemini": base}
+    cfg = dataclasses.replace(
+        cfg, upstreams=tuple(dataclasses.replace(u, base_url=real.get(u.name, u.base_url)) for u in cfg.upstreams)
+    )
+    running = await Running.start(cfg, "127.0.0.1", 0)
+    try:
+        _, key = await running.state.store.create_key("agent", KeyLimits())
+        assert running.state.router.skipped == []  # every model has its provider's key
+        url = f"http://127.0.0.1:{running.port}"
+        hi = [{"role": "user", "content": "hi"}]
+        async with aiohttp.ClientSession() as s:
+            for model in CLAUDE_CODE:
+                async with s.post(url + "/v1/messages?beta=true", json={"model": model, "max_tokens": 16, "stream": True, "messages": hi},
+                                  headers={"x-api-key": key, "anthropic-version": "2023-06-01"}) as r:
+                    assert r.status == 200, (model, await r.text())
+                    assert b"message_stop" in await r.read()
+            for model in CODEX:
+                async with s.post(url + "/v1/responses", json={"model": model, "input": "hi", "stream": True},
+                                  headers={"Authorization": f"Bearer {key}"}) as r:
+                    assert r.status == 200, (model, await r.text())
+                    assert b"response.completed" in await r.read()
+            for model in GEMINI_CLI:
+                async with s.post(url + f"/v1beta/models/{model}:streamGenerateContent?alt=sse",
+                                  json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}, headers={"x-goog-api-key": key}) as r:
+                    assert r.status == 200, (model, await r.text())
+                    assert b"finishReason" in await r.read()
+            # Every alias is listed under its own name for clients that pick from /v1/models.
+            async with s.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}) as r:
+                listed = {m["id"] for m in (await r.json())["data"]}
+            assert set(CLAUDE_CODE + CODEX + GEMINI_CLI) <= listed
+        records = []
+        for _ in range(100):
+            await running.state.sink.flush()
+            records = await running.state.store.list_usage(0.0)
+            if len(records) >= len(CLAUDE_CODE + CODEX + GEMINI_CLI):
+                break
+            await asyncio.sleep(0.02)
+        # Recorded under the name the client used, priced at the model's price.
+        assert {r.model for r in records} == set(CLAUDE_CODE + CODEX + GEMINI_CLI)
+        assert all(r.cost_usd > 0 for r in records)
+    finally:
+        await running.close()
+        await mock.cleanup()
+
+
+def test_aliases_are_models_of_their_own_and_must_be_unique() -> None:
+    text = """upstreams: [{name: a, base_url: 'http://x'}]
+models:
+  - {name: big, aliases: [b, big-2026], routes: [{upstream: a, model: big-v2}], price: {input_per_mtok: 2}}
+  - {name: small, routes: [{upstream: a, model: small}], fallbacks: [b]}
+"""
+    cfg = parse_config(text, {})
+    assert [m.name for m in cfg.models] == ["big", "b", "big-2026", "small"]
+    alias = cfg.models[1]
+    assert alias.routes == cfg.models[0].routes and alias.price.input_per_mtok == 2 and alias.aliases == ()
+    with pytest.raises(ConfigError, match="model names and aliases must be unique: small"):
+        parse_config(text.replace("[b, big-2026]", "[b, small]"), {})
+
+
+# ---------------------------------------------------------------------- native TLS
+
+
+def _served_cert(port: int, ca: Path) -> bytes:
+    import socket
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return der
+
+
+async def test_native_tls_serves_https_and_reloads_its_certificate(gateway: Any, tmp_path: Path) -> None:
+    """server.tls: model calls (plain and streamed) and relayed routes over HTTPS, a
+    reload presents the new certificate to new connections, a bad pair changes nothing."""
+    import dataclasses
+    import ssl
+
+    from _tls import make_cert
+    from proxy.config import ServerConfig, TlsConfig
+
+    first, second = tmp_path / "one", tmp_path / "two"
+    first.mkdir()
+    second.mkdir()
+    cert, key = make_cert(first)
+    cert2, key2 = make_cert(second)
+    gw = await gateway(server=ServerConfig(host="127.0.0.1", port=0, shutdown_grace_s=2, tls=TlsConfig(str(cert), str(key))))
+    url = f"https://127.0.0.1:{gw.running.port}"
+    trust = ssl.create_default_context(cafile=str(cert))
+    chat = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as s:
+        async with s.post(url + "/v1/chat/completions", json=chat, headers=gw.headers()) as r:
+            assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"]
+        async with s.post(url + "/v1/chat/completions", json={**chat, "stream": True}, headers=gw.headers()) as r:
+            assert r.status == 200 and (await r.read()).rstrip().endswith(b"data: [DONE]")
+        async with s.get(url + "/v1/models", headers=gw.headers()) as r:  # relayed to the control plane
+            assert r.status == 200 and (await r.json())["data"]
+    # Plain HTTP on the TLS port is refused, not served.
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.ClientError):
+            async with s.get(f"http://127.0.0.1:{gw.running.port}/healthz") as r:
+                await r.read()
+    before = await asyncio.to_thread(_served_cert, gw.running.port, cert)
+    new = dataclasses.replace(gw.state.config, server=dataclasses.replace(gw.state.config.server, tls=TlsConfig(str(cert2), str(key2))))
+    gw.running.reload_tls(new)
+    after = await asyncio.to_thread(_served_cert, gw.running.port, cert2)
+    assert after != before
+    # A key that does not match its certificate: an error, and the served one stays.
+    bad = dataclasses.replace(new, server=dataclasses.replace(new.server, tls=TlsConfig(str(cert), str(key2))))
+    with pytest.raises(ssl.SSLError):
+        gw.running.reload_tls(bad)
+    assert await asyncio.to_thread(_served_cert, gw.running.port, cert2) == after
+
+
+def test_tls_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text("server: {tls: {cert_file: certs/c.pem, key_file: /abs/k.pem}}\n")
+    tls = load_config(cfg, env={}).server.tls
+    assert tls is not None and (tls.cert_file, tls.key_file) == (str(tmp_path / "certs" / "c.pem"), "/abs/k.pem")
+    with pytest.raises(ConfigError, match=r"server\.tls \(line 1\): missing required key 'key_file'"):
+        parse_config("server: {tls: {cert_file: c.pem}}", {})
