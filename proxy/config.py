@@ -365,7 +365,7 @@ def _check_bounds(f: dataclasses.Field[Any], value: Any, node: yaml.Node, path: 
     low, high, above = f.metadata["low"], f.metadata["high"], f.metadata["above"]
     if above and not value > low:
         raise ConfigError(f"{_where(node, path)}: must be greater than {low:g}, got {value:g}")
-    if low is not None and value < low or high is not None and value > high:
+    if (low is not None and value < low) or (high is not None and value > high):
         span = f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}"
         raise ConfigError(f"{_where(node, path)}: must be {span}, got {value:g}")
 

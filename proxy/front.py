@@ -136,7 +136,7 @@ class Front:
                 self._access_log.line(ex, client, caller.name, rid)
 
     async def _model_call(
-        self, ex: Exchange, rid: str, caller: "_Caller", endpoint: Endpoint, path_model: str | None
+        self, ex: Exchange, rid: str, caller: _Caller, endpoint: Endpoint, path_model: str | None
     ) -> None:
         request = ex.request
         state = self._state

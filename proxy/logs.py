@@ -27,13 +27,8 @@ PREFORMATTED = {"preformatted": True}
 _DATE = "%Y-%m-%dT%H:%M:%S"
 
 
-def text_prefix(now: float, level: str, logger: str) -> str:
-    """The start of a text line for a given time: what `TextFormatter` writes before a message."""
-    return "%s.%03d %s %s " % (time.strftime(_DATE, time.localtime(now)), now % 1 * 1000, level, logger)
-
-
 def utc_stamp(now: float) -> str:
-    return "%s.%03dZ" % (time.strftime(_DATE, time.gmtime(now)), now % 1 * 1000)
+    return f"{time.strftime(_DATE, time.gmtime(now))}.{int(now % 1 * 1000):03d}Z"
 
 
 class TextFormatter(logging.Formatter):
@@ -113,4 +108,4 @@ def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
     root.setLevel((level or os.environ.get("LLM_PROXY_LOG_LEVEL", "INFO")).upper())
 
 
-__all__ = ["JSON", "Outage", "PREFORMATTED", "TEXT", "configure_logging", "text_prefix", "utc_stamp"]
+__all__ = ["JSON", "Outage", "PREFORMATTED", "TEXT", "configure_logging", "utc_stamp"]

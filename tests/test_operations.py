@@ -72,6 +72,7 @@ def test_every_command_uses_the_database_next_to_its_config_wherever_it_runs(tmp
     assert doc["storage"]["spool_path"] == str(tmp_path / "state" / "spool.jsonl")
 
 
+@pytest.mark.fast
 def test_state_dir_rules() -> None:
     base = Path("/srv/app/config")
 
@@ -110,6 +111,7 @@ def test_shipped_configs_anchor_their_state(tmp_path: Path, monkeypatch: pytest.
 # ---------------------------------------------------------------------- validation
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -132,6 +134,7 @@ def test_out_of_range_values_are_errors_naming_key_and_line(text: str, message: 
     assert str(err.value).startswith("proxy.yaml: ") and message in str(err.value)
 
 
+@pytest.mark.fast
 def test_prices_and_weights_must_not_be_negative() -> None:
     base = "upstreams: [{name: a, base_url: 'http://x'}]\nmodels:\n  - {name: m, routes: [{upstream: a, model: m%s}]%s}\n"
     with pytest.raises(ConfigError, match=r"models\[0\]\.routes\[0\]\.weight \(line 3\): must be greater than 0"):
@@ -158,6 +161,7 @@ def test_cli_port_and_workers_are_range_checked(tmp_path: Path) -> None:
         assert done.returncode == 2 and ("--port" in done.stderr or "--workers" in done.stderr), done.stderr
 
 
+@pytest.mark.fast
 def test_a_list_of_strings_may_come_from_one_variable() -> None:
     cfg = parse_config('server: {trusted_proxies: "${TP:-}"}', {"TP": "10.0.0.0/8, 127.0.0.1"})
     assert cfg.server.trusted_proxies == ("10.0.0.0/8", "127.0.0.1")
@@ -435,6 +439,7 @@ async def test_the_default_config_serves_what_claude_code_codex_and_gemini_cli_a
         await mock.cleanup()
 
 
+@pytest.mark.fast
 def test_aliases_are_models_of_their_own_and_must_be_unique() -> None:
     text = """upstreams: [{name: a, base_url: 'http://x'}]
 models:
@@ -506,6 +511,7 @@ async def test_native_tls_serves_https_and_reloads_its_certificate(gateway: Any,
     assert await asyncio.to_thread(_served_cert, gw.running.port, cert2) == after
 
 
+@pytest.mark.fast
 def test_tls_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     cfg = tmp_path / "proxy.yaml"
     cfg.write_text("server: {tls: {cert_file: certs/c.pem, key_file: /abs/k.pem}}\n")
