@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -167,6 +168,18 @@ async def metrics_handler(request: web.Request) -> web.Response:
     if state.worker_metrics is not None:
         body = await state.worker_metrics.scrape(body)
     return web.Response(body=body, headers={"Content-Type": ctype})
+
+
+# The front server writes the access line of a relayed request (GET /v1/models,
+# /v1/usage, ...) and names its key there too: the app says which key it was in this
+# response header, which the front server removes before the response leaves the process.
+KEY_NAME_HEADER = "x-llm-proxy-key-name"
+
+
+async def _name_the_key(request: web.Request, response: web.StreamResponse) -> None:
+    key = request.get(KEY)
+    if key is not None:
+        response.headers[KEY_NAME_HEADER] = quote(key.name, safe="")  # names may be any printable text
 
 
 # ---------------------------------------------------------------------- middlewares
@@ -339,6 +352,7 @@ def build_app(
     )
     app[STATE] = state
     app.on_response_prepare.append(on_prepare)
+    app.on_response_prepare.append(_name_the_key)
     app.cleanup_ctx.append(_backends(app))
     app.cleanup_ctx.append(_health_ctx)
     app.cleanup_ctx.append(_upstreams_ctx)
@@ -363,4 +377,4 @@ def build_app(
     return app
 
 
-__all__ = ["AppState", "PUBLIC_PATHS", "STATE", "build_app", "ProxyError"]
+__all__ = ["KEY_NAME_HEADER", "AppState", "PUBLIC_PATHS", "STATE", "build_app", "ProxyError"]

@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, unquote
 from aiohttp import web
 
 from proxy.access_log import AccessLog
-from proxy.app import AppState
+from proxy.app import KEY_NAME_HEADER, AppState
 from proxy.dialects import GEMINI, GEMINI_METHODS, GEMINI_MODEL_PREFIXES, MODEL_PATHS, Endpoint
 from proxy.errors import InvalidRequest, NotFound, ProxyError, RequestTooLarge, ServiceUnavailable, ShuttingDown
 from proxy.http1.client import Http1Client, UpstreamConnectionError
@@ -123,7 +123,7 @@ class Front:
             self._auth_failures.check(client, request.started)
             route = model_route(request.path) if request.method == "POST" else None
             if route is None:
-                rid = await self._relay_internal(ex, client)
+                rid = await self._relay_internal(ex, client, caller)
             else:
                 rid = new_request_id(request.headers.get("x-request-id"))
                 await self._model_call(ex, rid, caller, *route)
@@ -179,8 +179,9 @@ class Front:
         headers[RELAY_HOST] = host
         return encode_head(headers)
 
-    async def _relay_internal(self, ex: Exchange, client: str) -> str:
-        """Relay to the aiohttp application; returns the request id it chose."""
+    async def _relay_internal(self, ex: Exchange, client: str, caller: _Caller) -> str:
+        """Relay to the aiohttp application; returns the request id it chose (and sets the
+        caller's key name, when the app authenticated one)."""
         request = ex.request
         head = self._relay_head(request, client)
         target = request.path + ("?" + request.query_string if request.query_string else "")
@@ -197,6 +198,11 @@ class Front:
             rid = fresh_request_id()
             self._render(ex, ProxyError("Internal error."), rid)
             return rid
-        headers = [(name, value) for name, value in resp.headers.items() if name not in _HOP_BY_HOP]
+        key_name = resp.headers.get(KEY_NAME_HEADER)
+        if key_name is not None:
+            caller.name = unquote(key_name)
+        headers = [
+            (name, value) for name, value in resp.headers.items() if name not in _HOP_BY_HOP and name != KEY_NAME_HEADER
+        ]
         ex.respond(resp.status, headers, b"" if request.method == "HEAD" else body)
         return resp.headers.get("x-request-id") or "-"

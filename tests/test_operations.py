@@ -519,3 +519,19 @@ def test_tls_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     assert tls is not None and (tls.cert_file, tls.key_file) == (str(tmp_path / "certs" / "c.pem"), "/abs/k.pem")
     with pytest.raises(ConfigError, match=r"server\.tls \(line 1\): missing required key 'key_file'"):
         parse_config("server: {tls: {cert_file: c.pem}}", {})
+
+
+async def test_relayed_requests_name_their_key_too_and_the_relay_header_stays_inside(gateway: Any, caplog: Any) -> None:
+    caplog.set_level(logging.INFO, logger="llm_proxy.access")
+    gw = await gateway()
+    named = await gw.create_key("équipe α")  # any printable name travels intact
+    async with aiohttp.ClientSession() as s:
+        for key in (gw.key, named):
+            async with s.get(gw.url + "/v1/models", headers=gw.headers(key)) as r:
+                assert r.status == 200
+                assert not [h for h in r.headers if h.lower().startswith("x-llm-proxy")]
+        async with s.get(gw.url + "/healthz") as r:
+            assert r.status == 200
+    gw.running.access_log.flush()
+    lines = [line for line in caplog.text.splitlines() if '"GET /' in line]
+    assert "key=test-key " in lines[0] and "key=équipe α " in lines[1] and "key=- " in lines[2], lines
