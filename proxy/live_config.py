@@ -154,6 +154,9 @@ class Reloader:
     apply: Callable[[Config, Router, UpstreamPool], None]
     mock_base: str = ""
     parent_pid: int | None = None
+    # Called after every good reload, to read again the files the config names whose
+    # contents may have changed under the same path (the TLS certificate: proxy/tls.py).
+    reread: Callable[[], None] | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _retiring: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -191,6 +194,8 @@ class Reloader:
                 self._retire(target.client)
         if router.skipped:
             log.warning("models left out (their upstream has no credential): %s", ", ".join(router.skipped))
+        if self.reread is not None:
+            self.reread()
         return ReloadResult(True, tuple(changed), tuple(restart))
 
     def _retire(self, client: Any) -> None:

@@ -191,6 +191,19 @@ class Running:
         if self.tls is not None and config.server.tls is not None:
             self.tls.reload(config.server.tls)
 
+    def _reread_tls(self) -> None:
+        """After a config reload (SIGHUP, /admin/reload): a renewed certificate at the same
+        paths is served to new connections; one that does not load is logged and the
+        current one stays. (New paths are server.* settings: they need a restart.)"""
+        if self.tls is None:
+            return
+        try:
+            self.tls.reload()
+        except OSError as exc:  # ssl.SSLError is an OSError
+            log.error("TLS certificate not reloaded, the current one stays: %s", exc)
+        else:
+            log.info("TLS certificate re-read from %s", self.tls.config.cert_file)
+
     @classmethod
     async def start(
         cls,
@@ -242,6 +255,8 @@ class Running:
         try:
             if srv.tls is not None:
                 running.tls = ServerTls(srv.tls)
+                if running.state.reloader is not None:
+                    running.state.reloader.reread = running._reread_tls
             running.server = await asyncio.get_running_loop().create_server(
                 http.protocol, host, port, reuse_port=reuse_port or None, backlog=1024,
                 ssl=running.tls.context if running.tls is not None else None,

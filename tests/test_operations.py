@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -469,46 +470,68 @@ def _served_cert(port: int, ca: Path) -> bytes:
             return der
 
 
-async def test_native_tls_serves_https_and_reloads_its_certificate(gateway: Any, tmp_path: Path) -> None:
-    """server.tls: model calls (plain and streamed) and relayed routes over HTTPS, a
-    reload presents the new certificate to new connections, a bad pair changes nothing."""
-    import dataclasses
+async def test_native_tls_serves_https_and_reloads_its_certificate(tmp_path: Path) -> None:
+    """server.tls: model calls (plain and streamed) and relayed routes over HTTPS; a config
+    reload (what SIGHUP and /admin/reload run) serves a renewed certificate found at the
+    same paths to new connections; a pair that does not load changes nothing."""
     import ssl
 
     from _tls import make_cert
-    from proxy.config import ServerConfig, TlsConfig
+    from proxy.config import TlsConfig
+    from proxy.server import Running
 
-    first, second = tmp_path / "one", tmp_path / "two"
-    first.mkdir()
-    second.mkdir()
-    cert, key = make_cert(first)
-    cert2, key2 = make_cert(second)
-    gw = await gateway(server=ServerConfig(host="127.0.0.1", port=0, shutdown_grace_s=2, tls=TlsConfig(str(cert), str(key))))
-    url = f"https://127.0.0.1:{gw.running.port}"
-    trust = ssl.create_default_context(cafile=str(cert))
-    chat = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as s:
-        async with s.post(url + "/v1/chat/completions", json=chat, headers=gw.headers()) as r:
-            assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"]
-        async with s.post(url + "/v1/chat/completions", json={**chat, "stream": True}, headers=gw.headers()) as r:
-            assert r.status == 200 and (await r.read()).rstrip().endswith(b"data: [DONE]")
-        async with s.get(url + "/v1/models", headers=gw.headers()) as r:  # relayed to the control plane
-            assert r.status == 200 and (await r.json())["data"]
-    # Plain HTTP on the TLS port is refused, not served.
-    async with aiohttp.ClientSession() as s:
-        with pytest.raises(aiohttp.ClientError):
-            async with s.get(f"http://127.0.0.1:{gw.running.port}/healthz") as r:
-                await r.read()
-    before = await asyncio.to_thread(_served_cert, gw.running.port, cert)
-    new = dataclasses.replace(gw.state.config, server=dataclasses.replace(gw.state.config.server, tls=TlsConfig(str(cert2), str(key2))))
-    gw.running.reload_tls(new)
-    after = await asyncio.to_thread(_served_cert, gw.running.port, cert2)
-    assert after != before
-    # A key that does not match its certificate: an error, and the served one stays.
-    bad = dataclasses.replace(new, server=dataclasses.replace(new.server, tls=TlsConfig(str(cert), str(key2))))
-    with pytest.raises(ssl.SSLError):
-        gw.running.reload_tls(bad)
-    assert await asyncio.to_thread(_served_cert, gw.running.port, cert2) == after
+    live, one, two = tmp_path / "live", tmp_path / "one", tmp_path / "two"
+    for d in (live, one, two):
+        d.mkdir()
+    cert, key = make_cert(one)
+    cert2, key2 = make_cert(two)
+    shutil.copy(cert, live / "cert.pem")
+    shutil.copy(key, live / "key.pem")
+    cfg_path = tmp_path / "proxy.yaml"
+    cfg_path.write_text(
+        """server: {tls: {cert_file: live/cert.pem, key_file: live/key.pem}, shutdown_grace_s: 1}
+storage: {state_dir: state}
+upstreams: [{name: mock, protocol: openai, base_url: "mock://"}]
+models: [{name: demo, routes: [{upstream: mock, model: mock-gpt}]}]
+"""
+    )
+    config = load_config(cfg_path, env={})
+    assert config.server.tls == TlsConfig(str(live / "cert.pem"), str(live / "key.pem"))
+    running = await Running.start(config, "127.0.0.1", 0, config_path=str(cfg_path))
+    try:
+        _, api_key = await running.state.store.create_key("tls", KeyLimits())
+        auth = {"Authorization": f"Bearer {api_key}"}
+        url = f"https://127.0.0.1:{running.port}"
+        trust = ssl.create_default_context(cafile=str(cert))
+        chat = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as s:
+            async with s.post(url + "/v1/chat/completions", json=chat, headers=auth) as r:
+                assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"]
+            async with s.post(url + "/v1/chat/completions", json={**chat, "stream": True}, headers=auth) as r:
+                assert r.status == 200 and (await r.read()).rstrip().endswith(b"data: [DONE]")
+            async with s.get(url + "/v1/models", headers=auth) as r:  # relayed to the control plane
+                assert r.status == 200 and (await r.json())["data"]
+        # Plain HTTP on the TLS port is refused, not served.
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(aiohttp.ClientError):
+                async with s.get(f"http://127.0.0.1:{running.port}/healthz") as r:
+                    await r.read()
+        before = await asyncio.to_thread(_served_cert, running.port, cert)
+        # Renewed in place (as certbot or an ACME client does), then a reload.
+        shutil.copy(cert2, live / "cert.pem")
+        shutil.copy(key2, live / "key.pem")
+        assert running.state.reloader is not None
+        assert (await running.state.reloader.reload()).ok
+        after = await asyncio.to_thread(_served_cert, running.port, cert2)
+        assert after != before
+        # A key that does not match its certificate: an error, and the served one stays.
+        shutil.copy(cert, live / "cert.pem")
+        with pytest.raises(ssl.SSLError):
+            running.reload_tls(config)
+        assert (await running.state.reloader.reload()).ok  # the rest of the reload still applies
+        assert await asyncio.to_thread(_served_cert, running.port, cert2) == after
+    finally:
+        await running.close()
 
 
 @pytest.mark.fast
