@@ -1,7 +1,9 @@
 """The gateway's HTTP entry point: every client connection lands here.
 
 Model calls (POST on a model route) are served right here, on the lean HTTP/1.1 server
-(proxy/http1/server.py): request id, CORS headers, auth, then the Forwarder. Every other
+(proxy/http1/server.py): request id, CORS headers, auth, then the Forwarder. Their key is
+checked from the head, before the body is read (`head_check`): a caller without a valid
+key never makes the gateway hold its body (RELIABILITY D5). Every other
 request (admin API, health, metrics, model lists, preflights, 404/405s) is relayed over
 an in-process socket pair to the aiohttp application, which keeps its routes and
 middlewares; those requests are rare and not latency critical, model calls are both.
@@ -20,11 +22,13 @@ from aiohttp import web
 from proxy.access_log import AccessLog
 from proxy.app import KEY_NAME_HEADER, AppState
 from proxy.dialects import GEMINI, GEMINI_METHODS, GEMINI_MODEL_PREFIXES, MODEL_PATHS, Endpoint
-from proxy.errors import InvalidRequest, NotFound, ProxyError, RequestTooLarge, ServiceUnavailable, ShuttingDown
+from proxy.errors import (
+    InvalidApiKey, InvalidRequest, NotFound, ProxyError, RequestTooLarge, ServiceUnavailable, ShuttingDown,
+)
 from proxy.http1.client import Http1Client, UpstreamConnectionError
-from proxy.http1.server import Exchange, Request
+from proxy.http1.server import Exchange, Refusal, Request
 from proxy.middleware.auth import extract_key
-from proxy.middleware.auth_failures import AuthFailures, ClientAddress, TooManyAuthFailures
+from proxy.middleware.auth_failures import AuthFailures, ClientAddress, TooManyAuthFailures, tarpit
 from proxy.middleware.context import dialect_for_path, error_parts, fresh_request_id, new_request_id, response_headers
 from proxy.middleware.session import RELAY_HOST, RELAY_PEER, RELAY_PREFIX, RELAY_PROTO, RELAY_TOKEN
 from proxy.upstream import encode_head
@@ -48,6 +52,16 @@ _STATUS_ERRORS: dict[int, tuple[type[ProxyError], str]] = {
     431: (InvalidRequest, "request_header_fields_too_large"),
     503: (ServiceUnavailable, "server_shutting_down"),
 }
+
+
+class _Refused:
+    """`Request.admitted` of a request the head check refused: for its access-log line."""
+
+    __slots__ = ("client", "rid")
+
+    def __init__(self, client: str, rid: str) -> None:
+        self.client = client
+        self.rid = rid
 
 
 def model_route(path: str) -> tuple[Endpoint, str | None] | None:
@@ -114,29 +128,77 @@ class Front:
         self._auth_failures = auth_failures
         self._client_address = client_address
 
+    def head_check(self, request: Request) -> Awaitable[Refusal | None] | None:
+        """For a model call: check the key before the body is read (the server's HeadCheck)."""
+        if request.method != "POST":
+            return None
+        try:
+            route = model_route(request.path)
+        except NotFound:
+            return None  # answered by handle() once the (bounded) body is in
+        if route is None or self._state.authenticator is None:
+            return None
+        return self._check_key(request, route[0])
+
+    async def _check_key(self, request: Request, endpoint: Endpoint) -> Refusal | None:
+        client = self._client_address(request.remote, request.headers.get("x-forwarded-for"))
+        try:
+            request.admitted = await self._authenticate(request, endpoint, client)
+            return None
+        except ProxyError as err:
+            rid = new_request_id(request.headers.get("x-request-id"))
+            request.admitted = _Refused(client, rid)
+            status, headers, body = error_parts(endpoint.dialect, err, rid)
+            return Refusal(status, response_headers(rid, request.headers.get("origin")) + list(headers.items()), body)
+
+    async def _authenticate(self, request: Request, endpoint: Endpoint, client: str) -> KeyRecord:
+        """The caller's key, or InvalidApiKey; past the brute-force brake's limit a failure
+        is answered 429 after a pause (a valid key is never braked)."""
+        assert self._state.authenticator is not None
+        query = (lambda: dict(parse_qsl(request.query_string))) if endpoint.dialect is GEMINI else None
+        try:
+            return await self._state.authenticator.authenticate(extract_key(request.headers, query))
+        except InvalidApiKey:
+            await self._auth_failed(client, request.started)
+            raise
+
+    async def _auth_failed(self, client: str, now: float) -> None:
+        """Count a failed authentication; raise TooManyAuthFailures (after a tarpit) when
+        the address is over the brake's limit."""
+        try:
+            self._auth_failures.check(client, now)
+        except TooManyAuthFailures:
+            await tarpit()
+            raise
+        self._auth_failures.failed(client, now)
+
+    def on_done(self, ex: Exchange) -> None:
+        """The server's on_done: the access-log line of a request the head check refused
+        (handle() logs every other one)."""
+        refused = ex.request.admitted
+        if isinstance(refused, _Refused) and self._access_log is not None:
+            self._access_log.line(ex, refused.client, "-", refused.rid)
+
     async def handle(self, ex: Exchange) -> None:
         request = ex.request
         caller = _Caller()
         rid = "-"
         client = self._client_address(request.remote, request.headers.get("x-forwarded-for"))
         try:
-            self._auth_failures.check(client, request.started)
             route = model_route(request.path) if request.method == "POST" else None
             if route is None:
                 rid = await self._relay_internal(ex, client, caller)
             else:
                 rid = new_request_id(request.headers.get("x-request-id"))
-                await self._model_call(ex, rid, caller, *route)
+                await self._model_call(ex, rid, caller, client, *route)
         except (NotFound, TooManyAuthFailures) as err:  # an unknown Gemini method; a brute-forcing address
             self._render(ex, err, fresh_request_id() if rid == "-" else rid)
         finally:
-            if ex.status == 401:  # a wrong client key or master key, on any route
-                self._auth_failures.failed(client, request.started)
             if self._access_log is not None:
                 self._access_log.line(ex, client, caller.name, rid)
 
     async def _model_call(
-        self, ex: Exchange, rid: str, caller: _Caller, endpoint: Endpoint, path_model: str | None
+        self, ex: Exchange, rid: str, caller: _Caller, client: str, endpoint: Endpoint, path_model: str | None
     ) -> None:
         request = ex.request
         state = self._state
@@ -144,9 +206,10 @@ class Front:
         try:
             if state.streams.stopping:
                 raise ShuttingDown()
-            assert state.authenticator is not None and state.forwarder is not None
-            query = (lambda: dict(parse_qsl(request.query_string))) if endpoint.dialect is GEMINI else None
-            key = await state.authenticator.authenticate(extract_key(request.headers, query))
+            assert state.forwarder is not None
+            admitted = request.admitted
+            # Checked from the head already (head_check), unless it was pipelined behind another.
+            key = admitted if isinstance(admitted, KeyRecord) else await self._authenticate(request, endpoint, client)
             # Named before the call: a stream its client aborts ends this task by
             # cancellation, and its access line must still say whose it was.
             caller.name = key.name
@@ -198,6 +261,8 @@ class Front:
             rid = fresh_request_id()
             self._render(ex, ProxyError("Internal error."), rid)
             return rid
+        if resp.status == 401:  # a wrong client key (model lists, usage) or master key
+            await self._auth_failed(client, request.started)
         key_name = resp.headers.get(KEY_NAME_HEADER)
         if key_name is not None:
             caller.name = unquote(key_name)

@@ -231,14 +231,10 @@ class Running:
             "http://llm-proxy.internal", max_connections=64, connect_timeout_s=5, connect=internal_connector(runner.server)
         )
         access_log = AccessLog(fmt=srv.log_format) if srv.access_log else None
+        client_address = ClientAddress(srv.trusted_proxies)
+        front = Front(app[STATE], internal, access_log, AuthFailures(config.auth.max_failures_per_min), client_address)
         http = Http1Server(
-            Front(
-                app[STATE],
-                internal,
-                access_log,
-                AuthFailures(config.auth.max_failures_per_min),
-                ClientAddress(srv.trusted_proxies),
-            ).handle,
+            front.handle,
             limits=ServerLimits(
                 max_line_size=srv.max_line_size,
                 max_field_size=srv.max_field_size,
@@ -247,8 +243,14 @@ class Running:
                 keepalive_s=srv.keepalive_s,
                 head_timeout_s=srv.head_timeout_s,
                 write_stall_s=srv.write_stall_s,
+                body_timeout_s=srv.body_timeout_s,
+                max_connections=srv.max_connections,
+                max_connections_per_client=srv.max_connections_per_client,
             ),
             render_error=protocol_error,
+            on_done=front.on_done,
+            head_check=front.head_check,
+            uncapped_peer=client_address.trusted,
         )
         running = cls(app, runner, internal, http, access_log)
         running.state.handlers = http.tasks  # requests in flight: drained at shutdown

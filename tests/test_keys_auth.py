@@ -23,6 +23,7 @@ from _gateway import MASTER_KEY
 from proxy.app import PUBLIC_PATHS
 from proxy.config import AuthConfig, ServerConfig, StorageConfig
 from proxy.keys import digest_key, generate_key, well_formed
+from proxy.middleware import auth_failures
 from proxy.middleware.auth import Authenticator, KeyCache
 from proxy.store import open_store
 from proxy.store.base import KeyRecord, StoreError
@@ -621,7 +622,8 @@ async def test_keys_in_the_database_are_hashed(gateway):
 # ---------------------------------------------------------------------- B6: brute force
 
 
-async def test_b6_an_address_that_keeps_failing_auth_gets_429_and_others_do_not(gateway):
+async def test_b6_an_address_that_keeps_failing_auth_gets_429_and_others_do_not(gateway, monkeypatch):
+    monkeypatch.setattr(auth_failures, "TARPIT_S", 0.01)
     gw = await gateway(auth=AuthConfig(master_key=MASTER_KEY, max_failures_per_min=5))
     body = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}
     wrong = {"Authorization": "Bearer sk-" + "x" * 43}
@@ -629,9 +631,8 @@ async def test_b6_an_address_that_keeps_failing_auth_gets_429_and_others_do_not(
         for _ in range(5):
             async with s.post(gw.url + "/v1/chat/completions", json=body, headers=wrong) as r:
                 assert r.status == 401
-        # Now every request from this address is refused before any key is looked at,
-        # in the caller's dialect, with the time to wait.
-        async with s.post(gw.url + "/v1/chat/completions", json=body, headers=gw.headers()) as r:
+        # Now every failure from this address is 429, in the caller's dialect, with the time to wait ...
+        async with s.post(gw.url + "/v1/chat/completions", json=body, headers=wrong) as r:
             assert r.status == 429 and 1 <= int(r.headers["Retry-After"]) <= 60
             assert (await r.json())["error"]["code"] == "too_many_auth_failures"
         async with s.post(gw.url + "/v1/messages", json={**body, "max_tokens": 5}, headers=wrong) as r:
@@ -640,8 +641,44 @@ async def test_b6_an_address_that_keeps_failing_auth_gets_429_and_others_do_not(
             assert r.status == 429  # the master key cannot be guessed from there either
     # Another address is unaffected (Linux routes all of 127/8 to loopback).
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as s:
+        async with s.post(gw.url + "/v1/chat/completions", json=body, headers=wrong) as r:
+            assert r.status == 401
+
+
+async def test_b6_the_brake_never_blocks_a_valid_key_from_a_braked_address(gateway, monkeypatch):
+    """Issue 25 item 13: one stale key in an office must not lock out the office's valid keys."""
+    monkeypatch.setattr(auth_failures, "TARPIT_S", 0.01)
+    gw = await gateway(auth=AuthConfig(master_key=MASTER_KEY, max_failures_per_min=5))
+    body = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}
+    wrong = {"Authorization": "Bearer sk-" + "x" * 43}
+    async with aiohttp.ClientSession() as s:
+        for _ in range(20):
+            async with s.post(gw.url + "/v1/chat/completions", json=body, headers=wrong) as r:
+                assert r.status in (401, 429)
+        assert r.status == 429
         async with s.post(gw.url + "/v1/chat/completions", json=body, headers=gw.headers()) as r:
             assert r.status == 200
+        async with s.get(gw.url + "/v1/models", headers=gw.headers()) as r:
+            assert r.status == 200
+        async with s.get(gw.url + "/admin/keys", headers={"Authorization": f"Bearer {MASTER_KEY}"}) as r:
+            assert r.status == 200
+
+
+async def test_b6_braked_failures_are_answered_after_a_pause(gateway, monkeypatch):
+    """What slows a scanner now: each braked failure waits TARPIT_S before its 429."""
+    waits = []
+
+    async def fake_tarpit() -> None:
+        waits.append(auth_failures.TARPIT_S)
+
+    monkeypatch.setattr("proxy.front.tarpit", fake_tarpit)
+    gw = await gateway(auth=AuthConfig(master_key=MASTER_KEY, max_failures_per_min=2))
+    wrong = {"Authorization": "Bearer sk-" + "x" * 43}
+    async with aiohttp.ClientSession() as s:
+        for expect in (401, 401, 429, 429):
+            async with s.get(gw.url + "/v1/models", headers=wrong) as r:
+                assert r.status == expect
+    assert waits == [auth_failures.TARPIT_S] * 2 and auth_failures.TARPIT_S >= 1
 
 
 async def test_b6_wrong_master_keys_count_too(gateway):
@@ -670,11 +707,11 @@ async def test_b6_behind_a_trusted_proxy_the_brake_keys_on_x_forwarded_for(gatew
         for _ in range(3):  # one client behind the proxy fails ...
             async with s.get(gw.url + "/v1/models", headers={**wrong, "X-Forwarded-For": "198.51.100.7"}) as r:
                 assert r.status == 401
-        async with s.get(gw.url + "/v1/models", headers={**gw.headers(), "X-Forwarded-For": "198.51.100.7"}) as r:
+        async with s.get(gw.url + "/v1/models", headers={**wrong, "X-Forwarded-For": "198.51.100.7"}) as r:
             assert r.status == 429
         # ... the proxy's other clients are not affected, and a forged left-most entry does not help:
-        async with s.get(gw.url + "/v1/models", headers={**gw.headers(), "X-Forwarded-For": "203.0.113.9"}) as r:
-            assert r.status == 200
-        forged = {**gw.headers(), "X-Forwarded-For": "203.0.113.9, 198.51.100.7"}
+        async with s.get(gw.url + "/v1/models", headers={**wrong, "X-Forwarded-For": "203.0.113.9"}) as r:
+            assert r.status == 401
+        forged = {**wrong, "X-Forwarded-For": "203.0.113.9, 198.51.100.7"}
         async with s.get(gw.url + "/v1/models", headers=forged) as r:
             assert r.status == 429

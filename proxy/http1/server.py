@@ -22,7 +22,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
@@ -37,7 +37,9 @@ __all__ = [
     "ErrorRenderer",
     "Exchange",
     "Handler",
+    "HeadCheck",
     "Http1Server",
+    "Refusal",
     "Request",
     "ServerLimits",
 ]
@@ -75,6 +77,9 @@ class ServerLimits:
     keepalive_s: float = 60.0  # idle keep-alive connection closed after this
     head_timeout_s: float = 10.0  # head within this of its first byte; no body gap longer -> 408
     write_stall_s: float = 60.0  # a client not reading for this long (during a write) is dropped
+    body_timeout_s: float = 60.0  # a whole body within this of its head (after any head check) -> 408
+    max_connections: int = 0  # open connections at once; the excess gets 503 and a close (0: no cap)
+    max_connections_per_client: int = 0  # the same per peer address, trusted proxies excepted (0: no cap)
 
 
 @dataclass(slots=True)
@@ -88,7 +93,25 @@ class Request:
     http_version: str  # "1.1" or "1.0"
     keep_alive: bool
     started: float  # loop.time() when the request's first byte arrived
+    # What the server's head check (HeadCheck) left for the handler, e.g. who is calling.
+    admitted: Any = None
 
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A head check's answer to a request it refuses before its body is read."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+# Called once a request's head is parsed, before its body is read: None when there is
+# nothing to check, else an awaitable of None (read the body, then serve the request)
+# or a Refusal (answered at once, the body left unread, the connection closed). Reading
+# pauses while it runs, so a caller the app would refuse cannot make the server hold its
+# body, and `Expect: 100-continue` is answered only after it.
+HeadCheck = Callable[["Request"], "Awaitable[Refusal | None] | None"]
 
 Handler = Callable[["Exchange"], Coroutine[Any, Any, None]]
 # (status, message, the request if its head was parsed) -> (headers, body)
@@ -315,6 +338,7 @@ class _Connection(asyncio.Protocol):
         "_queue", "_queued_bytes", "_exchange", "_dead", "_closing", "_gone",
         "_read_paused", "_write_paused", "_drain_waiter", "_out", "_out_size", "_outbox",
         "_timer", "_idle_since", "_recv_mark", "_close_by",
+        "_checking", "_checked", "_held", "_expect_continue", "_body_by", "_peer_counted",
     )
 
     def __init__(self, server: Http1Server) -> None:
@@ -358,6 +382,13 @@ class _Connection(asyncio.Protocol):
         self._idle_since = 0.0
         self._recv_mark = 0.0  # head: its first byte; body: the last bytes received
         self._close_by = 0.0  # a closing connection is aborted after this
+        # The head check (HeadCheck) of the request being received, while it runs.
+        self._checking: asyncio.Future[Refusal | None] | None = None
+        self._checked: Request | None = None  # the request it is about
+        self._held: Request | None = None  # that request, complete before the check ended
+        self._expect_continue = False  # it asked for 100-continue
+        self._body_by = 0.0  # the body being received must be complete by this (loop time)
+        self._peer_counted = False  # counted in the server's per-address table
 
     # asyncio.Protocol
 
@@ -366,6 +397,9 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self._remote = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         self._idle_since = self._loop.time()
+        if not self._server._admit_connection(self):
+            self._refuse_connection()
+            return
         self._server._conns.add(self)
         self._timer = self._loop.call_at(self._idle_since + self._server._tick, self._on_timer)
 
@@ -415,6 +449,19 @@ class _Connection(asyncio.Protocol):
             self._transport.pause_reading()
             self._read_paused = True
 
+    def _refuse_connection(self) -> None:
+        """Over a connection cap: one fixed 503, then close, before anything is parsed."""
+        self._dead = self._closing = True
+        headers, body = self._render(503, "Too many connections; try again later.", None)
+        headers = [*headers, ("Retry-After", "1")]
+        try:
+            head = _encode_head(503, headers)
+        except ValueError:
+            head, body = _encode_head(503, []), b""
+        assert self._transport is not None
+        self._transport.write(b"".join((head, b"Content-Length: %d\r\n" % len(body), _CLOSE, b"\r\n", body)))
+        self._transport.close()
+
     def eof_received(self) -> bool:
         # A FIN from a client with a request pending or in flight means it gave up (nginx
         # and aiohttp treat it so too); idle, it is just a close. Either way the
@@ -430,6 +477,9 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._server._conns.discard(self)
+        if self._peer_counted:
+            self._peer_counted = False
+            self._server._release_peer(self._remote)
         # The parser holds bound methods of this connection: a reference cycle only the
         # cyclic collector frees, and a connection that lived a while sits in its oldest
         # generation, which proxy/server.py's thresholds collect rarely (2,000 cut streams
@@ -523,12 +573,98 @@ class _Connection(asyncio.Protocol):
             if te is not None:
                 self._stop(400, "Upgrade with a chunked body is not supported.")
             self._raw_left = size
+        self._body_by = self._now + self._limits.body_timeout_s
         expect = headers.get("expect")
-        if expect is not None and version == "1.1" and expect.lower() == "100-continue":
-            if self._exchange is None and not self._queue:
+        continue_expected = expect is not None and version == "1.1" and expect.lower() == "100-continue"
+        check = self._server._head_check
+        if check is not None and self._exchange is None and not self._queue and self._checking is None:
+            pending = check(req)
+            if pending is not None:
+                self._start_check(req, pending, continue_expected)
+                return
+        if continue_expected:
+            if self._exchange is None and not self._queue and self._checking is None:
                 self._send(_CONTINUE)
             else:
                 self._continue_pending = True  # sent when the responses before it are done
+
+    # head check
+
+    def _start_check(self, req: Request, pending: Awaitable[Refusal | None], continue_expected: bool) -> None:
+        """Run the app's head check with reading paused: at most the rest of the current
+        read is parsed (and buffered) until it answers."""
+        self._checked = req
+        self._expect_continue = continue_expected
+        self._checking = fut = asyncio.ensure_future(pending)
+        if not self._read_paused and self._transport is not None:
+            self._transport.pause_reading()
+            self._read_paused = True
+        fut.add_done_callback(self._check_done)
+
+    def _check_done(self, fut: asyncio.Future[Refusal | None]) -> None:
+        self._checking = None
+        req, self._checked = self._checked, None
+        held, self._held = self._held, None
+        refusal: Refusal | None = None
+        failed = False
+        if fut.cancelled():
+            return  # the client left (connection_lost cancels it)
+        exc = fut.exception()
+        if exc is not None:
+            _log.error("head check failed", exc_info=exc)
+            failed = True
+        else:
+            refusal = fut.result()
+        if self._transport is None or self._gone or self._closing or req is None:
+            return
+        if failed or refusal is not None:
+            self._refuse(req, held, refusal)
+            return
+        now = self._loop.time()
+        # The body's deadlines run from here: the check's time was the app's.
+        self._recv_mark = now
+        self._body_by = now + self._limits.body_timeout_s
+        if self._read_paused and self._exchange is None:
+            self._read_paused = False
+            self._transport.resume_reading()
+        if held is not None:
+            self._queue.appendleft(held)
+            self._queued_bytes += len(held.body) + _QUEUED_OVERHEAD
+        elif self._expect_continue and self._req is req:
+            self._send(_CONTINUE)
+        self._expect_continue = False
+        if self._exchange is None and self._queue:
+            item = self._queue.popleft()
+            if isinstance(item, Request):
+                self._queued_bytes -= len(item.body) + _QUEUED_OVERHEAD
+            self._dispatch(item)
+            self._outbox.arm()
+
+    def _refuse(self, req: Request, held: Request | None, refusal: Refusal | None) -> None:
+        """Answer a request its head check refused; the body is not read (when it was
+        not all here yet, the rest is dropped while the connection lingers closed)."""
+        body_unread = held is None
+        self._req = None
+        self._in_head = False
+        self._raw_left = 0
+        self._body = []
+        self._body_len = 0
+        self._dead = True
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._continue_pending = self._expect_continue = False
+        req.keep_alive = False
+        ex = Exchange(self, req)
+        ex._linger = body_unread
+        self._exchange = ex
+        if refusal is None:
+            ex._respond_error(500, _INTERNAL)
+            return
+        try:
+            ex.respond(refusal.status, refusal.headers, refusal.body)
+        except ValueError:
+            _log.exception("head check returned an unusable refusal")
+            ex._respond_error(500, _INTERNAL)
 
     def on_body(self, body: bytes) -> None:
         self._body_len += len(body)
@@ -568,6 +704,9 @@ class _Connection(asyncio.Protocol):
         self._req = None
         self._body = []
         self._body_len = 0
+        if req is self._checked:
+            self._held = req  # served once its head check admits it
+            return
         self._enqueue(req)
 
     def _fail(self, status: int, message: str) -> None:
@@ -584,7 +723,7 @@ class _Connection(asyncio.Protocol):
     def _enqueue(self, item: Request | _Failure) -> None:
         if self._closing:
             return
-        if self._exchange is None and not self._queue:
+        if self._exchange is None and not self._queue and self._checking is None:
             self._dispatch(item)
             # From the parser, in an I/O callback: what the handler writes in its first
             # step is flushed right after it. (Not for a pipelined request dispatched by its
@@ -711,7 +850,7 @@ class _Connection(asyncio.Protocol):
             self._continue_pending = False
             if self._req is not None:
                 self._send(_CONTINUE)
-        elif self._server._draining and self._req is None and not self._in_head:
+        elif self._server._draining and self._req is None and not self._in_head and self._checking is None:
             self._close(linger=False)
 
     def _handler_done(self, ex: Exchange, task: asyncio.Task[None]) -> None:
@@ -755,6 +894,8 @@ class _Connection(asyncio.Protocol):
             return
         self._gone = True
         self._queue.clear()
+        if self._checking is not None:
+            self._checking.cancel()
         ex = self._exchange
         if ex is not None:
             ex.client_gone = True
@@ -787,7 +928,10 @@ class _Connection(asyncio.Protocol):
 
     def _drain(self) -> None:
         """Server shutdown: close now if idle, otherwise after the current response."""
-        if self._exchange is None and not self._queue and self._req is None and not self._in_head:
+        if (
+            self._exchange is None and not self._queue and self._req is None and not self._in_head
+            and self._checking is None
+        ):
             self._close(linger=False)
 
     def _abort(self) -> None:
@@ -804,10 +948,13 @@ class _Connection(asyncio.Protocol):
         deadline: float | None
         if self._closing:
             deadline = self._close_by
-        elif self._exchange is not None or self._queue:
-            deadline = None  # a handler at work: its time is the app's business
-        elif self._in_head or self._req is not None:
+        elif self._exchange is not None or self._queue or self._checking is not None:
+            deadline = None  # a handler or head check at work: its time is the app's business
+        elif self._in_head:
             deadline = self._recv_mark + limits.head_timeout_s
+        elif self._req is not None:
+            # No gap longer than head_timeout_s, and the whole body within body_timeout_s.
+            deadline = min(self._recv_mark + limits.head_timeout_s, self._body_by)
         else:
             deadline = self._idle_since + limits.keepalive_s
         if deadline is not None and now >= deadline:
@@ -835,17 +982,47 @@ class Http1Server:
         limits: ServerLimits,
         render_error: ErrorRenderer,
         on_done: Callable[[Exchange], None] | None = None,
+        head_check: HeadCheck | None = None,
+        uncapped_peer: Callable[[str], bool] = lambda peer: False,
     ) -> None:
+        """`uncapped_peer(ip)`: peers the per-address cap does not apply to (trusted
+        reverse proxies, whose connections carry many clients)."""
         self._handler = handler
         self._limits = limits
         self._render_error = render_error
         self._on_done = on_done
+        self._head_check = head_check
+        self._uncapped_peer = uncapped_peer
         self._draining = False
         self._conns: set[_Connection] = set()
+        self._per_peer: dict[str, int] = {}
+        self.refused_connections = 0
         self._tick = max(0.01, min(limits.keepalive_s, limits.head_timeout_s))
         # A head cannot legitimately exceed its line plus every header at full size.
         self._max_head_bytes = limits.max_line_size + limits.max_headers * (limits.max_field_size + 4) + 1024
         self.tasks: set[asyncio.Task[None]] = set()
+
+    def _admit_connection(self, conn: _Connection) -> bool:
+        limits = self._limits
+        if limits.max_connections and len(self._conns) >= limits.max_connections:
+            self.refused_connections += 1
+            return False
+        cap = limits.max_connections_per_client
+        if cap and conn._remote and not self._uncapped_peer(conn._remote):
+            n = self._per_peer.get(conn._remote, 0)
+            if n >= cap:
+                self.refused_connections += 1
+                return False
+            self._per_peer[conn._remote] = n + 1
+            conn._peer_counted = True
+        return True
+
+    def _release_peer(self, peer: str) -> None:
+        n = self._per_peer.get(peer, 0) - 1
+        if n > 0:
+            self._per_peer[peer] = n
+        else:
+            self._per_peer.pop(peer, None)
 
     def protocol(self) -> asyncio.Protocol:
         """Protocol factory for loop.create_server."""

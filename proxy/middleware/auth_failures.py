@@ -1,20 +1,30 @@
 """Brute-force brake: per client IP, failed authentications per minute (RELIABILITY B6).
 
 After `limit` answers of 401 to one IP within a fixed one-minute window, every further
-request from that IP gets 429 `too_many_auth_failures` with Retry-After until the window
-ends, before any key is looked at. Keys used from other addresses are unaffected; the
-negative key cache already keeps the store's load flat, this keeps a scanner from
-testing keys at line rate. A NAT shared with an attacker shares the brake (documented).
+*failed* authentication from that IP is answered 429 `too_many_auth_failures` with
+Retry-After, after a pause (`TARPIT_S`), until the window ends. A valid key is never
+braked: one stale key in an office behind one address (a NAT, or a reverse proxy not
+listed in `server.trusted_proxies`) must not lock out everyone else there. What slows a
+scanner is the pause: with the per-address connection cap it bounds the guesses one
+address can make (cap / TARPIT_S per second) and the store lookups they cost; the
+negative key cache keeps repeated wrong keys off the store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import math
 
 from proxy.errors import RateLimited
 
 _WINDOW_S = 60.0
+TARPIT_S = 1.0
+
+
+async def tarpit() -> None:
+    """The pause before a braked failure is answered."""
+    await asyncio.sleep(TARPIT_S)
 
 
 class TooManyAuthFailures(RateLimited):
@@ -64,11 +74,11 @@ class ClientAddress:
         self._nets = tuple(ipaddress.ip_network(t, strict=False) for t in trusted)
 
     def __call__(self, peer: str, forwarded_for: str | None) -> str:
-        if not self._nets or not forwarded_for or not self._trusted(peer):
+        if not self._nets or not forwarded_for or not self.trusted(peer):
             return peer
         for hop in reversed(forwarded_for.split(",")):
             hop = hop.strip()
-            if not self._trusted(hop):
+            if not self.trusted(hop):
                 return hop[:64]
         return peer
 

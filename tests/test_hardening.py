@@ -1,0 +1,161 @@
+"""Issue 25: what an attacker, a broken provider and a crash could still do, one test (or
+more) per item. RELIABILITY.md: D5 (keyless bodies), D6 (connection caps), C11 (hostile
+upstream heads), I2 (records of requests in flight at a SIGKILL), I3/I4 (implausible
+provider usage). docs/RELIABILITY-COVERAGE.md maps each item to its tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from test_http_robustness import addr, exchange, post_bytes, responses
+
+from proxy.config import ServerConfig
+
+CHAT = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}
+BIG = 30 * 1024 * 1024
+
+
+def _server(**kw: Any) -> ServerConfig:
+    return ServerConfig(host="127.0.0.1", port=0, shutdown_grace_s=2, **kw)
+
+
+def _head(key: str | None, length: int, *, extra: bytes = b"", path: str = "/v1/chat/completions") -> bytes:
+    auth = f"Authorization: Bearer {key}\r\n".encode() if key is not None else b""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n".encode()
+        + auth + extra + b"\r\n"
+    )
+
+
+# ---------------------------------------------------------------------- item 1 (D5, D6)
+
+
+async def test_d5_keyless_upload_gets_401_before_its_body_is_read(gateway):
+    gw = await gateway()
+    for key in (None, "sk-" + "x" * 43, ""):
+        # Only the head of a 30 MB upload is sent: the answer must not wait for the body.
+        raw, closed = await exchange(gw, _head(key, BIG), timeout=3, until=lambda b: b"\r\n\r\n" in b and b"}" in b)
+        [resp] = responses(raw)
+        assert resp.status == 401, raw[:300]
+        assert orjson.loads(resp.body)["error"]["code"] == "invalid_api_key"
+        assert resp.headers.get("connection") == "close"
+    # The valid key still works on the same server, body and all.
+    raw, _ = await exchange(gw, post_bytes("/v1/chat/completions", orjson.dumps(CHAT), gw.key), until=lambda b: b"}}" in b or b"usage" in b)
+    assert responses(raw)[0].status == 200
+
+
+async def test_d5_ten_keyless_30mb_uploads_do_not_pin_their_bodies(gateway):
+    """Ten connections stream 30 MB each without a key: each is refused after the head,
+    and the server never holds more than a read's worth of any of them."""
+    gw = await gateway()
+    held: list[int] = []
+
+    async def upload() -> int:
+        reader, writer = await asyncio.open_connection(*addr(gw))
+        writer.write(_head(None, BIG))
+        chunk = b"x" * (1 << 20)
+        sent = 0
+        try:
+            while sent < BIG:
+                writer.write(chunk)
+                await asyncio.wait_for(writer.drain(), 2)
+                sent += len(chunk)
+        except (ConnectionError, TimeoutError):
+            pass
+        head = await asyncio.wait_for(reader.read(65536), 5)
+        writer.close()
+        return int(head.split(b" ", 2)[1])
+
+    async def watch() -> None:
+        while True:
+            held.append(max((c._body_len for c in gw.running.http._conns), default=0))
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        statuses = await asyncio.gather(*(upload() for _ in range(10)))
+    finally:
+        watcher.cancel()
+    assert statuses == [401] * 10
+    assert max(held) < 1 << 20  # never a body buffered: at most part of one read
+
+
+async def test_d5_expect_100_continue_is_answered_only_after_auth(gateway):
+    gw = await gateway()
+    body = orjson.dumps(CHAT)
+    raw, _ = await exchange(gw, _head(None, len(body), extra=b"Expect: 100-continue\r\n"), timeout=3,
+                            until=lambda b: b"}" in b)
+    assert not raw.startswith(b"HTTP/1.1 100"), raw[:100]
+    assert responses(raw)[0].status == 401
+    # With a valid key: 100 Continue, and only then (the body sent after it) the answer.
+    reader, writer = await asyncio.open_connection(*addr(gw))
+    try:
+        writer.write(_head(gw.key, len(body), extra=b"Expect: 100-continue\r\n"))
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+        assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+
+
+async def test_d5_a_body_must_arrive_within_body_timeout_s(gateway):
+    gw = await gateway(server=_server(body_timeout_s=0.5, head_timeout_s=5))
+    body = orjson.dumps(CHAT) + b" " * 200
+    # The body trickles in (no gap near head_timeout_s), but never completes in time.
+    pieces = [_head(gw.key, len(body))] + [body[i:i + 5] for i in range(0, 60, 5)]
+    raw, closed = await exchange(gw, *pieces, gap=0.1, timeout=5, until=lambda b: b"}" in b)
+    [resp] = responses(raw)
+    assert resp.status == 408 and closed or resp.headers.get("connection") == "close"
+
+
+async def test_d6_connections_over_the_per_client_cap_get_503(gateway):
+    gw = await gateway(server=_server(max_connections_per_client=2))
+    host, port = addr(gw)
+    opened = [await asyncio.open_connection(host, port) for _ in range(2)]
+    try:
+        raw, closed = await exchange(gw, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", timeout=3)
+        assert raw.startswith(b"HTTP/1.1 503") and closed
+        assert b"Retry-After: 1" in raw
+        # Another client address is not affected.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as s:
+            async with s.get(gw.url + "/healthz") as r:
+                assert r.status == 200
+    finally:
+        for _, w in opened:
+            w.close()
+    # Once they close, the address may connect again.
+    await asyncio.sleep(0.05)
+    raw, _ = await exchange(gw, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", timeout=3, until=lambda b: b"\r\n\r\n" in b)
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert gw.running.http.refused_connections == 1
+
+
+async def test_d6_global_cap_and_trusted_proxies_are_not_capped_per_address(gateway):
+    gw = await gateway(server=_server(max_connections_per_client=1, max_connections=3, trusted_proxies=("127.0.0.1",)))
+    host, port = addr(gw)
+    # 127.0.0.1 is a trusted proxy: its connections carry many clients, the per-address cap skips it.
+    opened = [await asyncio.open_connection(host, port) for _ in range(3)]
+    try:
+        await asyncio.sleep(0.05)
+        assert gw.running.http.connections == 3
+        raw, closed = await exchange(gw, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", timeout=3)
+        assert raw.startswith(b"HTTP/1.1 503") and closed  # the global cap
+    finally:
+        for _, w in opened:
+            w.close()
+
+
+# ---------------------------------------------------------------------- item 13 (see also test_keys_auth B6)
+
+
+async def test_trusted_proxies_are_documented_in_the_deployment_guide():
+    guide = (Path(__file__).parent.parent / "deploy" / "README.md").read_text()
+    assert "trusted_proxies" in guide and re.search(r"X-Forwarded-For", guide)
