@@ -39,12 +39,27 @@ worker sharing the spool) lifts it within `flush_interval_s`.
 On shutdown `close()` (after the handlers drained) makes one last store attempt, else
 spools. A record that still arrives after `close()` goes straight to the spool.
 
+Requests in flight (RELIABILITY §5 I2): before each upstream attempt the forwarder
+hands the sink a *pending* record, the estimate to keep should the process die before
+the attempt's own record is durable (prompt estimate, outcome `shutdown`, error
+`interrupted`). Pending records are appended to this process's in-flight journal
+(`.<spool name>.inflight.<pid>` beside the spool, flock'd while the process lives) at the
+same flush ticks as the records, in one write and fsync; an attempt that ends (and whose
+record becomes durable) within one flush interval never touches the disk for it. A
+process that starts claims the journals of dead ones (the lock is free and the pid is
+gone), and appends their pending records to the spool *after* everything the dead
+process spooled: since store writes keep the first row of an id, an attempt whose real
+record was committed or spooled keeps it, and one whose record died in memory gets the
+estimate. The journal is compacted (rewritten with the attempts still open) once it is
+mostly ended attempts.
+
 Worst case on SIGKILL: the records still in memory, i.e. those completed during the
 last `flush_interval_s` (default 0.25 s), plus those that arrived while a store write
 was in progress (a write is abandoned for the spool after `write_timeout_s`), and never
-more than about `queue_max` records. Requests still in flight at the kill have no
-record yet: there is no write-ahead "pending" row (RELIABILITY §5 I2 is not built).
-Everything committed or spooled survives and is replayed on the next start.
+more than about `queue_max` records; each of these is replaced on the next start by its
+pending estimate when its attempt lasted past a flush tick. Attempts that started within
+the last flush interval before the kill leave nothing. Everything committed or spooled
+survives and is replayed on the next start.
 """
 
 from __future__ import annotations
@@ -72,6 +87,9 @@ _REPLAYING = ".replaying."
 _BACKOFF_FIRST_S = 0.5
 _BACKOFF_MAX_S = 5.0
 _START_REPLAY_STEPS = 10
+_INFLIGHT = ".inflight."
+# Rewrite the in-flight journal once it has this many lines and 4x the attempts still open.
+_JOURNAL_COMPACT_LINES = 4096
 
 # Spool lines are checked before they reach the store: one malformed line must not
 # block the replay of every line after it.
@@ -137,6 +155,14 @@ class UsageSink:
         self.replayed = 0       # committed to the store from the spool
         self.store_errors = 0   # failed or timed-out store writes
         self.spool_errors = 0   # failed spool appends (the records stayed in memory)
+        self.recovered = 0      # pending records of dead processes turned into estimates
+        # In flight (I2): id -> the pending record, until the attempt's own record is
+        # durable; those not yet in the journal; the journal's file, fd (locked) and lines.
+        self._open: dict[str, UsageRecord] = {}
+        self._unjournaled: list[UsageRecord] = []
+        self._journal = self._spool.with_name(f".{self._spool.name}{_INFLIGHT}{os.getpid()}")
+        self._journal_fd: int | None = None
+        self._journal_lines = 0
 
     # ------------------------------------------------------------------ state
 
@@ -165,7 +191,8 @@ class UsageSink:
         """Queue one record. Synchronous, never raises for storage reasons."""
         if self._closed:
             # Nothing flushes memory any more: straight to disk, replayed on next start.
-            self._spill([rec])
+            if self._spill([rec]):
+                self._open.pop(rec.id, None)
         else:
             self._queue.append(rec)
         if self._on_record is not None:
@@ -186,6 +213,7 @@ class UsageSink:
             if not self._spill_failed:
                 for _ in behind:
                     self._queue.pop()
+                self._durable(behind)
             self._check_room()
         self._wake.set()
 
@@ -217,9 +245,103 @@ class UsageSink:
         self.spooled += len(records)
         return True
 
+    # ------------------------------------------------------------------ in flight (I2)
+
+    def pending(self, rec: UsageRecord) -> None:
+        """The record to keep for an upstream attempt if this process dies before the
+        attempt's own record (same id) is durable. Synchronous, like record()."""
+        self._open[rec.id] = rec
+        self._unjournaled.append(rec)
+
+    def _durable(self, records: list[UsageRecord]) -> None:
+        if self._open:
+            for rec in records:
+                self._open.pop(rec.id, None)
+
+    async def _write_journal(self) -> None:
+        """Append the pending records of attempts still open (one write, one fsync), or
+        compact the journal once it is mostly ended attempts."""
+        new = [r for r in self._unjournaled if r.id in self._open]
+        self._unjournaled.clear()
+        lines = self._journal_lines + len(new)
+        if lines > _JOURNAL_COMPACT_LINES and lines > 4 * len(self._open):
+            await asyncio.to_thread(self._rewrite_journal, list(self._open.values()))
+        elif new:
+            await asyncio.to_thread(self._append_journal, new)
+
+    def _append_journal(self, records: list[UsageRecord]) -> None:
+        if self._journal_fd is None:
+            self._journal_fd = self._open_journal(self._journal)
+        _write_all(self._journal_fd, b"".join(orjson.dumps(r._asdict()) + b"\n" for r in records))
+        os.fsync(self._journal_fd)
+        self._journal_lines += len(records)
+
+    def _rewrite_journal(self, records: list[UsageRecord]) -> None:
+        tmp = self._journal.with_name(self._journal.name + ".new")
+        fd = self._open_journal(tmp)
+        _write_all(fd, b"".join(orjson.dumps(r._asdict()) + b"\n" for r in records))
+        os.fsync(fd)
+        os.rename(tmp, self._journal)
+        _fsync_dir(self._journal.parent)
+        old, self._journal_fd = self._journal_fd, fd
+        if old is not None:
+            os.close(old)
+        self._journal_lines = len(records)
+
+    def _open_journal(self, path: Path) -> int:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for the life of the process: "its owner lives"
+        return fd
+
+    def _drop_journal(self) -> None:
+        """At a clean close, every record is durable: the journal has nothing to keep."""
+        fd, self._journal_fd = self._journal_fd, None
+        self._journal.unlink(missing_ok=True)
+        if fd is not None:
+            os.close(fd)
+
+    def _recover_dead_journals(self) -> None:
+        """Append the pending records of dead processes to the spool (behind what those
+        processes spooled themselves), then remove their journals."""
+        try:
+            paths = sorted(self._spool.parent.glob(f".{self._spool.name}{_INFLIGHT}*"))
+        except OSError:
+            return
+        for path in paths:
+            owner = path.name.rsplit(".", 1)[-1]
+            if not owner.isdigit() or (int(owner) != os.getpid() and _alive(int(owner))):
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its owner lives (or another worker is recovering it)
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    seen: dict[str, UsageRecord] = {}
+                    for line in f:
+                        rec = _parse_line(line) if line.strip() else None
+                        if rec is not None:
+                            seen.setdefault(rec.id, rec)
+                if seen:
+                    self._append_spool(list(seen.values()))
+                    self.recovered += len(seen)
+                    log.warning("%d requests were in flight when process %s ended: recorded as estimates", len(seen), owner)
+                _unlink_durably(path)
+            finally:
+                os.close(fd)
+
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
+        try:
+            await asyncio.to_thread(self._recover_dead_journals)
+        except OSError as exc:
+            log.error("cannot recover the in-flight journals of ended processes (%s)", type(exc).__name__)
         self._claimed = sorted(self._leftover_files())
         # A first slice before serving; a large spool goes on in the background.
         await self._replay_spool(max_steps=_START_REPLAY_STEPS)
@@ -250,11 +372,18 @@ class UsageSink:
         if self._queue and not self._spill(list(self._queue)):
             log.critical("%d usage records could be neither written nor spooled", len(self._queue))
         else:
+            self._durable(list(self._queue))
             self._queue.clear()
+        if not self._queue and not self._open:
+            try:
+                self._drop_journal()
+            except OSError:
+                log.exception("cannot remove the in-flight journal")
 
     async def flush(self) -> None:
         """Write what is queued now; replay the spool if the store is answering."""
         await self._flush_all()
+        await self._write_journal()
         if self._has_spool() and self._store_available():
             await self._replay_spool()
 
@@ -268,6 +397,7 @@ class UsageSink:
             self._wake.clear()
             try:
                 await self._flush_all()
+                await self._write_journal()
                 if self._has_spool() and self._store_available():
                     await self._replay_spool()
             except Exception:
@@ -298,6 +428,7 @@ class UsageSink:
                 # Only now, after commit or fsync, do the records leave memory.
                 for _ in range(k):
                     self._queue.popleft()
+                self._durable(batch)
                 left -= k
 
     async def _write_or_spool(self, batch: list[UsageRecord]) -> None:
@@ -516,6 +647,16 @@ def _parse_line(line: bytes) -> UsageRecord | None:
         return UsageRecord(**fields)
     except TypeError:
         return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -203,9 +203,8 @@ class Forwarder:
         health = self._health
         for attempt, route in enumerate(plan):
             call.route = route
-            if attempt:  # a fresh Call starts in this state
-                call.attempt, call.emitted = attempt, False
-                call.outcome, call.error, call.status, call.meter, call.ttft_ms = "ok", None, 0, None, None
+            if attempt:
+                _next_attempt(call)
             target = upstreams.get(route.upstream.name)
             # The one seam of cross-dialect translation: None keeps the byte-exact path.
             translation = translation_for(call.endpoint.name, route.upstream, body)
@@ -213,6 +212,7 @@ class Forwarder:
                 out, dropper_needed = self._upstream_body(call, body, raw, route)
             else:
                 out, dropper_needed = translation.request(body, route.upstream_model, call.stream), False
+            self._pending(call)
             sent = time.monotonic()
             try:
                 resp = await self._open(ex, call, target, out, dropper_needed, body, raw, route, translation)
@@ -326,11 +326,16 @@ class Forwarder:
         resp = await open_response(target, path, out, head)
         if resp.status == 400 and dropper_needed:
             # Some OpenAI-compatible servers reject stream_options: ask once without it,
-            # remember, and estimate usage for those streams.
+            # remember, and estimate usage for those streams. The rejected request reached
+            # the upstream: it is an attempt with its own record (status, zero tokens).
             resp.close()
             self._no_include_usage.add((route.upstream.name, route.upstream_model))
             log.info("upstream %s rejects include_usage for %s; estimating", target.name, route.upstream_model)
+            call.status, call.outcome, call.error = 400, "upstream_error", "upstream_400"
+            self._emit(call)
+            _next_attempt(call)
             out, _ = self._upstream_body(call, body, raw, route)
+            self._pending(call)
             resp = await open_response(target, path, out, head)
         return resp
 
@@ -428,6 +433,9 @@ class Forwarder:
         shared = relay is not None and meter.frames_sse()
         # The last two chunks sent (references, not copies): is the final event terminated?
         before = last = b""
+        # The final event went out: a client that closes after it got the whole answer
+        # (openai-python and Codex close as soon as they read [DONE] / response.completed).
+        delivered = False
         task = asyncio.current_task()
         assert task is not None
         self._streams.add(task)
@@ -457,7 +465,9 @@ class Forwarder:
                 if call.ttft_ms is None:
                     call.ttft_ms = (time.time() - call.started) * 1000
                     _begin(ex, call, head, lines)  # unless a keep-alive already sent it
-                if ex.send(chunk):
+                paused = ex.send(chunk)
+                delivered = meter.final
+                if paused:
                     await ex.drain()
                 before, last = last, chunk
             rest = relay.flush() if relay is not None else b""
@@ -467,6 +477,7 @@ class Forwarder:
             _begin(ex, call, head, lines)
             if rest:
                 await ex.write(rest)
+                delivered = meter.final
                 before, last = last, rest
             sse = (resp.headers.get("content-type") or "").startswith("text/event-stream")
             if sse and (end := _sse_terminator((before[-4:] + last)[-4:])):
@@ -482,9 +493,13 @@ class Forwarder:
                 raise UpstreamError("The upstream connection failed before its answer.") from None
             await self._end_stream(call, ex, UpstreamError("The upstream connection failed mid-stream."), "upstream_error")
         except ConnectionResetError:
-            call.outcome, call.error = "client_abort", "client_abort"
+            if not delivered:
+                call.outcome, call.error = "client_abort", "client_abort"
         except asyncio.CancelledError:
-            if self._streams.ending:
+            if delivered:  # the client left after the final event: a whole answer, "ok"
+                if not ex.client_gone:
+                    _try_end(ex)
+            elif self._streams.ending:
                 call.outcome, call.error = "shutdown", "server_shutdown"
                 if not ex.client_gone:
                     _begin(ex, call, head, lines)
@@ -527,9 +542,14 @@ class Forwarder:
                 cost += r.cost_usd
             self._admission.settle(reservation, tokens, cost)
 
+    def _pending(self, call: Call) -> None:
+        """Before an attempt goes upstream: the record to keep if the process dies first
+        (RELIABILITY I2): the provider bills the prompt, the answer is unknown."""
+        self._sink.pending(
+            self._usage_record(call, Usage(prompt_tokens=call.prompt_estimate), True, "interrupted", "shutdown")
+        )
+
     def _emit(self, call: Call) -> None:
-        route = call.route
-        assert route is not None
         if call.meter is not None:
             usage, estimated = settle(call.meter, call.prompt_estimate)
         elif call.outcome in ("client_abort", "shutdown"):
@@ -537,10 +557,18 @@ class Forwarder:
             usage, estimated = Usage(prompt_tokens=call.prompt_estimate), True
         else:
             usage, estimated = Usage(), False   # refused or unreachable: nothing billable
+        rec = self._usage_record(call, usage, estimated, call.error, call.outcome)
+        call.records.append(rec)
+        call.emitted = True
+        self._record(rec)
+
+    def _usage_record(self, call: Call, usage: Usage, estimated: bool, error: str | None, outcome: Outcome) -> UsageRecord:
+        route = call.route
+        assert route is not None
         key = call.key
         # Positional, in field order (a NamedTuple's keyword path costs twice as much).
-        rec = UsageRecord(
-            call.request_id if call.attempt == 0 else f"{call.request_id}.{call.attempt}",
+        return UsageRecord(
+            _attempt_id(call),
             call.started,
             key.id if key is not None else None,
             key.name if key is not None else None,
@@ -559,12 +587,9 @@ class Forwarder:
             estimated,
             call.ttft_ms,
             (time.time() - call.started) * 1000,
-            call.error,
-            call.outcome,
+            error,
+            outcome,
         )
-        call.records.append(rec)
-        call.emitted = True
-        self._record(rec)
 
 
 class StreamRegistry:
@@ -664,6 +689,18 @@ def _max_output_tokens(body: dict[str, Any], default: int) -> int:
     if isinstance(limit, int):
         return max(0, min(limit, 10_000_000))
     return default
+
+
+def _attempt_id(call: Call) -> str:
+    """The id of the current attempt's record: the request's, then `<id>.<n>`."""
+    return call.request_id if call.attempt == 0 else f"{call.request_id}.{call.attempt}"
+
+
+def _next_attempt(call: Call) -> None:
+    """Another upstream attempt for the same call (a fresh Call starts in this state)."""
+    call.attempt += 1
+    call.emitted = False
+    call.outcome, call.error, call.status, call.meter, call.ttft_ms = "ok", None, 0, None, None
 
 
 def _begin(ex: Exchange, call: Call, head: HeaderList, lines: bytes) -> None:

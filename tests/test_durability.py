@@ -587,3 +587,40 @@ async def test_sigkill_during_a_postgres_outage_replays_the_spool_on_restart(pg_
         await gw.kill()
     assert sorted(r.id for r in rows) == sorted(ids) and len(ids) == 10 == len(scripted_upstream.received)
     assert gw.spooled_ids() == []
+
+
+async def test_i2_sigkill_with_8_streams_in_flight_leaves_8_records_after_restart(process, scripted_upstream):
+    """Issue 25 item 4 (RELIABILITY I2): a pending record is journaled before each upstream
+    attempt (at the next flush tick); a SIGKILL before the attempt's own record is durable
+    leaves that estimate, and the next start records it, marked estimated."""
+    scripted_upstream.default = _stream_reply(400, 0.05)  # 20 s per stream: all in flight at the kill
+    gw = await process(flush_s=0.05)
+    tasks, s = await _streams_in_flight(gw, 8)
+    try:
+        journals = lambda: [p for p in gw.tmp.glob(".spool.jsonl.inflight.*") if p.stat().st_size]  # noqa: E731
+        deadline = time.monotonic() + 5
+        while not journals() or sum(len(p.read_bytes().splitlines()) for p in journals()) < 8:
+            assert time.monotonic() < deadline, "the pending records were not journaled"
+            await asyncio.sleep(0.02)
+        gw.signal(signal.SIGKILL)
+        assert await gw.wait(10) == -signal.SIGKILL
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await s.close()
+    assert gw.rows() == [] and len(scripted_upstream.received) == 8
+    await gw.start()  # the restart: the dead process's journal becomes records
+    deadline = time.monotonic() + 5
+    while len(gw.rows()) < 8:
+        assert time.monotonic() < deadline, gw.output()
+        await asyncio.sleep(0.05)
+    rows = gw.rows()
+    assert len(rows) == 8 and len({r["id"] for r in rows}) == 8
+    for r in rows:
+        assert (r["outcome"], r["error"], r["estimated"]) == ("shutdown", "interrupted", 1)
+        assert r["prompt_tokens"] > 0 and r["cost_usd"] > 0 and r["key_name"] == "proc-key"
+    assert not list(gw.tmp.glob(".spool.jsonl.inflight.*"))[1:]  # only the new process's own journal
+    gw.signal(signal.SIGTERM)
+    assert await gw.wait(10) == 0
+    assert len(gw.rows()) == 8 and not list(gw.tmp.glob(".spool.jsonl.inflight.*"))

@@ -13,6 +13,8 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
+from _gateway import Reply
 from test_http_robustness import addr, exchange, post_bytes, responses
 
 from proxy.config import ServerConfig
@@ -159,3 +161,60 @@ async def test_d6_global_cap_and_trusted_proxies_are_not_capped_per_address(gate
 async def test_trusted_proxies_are_documented_in_the_deployment_guide():
     guide = (Path(__file__).parent.parent / "deploy" / "README.md").read_text()
     assert "trusted_proxies" in guide and re.search(r"X-Forwarded-For", guide)
+
+
+# ---------------------------------------------------------------------- item 9
+
+
+def _sse(obj: Any, event: str | None = None) -> bytes:
+    return (f"event: {event}\n".encode() if event else b"") + b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+FINAL_STREAMS: dict[str, tuple[str, str, dict[str, Any], list[bytes], bytes]] = {
+    "chat": ("/v1/chat/completions", "up-gpt", {"messages": [{"role": "user", "content": "hi"}],
+                                                 "stream_options": {"include_usage": True}}, [
+        _sse({"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}),
+        _sse({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}),
+        b"data: [DONE]\n\n"], b"[DONE]"),
+    "responses": ("/v1/responses", "up-gpt", {"input": "hi"}, [
+        _sse({"type": "response.output_text.delta", "delta": "Hi"}, "response.output_text.delta"),
+        _sse({"type": "response.completed", "response": {"usage": {"input_tokens": 5, "output_tokens": 1,
+                                                                     "total_tokens": 6}}}, "response.completed")],
+        b"response.completed"),
+    "messages": ("/v1/messages", "up-claude", {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}, [
+        _sse({"type": "message_start", "message": {"usage": {"input_tokens": 5, "output_tokens": 1}}}, "message_start"),
+        _sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}}, "content_block_delta"),
+        _sse({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 1}}, "message_delta"),
+        _sse({"type": "message_stop"}, "message_stop")], b"message_stop"),
+    "gemini": ("/v1beta/models/up-gemini:streamGenerateContent?alt=sse", "", {"contents": [{"parts": [{"text": "hi"}]}]}, [
+        _sse({"candidates": [{"content": {"parts": [{"text": "Hi"}]}}]}),
+        _sse({"candidates": [{"content": {"parts": [{"text": "!"}]}, "finishReason": "STOP"}],
+              "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2, "totalTokenCount": 7}})],
+        b"finishReason"),
+}
+
+
+@pytest.mark.parametrize("name", list(FINAL_STREAMS))
+async def test_item9_client_closing_after_the_final_event_is_ok_not_client_abort(gateway, name):
+    gw = await gateway()
+    path, model, body, chunks, final = FINAL_STREAMS[name]
+    # The upstream sends the final event but keeps the connection a while (its EOF comes later).
+    gw.upstream.script(Reply(chunks=[*chunks, b""], hang_after=len(chunks)))
+    payload = orjson.dumps({**body, **({"model": model} if model else {}), **({"stream": True} if model else {})})
+    head = post_bytes(path, payload, gw.key)
+    raw, _ = await exchange(gw, head, timeout=5, until=lambda b: final in b and b.endswith(b"\n\n\r\n"))
+    assert final in raw
+    [rec] = await gw.wait_records(1)
+    assert (rec.outcome, rec.error, rec.status) == ("ok", None, 200), rec
+    assert not rec.estimated and rec.prompt_tokens == 5
+
+
+async def test_item9_client_closing_before_the_final_event_is_still_client_abort(gateway):
+    gw = await gateway()
+    path, model, body, chunks, final = FINAL_STREAMS["chat"]
+    gw.upstream.script(Reply(chunks=[*chunks[:1], *chunks[1:]], hang_after=1))
+    head = post_bytes(path, orjson.dumps({**body, "model": model, "stream": True}), gw.key)
+    raw, _ = await exchange(gw, head, timeout=5, until=lambda b: b"Hi" in b)
+    assert final not in raw
+    [rec] = await gw.wait_records(1)
+    assert rec.outcome == "client_abort"

@@ -350,8 +350,10 @@ async def test_fallback_before_first_byte(gateway):
 
 
 async def test_include_usage_rejected_is_retried_without(gateway):
+    """Issue 25 item 10: the rejected attempt reached the upstream, so it has its own
+    record (its status, zero tokens); the billing audit (one record per upstream
+    request) holds again."""
     gw = await gateway()
-    gw.audit = False  # two upstream requests, one client request: one record
     events = [b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hello"}}]}\n\n', b"data: [DONE]\n\n"]
     gw.upstream.script(
         Reply(status=400, headers={"Content-Type": "application/json"}, chunks=[b'{"error":{"message":"Unrecognized request argument supplied: stream_options"}}']),
@@ -364,8 +366,13 @@ async def test_include_usage_rejected_is_retried_without(gateway):
         assert status == 200 and raw == b"".join(events)
     sent = [orjson.loads(r.body) for r in gw.upstream.received]
     assert ["stream_options" in b for b in sent] == [True, False, False]
-    recs = await gw.wait_records(2)
-    assert len(recs) == 2 and all(r.estimated for r in recs)
+    recs = sorted(await gw.wait_records(3), key=lambda r: r.ts)
+    assert len(recs) == 3
+    rejected, retried = sorted(recs[:2], key=lambda r: r.id)
+    assert retried.id == rejected.id + ".1"
+    assert (rejected.status, rejected.outcome, rejected.error) == (400, "upstream_error", "upstream_400")
+    assert rejected.prompt_tokens == rejected.completion_tokens == 0 and rejected.cost_usd == 0
+    assert all(r.estimated and r.status == 200 and r.outcome == "ok" for r in (retried, recs[2]))
 
 
 async def test_sdk_responses_and_legacy_completions(gateway):

@@ -50,6 +50,8 @@ _METERS: MappingProxyType[str, type[MeterBase]] = MappingProxyType({
 class FreeMeter:
     """count_tokens: no charge, so the usage is an explicit zero, known from the start."""
 
+    final = False  # never streams
+
     def feed(self, chunk: bytes) -> None:
         pass
 

@@ -37,6 +37,9 @@ class AnthropicMeter(MeterBase):
         if event.find(b"content_block_delta", 0, 64) != -1:
             self._delivery.add(len(event))
             return
+        if event.find(b"message_stop", 0, 64) != -1:
+            self.final = True
+            return
         if USAGE_OBJECT.search(event) is None:
             return
         obj = load_event_json(event)   # orjson accepts padding and the CR-free data value

@@ -42,6 +42,9 @@ class Meter(Protocol):
     def delivered_tokens(self) -> int: ...        # estimate of output delivered so far
     def finish(self) -> None: ...                 # end of the upstream body: parse what is left
     def complete(self) -> bool: ...               # the provider's final usage has been seen
+    # The stream's final event ([DONE], response.completed, message_stop, Gemini's chunk
+    # with finishReason) has been fed: once it is sent, the answer was delivered whole.
+    final: bool
 
 
 DEFAULT_MAX_TOKENS_BOUND = 10_000_000
@@ -170,6 +173,7 @@ class MeterBase:
         self._delivery = DeliveryEstimate(self.ENVELOPE_CAP, self.ENVELOPE_SLACK)
         self._usage: Usage | None = None
         self._complete = False
+        self.final = False
 
     # -- Meter interface -------------------------------------------------------------
     def feed(self, chunk: bytes) -> None:

@@ -58,6 +58,8 @@ class GeminiMeter(MeterBase):
     def _on_event(self, event: bytes) -> None:
         if b'"parts"' in event:
             self._delivery.add(len(event))
+        if b'"finishReason"' in event or b'"blockReason"' in event:
+            self.final = True  # the last chunk
         if _USAGE_META.search(event) is not None:
             self._last = event
             # A chunk with finishReason (or a blocked prompt) is the last one.
@@ -137,6 +139,8 @@ class GeminiArrayStreamMeter(GeminiMeter):
 
     def feed(self, chunk: bytes) -> None:
         self._fed += len(chunk)
+        if b'"finishReason"' in chunk or b'"blockReason"' in chunk:
+            self.final = True  # the last element (a key split across two reads is missed: then "cut")
         tail = self._tail
         tail += chunk
         pos = 0

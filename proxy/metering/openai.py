@@ -19,6 +19,9 @@ from .sse import WholeEvents
 
 # Responses events whose `response` object carries the final usage.
 _RESPONSE_FINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_RESPONSE_FINAL_BYTES = tuple(f'"{kind}"'.encode() for kind in sorted(_RESPONSE_FINAL)) + tuple(
+    f"event: {kind}".encode() for kind in sorted(_RESPONSE_FINAL)
+)
 
 # Embeddings bodies can be tens of MB of floats with a small flat usage object as the
 # last key; reading it off the tail avoids decoding every float.
@@ -58,6 +61,9 @@ class OpenAIChatMeter(MeterBase):
     ENVELOPE_SLACK = 40    # random-length "obfuscation" padding, finish/role chunk variance
 
     def _on_event(self, event: bytes) -> None:
+        if len(event) < 32 and b"[DONE]" in event:
+            self.final = True
+            return
         # With include_usage every chunk has `"usage":null`; only an object is decoded.
         if USAGE_OBJECT.search(event) is not None:
             obj = load_event_json(event)
@@ -86,6 +92,8 @@ class OpenAIResponsesMeter(MeterBase):
         if event.find(b'.delta"', 0, 200) != -1:
             self._delivery.add(len(event))
             return
+        if any(event.find(kind, 0, 200) != -1 for kind in _RESPONSE_FINAL_BYTES):
+            self.final = True
         if USAGE_OBJECT.search(event) is None:
             return
         obj = load_event_json(event)
