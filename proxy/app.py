@@ -276,7 +276,9 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await sink.start()
     state.sink = sink
-    state.admission = Admission(state.limiter, cfg.limits.fail_open)
+    state.admission = Admission(
+        state.limiter, cfg.limits.fail_open, cfg.limits.budget_admission, cfg.limits.default_max_tokens
+    )
     state.last_used = LastUsed(state.store)
     state.last_used.start()
     state.authenticator = Authenticator(

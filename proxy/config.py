@@ -134,6 +134,9 @@ class LimitsConfig:
     fail_open: bool = False
     # Token reservation for a request that does not say `max_tokens`.
     default_max_tokens: int = _bounded(4096, 1)
+    # "spend": admit while the key's spend is under its budget (overspend bounded by the
+    # requests in flight); "reserve": each request reserves its worst-case cost.
+    budget_admission: str = "spend"
 
 
 @dataclass(frozen=True)
@@ -539,6 +542,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: storage.spool_max_mb must be a positive number")
     if not cfg.storage.url.startswith(("sqlite://", "postgresql://", "postgres://")):
         raise ConfigError(f"{source}: storage.url must be sqlite:///path or postgresql://...")
+    if cfg.limits.budget_admission not in ("spend", "reserve"):
+        raise ConfigError(f"{source}: limits.budget_admission must be 'spend' or 'reserve'")
     if not cfg.limits.url.startswith(("memory://", "redis://", "rediss://")):
         raise ConfigError(f"{source}: limits.url must be memory:// or redis://...")
     if cfg.limits.url.startswith(("redis://", "rediss://")):

@@ -17,7 +17,7 @@ import pytest
 from _gateway import Reply
 from test_http_robustness import addr, exchange, post_bytes, responses
 
-from proxy.config import ServerConfig
+from proxy.config import LimitsConfig, ServerConfig
 
 CHAT = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}
 BIG = 30 * 1024 * 1024
@@ -218,3 +218,42 @@ async def test_item9_client_closing_before_the_final_event_is_still_client_abort
     assert final not in raw
     [rec] = await gw.wait_records(1)
     assert rec.outcome == "client_abort"
+
+
+# ---------------------------------------------------------------------- item 12
+
+
+async def _post_json(gw: Any, key: str, body: dict[str, Any]) -> tuple[int, Any, dict[str, Any]]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/chat/completions", json=body, headers=gw.headers(key)) as r:
+            return r.status, r.headers.copy(), await r.json()
+
+
+async def test_item12_tpm_refusal_that_waiting_cannot_fix_says_why_without_retry_after(gateway):
+    gw = await gateway()
+    key = await gw.create_key("tpm60", tpm=60)
+    status, headers, body = await _post_json(gw, key, CHAT)  # no max_tokens: 4096 reserved
+    assert status == 429 and "Retry-After" not in headers and headers["x-should-retry"] == "false"
+    message = body["error"]["message"]
+    assert "max_tokens" in message and "4096" in message and "60 tokens per minute" in message
+    assert "try again" not in message.lower()
+    # With a max_tokens that fits, the same key is served.
+    status, _, _ = await _post_json(gw, key, {**CHAT, "max_tokens": 5})
+    assert status == 200
+
+
+async def test_item12_budget_never_says_spent_when_nothing_was_spent(gateway):
+    gw = await gateway(limits=LimitsConfig(budget_admission="reserve"))
+    key = await gw.create_key("tiny", budget_usd=0.00005)
+    status, headers, body = await _post_json(gw, key, CHAT)  # 4096 output tokens at $2/M: $0.008
+    assert status == 429 and "Retry-After" not in headers
+    message = body["error"]["message"]
+    assert "spent" not in message and "max_tokens" in message and "whole budget" in message
+    assert body["error"]["code"] == "insufficient_quota"
+
+
+async def test_item12_the_default_budget_rule_admits_while_nothing_is_spent(gateway):
+    gw = await gateway()
+    key = await gw.create_key("tiny", budget_usd=0.00005)
+    status, _, _ = await _post_json(gw, key, CHAT)
+    assert status == 200

@@ -109,16 +109,44 @@ async def test_max_parallel_released_on_every_path(gateway):
 
 
 async def test_budget_never_overspent_by_more_than_one_request(gateway):
-    gw = await gateway()
+    """budget_admission: reserve (each request reserves its worst case)."""
+    gw = await gateway(limits=LimitsConfig(budget_admission="reserve"))
     # mock-gpt costs $1/M input and $2/M output: one request reserves about 10 output tokens.
     key = await gw.create_key("budget", budget_usd=0.0004)
     results = await _burst(gw.url, gw.headers(key), 50)
     refused = [orjson.loads(raw)["error"] for s, _, raw in results if s == 429]
-    assert refused and all(e["code"] == "insufficient_quota" for e in refused)
+    # Refused either for good (no room left for this request's worst case) or, while
+    # reservations of requests in flight are what is in the way, for a second.
+    assert refused and all(
+        e["code"] == "insufficient_quota" or (e["code"] == "rate_limit_exceeded" and "in flight" in e["message"])
+        for e in refused
+    )
+    assert all("spent" not in e["message"] for e in refused)  # nothing said spent that was not
     recs = await gw.wait_records(1)
     spent = sum(r.cost_usd for r in recs)
     one_request_max = max(r.cost_usd for r in recs)
     assert spent <= 0.0004 + one_request_max
+
+
+async def test_spend_admission_uses_the_whole_budget_and_overspends_by_at_most_the_requests_in_flight(gateway):
+    """budget_admission: spend (the default): admitted while spend < budget, whatever
+    max_tokens says; refused ones are told the budget is spent, which is then true."""
+    gw = await gateway()
+    key = await gw.create_key("spend", budget_usd=0.0004)
+    big = {**CHAT, "max_tokens": 32000}  # reserve mode would reserve $0.064 each: refused at once
+    results = []
+    for _ in range(4):  # waves of 10 in flight
+        results += await _burst(gw.url, gw.headers(key), 10, big)
+    statuses = [s for s, _, _ in results]
+    assert statuses.count(200) >= 10 and statuses.count(429) >= 1
+    recs = await gw.wait_records(statuses.count(200))
+    spent = sum(r.cost_usd for r in recs)
+    assert spent <= 0.0004 + 10 * max(r.cost_usd for r in recs)  # at most one wave in flight past it
+    refused = [orjson.loads(raw)["error"] for s, _, raw in results if s == 429]
+    assert all(e["code"] == "insufficient_quota" and "is spent" in e["message"] for e in refused)
+    # Once spent, a request is refused, and says so.
+    status, headers, raw = (await _burst(gw.url, gw.headers(key), 1, big))[0]
+    assert status == 429 and "is spent" in orjson.loads(raw)["error"]["message"] and "Retry-After" not in headers
 
 
 # ---------------------------------------------------------------------- Redis

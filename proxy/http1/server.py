@@ -440,11 +440,15 @@ class _Connection(asyncio.Protocol):
                 return
         elif self._req is not None:
             self._recv_mark = self._now
-        if (
-            self._exchange is not None
-            and not self._read_paused
+        if self._read_paused or self._transport is None:
+            return
+        if self._checking is not None and self._req is not None:
+            # A body that a head check has yet to admit is not read (nor one behind it).
+            self._transport.pause_reading()
+            self._read_paused = True
+        elif (
+            (self._exchange is not None or self._checking is not None)
             and self._queued_bytes + self._body_len > _PIPELINE_BYTES
-            and self._transport is not None
         ):
             self._transport.pause_reading()
             self._read_paused = True
@@ -591,14 +595,13 @@ class _Connection(asyncio.Protocol):
     # head check
 
     def _start_check(self, req: Request, pending: Awaitable[Refusal | None], continue_expected: bool) -> None:
-        """Run the app's head check with reading paused: at most the rest of the current
-        read is parsed (and buffered) until it answers."""
+        """Run the app's head check. Reading pauses at the end of the current read while
+        the body is incomplete (data_received): at most that read is buffered until the
+        check answers. A request already complete keeps the connection read, so a client
+        that leaves meanwhile is seen before its request is served."""
         self._checked = req
         self._expect_continue = continue_expected
         self._checking = fut = asyncio.ensure_future(pending)
-        if not self._read_paused and self._transport is not None:
-            self._transport.pause_reading()
-            self._read_paused = True
         fut.add_done_callback(self._check_done)
 
     def _check_done(self, fut: asyncio.Future[Refusal | None]) -> None:

@@ -1,5 +1,22 @@
 """Admission: turn a key's limits into one atomic limiter call, and its answer into
 429s and `x-ratelimit-*` headers. Settlement runs off the request path.
+
+Budget admission is a choice (`limits.budget_admission`):
+- `spend` (the default): a request is admitted while the key's spend is under its
+  budget; the limiter reserves a token amount (one nano-dollar) per request, so the
+  budget can be overspent by what the requests in flight at the moment it runs out cost.
+  What a team with a $5/day key and an agent sending max_tokens 32000 expects: the
+  whole $5 is usable, whatever max_tokens says.
+- `reserve`: each request reserves its worst case (prompt estimate + max_tokens at the
+  model's prices) and is refused when that does not fit in what is left, so the budget
+  is never overspent by more than one request's error in the estimate; but a large
+  max_tokens makes the last part of the budget unusable (32000 output tokens at $15/M
+  reserve $0.48 each).
+
+Refusals say what is true and what helps (issue 25 item 12): a request that can never
+fit (its reservation is larger than the key's whole tpm, or its worst case larger than
+the whole budget) is told why and to lower max_tokens, with no Retry-After; "spent" is
+said only when the spend reached the budget.
 """
 
 from __future__ import annotations
@@ -7,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from proxy.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from proxy.limits.base import Decision, Limiter, LimiterUnavailable, LimitSpec, Reservation
@@ -17,6 +34,10 @@ from proxy.store.base import KeyRecord
 log = logging.getLogger("llm_proxy.limits")
 
 _WHAT = {"rpm": "requests per minute", "tpm": "tokens per minute", "parallel": "parallel requests"}
+BudgetAdmission = Literal["spend", "reserve"]
+# What a request reserves of the budget in "spend" mode: admitted while spend < budget.
+_SPEND_MODE_COST_USD = 1e-9
+_PERIOD = {None: "", "day": " per day", "month": " per month"}
 
 
 def spec_of(key: KeyRecord) -> LimitSpec:
@@ -75,16 +96,33 @@ class KeyAdmission(NamedTuple):
 _NO_LIMITS: tuple[Reservation | None, bytes] = (None, b"")
 
 
-def _answer(decision: Decision, limits: KeyAdmission) -> tuple[Reservation | None, bytes]:
+class _Asked(NamedTuple):
+    """What the refused request asked for, for a refusal that tells the truth."""
+
+    tokens: int
+    cost_usd: float
+    mode: str  # a BudgetAdmission
+    default_max_tokens: int
+
+
+def _answer(decision: Decision, limits: KeyAdmission, asked: _Asked) -> tuple[Reservation | None, bytes]:
     """An admitted decision's reservation and header lines; a refusal raised as its error."""
     if decision.admitted:
         return decision.reservation, ratelimit_lines(decision, limits)
     headers = dict(header_pairs(ratelimit_lines(decision, limits)))
     wait = max(1, int(decision.retry_after_s))
+    spec = limits.spec
     if decision.reason == "budget":
+        _refuse_budget(spec, decision, asked, headers)
+    if decision.reason == "tpm" and spec.tpm is not None and asked.tokens > spec.tpm:
+        # Waiting cannot help: the reservation alone is over the whole per-minute limit.
         headers["x-should-retry"] = "false"
-        raise QuotaExceeded(
-            "This key's budget is spent. Ask the gateway operator to raise it.", headers=headers
+        raise RateLimited(
+            f"This request reserves {asked.tokens} tokens (its prompt estimate plus max_tokens, which is "
+            f"{asked.default_max_tokens} when the request does not set it), more than this key's limit of "
+            f"{spec.tpm} tokens per minute, so it can never be admitted. Set a lower max_tokens, "
+            "or ask the gateway operator to raise the key's tpm.",
+            headers=headers,
         )
     what = _WHAT.get(decision.reason or "", "requests")
     raise RateLimited(
@@ -94,10 +132,50 @@ def _answer(decision: Decision, limits: KeyAdmission) -> tuple[Reservation | Non
     )
 
 
+def _refuse_budget(spec: LimitSpec, decision: Decision, asked: _Asked, headers: dict[str, str]) -> None:
+    budget = f"${spec.budget_usd:g}{_PERIOD.get(spec.budget_period, '')}"
+    if decision.retry_after_s == 1:
+        # Only reservations of requests in flight are in the way: they settle soon.
+        raise RateLimited(
+            f"This key's budget ({budget}) is held by requests in flight. Please try again in 1s.",
+            retry_after_s=1,
+            headers=headers,
+        )
+    headers["x-should-retry"] = "false"
+    if asked.mode == "spend":
+        # Admitted while spend < budget: a refusal means the spend reached it.
+        raise QuotaExceeded(
+            f"This key's budget ({budget}) is spent. Ask the gateway operator to raise it.", headers=headers
+        )
+    assert spec.budget_usd is not None
+    worst = f"${asked.cost_usd:.6g}"
+    if asked.cost_usd > spec.budget_usd:
+        raise QuotaExceeded(
+            f"This request could cost up to {worst} (its prompt plus max_tokens at this model's prices), more "
+            f"than this key's whole budget ({budget}), so it can never be admitted. Set a lower max_tokens, "
+            "or ask the gateway operator to raise the budget.",
+            headers=headers,
+        )
+    raise QuotaExceeded(
+        f"What is left of this key's budget ({budget}) is less than this request could cost (up to {worst}, "
+        "its prompt plus max_tokens at this model's prices). Set a lower max_tokens, or ask the gateway "
+        "operator to raise the budget.",
+        headers=headers,
+    )
+
+
 class Admission:
-    def __init__(self, limiter: Limiter, fail_open: bool) -> None:
+    def __init__(
+        self,
+        limiter: Limiter,
+        fail_open: bool,
+        budget_admission: str = "spend",  # a BudgetAdmission (checked by the config loader)
+        default_max_tokens: int = 4096,
+    ) -> None:
         self._limiter = limiter
         self._fail_open = fail_open
+        self._mode = budget_admission
+        self._default_max_tokens = default_max_tokens
         self._settling: set[asyncio.Task[None]] = set()
         self._outage = Outage(log, "limits backend")
         # key id -> its KeyAdmission: keys come from the auth cache as the same objects, so
@@ -124,8 +202,9 @@ class Admission:
         limits = self._limits_of(key)
         if limits is None:
             return _NO_LIMITS
-        decision = self._limiter.admit_now(limits.record.id, limits.spec, request_id, tokens, cost_usd, fresh)
-        return None if decision is None else _answer(decision, limits)
+        reserve = cost_usd if self._mode == "reserve" else _SPEND_MODE_COST_USD
+        decision = self._limiter.admit_now(limits.record.id, limits.spec, request_id, tokens, reserve, fresh)
+        return None if decision is None else _answer(decision, limits, self._asked(tokens, cost_usd))
 
     async def admit(
         self, key: KeyRecord | None, request_id: str, tokens: int, cost_usd: float, fresh: bool = False
@@ -135,8 +214,9 @@ class Admission:
         limits = self._limits_of(key)
         if limits is None:
             return _NO_LIMITS
+        reserve = cost_usd if self._mode == "reserve" else _SPEND_MODE_COST_USD
         try:
-            decision = await self._limiter.admit(limits.record.id, limits.spec, request_id, tokens, cost_usd, fresh)
+            decision = await self._limiter.admit(limits.record.id, limits.spec, request_id, tokens, reserve, fresh)
         except LimiterUnavailable as exc:
             self._outage.failed(
                 exc, "admitting limited keys without limits (fail_open)" if self._fail_open
@@ -150,7 +230,10 @@ class Admission:
                 retry_after_s=2,
             ) from None
         self._outage.ended()
-        return _answer(decision, limits)
+        return _answer(decision, limits, self._asked(tokens, cost_usd))
+
+    def _asked(self, tokens: int, cost_usd: float) -> _Asked:
+        return _Asked(tokens, cost_usd, self._mode, self._default_max_tokens)
 
     def settle(self, reservation: Reservation | None, tokens: int, cost_usd: float) -> None:
         """Called from `finally` (also while cancelled): inline when the backend can,
