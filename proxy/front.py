@@ -23,7 +23,13 @@ from proxy.access_log import AccessLog
 from proxy.app import KEY_NAME_HEADER, AppState
 from proxy.dialects import GEMINI, GEMINI_METHODS, GEMINI_MODEL_PREFIXES, MODEL_PATHS, Endpoint
 from proxy.errors import (
-    InvalidApiKey, InvalidRequest, NotFound, ProxyError, RequestTooLarge, ServiceUnavailable, ShuttingDown,
+    InvalidApiKey,
+    InvalidRequest,
+    NotFound,
+    ProxyError,
+    RequestTooLarge,
+    ServiceUnavailable,
+    ShuttingDown,
 )
 from proxy.http1.client import Http1Client, UpstreamConnectionError
 from proxy.http1.server import Exchange, Refusal, Request
