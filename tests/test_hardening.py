@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 import pytest
 from _gateway import Reply
-from test_http_robustness import addr, exchange, post_bytes, responses
+from test_http_robustness import RawUpstream, _raw_gateway_overrides, addr, exchange, post_bytes, responses
 
 from proxy.config import LimitsConfig, ServerConfig
 
@@ -257,3 +257,28 @@ async def test_item12_the_default_budget_rule_admits_while_nothing_is_spent(gate
     key = await gw.create_key("tiny", budget_usd=0.00005)
     status, _, _ = await _post_json(gw, key, CHAT)
     assert status == 200
+
+
+# ---------------------------------------------------------------------- item 2 (C11)
+
+
+async def test_c11_response_head_over_the_client_bounds_is_502_in_the_callers_dialect(gateway):
+    raw = RawUpstream()
+    await raw.start()
+    try:
+        gw = await gateway(**_raw_gateway_overrides(raw))
+        heads = [
+            b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(40_000)) + b"Content-Length: 2\r\n\r\n{}",
+            b"HTTP/1.1 200 OK\r\nX-Huge: " + b"a" * (1 << 20) + b"\r\nContent-Length: 2\r\n\r\n{}",
+        ]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+            for head in heads:
+                raw.answers.append(head)
+                async with s.post(gw.url + "/v1/chat/completions", json={**CHAT, "model": "raw-gpt"}, headers=gw.headers()) as r:
+                    assert r.status == 502
+                    assert (await r.json())["error"]["type"]
+            async with s.get(gw.url + "/healthz") as r:
+                assert r.status == 200
+        await gw.wait_records(2)
+    finally:
+        await raw.stop()

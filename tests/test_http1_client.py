@@ -27,6 +27,8 @@ from proxy.http1.client import (
     ConnectionCut,
     Http1Client,
     Http1Response,
+    MAX_FIELD_SIZE,
+    MAX_LINE_SIZE,
     ProtocolViolation,
     _Conn,
 )
@@ -935,3 +937,69 @@ def test_on_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
+
+
+# ------------------------------------------------------------------ response head bounds (issue 25 item 2)
+
+
+def _endless_header_line(limit: int) -> Handler:
+    """A head whose one header line never ends: sent in 64 KiB pieces, up to `limit` bytes."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Huge: ")
+        sent = 0
+        while sent < limit:
+            writer.write(b"a" * 65536)
+            await writer.drain()
+            sent += 65536
+        await wait_eof(reader)
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 " + b"O" * (MAX_LINE_SIZE + 1) + b"\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"v" * MAX_FIELD_SIZE + b"\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(40_000)) + b"Content-Length: 0\r\n\r\n",
+    ],
+    ids=["status-line", "field", "head-bytes"],
+)
+async def test_response_heads_over_a_bound_are_protocol_violations(head: bytes) -> None:
+    async with Serve(keep_alive(head)) as srv:
+        client = Http1Client(srv.url)
+        try:
+            with pytest.raises(ProtocolViolation):
+                await get(client)
+            assert client._open == 0
+        finally:
+            await client.close()
+
+
+async def test_an_endless_header_line_is_refused_after_the_head_bound_not_buffered() -> None:
+    """The 300 MB header line: refused once MAX_HEAD_BYTES arrived (plus a read), and the
+    server sees the connection closed long before it could send it all."""
+    async with RawServer(_endless_header_line(64 * 1024 * 1024)) as srv:
+        client = Http1Client(srv.url)
+        try:
+            with pytest.raises(ProtocolViolation, match="head larger"):
+                await get(client)
+            await asyncio.wait_for(srv.closed[0].wait(), 5)
+        finally:
+            await client.close()
+
+
+async def test_many_repeated_header_lines_are_joined_once() -> None:
+    """20,000 lines of one name (the audit's event-loop freeze when joined line by line):
+    within the bounds, all kept, in order, joined with ', '."""
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-R: %d\r\n" % i for i in range(20_000)) + b"Content-Length: 2\r\n\r\nok"
+    async with Serve(keep_alive(head)) as srv:
+        client = Http1Client(srv.url)
+        try:
+            resp = await client.request("GET", "/", b"", b"")
+            assert resp.headers["x-r"] == ", ".join(str(i) for i in range(20_000))
+            assert resp.headers["content-length"] == "2" and await resp.read_all(10) == b"ok"
+        finally:
+            await client.close()

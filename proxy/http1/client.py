@@ -8,6 +8,14 @@ keep-alive connections per upstream. Timeouts cost no timer per request: the
 connect timeout, the response head's (`request(timeout_s=)`: one timer per client for
 the earliest deadline) and the body's quiet spells (`read_within`, `read_all(idle_s=)`:
 one timer per response, armed only when a read has to wait).
+
+A response head is bounded like aiohttp bounds it: the status line and each header line
+at `MAX_LINE_SIZE` / `MAX_FIELD_SIZE` bytes, at most `MAX_HEADERS` header lines, and the
+whole head (1xx heads included) at `MAX_HEAD_BYTES`, counted as the bytes arrive, so a
+hostile upstream's endless header line is refused after one read past the bound, never
+buffered whole. Repeated fields are gathered and joined once, at the end of the head:
+work per head grows with its bytes, never faster. A head over a bound is a
+ProtocolViolation (the caller answers 502).
 """
 
 from __future__ import annotations
@@ -39,6 +47,11 @@ __all__ = [
 _HIGH_WATER = 256 * 1024
 # close(): how long to wait for the transports to finish closing (TLS shutdown) before aborting them.
 _CLOSE_WAIT_S = 1.0
+# Response head bounds (aiohttp's client defaults for lines and count; a total for the head).
+MAX_LINE_SIZE = 8190
+MAX_FIELD_SIZE = 8190
+MAX_HEADERS = 32768
+MAX_HEAD_BYTES = 256 * 1024
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
 ConnectFn = Callable[[ProtocolFactory], Awaitable[tuple[asyncio.Transport, asyncio.Protocol]]]
@@ -264,7 +277,7 @@ class _Conn(asyncio.Protocol):
     __slots__ = (
         "client", "parser", "transport", "lost", "reusable", "paused", "holds_slot", "idle",
         "idle_since", "lost_waiter", "expecting", "got_bytes", "head_waiter", "head_deadline", "resp", "headers",
-        "reason", "is_head", "until_close", "out", "outbox",
+        "reason", "is_head", "until_close", "out", "outbox", "head_bytes", "nheaders", "repeated", "refused",
     )  # fmt: skip
 
     def __init__(self, client: Http1Client) -> None:
@@ -287,6 +300,13 @@ class _Conn(asyncio.Protocol):
         self.reason = b""
         self.is_head = False
         self.until_close = False  # no framing: the body ends when the connection does
+        # The response head being received: its bytes so far (None once it is complete),
+        # its header lines, the values of repeated fields (joined at the end of the head),
+        # and why it was refused (a bound it passed).
+        self.head_bytes: int | None = None
+        self.nheaders = 0
+        self.repeated: dict[str, list[str]] | None = None
+        self.refused = ""
         # A request held until the handlers woken with the one that made it have run (outbox.py).
         self.out: bytes | None = None
         assert client._loop is not None  # set before any connection is made
@@ -305,12 +325,20 @@ class _Conn(asyncio.Protocol):
                 self.close()
             return
         self.got_bytes = True
+        if self.head_bytes is not None:
+            # httptools buffers a header line whole before on_header: the head is bounded
+            # as the bytes arrive (checked after each read, so by at most one read over),
+            # and no line can grow past it.
+            self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._violation("unexpected protocol switch")
         except httptools.HttpParserError as exc:
-            self._violation(str(exc) or type(exc).__name__)
+            self._violation(self.refused or str(exc) or type(exc).__name__)
+            return
+        if self.head_bytes is not None and self.head_bytes > MAX_HEAD_BYTES:
+            self._violation(f"response head larger than {MAX_HEAD_BYTES} bytes")
         # The reader these bytes woke (a relay, a handler) writes in its next step: the
         # flush goes behind it.
         self.outbox.arm()
@@ -344,19 +372,40 @@ class _Conn(asyncio.Protocol):
             self.reusable = False  # a second response to one request
         self.headers = Headers()
         self.reason = b""
+        self.nheaders = 0
+        self.repeated = None
 
     def on_status(self, status: bytes) -> None:
         self.reason += status  # llhttp may hand it over in pieces
+        if len(self.reason) > MAX_LINE_SIZE:
+            self._refuse(f"status line longer than {MAX_LINE_SIZE} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.nheaders += 1
+        if len(name) + len(value) > MAX_FIELD_SIZE or self.nheaders > MAX_HEADERS:
+            self._refuse(f"a header line over {MAX_FIELD_SIZE} bytes or more than {MAX_HEADERS} of them")
         key = HEADER_KEYS.get(name)  # see _Connection.on_header in server.py
         if key is None:
             key = header_key(name)
         headers = self.headers
         if key in headers:
-            headers[key] = f"{headers[key]}, {value.decode('latin-1')}"
+            # Joined once at the end of the head: joining here, per line, would copy the
+            # value so far each time (quadratic in the lines of one name).
+            repeated = self.repeated
+            if repeated is None:
+                repeated = self.repeated = {}
+            values = repeated.get(key)
+            if values is None:
+                repeated[key] = [headers[key], value.decode("latin-1")]
+            else:
+                values.append(value.decode("latin-1"))
         else:
             headers[key] = value.decode("latin-1")
+
+    def _refuse(self, why: str) -> None:
+        # httptools turns a callback's exception into HttpParserCallbackError; keep the reason.
+        self.refused = why
+        raise ValueError(why)
 
     def on_headers_complete(self) -> None:
         if not self.expecting:
@@ -364,7 +413,12 @@ class _Conn(asyncio.Protocol):
         status = self.parser.get_status_code()
         if status < 200:
             return  # 1xx informational: the final response follows
+        self.head_bytes = None
         headers = self.headers
+        if self.repeated is not None:
+            for key, values in self.repeated.items():
+                headers[key] = ", ".join(values)
+            self.repeated = None
         connection = headers.get("connection")
         if connection is not None and "close" in connection.lower():
             self.reusable = False
@@ -417,6 +471,8 @@ class _Conn(asyncio.Protocol):
         self.resp = None
         self.is_head = is_head
         self.until_close = False
+        self.head_bytes = 0
+        self.refused = ""
         if self.out is None and self.outbox.busy and len(data) < HOLD_MAX:
             self.out = data
             self.outbox.hold(self)
