@@ -36,7 +36,7 @@ from proxy.health import Failure, RouteHealth, failure_for_status, retry_after_s
 from proxy.http1.client import Http1Response, UpstreamConnectionError
 from proxy.http1.server import Exchange
 from proxy.limits.base import Reservation
-from proxy.metering import meter_for, settle
+from proxy.metering import meter_for, settle_usage
 from proxy.metering.base import Meter, Usage
 from proxy.metering.estimate import estimate_prompt_tokens
 from proxy.metering.openai import UsageChunkDropper, ensure_include_usage
@@ -89,6 +89,7 @@ class Call:
     outcome: Outcome = "ok"
     error: str | None = None
     meter: Meter | None = None
+    max_output: int | None = None  # the most output tokens the request allows, if it says
     emitted: bool = False        # the current attempt's record went out
     records: list[UsageRecord] = field(default_factory=list)
 
@@ -160,6 +161,7 @@ class Forwarder:
         max_out = _max_output_tokens(body, self._default_max_tokens)
         record_id = record_id_for(request.headers.get("x-request-id"), request_id)
         call = Call(record_id, request_id, time.time(), endpoint, key, model, stream, prompt_estimate)
+        call.max_output = _output_bound(body)
         reserve, reserve_usd = prompt_estimate + max_out, max_cost_usd(price, prompt_estimate, max_out)
         # The record id is always one this process made (record_id_for), never admitted
         # before: a fresh id, which the memory limiter does not need to index.
@@ -550,14 +552,21 @@ class Forwarder:
         )
 
     def _emit(self, call: Call) -> None:
+        error = call.error
         if call.meter is not None:
-            usage, estimated = settle(call.meter, call.prompt_estimate)
+            usage, estimated, why = settle_usage(call.meter, call.prompt_estimate, call.max_output)
+            if why is not None:
+                # The answer was delivered: billed at the estimate, the reason on the record.
+                route = call.route
+                log.warning("implausible usage from upstream %s (%s): estimated instead",
+                            route.upstream.name if route else "-", why)
+                error = f"implausible_usage: {why}"[:200]
         elif call.outcome in ("client_abort", "shutdown"):
             # Left while the upstream was working on it: the provider bills the prompt.
             usage, estimated = Usage(prompt_tokens=call.prompt_estimate), True
         else:
             usage, estimated = Usage(), False   # refused or unreachable: nothing billable
-        rec = self._usage_record(call, usage, estimated, call.error, call.outcome)
+        rec = self._usage_record(call, usage, estimated, error, call.outcome)
         call.records.append(rec)
         call.emitted = True
         self._record(rec)
@@ -701,6 +710,28 @@ def _next_attempt(call: Call) -> None:
     call.attempt += 1
     call.emitted = False
     call.outcome, call.error, call.status, call.meter, call.ttft_ms = "ok", None, 0, None, None
+
+
+def _output_bound(body: dict[str, Any]) -> int | None:
+    """The most output tokens the request allows when it says (max_tokens and its
+    spellings, Gemini's maxOutputTokens, times the choices asked for), else None."""
+    limit: int | None = None
+    for name in _MAX_TOKEN_FIELDS:
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            limit = value
+            break
+    config = body.get("generationConfig")
+    choices = body.get("n")
+    if isinstance(config, dict):
+        if limit is None and isinstance(config.get("maxOutputTokens"), int):
+            limit = config["maxOutputTokens"]
+        choices = config.get("candidateCount", choices)
+    if limit is None:
+        return None
+    if not isinstance(choices, int) or isinstance(choices, bool) or choices < 1:
+        choices = 1
+    return limit * min(choices, 128)
 
 
 def _begin(ex: Exchange, call: Call, head: HeaderList, lines: bytes) -> None:

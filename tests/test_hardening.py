@@ -282,3 +282,43 @@ async def test_c11_response_head_over_the_client_bounds_is_502_in_the_callers_di
         await gw.wait_records(2)
     finally:
         await raw.stop()
+
+
+# ---------------------------------------------------------------------- item 3 (I3, I4)
+
+
+def _chat_body(usage: dict[str, Any]) -> bytes:
+    return orjson.dumps({"id": "c", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Hi there"}, "finish_reason": "stop"}], "usage": usage})
+
+
+@pytest.mark.parametrize("usage,why", [
+    ({"prompt_tokens": -5, "completion_tokens": -3, "total_tokens": -8}, "negative"),
+    ({"prompt_tokens": 5, "completion_tokens": 10**12, "total_tokens": 10**12 + 5}, "negative, absurd"),
+    ({"prompt_tokens": 5, "completion_tokens": 5000, "total_tokens": 5005}, "5000 output tokens for at most 8"),
+], ids=["negative", "1e12", "above-max_tokens"])
+async def test_i3_i4_implausible_provider_usage_is_replaced_by_the_estimate(gateway, usage, why):
+    gw = await gateway()
+    gw.upstream.script(Reply(headers={"Content-Type": "application/json"}, chunks=[_chat_body(usage)]))
+    async with aiohttp.ClientSession() as s:
+        body = {**CHAT, "model": "up-gpt", "max_tokens": 8}
+        async with s.post(gw.url + "/v1/chat/completions", json=body, headers=gw.headers()) as r:
+            assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"] == "Hi there"
+    [rec] = await gw.wait_records(1)
+    assert rec.estimated and rec.outcome == "ok"
+    assert rec.error is not None and rec.error.startswith("implausible_usage") and why in rec.error
+    # The estimate: the prompt from the request's size, the answer from what was delivered.
+    assert 0 < rec.prompt_tokens < 100 and 0 < rec.completion_tokens <= 8 + 16
+    assert 0 < rec.cost_usd < 0.001
+
+
+async def test_i3_plausible_usage_is_kept_and_n_choices_multiply_the_bound(gateway):
+    gw = await gateway()
+    gw.upstream.script(Reply(headers={"Content-Type": "application/json"},
+                             chunks=[_chat_body({"prompt_tokens": 5, "completion_tokens": 24, "total_tokens": 29})]))
+    async with aiohttp.ClientSession() as s:
+        body = {**CHAT, "model": "up-gpt", "max_tokens": 8, "n": 3}
+        async with s.post(gw.url + "/v1/chat/completions", json=body, headers=gw.headers()) as r:
+            assert r.status == 200
+    [rec] = await gw.wait_records(1)
+    assert (rec.estimated, rec.error, rec.prompt_tokens, rec.completion_tokens) == (False, None, 5, 24)

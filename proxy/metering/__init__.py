@@ -35,7 +35,7 @@ __all__ = [
     "MeterBase", "OpenAIChatMeter", "OpenAIEmbeddingsMeter", "OpenAIResponsesMeter",
     "SSEEventTooLarge", "SSESplitter", "Usage", "UsageChunkDropper", "ensure_include_usage",
     "estimate_prompt_tokens", "estimate_tokens_from_bytes", "event_data", "event_name",
-    "meter_for", "settle",
+    "implausible", "meter_for", "settle", "settle_usage",
 ]
 
 _METERS: MappingProxyType[str, type[MeterBase]] = MappingProxyType({
@@ -76,6 +76,9 @@ class FreeMeter:
     def delivered_tokens(self) -> int:
         return 0
 
+    def output_estimate(self) -> int:
+        return 0
+
 
 def meter_for(
     endpoint: str,
@@ -101,18 +104,47 @@ def meter_for(
     return cls(stream=stream, max_tokens_bound=max_tokens_bound, **limits)
 
 
-def settle(meter: Meter, prompt_estimate: int) -> tuple[Usage, bool]:
-    """The usage to record and whether it is estimated (RELIABILITY I3/I4).
+# Output tokens a provider may count past max_tokens before its numbers are implausible.
+_OUTPUT_SLACK = 16
 
-    Complete, unflagged provider usage is taken as is. Otherwise the record is
-    estimated: the provider's prompt count where it was seen (else `prompt_estimate`),
-    and at least the delivered-output estimate, so an aborted stream that delivered
-    content is never charged 0.
+
+def settle(meter: Meter, prompt_estimate: int) -> tuple[Usage, bool]:
+    """settle_usage() without the request's output bound: (usage, estimated)."""
+    usage, estimated, _ = settle_usage(meter, prompt_estimate)
+    return usage, estimated
+
+
+def settle_usage(meter: Meter, prompt_estimate: int, max_output: int | None = None) -> tuple[Usage, bool, str | None]:
+    """The usage to record, whether it is estimated, and why the provider's numbers were
+    not believed (None when they were, or when there were none) (RELIABILITY I3/I4).
+
+    Complete, plausible provider usage is taken as is. Implausible numbers (negative,
+    absurd, non-integral, parts larger than their whole, or more visible output than the
+    request's `max_output` allows) are replaced by the estimate whole: the prompt estimate
+    and the delivered-output estimate; the answer was delivered, so it is never $0, and
+    never billed at an impossible count either. Missing or incomplete usage (an aborted
+    stream) is estimated too: the provider's prompt count where it was seen (else
+    `prompt_estimate`), and at least the delivered-output estimate.
     """
     usage = meter.usage()
-    if usage is not None and meter.complete() and not usage.flagged:
-        return usage, False
+    why = None if usage is None else implausible(usage, max_output)
+    if usage is not None and why is None and meter.complete():
+        return usage, False, None
+    if why is not None:
+        out = meter.output_estimate()
+        return Usage(prompt_tokens=prompt_estimate, completion_tokens=out if max_output is None else min(out, max_output)), True, why
     delivered = meter.delivered_tokens()
     if usage is None:
-        return Usage(prompt_tokens=prompt_estimate, completion_tokens=delivered), True
-    return usage._replace(completion_tokens=max(usage.completion_tokens, delivered)), True
+        return Usage(prompt_tokens=prompt_estimate, completion_tokens=delivered), True, None
+    return usage._replace(completion_tokens=max(usage.completion_tokens, delivered)), True, None
+
+
+def implausible(usage: Usage, max_output: int | None) -> str | None:
+    """Why `usage` cannot be what the request produced, or None."""
+    if usage.flagged:
+        return "negative, absurd or inconsistent token counts"
+    # Reasoning tokens may sit outside the output limit (Gemini's thoughts); the visible
+    # output never does (n choices: n times it, see the caller's max_output).
+    if max_output is not None and usage.completion_tokens - usage.reasoning_tokens > max_output + _OUTPUT_SLACK:
+        return f"{usage.completion_tokens - usage.reasoning_tokens} output tokens for at most {max_output}"
+    return None

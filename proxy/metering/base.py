@@ -40,6 +40,7 @@ class Meter(Protocol):
     def feed_body(self, body: bytes) -> None: ...
     def usage(self) -> Usage | None: ...          # provider usage, None if never seen
     def delivered_tokens(self) -> int: ...        # estimate of output delivered so far
+    def output_estimate(self) -> int: ...         # the same from the bytes alone (provider numbers distrusted)
     def finish(self) -> None: ...                 # end of the upstream body: parse what is left
     def complete(self) -> bool: ...               # the provider's final usage has been seen
     # The stream's final event ([DONE], response.completed, message_stop, Gemini's chunk
@@ -235,6 +236,9 @@ class MeterBase:
     def delivered_tokens(self) -> int:
         if not self._stream and self._complete and self._usage is not None:
             return self._usage.completion_tokens   # the whole body went out
+        return self.output_estimate()
+
+    def output_estimate(self) -> int:
         return self._delivery.tokens() + estimate_tokens_from_bytes(self._raw_bytes)
 
     # -- for subclasses --------------------------------------------------------------

@@ -171,6 +171,9 @@ class GeminiArrayStreamMeter(GeminiMeter):
         partial = self._fed - self._mark
         return self._delivery.tokens(partial if partial > _PARTIAL_ELEMENT else 0)
 
+    def output_estimate(self) -> int:
+        return self.delivered_tokens()
+
     def usage(self) -> Usage | None:
         return self._usage
 
