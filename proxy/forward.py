@@ -49,7 +49,7 @@ from proxy.store.base import KeyRecord, Outcome, UsageRecord
 from proxy.translate import Translation, targets, translation_for
 from proxy.translate.common import ClientContext
 from proxy.translate.stream import StreamTranslator
-from proxy.upstream import UpstreamPool, UpstreamTarget, open_response, request_head
+from proxy.upstream import UpstreamPool, UpstreamTarget, open_response, request_head, scrub_secret
 
 log = logging.getLogger("llm_proxy.forward")
 
@@ -58,6 +58,15 @@ log = logging.getLogger("llm_proxy.forward")
 FORBIDDEN_FIELDS = frozenset(
     {"api_base", "base_url", "api_key", "user_config", "extra_headers", "custom_llm_provider", "api_version"}
 )
+# Where a body holds the caller's own content, whose keys are data, not settings: message
+# text and history (tool call inputs included), prompts, tool and output schemas (a tool
+# may well take an `api_key` parameter). Forbidden fields are looked for everywhere else,
+# at any depth (`extra_body`, `litellm_params`, `metadata`, ...).
+_CONTENT_FIELDS = frozenset({
+    "messages", "input", "contents", "system", "systemInstruction", "instructions", "prompt", "suffix",
+    "tools", "functions", "tool_choice", "toolConfig", "response_format", "text",
+    "responseSchema", "responseJsonSchema", "response_schema", "json_schema", "parameters", "input_schema", "schema",
+})
 _MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # Upstream response headers worth passing to the client.
 _PASS_HEADERS = {
@@ -393,8 +402,6 @@ class Forwarder:
             raise UpstreamOverloaded("The upstream is overloaded; please retry.")
         if resp.status >= 500:
             raise UpstreamError(f"The upstream failed with status {resp.status}.")
-        if resp.status >= 400 and target.secret and target.secret.encode() in data:
-            raise UpstreamError(f"The upstream refused the request with status {resp.status}.")
         if call.meter is not None:
             call.meter.feed_body(data)
             call.meter.finish()
@@ -407,7 +414,8 @@ class Forwarder:
             ex.respond(resp.status, [*headers, ("Content-Type", "application/json")], data, lines)
             return
         if resp.status >= 400:
-            data = call.endpoint.dialect.relay_error_body(data, call.client_request_id)
+            # An error body may echo the operator's key, whole, masked or cut short.
+            data = call.endpoint.dialect.relay_error_body(scrub_secret(data, target.secret), call.client_request_id)
         ex.respond(resp.status, _pass_headers(resp, headers), data, lines)
 
     async def _relay_stream(
@@ -638,11 +646,29 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    bad = FORBIDDEN_FIELDS.intersection(body)
-    if bad:
-        name = sorted(bad)[0]
+    name = _forbidden_field(body)
+    if name is not None:
         raise UnsupportedParameter(f"The parameter '{name}' is not accepted by this gateway.", param=name)
     return body
+
+
+def _forbidden_field(body: dict[str, Any]) -> str | None:
+    """The first forbidden field (dotted path) in the body's objects, outside the caller's
+    content; None when there is none. Iterative: a deeply nested body cannot exhaust the stack."""
+    bad = FORBIDDEN_FIELDS.intersection(body)
+    if bad:
+        return sorted(bad)[0]  # the usual place: the top level
+    stack: list[tuple[str, Any]] = [(name, value) for name, value in body.items() if name not in _CONTENT_FIELDS]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            bad = FORBIDDEN_FIELDS.intersection(value)
+            if bad:
+                return f"{path}.{sorted(bad)[0]}"[:128]
+            stack.extend((f"{path}.{k}", v) for k, v in value.items() if k not in _CONTENT_FIELDS)
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value) if isinstance(v, (dict, list)))
+    return None
 
 
 def _check_fields(body: dict[str, Any], endpoint: Endpoint) -> None:

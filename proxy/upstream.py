@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -117,3 +118,33 @@ async def open_response(target: UpstreamTarget, path: str, body: bytes, head: by
     except (UpstreamConnectionError, OSError) as exc:
         # No upstream URL or exception text in the message: it can name internal hosts.
         raise UpstreamError(f"The upstream is unreachable ({type(exc).__name__}).") from None
+
+
+# A run of key-like characters, mask characters included ("sk-proj-****abcd", "sk-ab...wxyz").
+_TOKEN = re.compile("[A-Za-z0-9_\\-*.\u2022]{8,}".encode())
+_REDACTED = b"[redacted]"
+_BULLET = "\u2022".encode()
+_MASK_BYTES = b"*." + _BULLET
+
+
+def scrub_secret(data: bytes, secret: str | None) -> bytes:
+    """`data` (an upstream's error body) without the upstream credential: the whole key,
+    a prefix of it of 8 characters or more, or a masked form that keeps its first or last
+    four characters around a run of `*` / `.` / `•` (what providers echo: "Incorrect API
+    key provided: sk-proj-****...abcd")."""
+    if not secret or len(secret) < 8:
+        return data
+    raw = secret.encode("utf-8", "replace")
+    head, tail = raw[:4], raw[-4:]
+
+    def redact(m: re.Match[bytes]) -> bytes:
+        token = m.group(0)
+        core = token.strip(_MASK_BYTES)
+        if raw in token or (len(core) >= 8 and raw.startswith(core)):
+            return _REDACTED
+        masked = sum(token.count(c) for c in (b"*", b".", _BULLET)) >= 3
+        if masked and (core.startswith(head) or core.endswith(tail)):
+            return _REDACTED
+        return token
+
+    return _TOKEN.sub(redact, data)

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from _gateway import Reply
+from _gateway import UPSTREAM_KEY, Reply
 from test_http_robustness import RawUpstream, _raw_gateway_overrides, addr, exchange, post_bytes, responses
 
 from proxy.config import LimitsConfig, ServerConfig
@@ -322,3 +322,66 @@ async def test_i3_plausible_usage_is_kept_and_n_choices_multiply_the_bound(gatew
             assert r.status == 200
     [rec] = await gw.wait_records(1)
     assert (rec.estimated, rec.error, rec.prompt_tokens, rec.completion_tokens) == (False, None, 5, 24)
+
+
+# ---------------------------------------------------------------------- item 6
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"extra_body": {"api_base": "http://169.254.169.254"}}, "extra_body.api_base"),
+    ({"litellm_params": {"nested": [{"api_key": "sk-x"}]}}, "litellm_params.nested[0].api_key"),
+    ({"metadata": {"base_url": "http://evil"}}, "metadata.base_url"),
+    ({"stream_options": {"include_usage": True, "custom_llm_provider": "x"}}, "stream_options.custom_llm_provider"),
+])
+async def test_item6_forbidden_fields_are_refused_at_any_depth(gateway, extra, param):
+    gw = await gateway()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/chat/completions", json={**CHAT, **extra}, headers=gw.headers()) as r:
+            assert r.status == 400
+            err = (await r.json())["error"]
+            assert err["code"] == "unsupported_parameter" and err["param"] == param
+
+
+async def test_item6_the_same_names_in_message_text_and_tool_schemas_are_just_data(gateway):
+    gw = await gateway()
+    body = {
+        **CHAT,
+        "messages": [
+            {"role": "user", "content": "set api_base and base_url, my api_key is {\"api_key\": 1}"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "t", "type": "function", "function": {
+                "name": "connect", "arguments": "{\"base_url\": \"http://x\"}"}}]},
+            {"role": "tool", "tool_call_id": "t", "content": "ok"},
+        ],
+        "tools": [{"type": "function", "function": {"name": "connect", "parameters": {
+            "type": "object", "properties": {"api_key": {"type": "string"}, "base_url": {"type": "string"}}}}}],
+    }
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/chat/completions", json=body, headers=gw.headers()) as r:
+            assert r.status == 200, await r.text()
+        anthropic = {"model": "mock-claude", "max_tokens": 5, "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "c", "input": {"api_key": "k"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "ok"}]}],
+            "tools": [{"name": "c", "input_schema": {"type": "object", "properties": {"api_base": {"type": "string"}}}}]}
+        async with s.post(gw.url + "/v1/messages", json=anthropic, headers=gw.headers()) as r:
+            assert r.status == 200, await r.text()
+
+
+# ---------------------------------------------------------------------- item 7
+
+
+async def test_item7_upstream_error_bodies_are_scrubbed_of_the_credential_in_every_form(gateway):
+    gw = await gateway()
+    key = UPSTREAM_KEY  # sk-upstream-CANARY-7f3e9a1c2b4d6e8f
+    forms = [key, key[:4] + "*" * 20 + key[-4:], key[:12] + "...", key[:6] + "..." + key[-4:], key[:16]]
+    statuses = [400, 404, 422, 429, 402]
+    for status, form in zip(statuses, forms):
+        body = orjson.dumps({"error": {"message": f"Incorrect API key provided: {form}. See the docs.", "type": "x"}})
+        gw.upstream.script(Reply(status=status, headers={"Content-Type": "application/json"}, chunks=[body]))
+    async with aiohttp.ClientSession() as s:
+        for status, form in zip(statuses, forms):
+            async with s.post(gw.url + "/v1/chat/completions", json={**CHAT, "model": "up-gpt"}, headers=gw.headers()) as r:
+                got = await r.read()
+                assert r.status == status
+                assert form.encode() not in got and key[-8:].encode() not in got and b"CANARY" not in got, got
+                assert b"Incorrect API key provided: [redacted]" in got and b"See the docs." in got
