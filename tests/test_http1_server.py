@@ -234,7 +234,7 @@ async def test_request_split_at_every_byte_boundary():
 
     server = Http1Server(handler, limits=ServerLimits(), render_error=render_error)
     plain = post("/p?q=1", b"hello world", "X-Test: a\r\nX-Test: b\r\n")
-    chunked = b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    chunked = b"POST /c HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
     for data in (plain, chunked):
         for cut in range(1, len(data)):
             proto, t = server.protocol(), FakeTransport()
@@ -322,7 +322,7 @@ async def test_expect_100_continue_behind_a_pipelined_request():
         await echo(ex)
 
     async with serve(handler) as (_, port), raw(port) as c:
-        await c.send(get("/slow") + b"POST /e HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        await c.send(get("/slow") + b"POST /e HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
         assert json.loads((await c.response())[2])["path"] == "/slow"  # not interleaved with a 100
         assert (await c.response())[0] == 100
         await c.send(b"ok")
@@ -380,14 +380,19 @@ async def test_431_for_a_huge_header_line_is_not_buffered_whole():
         assert (await c.response())[0] == 431
 
 
+# HTTP/1.1 without Host: 400 (RFC 9112 3.2, as h11 and nginx answer; issue 25 item 5).
+NO_HOST = (b"GET / HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\nX-Host: a\r\n\r\n")
+
+
 @pytest.mark.parametrize(
     "data, want",
     [
         (b"\x00\x01\x02garbage\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", 400),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc", 400),
-        (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
+        *((case, 400) for case in NO_HOST),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc", 400),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
         (b"GET / HTTP/2.0\r\n\r\n", 505),
     ],
 )
@@ -397,7 +402,8 @@ async def test_malformed_requests_get_400_and_a_close(data: bytes, want: int):
         status, headers, body = await c.response()
         assert status == want and headers["connection"] == "close" and await c.closed()
         if want == 400 and b"gzip" not in data:
-            assert json.loads(body)["error"] == "Malformed HTTP request."
+            message = "Missing Host header." if data in NO_HOST else "Malformed HTTP request."
+            assert json.loads(body)["error"] == message
 
 
 async def test_malformed_pipelined_request_waits_for_the_one_before():

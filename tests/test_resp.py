@@ -19,6 +19,7 @@ from _redis import RedisServer, _free_port
 from _tls import make_cert
 from proxy.config import ConfigError, load_config
 from proxy.limits.resp import (
+    MAX_DEPTH,
     MAX_REPLY_BYTES,
     ConnectionFailed,
     RedisAddress,
@@ -379,3 +380,35 @@ async def test_a_cancelled_caller_leaves_the_order_intact() -> None:
 
 def _bulk_reply(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+@pytest.mark.fast
+def test_parse_reply_bounds_nesting_depth() -> None:
+    """Issue 25 item 8: a hostile reply nested past MAX_DEPTH is a clean ValueError, never
+    a RecursionError (1 MiB of `*1\\r\\n` is 256 Ki levels)."""
+    nested = b"*1\r\n" * MAX_DEPTH + b":1\r\n"
+    value, _ = parse_reply(nested, 0)
+    for _ in range(MAX_DEPTH):
+        assert isinstance(value, list)
+        value = value[0]
+    assert value == 1
+    for deep in (b"*1\r\n" * (MAX_DEPTH + 1) + b":1\r\n", b"*1\r\n" * (MAX_REPLY_BYTES // 4)):
+        with pytest.raises(ValueError, match="nested"):
+            parse_reply(deep, 0)
+
+
+async def test_a_deeply_nested_reply_closes_the_connection_cleanly() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_command(reader)
+        writer.write(b"*1\r\n" * 100_000 + b":1\r\n" if n == 0 else b"+PONG\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async with fake_redis(handler) as (address, seen):
+        client = RedisClient(address)
+        try:
+            with pytest.raises(ConnectionFailed, match="not RESP2"):
+                await bounded(client.execute(pack("PING")))
+            assert await bounded(client.execute(pack("PING"))) == b"PONG"
+        finally:
+            await client.close()

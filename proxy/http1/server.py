@@ -558,7 +558,10 @@ class _Connection(asyncio.Protocol):
         te = headers.get("transfer-encoding")
         length = headers.get("content-length")
         host = headers.get("host")
-        if host is not None and "," in host:
+        if host is None:
+            if version == "1.1":
+                self._stop(400, "Missing Host header.")  # RFC 9112 3.2, as h11 and nginx answer
+        elif "," in host:
             self._stop(400, _MALFORMED)  # two Host headers: requests smuggled past a front proxy
         if te is not None:
             if version == "1.0":

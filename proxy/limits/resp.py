@@ -42,6 +42,9 @@ DEFAULT_PORT = 6379
 # The limiter's replies are a few dozen bytes; a peer sending more is not a Redis we know
 # (and a partial reply is joined to each read: this bounds that copying too).
 MAX_REPLY_BYTES = 1024 * 1024
+# The limiter's replies nest two deep; a hostile peer's `*1\r\n*1\r\n...` must be a clean
+# ValueError, not a RecursionError (a 1 MiB reply is 256 Ki levels of 4 bytes).
+MAX_DEPTH = 16
 
 
 class RedisError(Exception):
@@ -137,10 +140,11 @@ class _Incomplete(Exception):
     shared instance would carry every raise's traceback, and with it the buffers."""
 
 
-def parse_reply(buf: bytes, pos: int) -> tuple[Reply, int]:
+def parse_reply(buf: bytes, pos: int, depth: int = 0) -> tuple[Reply, int]:
     """One reply from `buf` at `pos`: (value, position after it). Raises _Incomplete
-    when `buf` ends first, ValueError when it is not RESP2. An error reply is returned
-    as a ReplyError value (the caller raises it when it is the whole answer)."""
+    when `buf` ends first, ValueError when it is not RESP2 or nests arrays deeper than
+    MAX_DEPTH. An error reply is returned as a ReplyError value (the caller raises it
+    when it is the whole answer)."""
     end = buf.find(b"\r\n", pos)
     if end < 0:
         raise _Incomplete
@@ -161,10 +165,12 @@ def parse_reply(buf: bytes, pos: int) -> tuple[Reply, int]:
         n = int(buf[pos + 1 : end])
         if n < 0:
             return None, end + 2
+        if depth >= MAX_DEPTH:
+            raise ValueError("a reply nested deeper than the limit")
         pos = end + 2
         items: list[Reply] = []
         for _ in range(n):
-            item, pos = parse_reply(buf, pos)
+            item, pos = parse_reply(buf, pos, depth + 1)
             items.append(item)
         return items, pos
     if kind == 43:                                # '+' simple string
