@@ -441,8 +441,6 @@ class Forwarder:
         last_data = loop.time()
         # One SSE split serves the relay and the meter when both read events.
         shared = relay is not None and meter.frames_sse()
-        # The last two chunks sent (references, not copies): is the final event terminated?
-        before = last = b""
         # The final event went out: a client that closes after it got the whole answer
         # (openai-python and Codex close as soon as they read [DONE] / response.completed).
         delivered = False
@@ -479,7 +477,6 @@ class Forwarder:
                 delivered = meter.final
                 if paused:
                     await ex.drain()
-                before, last = last, chunk
             rest = relay.flush() if relay is not None else b""
             if shared:
                 meter.feed_events(relay.events, rest)  # type: ignore[union-attr]  # shared: relay is set
@@ -488,10 +485,10 @@ class Forwarder:
             if rest:
                 await ex.write(rest)
                 delivered = meter.final
-                before, last = last, rest
-            sse = (resp.headers.get("content-type") or "").startswith("text/event-stream")
-            if sse and (end := _sse_terminator((before[-4:] + last)[-4:])):
-                await ex.write(end)
+            # The upstream's last bytes go out as they came: a last event it left without its
+            # blank line is not completed here, or the client would act on an event the
+            # upstream never finished (issue 25 item 11; CLIENTS.md 57 binds the events the
+            # gateway writes itself: errors and shutdown notices, each ends with its blank line).
             ex.end()
         except (UpstreamTimeout, UpstreamError) as exc:
             if not ex.head_sent:
@@ -780,15 +777,6 @@ def _pass_headers(resp: Http1Response, headers: HeaderList) -> HeaderList:
     for name in _PASS_NAMES & got.keys():
         out.append((_PASS_HEADERS[name], got[name]))
     return out
-
-
-def _sse_terminator(tail: bytes) -> bytes:
-    """What ends an SSE stream whose upstream left the last event open (CLIENTS.md item 57)."""
-    if not tail or tail.endswith((b"\n\n", b"\r\r", b"\r\n\r\n")):
-        return b""
-    if tail.endswith(b"\r\n"):
-        return b"\r\n"
-    return tail[-1:] if tail.endswith((b"\n", b"\r")) else b"\n\n"
 
 
 def _error_for(best: Failure | None) -> ProxyError:
