@@ -23,6 +23,7 @@ from _tls import make_cert
 from proxy.http1.client import (
     _HIGH_WATER,
     BodyTooLarge,
+    ConnState,
     ConnectFailed,
     ConnectionCut,
     Http1Client,
@@ -1001,5 +1002,36 @@ async def test_many_repeated_header_lines_are_joined_once() -> None:
             resp = await client.request("GET", "/", b"", b"")
             assert resp.headers["x-r"] == ", ".join(str(i) for i in range(20_000))
             assert resp.headers["content-length"] == "2" and await resp.read_all(10) == b"ok"
+        finally:
+            await client.close()
+
+
+# ------------------------------------------------------------------ connection life cycle (issue 21 item 6)
+
+
+async def test_connection_state_follows_the_life_cycle() -> None:
+    """NEW (lent, nothing sent) -> ACTIVE (exchange) -> IDLE (pooled) -> ACTIVE (reused)
+    -> CLOSED (torn down), and a connection not kept alive goes CLOSED, never IDLE."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with Serve(keep_alive(ok, ok, b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")) as srv:
+        client = Http1Client(srv.url)
+        try:
+            resp = await client.request("GET", "/", b"", b"")
+            conn = resp._conn
+            assert conn is not None and conn.state is ConnState.ACTIVE
+            assert await resp.read_all(10) == b"ok"
+            assert conn.state is ConnState.IDLE and list(client._idle) == [conn]
+            again = await client.request("GET", "/", b"", b"")
+            assert again._conn is conn and conn.state is ConnState.ACTIVE and not client._idle
+            again.close()  # the body is in: back to the pool
+            assert conn.state is ConnState.IDLE
+            last = await client.request("GET", "/", b"", b"")
+            assert await last.read_all(10) == b"ok"
+            assert conn.state is ConnState.CLOSED and not client._idle and client._open == 0
+            await wait_for(lambda: conn.lost)
+            fresh, reused = await client._acquire(False)
+            assert not reused and fresh.state is ConnState.NEW
+            fresh.abort()
+            assert fresh.state is ConnState.CLOSED
         finally:
             await client.close()
