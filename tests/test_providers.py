@@ -203,8 +203,12 @@ async def test_vllm_without_stream_options_and_its_error_shape(gateway, provider
         assert len([c async for c in stream]) == 3
     # Refused once, then asked without it (remembered): 4 requests for 3 calls.
     assert ["stream_options" in b for b in vllm.bodies] == [True, False, False, False]
-    recs = await gw.wait_records(3)
-    streams = [r for r in recs if r.stream]
+    # One record per upstream request (issue 25 item 10): the refused attempt has its own.
+    recs = await gw.wait_records(4)
+    assert len(recs) == 4
+    refused = [r for r in recs if r.status == 400 and r.stream]
+    assert len(refused) == 1 and refused[0].prompt_tokens == refused[0].completion_tokens == 0
+    streams = [r for r in recs if r.stream and r.status == 200]
     assert len(streams) == 2 and all(r.estimated and r.completion_tokens > 0 for r in streams)
 
 
