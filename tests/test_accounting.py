@@ -565,3 +565,64 @@ async def test_metrics_read_the_sink(make_sink, spool):
     assert "llm_proxy_usage_store_ok 0.0" in text
     assert 'llm_proxy_tokens_total{kind="reasoning",model="m"} 1.0' in text
     assert 'llm_proxy_estimated_requests_total{model="m"} 1.0' in text
+
+
+# ---------------------------------------------------------------------- in flight (I2, issue 25 item 4)
+
+
+def journal_of(spool: Path) -> Path:
+    return spool.with_name(f".{spool.name}.inflight.{os.getpid()}")
+
+
+async def test_pending_records_are_journaled_only_while_their_attempt_is_open(make_sink, spool):
+    store = FakeStore()
+    sink = await make_sink(store)
+    sink.pending(rec("quick", outcome="shutdown", error="interrupted", estimated=True))
+    sink.record(rec("quick"))  # ended within the flush interval: never journaled
+    for i in range(3):
+        sink.pending(rec(f"long{i}", outcome="shutdown", error="interrupted", estimated=True))
+    await sink.flush()
+    assert [r["id"] for r in spool_lines(journal_of(spool))] == ["req_long0", "req_long1", "req_long2"]
+    for i in range(3):
+        sink.record(rec(f"long{i}"))
+    await sink.flush()
+    await sink.close()
+    assert not journal_of(spool).exists()  # a clean close leaves nothing to recover
+    assert all(not store.rows[f"req_{k}"].estimated for k in ("quick", "long0", "long1", "long2"))
+
+
+async def test_the_journal_is_compacted_once_mostly_ended(make_sink, spool, monkeypatch):
+    monkeypatch.setattr("proxy.accounting._JOURNAL_COMPACT_LINES", 10)
+    sink = await make_sink(FakeStore())
+    for i in range(12):
+        sink.pending(rec(i, estimated=True))
+        await sink.flush()
+        if i < 11:
+            sink.record(rec(i))
+        await sink.flush()
+    sink.pending(rec("last", estimated=True))
+    await sink.flush()
+    ids = [r["id"] for r in spool_lines(journal_of(spool))]
+    # Rewritten once it was mostly ended attempts: 13 were journaled, a few lines are left,
+    # and every attempt still open is among them.
+    assert len(ids) <= 4 and {"req_11", "req_last"} <= set(ids), ids
+    sink.record(rec(11))
+    sink.record(rec("last"))
+
+
+async def test_a_dead_process_journal_becomes_estimated_records_behind_its_spool(make_sink, spool, tmp_path):
+    """The dead process had spooled the real record of one attempt and journaled three:
+    the real one wins (store keeps the first row of an id), the other two are estimates."""
+    spool.parent.mkdir(parents=True, exist_ok=True)
+    spool.write_bytes(orjson.dumps(rec("a")._asdict()) + b"\n")
+    dead = spool.with_name(f".{spool.name}.inflight.99999999")  # past pid_max: no such process
+    dead.write_bytes(b"".join(
+        orjson.dumps(rec(k, estimated=True, outcome="shutdown", error="interrupted")._asdict()) + b"\n"
+        for k in ("a", "b", "c")
+    ) + b'{"torn')
+    store = FakeStore()
+    sink = await make_sink(store)
+    await until(lambda: len(store.rows) == 3)
+    assert not store.rows["req_a"].estimated
+    assert store.rows["req_b"].estimated and store.rows["req_c"].error == "interrupted"
+    assert not dead.exists() and sink.recovered == 3
