@@ -90,11 +90,11 @@ class ServerConfig:
     # Serve HTTPS instead of HTTP (proxy/tls.py); None: plain HTTP (a terminator in front).
     tls: TlsConfig | None = None
     # A request body must be complete within this of its head (after the key check): 408.
-    body_timeout_s: float = 60
+    body_timeout_s: float = _positive(60)
     # Open client connections at once, and per client address (not for trusted proxies,
     # whose connections carry many clients); the excess gets 503 and a close. 0: no cap.
-    max_connections: int = 10_000
-    max_connections_per_client: int = 256
+    max_connections: int = _non_negative(10_000)
+    max_connections_per_client: int = _non_negative(256)
 
 
 @dataclass(frozen=True)
@@ -525,10 +525,6 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for u in cfg.upstreams:
         if u.health_check_s < 0:
             raise ConfigError(f"{source}: upstreams.{u.name}.health_check_s must be 0 (off) or more")
-    if cfg.server.max_connections < 0 or cfg.server.max_connections_per_client < 0:
-        raise ConfigError(f"{source}: server.max_connections and max_connections_per_client must be 0 (no cap) or more")
-    if not cfg.server.body_timeout_s > 0:
-        raise ConfigError(f"{source}: server.body_timeout_s must be positive")
     if cfg.server.workers < 1:
         raise ConfigError(f"{source}: server.workers must be at least 1")
     if cfg.server.log_format not in LOG_FORMATS:

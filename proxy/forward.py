@@ -409,7 +409,7 @@ class Forwarder:
             call.outcome, call.error = "upstream_error", f"upstream_{resp.status}"
         if translation is not None and ctx is not None:
             if resp.status >= 400:
-                raise translation.error(resp.status, data, resp.headers.get("retry-after"))
+                raise translation.error(resp.status, scrub_secret(data, target.secret), resp.headers.get("retry-after"))
             data = translation.response(data, ctx)
             ex.respond(resp.status, [*headers, ("Content-Type", "application/json")], data, lines)
             return

@@ -37,6 +37,7 @@ from proxy.middleware.auth import extract_key
 from proxy.middleware.auth_failures import AuthFailures, ClientAddress, TooManyAuthFailures, tarpit
 from proxy.middleware.context import dialect_for_path, error_parts, fresh_request_id, new_request_id, response_headers
 from proxy.middleware.session import RELAY_HOST, RELAY_PEER, RELAY_PREFIX, RELAY_PROTO, RELAY_TOKEN
+from proxy.store.base import KeyRecord
 from proxy.upstream import encode_head
 
 log = logging.getLogger("llm_proxy.http")
