@@ -157,6 +157,7 @@ async def run(url: str, n: int, repeat: int) -> list[tuple[str, float]]:
             ("explorer: by day, unaligned 30d", lambda: store.usage_groups(
                 UsageFilter(since=now - 30 * DAY + 1234.5, until=now - 1800.25), "day")),
             ("explorer: CSV page of 10,000", lambda: store.page_usage(month, 10_000)),
+            ("budget: the busiest key's spend over 30 d", lambda: store.spend_usd(key, now - 30 * DAY)),
         ]
         results = []
         for name, fn in cases:

@@ -291,6 +291,13 @@ def aggregate_query(d: Dialect, f: UsageFilter, by: str) -> tuple[str, dict[str,
     return sql, params
 
 
+def cost_query(d: Dialect, f: UsageFilter) -> tuple[str, dict[str, Any]]:
+    """The total cost of the records in `f` (a key's spend in its budget period)."""
+    params: dict[str, Any] = {}
+    source = _source(d, f, params, DAY)
+    return f"SELECT {d.float_sum.format('cost_usd')} AS cost_usd FROM ({source}) AS u", params
+
+
 def check_bucket(bucket: str) -> Bucket:
     if bucket not in _BUCKET_SECONDS:
         raise ValueError("bucket must be hour or day")

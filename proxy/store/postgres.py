@@ -364,11 +364,9 @@ class PostgresStore:
         return rows
 
     async def spend_usd(self, key_id: str, since: float) -> float:
-        async with self._conn("spend") as conn:
-            total = await conn.fetchval(
-                "SELECT COALESCE(SUM(cost_usd), 0)::float8 FROM usage WHERE key_id = $1 AND ts >= $2", key_id, since
-            )
-        return float(total)
+        # From the roll-ups: a budget period of a busy key is thousands of rows, not 100,000s.
+        rows = await self._query("spend", *ledger.cost_query(POSTGRES, UsageFilter(since=since, key_id=key_id)))
+        return float(rows[0]["cost_usd"])
 
     # -- dashboard sessions ----------------------------------------------------------
 

@@ -255,7 +255,9 @@ class SQLiteStore:
         return await self._call(what, _fetch, sql, params)
 
     async def spend_usd(self, key_id: str, since: float) -> float:
-        return await self._call("spend", _spend_usd, key_id, since)
+        # From the roll-ups: a budget period of a busy key is thousands of rows, not 100,000s.
+        rows = await self._query("spend", *ledger.cost_query(SQLITE, UsageFilter(since=since, key_id=key_id)))
+        return float(rows[0]["cost_usd"])
 
     # -- dashboard sessions ----------------------------------------------------------
 
@@ -512,11 +514,6 @@ def _list_usage(conn: sqlite3.Connection, since: float, key_id: str | None, limi
         {"since": since, "key_id": key_id, "limit": limit},
     ).fetchall()
     return [usage_from_row(row) for row in rows]
-
-
-def _spend_usd(conn: sqlite3.Connection, key_id: str, since: float) -> float:
-    row = conn.execute("SELECT TOTAL(cost_usd) FROM usage WHERE key_id = ? AND ts >= ?", (key_id, since)).fetchone()
-    return float(row[0])
 
 
 def _create_session(conn: sqlite3.Connection, r: SessionRecord) -> None:
