@@ -23,6 +23,7 @@ from proxy.mock_upstream import MockOptions, run_mock
 from proxy.server import install_uvloop, run
 from proxy.store import ledger, open_store
 from proxy.store.base import DuplicateName, KeyLimits, KeyRevoked, Store, StoreError, UsageFilter
+from proxy.tls import ServerTls
 from proxy.views import (
     MAX_DAYS,
     check_limits,
@@ -457,6 +458,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.cmd == "check-config":
             print(where, file=sys.stderr)  # stdout holds the JSON document alone
+            if config.server.tls is not None:
+                try:
+                    ServerTls(config.server.tls)  # the files `serve` would refuse to start with
+                except OSError as exc:  # ssl.SSLError is one
+                    print(f"config error: server.tls: cannot load the certificate and key: {exc}", file=sys.stderr)
+                    return 2
             _print_json(masked(config))
             return 0
         if args.cmd == "reload":

@@ -558,3 +558,44 @@ async def test_relayed_requests_name_their_key_too_and_the_relay_header_stays_in
     gw.running.access_log.flush()
     lines = [line for line in caplog.text.splitlines() if '"GET /' in line]
     assert "key=test-key " in lines[0] and "key=équipe α " in lines[1] and "key=- " in lines[2], lines
+
+
+@pytest.mark.fast
+def test_the_compose_https_front_is_an_opt_in_profile_the_gateway_trusts() -> None:
+    """deploy/container: Caddy only under `--profile tls`, proxying to the gateway without
+    buffering streams, at the one fixed address the gateway takes X-Forwarded-For from."""
+    import ipaddress
+
+    import yaml
+
+    compose_dir = REPO / "deploy" / "container"
+    doc = yaml.safe_load((compose_dir / "compose.yaml").read_text())
+    caddy, gateway = doc["services"]["caddy"], doc["services"]["llm-proxy"]
+    assert caddy["profiles"] == ["tls"] and all("profiles" not in s for n, s in doc["services"].items() if n != "caddy")
+    address = caddy["networks"]["default"]["ipv4_address"]
+    subnet = doc["networks"]["default"]["ipam"]["config"][0]["subnet"]
+    assert ipaddress.ip_address(address) in ipaddress.ip_network(subnet)
+    trusted = gateway["environment"]["LLM_PROXY_TRUSTED_PROXIES"]
+    assert trusted == address
+    cfg = load_config(REPO / "config" / "production.yaml", env={
+        "LLM_PROXY_STORAGE_URL": "postgresql://u:p@db/x", "LLM_PROXY_LIMITS_URL": "redis://r:6379/0",
+        "LLM_PROXY_TRUSTED_PROXIES": trusted,
+    })
+    assert cfg.server.trusted_proxies == (address,) and cfg.server.tls is None
+    caddyfile = (compose_dir / caddy["volumes"][0].split(":")[0]).read_text()
+    assert "reverse_proxy llm-proxy:8080" in caddyfile and "flush_interval -1" in caddyfile
+    assert "{$LLM_PROXY_DOMAIN}" in caddyfile and "LLM_PROXY_DOMAIN" in caddy["environment"]
+    assert {"caddy-data", "caddy-config"} <= set(doc["volumes"])
+
+
+def test_check_config_loads_the_tls_files(tmp_path: Path) -> None:
+    from _tls import make_cert
+
+    cert, key = make_cert(tmp_path)
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text(f"server: {{tls: {{cert_file: {cert.name}, key_file: {key.name}}}}}\n")
+    assert _cli(tmp_path, "check-config", "--config", str(cfg)).returncode == 0
+    cfg.write_text(f"server: {{tls: {{cert_file: {cert.name}, key_file: missing.pem}}}}\n")
+    done = _cli(tmp_path, "check-config", "--config", str(cfg))
+    assert done.returncode == 2 and not done.stdout
+    assert "server.tls: cannot load the certificate and key" in done.stderr
