@@ -158,8 +158,8 @@ class UsageSink:
         self.recovered = 0      # pending records of dead processes turned into estimates
         # In flight (I2): id -> the pending record, until the attempt's own record is
         # durable; those not yet in the journal; the journal's file, fd (locked) and lines.
-        self._open: dict[str, UsageRecord] = {}
-        self._unjournaled: list[UsageRecord] = []
+        self._open: dict[str, Callable[[], UsageRecord]] = {}  # id -> builds its pending record
+        self._unjournaled: list[str] = []
         self._journal = self._spool.with_name(f".{self._spool.name}{_INFLIGHT}{os.getpid()}")
         self._journal_fd: int | None = None
         self._journal_lines = 0
@@ -247,11 +247,12 @@ class UsageSink:
 
     # ------------------------------------------------------------------ in flight (I2)
 
-    def pending(self, rec: UsageRecord) -> None:
-        """The record to keep for an upstream attempt if this process dies before the
-        attempt's own record (same id) is durable. Synchronous, like record()."""
-        self._open[rec.id] = rec
-        self._unjournaled.append(rec)
+    def pending(self, record_id: str, build: Callable[[], UsageRecord]) -> None:
+        """An upstream attempt starts: `build()` makes the record to keep if this process
+        dies before the attempt's own record (same id) is durable. Called only when the
+        attempt is still open at a flush tick. Synchronous, like record()."""
+        self._open[record_id] = build
+        self._unjournaled.append(record_id)
 
     def _durable(self, records: list[UsageRecord]) -> None:
         if self._open:
@@ -261,11 +262,12 @@ class UsageSink:
     async def _write_journal(self) -> None:
         """Append the pending records of attempts still open (one write, one fsync), or
         compact the journal once it is mostly ended attempts."""
-        new = [r for r in self._unjournaled if r.id in self._open]
+        open_ = self._open
+        new = [build() for rid in self._unjournaled if (build := open_.get(rid)) is not None]
         self._unjournaled.clear()
         lines = self._journal_lines + len(new)
-        if lines > _JOURNAL_COMPACT_LINES and lines > 4 * len(self._open):
-            await asyncio.to_thread(self._rewrite_journal, list(self._open.values()))
+        if lines > _JOURNAL_COMPACT_LINES and lines > 4 * len(open_):
+            await asyncio.to_thread(self._rewrite_journal, [build() for build in open_.values()])
         elif new:
             await asyncio.to_thread(self._append_journal, new)
 

@@ -7,6 +7,7 @@ of a provider's wire format beyond what the endpoint's dialect and meter tell it
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -551,10 +552,16 @@ class Forwarder:
 
     def _pending(self, call: Call) -> None:
         """Before an attempt goes upstream: the record to keep if the process dies first
-        (RELIABILITY I2): the provider bills the prompt, the answer is unknown."""
-        self._sink.pending(
-            self._usage_record(call, Usage(prompt_tokens=call.prompt_estimate), True, "interrupted", "shutdown")
-        )
+        (RELIABILITY I2): the provider bills the prompt, the answer is unknown. Built only
+        if the attempt is still open at the next flush tick (most end before it)."""
+        route = call.route
+        assert route is not None
+        rid = _attempt_id(call)
+        self._sink.pending(rid, functools.partial(self._pending_record, call, route, rid))
+
+    def _pending_record(self, call: Call, route: Route, record_id: str) -> UsageRecord:
+        usage = Usage(prompt_tokens=call.prompt_estimate)
+        return self._usage_record(call, usage, True, "interrupted", "shutdown", route, record_id)
 
     def _emit(self, call: Call) -> None:
         error = call.error
@@ -576,13 +583,17 @@ class Forwarder:
         call.emitted = True
         self._record(rec)
 
-    def _usage_record(self, call: Call, usage: Usage, estimated: bool, error: str | None, outcome: Outcome) -> UsageRecord:
-        route = call.route
+    def _usage_record(
+        self, call: Call, usage: Usage, estimated: bool, error: str | None, outcome: Outcome,
+        route: Route | None = None, record_id: str | None = None,
+    ) -> UsageRecord:
+        """The record of the call's current attempt (or of `record_id` on `route`)."""
+        route = route or call.route
         assert route is not None
         key = call.key
         # Positional, in field order (a NamedTuple's keyword path costs twice as much).
         return UsageRecord(
-            _attempt_id(call),
+            record_id or _attempt_id(call),
             call.started,
             key.id if key is not None else None,
             key.name if key is not None else None,
@@ -655,7 +666,10 @@ def _forbidden_field(body: dict[str, Any]) -> str | None:
     bad = FORBIDDEN_FIELDS.intersection(body)
     if bad:
         return sorted(bad)[0]  # the usual place: the top level
-    stack: list[tuple[str, Any]] = [(name, value) for name, value in body.items() if name not in _CONTENT_FIELDS]
+    stack: list[tuple[str, Any]] = []
+    for name, value in body.items():  # (a loop, not a list per request: most bodies nest nothing else)
+        if (type(value) is dict or type(value) is list) and name not in _CONTENT_FIELDS:
+            stack.append((name, value))
     while stack:
         path, value = stack.pop()
         if isinstance(value, dict):

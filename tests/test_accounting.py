@@ -570,6 +570,10 @@ async def test_metrics_read_the_sink(make_sink, spool):
 # ---------------------------------------------------------------------- in flight (I2, issue 25 item 4)
 
 
+def _pend(sink: UsageSink, r: UsageRecord) -> None:
+    sink.pending(r.id, lambda: r)
+
+
 def journal_of(spool: Path) -> Path:
     return spool.with_name(f".{spool.name}.inflight.{os.getpid()}")
 
@@ -577,10 +581,10 @@ def journal_of(spool: Path) -> Path:
 async def test_pending_records_are_journaled_only_while_their_attempt_is_open(make_sink, spool):
     store = FakeStore()
     sink = await make_sink(store)
-    sink.pending(rec("quick", outcome="shutdown", error="interrupted", estimated=True))
+    _pend(sink, rec("quick", outcome="shutdown", error="interrupted", estimated=True))
     sink.record(rec("quick"))  # ended within the flush interval: never journaled
     for i in range(3):
-        sink.pending(rec(f"long{i}", outcome="shutdown", error="interrupted", estimated=True))
+        _pend(sink, rec(f"long{i}", outcome="shutdown", error="interrupted", estimated=True))
     await sink.flush()
     assert [r["id"] for r in spool_lines(journal_of(spool))] == ["req_long0", "req_long1", "req_long2"]
     for i in range(3):
@@ -595,12 +599,12 @@ async def test_the_journal_is_compacted_once_mostly_ended(make_sink, spool, monk
     monkeypatch.setattr("proxy.accounting._JOURNAL_COMPACT_LINES", 10)
     sink = await make_sink(FakeStore())
     for i in range(12):
-        sink.pending(rec(i, estimated=True))
+        _pend(sink, rec(i, estimated=True))
         await sink.flush()
         if i < 11:
             sink.record(rec(i))
         await sink.flush()
-    sink.pending(rec("last", estimated=True))
+    _pend(sink, rec("last", estimated=True))
     await sink.flush()
     ids = [r["id"] for r in spool_lines(journal_of(spool))]
     # Rewritten once it was mostly ended attempts: 13 were journaled, a few lines are left,
