@@ -128,8 +128,10 @@ class Front:
         access_log: AccessLog | None,
         auth_failures: AuthFailures,
         client_address: ClientAddress,
+        tls: bool = False,
     ) -> None:
         self._state = state
+        self._tls = tls  # this server's own port speaks HTTPS (server.tls)
         self._internal = internal
         self._access_log = access_log
         self._auth_failures = auth_failures
@@ -243,15 +245,16 @@ class Front:
 
     def _relay_head(self, request: Request, client: str) -> bytes:
         """The request's headers for the aiohttp application, plus what only this server
-        knows: the client's address, whether the browser spoke TLS (to a trusted proxy),
-        and the Host it asked for (dashboard cookies and Origin checks need them)."""
+        knows: the client's address, whether the browser spoke TLS (to this port, or to a
+        trusted proxy in front), and the Host it asked for (dashboard cookies and Origin
+        checks need them)."""
         headers = {
             name: value for name, value in request.headers.items() if name not in _HOP_BY_HOP and not name.startswith(RELAY_PREFIX)
         }
         host = request.headers.get("host", "")
-        https = False
+        https = self._tls
         if self._client_address.trusted(request.remote):
-            https = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower() == "https"
+            https = https or request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower() == "https"
             host = request.headers.get("x-forwarded-host", "").split(",")[0].strip() or host
         headers[RELAY_TOKEN] = self._state.relay_token
         headers[RELAY_PEER] = client

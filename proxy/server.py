@@ -232,7 +232,10 @@ class Running:
         )
         access_log = AccessLog(fmt=srv.log_format) if srv.access_log else None
         client_address = ClientAddress(srv.trusted_proxies)
-        front = Front(app[STATE], internal, access_log, AuthFailures(config.auth.max_failures_per_min), client_address)
+        front = Front(
+            app[STATE], internal, access_log, AuthFailures(config.auth.max_failures_per_min), client_address,
+            tls=srv.tls is not None,
+        )
         http = Http1Server(
             front.handle,
             limits=ServerLimits(

@@ -7,15 +7,21 @@ to their own key, sign-out, the sign-in brake, and relay headers a client cannot
 from __future__ import annotations
 
 import dataclasses
+import ssl
 from http.cookies import SimpleCookie
 from typing import Any
 
 import aiohttp
 import pytest
 from _gateway import MASTER_KEY
+from _tls import make_cert
+from proxy.config import ServerConfig, TlsConfig
 
 from proxy.sessions import Sessions
 from proxy.store.sqlite import SQLiteStore
+
+
+BASE_SERVER = ServerConfig(host="127.0.0.1", port=0, shutdown_grace_s=2)
 
 
 async def _sign_in(s: aiohttp.ClientSession, url: str, key: str, **headers: str) -> tuple[aiohttp.ClientResponse, dict[str, Any]]:
@@ -192,6 +198,22 @@ async def test_secure_cookie_only_behind_a_trusted_tls_proxy(gateway, http):
     async with http.post(trusted.url + "/ui/api/session", json={"key": MASTER_KEY},
                          headers={"Origin": trusted.url, "X-Forwarded-Proto": "https", "X-Forwarded-Host": "llm.example.com"}) as r:
         assert r.status == 403
+
+
+async def test_secure_cookie_on_the_gateways_own_tls_port(gateway, tmp_path):
+    cert, key = make_cert(tmp_path)
+    gw = await gateway(server=dataclasses.replace(BASE_SERVER, tls=TlsConfig(str(cert), str(key))))
+    url = gw.url.replace("http://", "https://")
+    trust = ssl.create_default_context(cafile=str(cert))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust), cookie_jar=aiohttp.DummyCookieJar()) as s:
+        r, doc = await _sign_in(s, url, MASTER_KEY)
+        assert r.status == 200 and _cookie(r)["llm_proxy_session"]["secure"]
+        sid = _cookie(r)["llm_proxy_session"].value
+        async with s.get(url + "/admin/keys", headers=_session_headers(url, sid, doc["csrf"])) as r:
+            assert r.status == 200
+        # The http:// origin of the same host and port is another origin.
+        async with s.get(url + "/admin/keys", headers=_session_headers(gw.url, sid, doc["csrf"])) as r:
+            assert r.status == 403
 
 
 async def test_pages_are_served_with_a_strict_policy(gateway, http):
