@@ -102,6 +102,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "cached_tokens": (int,), "cache_creation_tokens": (int,), "reasoning_tokens": (int,),
     "cost_usd": _NUMBER, "estimated": (bool,), "ttft_ms": (int, float, type(None)),
     "duration_ms": _NUMBER, "error": (str, type(None)), "outcome": (str,),
+    "client_dialect": (str, type(None)), "upstream_protocol": (str, type(None)),
 }
 
 

@@ -614,6 +614,8 @@ class Forwarder:
             (time.time() - call.started) * 1000,
             error,
             outcome,
+            call.endpoint.dialect.name,
+            route.upstream.protocol,
         )
 
 

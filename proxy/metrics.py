@@ -96,7 +96,7 @@ class _CallStats(Collector):
     def observe(self, rec: UsageRecord) -> None:
         # Unpacked at once: a field read by name goes through a descriptor each time.
         (_, _, _, _, endpoint, model, upstream, _, _, status, prompt, completion, cached,
-         cache_creation, reasoning, cost, estimated, ttft_ms, duration_ms, _, outcome) = rec
+         cache_creation, reasoning, cost, estimated, ttft_ms, duration_ms, _, outcome, _, _) = rec
         key = (endpoint, model, status)
         agg = self.calls.get(key)
         if agg is None:

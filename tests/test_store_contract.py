@@ -328,8 +328,8 @@ async def test_usage_round_trips_every_field(store: Store) -> None:
                upstream_model="claude-sonnet-4-5", stream=False, status=499, prompt_tokens=1_000_000_000_000,
                completion_tokens=2, cached_tokens=3, cache_creation_tokens=4, reasoning_tokens=5,
                cost_usd=0.000123, estimated=True, ttft_ms=123.25, duration_ms=4567.5,
-               error="upstream_timeout", outcome="client_abort")
-    bare = rec("bare", T0 + 1)  # no key, no ttft, no error
+               error="upstream_timeout", outcome="client_abort", client_dialect="openai", upstream_protocol="anthropic")
+    bare = rec("bare", T0 + 1)  # no key, no ttft, no error, no dialects (records from before they were kept)
     await store.write_usage([bare, full])
     assert await store.list_usage(0) == [full, bare]
 

@@ -51,6 +51,7 @@ async def test_anthropic_client_on_chat_upstream_text(gateway, stream):
     assert sent["max_tokens"] == 50 and sent["stop"] == ["\n\nHuman:"] and sent["model"] == "mock-gpt"
     rec = (await gw.wait_records(1))[0]
     assert rec.completion_tokens == 12 and not rec.estimated and rec.upstream == "mock"
+    assert (rec.client_dialect, rec.upstream_protocol) == ("anthropic", "openai")
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -131,6 +132,7 @@ async def test_chat_client_on_anthropic_upstream_text(gateway, stream):
     assert sent["temperature"] == 1.0 and "top_p" not in sent and sent["stop_sequences"] == ["END"]
     rec = (await gw.wait_records(1))[0]
     assert rec.completion_tokens == 12 and not rec.estimated
+    assert (rec.client_dialect, rec.upstream_protocol) == ("openai", "anthropic")
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -99,6 +99,10 @@ class UsageRecord(NamedTuple):
     duration_ms: float = 0.0
     error: str | None = None     # stable error code, never upstream text
     outcome: Outcome = "ok"
+    # The caller's API family and the upstream's protocol: they differ on translated
+    # calls (DESIGN §7). None on records written before they were kept.
+    client_dialect: str | None = None
+    upstream_protocol: str | None = None
 
 
 @dataclass(frozen=True)

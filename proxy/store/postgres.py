@@ -152,6 +152,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # may not touch a row twice in one statement here).
         *(_backfill(table, size) for table, size in LEVELS),
     ),
+    (
+        # Which dialect the client spoke and which protocol the upstream did (translation).
+        "ALTER TABLE usage ADD COLUMN client_dialect TEXT",
+        "ALTER TABLE usage ADD COLUMN upstream_protocol TEXT",
+    ),
 )
 
 

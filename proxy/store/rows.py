@@ -62,4 +62,6 @@ def usage_from_row(row: Row) -> UsageRecord:
         duration_ms=row["duration_ms"],
         error=row["error"],
         outcome=row["outcome"],
+        client_dialect=row["client_dialect"],
+        upstream_protocol=row["upstream_protocol"],
     )

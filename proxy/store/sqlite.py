@@ -150,6 +150,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # The records written before this version.
         *(rollup_upsert(SQLITE, table, size, "usage") for table, size in LEVELS),
     ),
+    (
+        # Which dialect the client spoke and which protocol the upstream did (translation).
+        "ALTER TABLE usage ADD COLUMN client_dialect TEXT",
+        "ALTER TABLE usage ADD COLUMN upstream_protocol TEXT",
+    ),
 )
 
 class SQLiteStore:
