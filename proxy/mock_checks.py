@@ -142,11 +142,10 @@ def _anthropic_message(msg: Any, i: int, messages: list[Any], pending: list[str]
     if pending:
         return f"messages.{i}: tool_use without tool_result"
     uses = [b["id"] for b in blocks if b.get("type") == "tool_use"]
-    last_tool_turn = uses and all(
-        not any(b.get("type") == "tool_use" for b in (m.get("content") if isinstance(m.get("content"), list) else []))
-        for m in messages[i + 1:] if m.get("role") == "assistant"
-    )
-    if thinking_on and last_tool_turn and blocks[0].get("type") not in ("thinking", "redacted_thinking"):
+    # The API's rule: the final assistant message, when it uses tools, starts with thinking
+    # (earlier turns' thinking is stripped by the API, so it may be missing there).
+    final = not any(m.get("role") == "assistant" for m in messages[i + 1:])
+    if thinking_on and uses and final and blocks[0].get("type") not in ("thinking", "redacted_thinking"):
         return (f"messages.{i}.content.0.type: Expected `thinking` or `redacted_thinking`, but found "
                 f"`{blocks[0].get('type')}`. When `thinking` is enabled, a final `assistant` message must start "
                 "with a thinking block.")

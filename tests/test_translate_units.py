@@ -497,7 +497,7 @@ BODIES = {
 
 
 @pytest.mark.parametrize("endpoint", list(BODIES))
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_no_valid_request_makes_a_translator_raise(endpoint, data):
     body = data.draw(BODIES[endpoint])
@@ -528,7 +528,7 @@ _upstream_event = st.one_of(
 
 
 @pytest.mark.parametrize("protocol", list(UPSTREAM_CODECS))
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(events=st.lists(_upstream_event, max_size=8), cut=st.integers(1, 50))
 def test_no_upstream_stream_makes_a_stream_translator_raise(protocol, events, cut):
     payload = b"".join(events)

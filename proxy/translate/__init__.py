@@ -30,6 +30,7 @@ from proxy.errors import (
     RateLimited,
     RequestTooLarge,
     UnsupportedParameter,
+    UpstreamError,
 )
 from proxy.translate import anthropic, chat, gemini, responses
 from proxy.translate.common import ClientContext, UpstreamOptions
@@ -158,7 +159,7 @@ class Translation:
         except orjson.JSONDecodeError:
             doc = None
         if not isinstance(doc, dict):
-            raise InvalidRequest("The upstream's answer could not be translated.", code="upstream_error")
+            raise UpstreamError("The upstream's answer is not the JSON object its protocol promises.")
         return orjson.dumps(self.client.encode_response(self.upstream.decode_response(doc), ctx))
 
     def stream(self, ctx: ClientContext) -> StreamTranslator:
