@@ -787,8 +787,9 @@ async def test_upgrade_from_schema_1_keeps_data_and_back_fills_the_roll_up(store
             conn.execute(statement)
         conn.execute("INSERT INTO schema_version VALUES (1, 0)")
         conn.execute("INSERT INTO keys (id, name, prefix, digest, created_at, revoked_at) VALUES ('key_0000000000000001', 'old', 'sk-x', 'd1', 1, 2)")
+        # Schema 1's 21 usage columns (later versions added more).
         conn.executemany(f"INSERT INTO usage VALUES ({', '.join('?' * 21)})",
-                         [tuple(rec(f"o{i}", T0 + i * 1000, None, error="upstream_500" if i == 3 else None))
+                         [tuple(rec(f"o{i}", T0 + i * 1000, None, error="upstream_500" if i == 3 else None))[:21]
                           for i in range(10)])
         conn.close()
     else:
@@ -800,7 +801,7 @@ async def test_upgrade_from_schema_1_keeps_data_and_back_fills_the_roll_up(store
             await pconn.execute("INSERT INTO schema_version VALUES (1, 0)")
             await pconn.execute("INSERT INTO keys (id, name, prefix, digest, created_at, revoked_at) VALUES ('key_0000000000000001', 'old', 'sk-x', 'd1', 1, 2)")
             await pconn.executemany(f"INSERT INTO usage VALUES ({', '.join(f'${i + 1}' for i in range(21))})",
-                                    [tuple(rec(f"o{i}", T0 + i * 1000, None, error="upstream_500" if i == 3 else None))
+                                    [tuple(rec(f"o{i}", T0 + i * 1000, None, error="upstream_500" if i == 3 else None))[:21]
                                      for i in range(10)])
         finally:
             await pconn.close()
