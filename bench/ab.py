@@ -2,6 +2,7 @@
 
     python -m bench.ab                              # aged (scenarios e, d, c, b) vs fresh, same code
     python -m bench.ab --age "" --b-tree ../other   # this checkout vs another one, both fresh
+    python -m bench.ab --age "" --b-tree ../other --get /healthz   # the same for GET /healthz
 
 CPU per request moves by up to 35 % between the rounds of one bench run on this VM, so two
 builds, or two states of one build, measured one after the other differ mostly by when
@@ -51,13 +52,13 @@ from bench.run import (
 CONNS = 32  # per instance: scenario a's 64 in all
 
 
-def _round(instances: list[Started], script: Path, seconds: float) -> list[dict[str, Any]]:
+def _round(instances: list[Started], script: Path, seconds: float, path: str) -> list[dict[str, Any]]:
     """wrk against every instance at once; each one's requests and CPU per request."""
     results: list[dict[str, Any]] = [{} for _ in instances]
     before = [sum(cpu_split(s.pid)) for s in instances]
 
     def load(i: int) -> None:
-        results[i] = run_wrk(instances[i].port, script, CONNS, seconds)
+        results[i] = run_wrk(instances[i].port, script, CONNS, seconds, path)
 
     threads = [threading.Thread(target=load, args=(i,)) for i in range(len(instances))]
     for t in threads:
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--out", type=Path, default=None, help="raw results JSON")
+    ap.add_argument("--get", default=None, metavar="PATH",
+                    help="load GET PATH (e.g. /healthz, /metrics) instead of the model call")
     args = ap.parse_args(argv)
     if WRK is None:
         log("wrk is not installed (Debian: apt-get install wrk)")
@@ -103,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
                 getattr(bench, f"scenario_{name}")()
         b = start_proxy(tmp, upstream.port, tag="b", cwd=args.b_tree)
         started.append(b)
-        script = wrk_script(tmp, key)
-        _round([a, b], script, 3)  # warm-up: pools, caches, the spend seed
+        script = wrk_script(tmp, key, "GET" if args.get else "POST")
+        path = args.get or "/v1/chat/completions"
+        _round([a, b], script, 3, path)  # warm-up: pools, caches, the spend seed
         ratios = []
         for r in range(args.rounds):
-            res_a, res_b = _round([a, b], script, args.seconds)
+            res_a, res_b = _round([a, b], script, args.seconds, path)
             raw["rounds"].append({"a": res_a, "b": res_b})
             ua, ub = res_a["cpu_us_per_req"], res_b["cpu_us_per_req"]
             if ua and ub:

@@ -67,7 +67,7 @@ def main() -> int:
     gc.callbacks.append(_cb)
     atexit.register(_dump)
     from proxy.cli import main as cli_main
-    import proxy.app  # noqa: F401  (everything the server imports, before a freeze)
+    import proxy.gateway  # noqa: F401  (everything the server imports, before a freeze)
 
     if threshold := os.environ.get("BENCH_GC_THRESHOLD"):
         gc.set_threshold(*(int(x) for x in threshold.split(",")))

@@ -25,7 +25,7 @@ order reversed every other round; the table shows the median over rounds):
   d. 1,000 open slow streams: (proxy RSS with them − RSS before) / 1,000
   e. idle RSS after start-up and one request
   plus (full run) middleware costs: the same proxy with a key without limits, with the
-  access log off, and a bare `GET /healthz` (aiohttp's own floor).
+  access log off, and a bare `GET /healthz` (the data plane without a model call).
 
 Missing wrk, nginx or taskset are reported and skipped (their cells print n/a).
 A full run first waits (up to --wait-quiet s) for an idle machine, and every measurement
@@ -668,7 +668,7 @@ class Bench:
         chat = "/v1/chat/completions"
         plan = [(VARIANT_BASE, t_on, full, chat),
                 ("key without limits", t_on, plain, chat),
-                ("GET /healthz (front + in-process aiohttp)", t_on, get, "/healthz"),
+                ("GET /healthz (data plane, no model call)", t_on, get, "/healthz"),
                 ("access log off", t_off, full, chat),
                 ("access log off, key without limits", t_off, plain, chat)]
         redis = start_redis(self.tmp)

@@ -14,6 +14,7 @@ import orjson
 
 from proxy.http1.server import Exchange
 from proxy.logs import JSON, PREFORMATTED, TEXT, utc_stamp
+from proxy.pipeline import Call, Next
 
 
 def _printable(text: str, limit: int = 200) -> str:
@@ -105,3 +106,17 @@ class AccessLog:
             ).decode()
             for now, client, method, path, status, took_s, key_name, rid in pending
         )
+
+
+class LogAccess:
+    """The outermost stage: one access-log line per request, whatever happened."""
+
+    def __init__(self, access_log: AccessLog) -> None:
+        self._log = access_log
+
+    async def __call__(self, call: Call, call_next: Next) -> None:
+        try:
+            await call_next(call)
+        finally:
+            key = call.key
+            self._log.line(call.ex, call.client, key.name if key is not None else "-", call.request_id)

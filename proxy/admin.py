@@ -1,4 +1,4 @@
-"""The admin API under /admin/ (master key only) and GET /v1/usage (a key's own view).
+"""The admin API under /admin/ (master key only), on the control plane (proxy/control.py).
 
 With no master key configured the admin API is off: every /admin/ route answers 403.
 The master key is compared in constant time. Responses never contain a key's digest;
@@ -29,13 +29,12 @@ from aiohttp import web
 from proxy import admin_stats
 from proxy.config import ModelConfig, masked
 from proxy.errors import Conflict, InvalidApiKey, InvalidRequest, NotFound, PermissionDenied
-from proxy.middleware.auth import KEY, extract_key
-from proxy.middleware.limits import spec_of
+from proxy.middleware.auth import extract_key
 from proxy.middleware.session import COOKIE, session_of
 from proxy.routing import Route
 from proxy.sessions import MASTER, is_master_key
-from proxy.store.base import DuplicateName, KeyLimits, KeyRecord, KeyRevoked, Store
-from proxy.views import MAX_DAYS, MAX_LIMIT, check_name, key_json, parse_since, parse_ts, period_start
+from proxy.store.base import DuplicateName, KeyLimits, KeyRecord, KeyRevoked
+from proxy.views import MAX_DAYS, MAX_LIMIT, check_name, key_json, parse_since, parse_ts
 
 _PERIODS = (None, "day", "month")
 _LIMIT_FIELDS = (
@@ -199,8 +198,7 @@ def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
         check_models(request, body, limits)
         state = request.app[state_key]
         updated = await state.store.update_key(record.id, limits)
-        if state.authenticator is not None:
-            state.authenticator.forget(record.digest)  # new limits apply at once in this process
+        state.authenticator.forget(record.digest)  # new limits apply at once in this process
         if updated is None:
             raise NotFound("No such key.", code="key_not_found")
         return _json(key_json(updated))
@@ -209,8 +207,7 @@ def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
         record = await found(request)
         state = request.app[state_key]
         revoked = await state.store.revoke_key(record.id)
-        if state.authenticator is not None:
-            state.authenticator.forget(record.digest)  # effective at once in this process
+        state.authenticator.forget(record.digest)  # effective at once in this process
         if revoked is None:
             raise NotFound("No such key.", code="key_not_found")
         return _json(key_json(revoked))
@@ -228,9 +225,6 @@ def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
             raise NotFound("No such key.", code="key_not_found")
         new_record, key = rotated
         return _json({**key_json(new_record), "key": key})
-
-    async def own_usage(request: web.Request) -> web.Response:
-        return _json(await own_usage_doc(request.app[state_key].store, request[KEY], _since(request)))
 
     async def config(request: web.Request) -> web.Response:
         return _json(masked(request.app[state_key].config))
@@ -292,29 +286,6 @@ def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
     r.add_get("/admin/stats/overview", master_only(views["overview"]))
     r.add_get("/admin/stats/upstreams", master_only(views["upstreams"]))
     r.add_get("/admin/config", master_only(config))
-    r.add_get("/v1/usage", own_usage)
-
-
-async def own_usage_doc(store: Store, key: KeyRecord, since: float) -> dict[str, Any]:
-    """What GET /v1/usage answers: the key's own usage by model since `since`, its
-    spend against its budget, and its limits (also the dashboard's self-service page)."""
-    rows = await store.summarize_usage(since, "model", key.id)
-    spec = spec_of(key)
-    spent = await store.spend_usd(key.id, period_start(key.budget_period, time.time())) if key.budget_usd is not None else None
-    return {
-        "key": {k: v for k, v in key_json(key).items() if k not in ("revoked_at",)},
-        "since": since,
-        "usage": rows,
-        "limits": {"rpm": spec.rpm, "tpm": spec.tpm, "max_parallel": spec.max_parallel},
-        "budget": None
-        if key.budget_usd is None
-        else {
-            "budget_usd": key.budget_usd,
-            "period": key.budget_period,
-            "spent_usd": spent,
-            "remaining_usd": max(0.0, key.budget_usd - (spent or 0.0)),
-        },
-    }
 
 
 def _since(request: web.Request) -> float:

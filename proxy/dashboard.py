@@ -26,12 +26,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.admin import own_usage_doc
 from proxy.errors import InvalidApiKey, InvalidRequest, PermissionDenied
 from proxy.middleware.auth_failures import AuthFailures
 from proxy.middleware.session import COOKIE, check_origin, clear_cookie, client_of, session_of, set_cookie
 from proxy.sessions import KEY, Session
-from proxy.views import parse_since
+from proxy.views import own_usage_doc, parse_since
 
 log = logging.getLogger("llm_proxy.dashboard")
 

@@ -1,12 +1,12 @@
-"""The gateway's HTTP entry point: every client connection lands here.
+"""The data plane's entry: every client connection's requests land here.
 
-Model calls (POST on a model route) are served right here, on the lean HTTP/1.1 server
-(proxy/http1/server.py): request id, CORS headers, auth, then the Forwarder. Their key is
-checked from the head, before the body is read (`head_check`): a caller without a valid
-key never makes the gateway hold its body (RELIABILITY D5). Every other
-request (admin API, health, metrics, model lists, preflights, 404/405s) is relayed over
-an in-process socket pair to the aiohttp application, which keeps its routes and
-middlewares; those requests are rare and not latency critical, model calls are both.
+`Front.handle` is the handler of the lean HTTP/1.1 server (proxy/http1/server.py): it
+resolves the route (method and raw path) to one of the chains proxy/gateway.py composed,
+and runs it on a fresh `Call`. Every client route (model calls, model lists, usage,
+health, preflights, 404/405) is served by its chain right here. The control plane's
+paths (`/admin/*`, `/metrics`) take the relay chain: the request goes on over an
+in-process socket pair to the aiohttp application (proxy/control.py), which keeps its
+own router and middlewares there.
 """
 
 from __future__ import annotations
@@ -14,30 +14,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Awaitable, Callable
-from urllib.parse import parse_qsl, unquote
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from proxy.access_log import AccessLog
-from proxy.app import KEY_NAME_HEADER, AppState
-from proxy.dialects import GEMINI, GEMINI_METHODS, GEMINI_MODEL_PREFIXES, MODEL_PATHS, Endpoint
-from proxy.errors import (
-    InvalidApiKey,
-    InvalidRequest,
-    NotFound,
-    ProxyError,
-    RequestTooLarge,
-    ServiceUnavailable,
-    ShuttingDown,
-)
+from proxy.dialects import GEMINI_MODEL_PREFIXES, MODEL_PATHS, Dialect, model_endpoint
+from proxy.errors import InvalidRequest, NotFound, ProxyError, RequestTooLarge, ServiceUnavailable
 from proxy.http1.client import Http1Client, UpstreamConnectionError
 from proxy.http1.server import Exchange, Refusal, Request
-from proxy.middleware.auth import extract_key
+from proxy.middleware.auth import Authenticate
 from proxy.middleware.auth_failures import AuthFailures, ClientAddress, TooManyAuthFailures, tarpit
 from proxy.middleware.context import dialect_for_path, error_parts, fresh_request_id, new_request_id, response_headers
 from proxy.middleware.session import RELAY_HOST, RELAY_PEER, RELAY_PREFIX, RELAY_PROTO, RELAY_TOKEN
-from proxy.store.base import KeyRecord
+from proxy.pipeline import Call, Next
 from proxy.upstream import encode_head
 
 log = logging.getLogger("llm_proxy.http")
@@ -59,6 +50,80 @@ _STATUS_ERRORS: dict[int, tuple[type[ProxyError], str]] = {
     431: (InvalidRequest, "request_header_fields_too_large"),
     503: (ServiceUnavailable, "server_shutting_down"),
 }
+# Paths with a GET route below a prefix (the model named in the path).
+_MODEL_PREFIXES = ("/v1/models/", "/v1beta/models/")
+
+
+@dataclass(frozen=True)
+class Routes:
+    """The composed chains, one per kind of route (built in proxy/gateway.py)."""
+
+    model_call: Next                    # POST on a model path
+    get: Mapping[str, Next]             # GET (and HEAD) by exact path
+    get_model: Next                     # GET below _MODEL_PREFIXES
+    control: Callable[[str], bool]      # whether a path is the control plane's
+    relay: Next                         # ... and its chain
+    preflight: Next                     # OPTIONS
+    not_found: Next
+    method_not_allowed: Next
+    refuse: Callable[[ProxyError], Next]   # a chain that answers this error
+
+    def table(self) -> list[tuple[str, str]]:
+        """(method, path pattern) of every client route, for audits and docs."""
+        rows = [("POST", path) for path in MODEL_PATHS]
+        rows += [("POST", prefix + "{tail}") for prefix in GEMINI_MODEL_PREFIXES]
+        rows += [("GET", path) for path in self.get]
+        rows += [("GET", prefix + "{model}") for prefix in _MODEL_PREFIXES]
+        return rows
+
+    def resolve(self, call: Call) -> Next:
+        """The chain for `call`'s request; sets its endpoint and dialect."""
+        request = call.ex.request
+        method, path = request.method, request.path
+        if self.control(path):
+            return self.relay
+        if method == "POST":
+            try:
+                found = model_endpoint(path)
+            except NotFound as err:   # an unknown Gemini method
+                return self.refuse(err)
+            if found is not None:
+                call.endpoint, call.path_model = found
+                call.dialect = found[0].dialect
+                return self.model_call
+        elif method in ("GET", "HEAD"):
+            chain = self.get.get(path)
+            if chain is not None:
+                return chain
+            if _below(path, _MODEL_PREFIXES):
+                return self.get_model
+        elif method == "OPTIONS":
+            return self.preflight
+        if path in self.get or path in MODEL_PATHS or _below(path, GEMINI_MODEL_PREFIXES):
+            return self.method_not_allowed
+        return self.not_found
+
+
+def _below(path: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether `path` names something below one of `prefixes` (not the prefix itself)."""
+    return any(path.startswith(prefix) and len(path) > len(prefix) for prefix in prefixes)
+
+
+class Brake:
+    """The brute-force brake (RELIABILITY B6) where authentication fails: a failure is
+    counted; past the address's limit it is answered 429 after a pause (`tarpit`). A
+    valid key is never braked."""
+
+    def __init__(self, failures: AuthFailures) -> None:
+        self._failures = failures
+
+    async def failed(self, client: str, now: float) -> None:
+        try:
+            self._failures.check(client, now)
+        except TooManyAuthFailures:
+            await tarpit()
+            raise
+        self._failures.failed(client, now)
 
 
 class _Refused:
@@ -71,19 +136,59 @@ class _Refused:
         self.rid = rid
 
 
-def model_route(path: str) -> tuple[Endpoint, str | None] | None:
-    """The endpoint (and, for Gemini, the model from the path) a POST to `path` calls."""
-    endpoint = MODEL_PATHS.get(path)
-    if endpoint is not None:
-        return endpoint, None
-    if path.startswith(GEMINI_MODEL_PREFIXES):
-        tail = unquote(path.split("/models/", 1)[1])
-        model, _, method = tail.rpartition(":")
-        found = GEMINI_METHODS.get(method)
-        if found is None or not model:
-            raise NotFound(f"Unknown Gemini method '{method[:64]}'.")
-        return found, model
-    return None
+class Front:
+    def __init__(
+        self, routes: Routes, client_address: ClientAddress, authenticate: Authenticate, access_log: AccessLog | None
+    ) -> None:
+        self._routes = routes
+        self._client_address = client_address
+        self._authenticate = authenticate
+        self._access_log = access_log
+
+    async def handle(self, ex: Exchange) -> None:
+        request = ex.request
+        client = self._client_address(request.remote, request.headers.get("x-forwarded-for"))
+        call = Call(ex, dialect_for_path(request.path, request.headers), client)
+        await self._routes.resolve(call)(call)
+
+    def head_check(self, request: Request) -> Awaitable[Refusal | None] | None:
+        """For a model call: check the key before the body is read (the server's HeadCheck),
+        so a caller without a valid key never makes the gateway hold its body (RELIABILITY D5)."""
+        if request.method != "POST" or self._routes.control(request.path):
+            return None
+        try:
+            found = model_endpoint(request.path)
+        except NotFound:
+            return None  # answered by handle() once the (bounded) body is in
+        if found is None:
+            return None
+        dialect = found[0].dialect
+        # A key the cache knows as valid is admitted here, without a task or a pause: the
+        # hot path's cost stays that of one cache lookup. Anything else is looked up (and
+        # refused) with reading paused.
+        key = self._authenticate.key_now(request, dialect)
+        if key is not None:
+            request.admitted = key
+            return None
+        return self._check_key(request, dialect)
+
+    async def _check_key(self, request: Request, dialect: Dialect) -> Refusal | None:
+        client = self._client_address(request.remote, request.headers.get("x-forwarded-for"))
+        try:
+            request.admitted = await self._authenticate.key_of(request, dialect, client)
+            return None
+        except ProxyError as err:
+            rid = new_request_id(request.headers.get("x-request-id"))
+            request.admitted = _Refused(client, rid)
+            status, headers, body = error_parts(dialect, err, rid)
+            return Refusal(status, response_headers(rid, request.headers.get("origin")) + list(headers.items()), body)
+
+    def on_done(self, ex: Exchange) -> None:
+        """The server's on_done: the access-log line of a request the head check refused
+        (the chain's access-log stage logs every other one)."""
+        refused = ex.request.admitted
+        if isinstance(refused, _Refused) and self._access_log is not None:
+            self._access_log.line(ex, refused.client, "-", refused.rid)
 
 
 def protocol_error(status: int, message: str, request: Request | None) -> tuple[list[tuple[str, str]], bytes]:
@@ -98,150 +203,21 @@ def protocol_error(status: int, message: str, request: Request | None) -> tuple[
     return [*extra.items(), ("x-request-id", rid)], body
 
 
-def internal_connector(server: web.Server) -> Callable[[Callable[[], asyncio.Protocol]], Awaitable[tuple[asyncio.Transport, asyncio.Protocol]]]:
-    """Connections to the aiohttp application over socket pairs: no port, no network."""
-
-    async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, asyncio.Protocol]:
-        loop = asyncio.get_running_loop()
-        ours, theirs = socket.socketpair()
-        await loop.connect_accepted_socket(server, theirs)
-        transport, protocol = await loop.create_connection(factory, sock=ours)
-        return transport, protocol
-
-    return connect
+# ---------------------------------------------------------------------- the relay
 
 
-class _Caller:
-    """The key name for a request's access line ("-" until a key authenticated)."""
+class Relay:
+    """The last stage of the control plane's chain: the request goes on to the aiohttp
+    application, the answer comes back as it is (its own request id, headers, errors)."""
 
-    __slots__ = ("name",)
-
-    def __init__(self) -> None:
-        self.name = "-"
-
-
-class Front:
     def __init__(
-        self,
-        state: AppState,
-        internal: Http1Client,
-        access_log: AccessLog | None,
-        auth_failures: AuthFailures,
-        client_address: ClientAddress,
-        tls: bool = False,
+        self, internal: Http1Client, client_address: ClientAddress, relay_token: str, brake: Brake, *, tls: bool = False
     ) -> None:
-        self._state = state
         self._tls = tls  # this server's own port speaks HTTPS (server.tls)
         self._internal = internal
-        self._access_log = access_log
-        self._auth_failures = auth_failures
+        self._brake = brake
         self._client_address = client_address
-
-    def head_check(self, request: Request) -> Awaitable[Refusal | None] | None:
-        """For a model call: check the key before the body is read (the server's HeadCheck)."""
-        if request.method != "POST":
-            return None
-        try:
-            route = model_route(request.path)
-        except NotFound:
-            return None  # answered by handle() once the (bounded) body is in
-        authenticator = self._state.authenticator
-        if route is None or authenticator is None:
-            return None
-        endpoint = route[0]
-        # A key the cache knows as valid is admitted here, without a task or a pause: the
-        # hot path's cost stays that of one cache lookup. Anything else is looked up (and
-        # refused) with reading paused.
-        query = (lambda: dict(parse_qsl(request.query_string))) if endpoint.dialect is GEMINI else None
-        key = authenticator.authenticate_now(extract_key(request.headers, query))
-        if key is not None:
-            request.admitted = key
-            return None
-        return self._check_key(request, endpoint)
-
-    async def _check_key(self, request: Request, endpoint: Endpoint) -> Refusal | None:
-        client = self._client_address(request.remote, request.headers.get("x-forwarded-for"))
-        try:
-            request.admitted = await self._authenticate(request, endpoint, client)
-            return None
-        except ProxyError as err:
-            rid = new_request_id(request.headers.get("x-request-id"))
-            request.admitted = _Refused(client, rid)
-            status, headers, body = error_parts(endpoint.dialect, err, rid)
-            return Refusal(status, response_headers(rid, request.headers.get("origin")) + list(headers.items()), body)
-
-    async def _authenticate(self, request: Request, endpoint: Endpoint, client: str) -> KeyRecord:
-        """The caller's key, or InvalidApiKey; past the brute-force brake's limit a failure
-        is answered 429 after a pause (a valid key is never braked)."""
-        assert self._state.authenticator is not None
-        query = (lambda: dict(parse_qsl(request.query_string))) if endpoint.dialect is GEMINI else None
-        try:
-            return await self._state.authenticator.authenticate(extract_key(request.headers, query))
-        except InvalidApiKey:
-            await self._auth_failed(client, request.started)
-            raise
-
-    async def _auth_failed(self, client: str, now: float) -> None:
-        """Count a failed authentication; raise TooManyAuthFailures (after a tarpit) when
-        the address is over the brake's limit."""
-        try:
-            self._auth_failures.check(client, now)
-        except TooManyAuthFailures:
-            await tarpit()
-            raise
-        self._auth_failures.failed(client, now)
-
-    def on_done(self, ex: Exchange) -> None:
-        """The server's on_done: the access-log line of a request the head check refused
-        (handle() logs every other one)."""
-        refused = ex.request.admitted
-        if isinstance(refused, _Refused) and self._access_log is not None:
-            self._access_log.line(ex, refused.client, "-", refused.rid)
-
-    async def handle(self, ex: Exchange) -> None:
-        request = ex.request
-        caller = _Caller()
-        rid = "-"
-        client = self._client_address(request.remote, request.headers.get("x-forwarded-for"))
-        try:
-            route = model_route(request.path) if request.method == "POST" else None
-            if route is None:
-                rid = await self._relay_internal(ex, client, caller)
-            else:
-                rid = new_request_id(request.headers.get("x-request-id"))
-                await self._model_call(ex, rid, caller, client, *route)
-        except (NotFound, TooManyAuthFailures) as err:  # an unknown Gemini method; a brute-forcing address
-            self._render(ex, err, fresh_request_id() if rid == "-" else rid)
-        finally:
-            if self._access_log is not None:
-                self._access_log.line(ex, client, caller.name, rid)
-
-    async def _model_call(
-        self, ex: Exchange, rid: str, caller: _Caller, client: str, endpoint: Endpoint, path_model: str | None
-    ) -> None:
-        request = ex.request
-        state = self._state
-        common = response_headers(rid, request.headers.get("origin"))
-        try:
-            if state.streams.stopping:
-                raise ShuttingDown()
-            assert state.forwarder is not None
-            admitted = request.admitted
-            # Checked from the head already (head_check), unless it was pipelined behind another.
-            key = admitted if isinstance(admitted, KeyRecord) else await self._authenticate(request, endpoint, client)
-            # Named before the call: a stream its client aborts ends this task by
-            # cancellation, and its access line must still say whose it was.
-            caller.name = key.name
-            await state.forwarder.handle(ex, endpoint, key, rid, common, path_model)
-        except ProxyError as err:
-            if not ex.head_sent:
-                status, headers, body = error_parts(endpoint.dialect, err, rid)
-                ex.respond(status, common + list(headers.items()), body)
-
-    def _render(self, ex: Exchange, err: ProxyError, rid: str) -> None:
-        request = ex.request
-        status, headers, body = error_parts(dialect_for_path(request.path, request.headers), err, rid)
-        ex.respond(status, response_headers(rid, request.headers.get("origin")) + list(headers.items()), body)
+        self._relay_token = relay_token   # proves to the control plane that the x-llm-proxy-* headers are ours
 
     def _relay_head(self, request: Request, client: str) -> bytes:
         """The request's headers for the aiohttp application, plus what only this server
@@ -256,17 +232,16 @@ class Front:
         if self._client_address.trusted(request.remote):
             https = https or request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower() == "https"
             host = request.headers.get("x-forwarded-host", "").split(",")[0].strip() or host
-        headers[RELAY_TOKEN] = self._state.relay_token
+        headers[RELAY_TOKEN] = self._relay_token
         headers[RELAY_PEER] = client
         headers[RELAY_PROTO] = "https" if https else "http"
         headers[RELAY_HOST] = host
         return encode_head(headers)
 
-    async def _relay_internal(self, ex: Exchange, client: str, caller: _Caller) -> str:
-        """Relay to the aiohttp application; returns the request id it chose (and sets the
-        caller's key name, when the app authenticated one)."""
+    async def __call__(self, call: Call) -> None:
+        ex = call.ex
         request = ex.request
-        head = self._relay_head(request, client)
+        head = self._relay_head(request, call.client)
         target = request.path + ("?" + request.query_string if request.query_string else "")
         # HEAD is asked as GET (our client expects a body) and answered without one.
         method = "GET" if request.method == "HEAD" else request.method
@@ -278,16 +253,28 @@ class Front:
                 resp.close()
         except UpstreamConnectionError:
             log.exception("the in-process application did not answer %s %s", method, request.path[:200])
-            rid = fresh_request_id()
-            self._render(ex, ProxyError("Internal error."), rid)
-            return rid
-        if resp.status == 401:  # a wrong client key (model lists, usage) or master key
-            await self._auth_failed(client, request.started)
-        key_name = resp.headers.get(KEY_NAME_HEADER)
-        if key_name is not None:
-            caller.name = unquote(key_name)
-        headers = [
-            (name, value) for name, value in resp.headers.items() if name not in _HOP_BY_HOP and name != KEY_NAME_HEADER
-        ]
+            raise ProxyError("Internal error.") from None
+        if resp.status == 401:  # a wrong master key: braked like a wrong client key
+            await self._brake.failed(call.client, request.started)
+        headers = [(name, value) for name, value in resp.headers.items() if name not in _HOP_BY_HOP]
+        call.request_id = resp.headers.get("x-request-id") or "-"
         ex.respond(resp.status, headers, b"" if request.method == "HEAD" else body)
-        return resp.headers.get("x-request-id") or "-"
+
+    async def close(self) -> None:
+        await self._internal.close()
+
+
+def internal_connector(runner: web.AppRunner) -> Callable[[Callable[[], asyncio.Protocol]], Awaitable[tuple[asyncio.Transport, asyncio.Protocol]]]:
+    """Connections to the aiohttp application over socket pairs: no port, no network."""
+
+    async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, asyncio.Protocol]:
+        server = runner.server
+        if server is None:   # not set up yet, or cleaned up
+            raise ConnectionRefusedError("the control plane is not running")
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        await loop.connect_accepted_socket(server, theirs)
+        transport, protocol = await loop.create_connection(factory, sock=ours)
+        return transport, protocol
+
+    return connect

@@ -94,32 +94,25 @@ class _CallStats(Collector):
         self.attempts: dict[tuple[str, ...], float] = {}
 
     def observe(self, rec: UsageRecord) -> None:
-        # Unpacked at once: a field read by name goes through a descriptor each time.
-        (_, _, _, _, endpoint, model, upstream, _, _, status, prompt, completion, cached,
-         cache_creation, reasoning, cost, estimated, ttft_ms, duration_ms, _, outcome, _, _) = rec
-        key = (endpoint, model, status)
+        key = (rec.endpoint, rec.model, rec.status)
         agg = self.calls.get(key)
         if agg is None:
             agg = self.calls[key] = [0, 0, 0, 0, 0, 0, 0, 0.0, _new_histogram(), _new_histogram()]
         agg[0] += 1
-        agg[1] += prompt
-        agg[2] += completion
-        # Usually 0: a test is cheaper than adding nothing.
-        if cached:
-            agg[3] += cached
-        if cache_creation:
-            agg[4] += cache_creation
-        if reasoning:
-            agg[5] += reasoning
-        if estimated:
-            agg[6] += 1
-        if cost > 0:
-            agg[7] += cost
-        ekey = (upstream, outcome)
+        agg[1] += rec.prompt_tokens
+        agg[2] += rec.completion_tokens
+        agg[3] += rec.cached_tokens
+        agg[4] += rec.cache_creation_tokens
+        agg[5] += rec.reasoning_tokens
+        agg[6] += rec.estimated
+        agg[7] += max(0.0, rec.cost_usd)
+        outcome = rec.outcome
+        ekey = (rec.upstream, outcome)
         self.attempts[ekey] = self.attempts.get(ekey, 0) + 1
-        if outcome == "upstream_error" or outcome == "timeout":
+        if outcome in ("upstream_error", "timeout"):
             self.upstream_errors[ekey] = self.upstream_errors.get(ekey, 0) + 1
         # Seconds; a clock step backwards counts as 0. `le` is inclusive: bisect_left.
+        ttft_ms, duration_ms = rec.ttft_ms, rec.duration_ms
         if ttft_ms is not None:
             seconds = ttft_ms / 1000 if ttft_ms > 0 else 0.0
             counts = agg[8]

@@ -1,4 +1,8 @@
-"""`llm-proxy serve`: uvloop, the front HTTP/1.1 server before the aiohttp app, graceful stop.
+"""`llm-proxy serve`: sockets, worker processes and signals around one gateway each.
+
+The gateway itself (backends, both planes, the chains) is built in proxy/gateway.py;
+this module listens, runs the front HTTP/1.1 server on the gateway's handler, and stops
+gracefully.
 
 SIGHUP: reload the config file (proxy/live_config.py); the server keeps serving.
 
@@ -33,16 +37,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import uvloop
-from aiohttp import web
 
-from proxy.access_log import AccessLog
-from proxy.app import STATE, AppState, build_app
 from proxy.config import Config, load_config
-from proxy.front import Front, internal_connector, protocol_error
-from proxy.http1.client import Http1Client
+from proxy.front import protocol_error
+from proxy.gateway import Gateway, build_gateway
 from proxy.http1.server import Http1Server, ServerLimits
 from proxy.logs import configure_logging
-from proxy.middleware.auth_failures import AuthFailures, ClientAddress
 from proxy.tls import ServerTls
 from proxy.worker_metrics import WorkerMetrics
 
@@ -54,9 +54,8 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _RELOAD_SIGNAL = signal.SIGHUP
 _HANDLED_SIGNALS = (*_STOP_SIGNALS, _RELOAD_SIGNAL)
 # After the grace period: how long cancelled handlers get to write their shutdown error
-# event and record usage, and how long aiohttp then waits for anything left over.
+# event and record usage.
 _CANCEL_WAIT_S = 5.0
-_LEFTOVER_S = 2.0
 # How long the --workers parent waits for every worker to listen.
 _START_TIMEOUT_S = 60.0
 _PR_SET_PDEATHSIG = 1
@@ -124,10 +123,10 @@ async def serve(
     started: list[Running] = []
 
     def on_reload() -> None:
-        if not started or started[0].state.reloader is None:
+        if not started:
             log.warning("SIGHUP before the server started: the config it loads is read now anyway")
             return
-        task: asyncio.Task[object] = asyncio.ensure_future(started[0].state.reloader.reload())
+        task: asyncio.Task[object] = asyncio.ensure_future(started[0].gateway.reloader.reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
@@ -143,8 +142,8 @@ async def serve(
     gc.set_threshold(10_000, 50, 100)
     try:
         if worker_metrics is not None:
-            await worker_metrics.start(lambda: running.state.metrics.render(running.state)[0])
-            running.state.worker_metrics = worker_metrics
+            await worker_metrics.start(lambda: running.gateway.metrics.render(running.gateway)[0])
+            running.gateway.worker_metrics = worker_metrics
         scheme = "https" if running.tls is not None else "http"
         log.info("llm-proxy listening on %s://%s:%d (pid %d)", scheme, host, running.port, os.getpid())
         if notify:
@@ -157,7 +156,7 @@ async def serve(
             sd_notify("STOPPING=1")
         await running.drain(config.server.shutdown_grace_s, hurry)
     finally:
-        # Closes what is left, then runs cleanup_ctx in reverse: the usage sink flushes
+        # Closes what is left, then the gateway in reverse: the usage sink flushes
         # before the upstream pools and stores close.
         # The signal handlers stay until the loop closes: a late duplicate signal must
         # not kill the process while it flushes.
@@ -168,17 +167,12 @@ async def serve(
 
 
 class Running:
-    """A started gateway: the aiohttp application (backends, admin API, health) and the
-    front HTTP/1.1 server that every client connection reaches (proxy/front.py)."""
+    """A started gateway (proxy/gateway.py) and the front HTTP/1.1 server on its port,
+    which every client connection reaches."""
 
-    def __init__(self, app: web.Application, runner: web.AppRunner, internal: Http1Client, http: Http1Server,
-                 access_log: AccessLog | None) -> None:
-        self.app = app
-        self.state: AppState = app[STATE]
-        self.runner = runner
-        self.internal = internal
+    def __init__(self, gateway: Gateway, http: Http1Server) -> None:
+        self.gateway = gateway
         self.http = http
-        self.access_log = access_log
         self.server: asyncio.Server | None = None
         self.port = 0
         # `server.tls`: the listening socket's certificate. A config reload calls
@@ -215,29 +209,10 @@ class Running:
         config_path: str | None = None,
         parent_pid: int | None = None,
     ) -> Running:
-        app = build_app(config, config_path=config_path, parent_pid=parent_pid)
+        gateway = build_gateway(config, config_path=config_path, parent_pid=parent_pid)
         srv = config.server
-        runner = web.AppRunner(
-            app,
-            handle_signals=False,
-            access_log=None,  # the front server logs every request
-            # A client that goes away cancels its handler at once.
-            handler_cancellation=True,
-            shutdown_timeout=_LEFTOVER_S,
-        )
-        await runner.setup()  # opens the store, limiter, upstream pools and usage sink
-        assert runner.server is not None
-        internal = Http1Client(
-            "http://llm-proxy.internal", max_connections=64, connect_timeout_s=5, connect=internal_connector(runner.server)
-        )
-        access_log = AccessLog(fmt=srv.log_format) if srv.access_log else None
-        client_address = ClientAddress(srv.trusted_proxies)
-        front = Front(
-            app[STATE], internal, access_log, AuthFailures(config.auth.max_failures_per_min), client_address,
-            tls=srv.tls is not None,
-        )
         http = Http1Server(
-            front.handle,
+            gateway.front.handle,
             limits=ServerLimits(
                 max_line_size=srv.max_line_size,
                 max_field_size=srv.max_field_size,
@@ -251,17 +226,17 @@ class Running:
                 max_connections_per_client=srv.max_connections_per_client,
             ),
             render_error=protocol_error,
-            on_done=front.on_done,
-            head_check=front.head_check,
-            uncapped_peer=client_address.trusted,
+            on_done=gateway.front.on_done,
+            head_check=gateway.front.head_check,
+            uncapped_peer=gateway.client_address.trusted,
         )
-        running = cls(app, runner, internal, http, access_log)
-        running.state.handlers = http.tasks  # requests in flight: drained at shutdown
+        gateway.handlers = http.tasks  # requests in flight: drained at shutdown
+        await gateway.open()  # opens the store, limiter, upstream pools, usage sink and control plane
+        running = cls(gateway, http)
         try:
             if srv.tls is not None:
                 running.tls = ServerTls(srv.tls)
-                if running.state.reloader is not None:
-                    running.state.reloader.reread = running._reread_tls
+                running.gateway.reloader.reread = running._reread_tls
             running.server = await asyncio.get_running_loop().create_server(
                 http.protocol, host, port, reuse_port=reuse_port or None, backlog=1024,
                 ssl=running.tls.context if running.tls is not None else None,
@@ -277,7 +252,7 @@ class Running:
         handlers = self.http.tasks
         log.info("stopping: draining %d requests (grace %gs)", len(handlers), grace_s)
         # New requests on open connections get 503 and /readyz turns 503 from here on.
-        self.state.streams.stopping = True
+        self.gateway.streams.stopping = True
         if self.server is not None:
             self.server.close()  # stop accepting: with SO_REUSEPORT the other workers take over
         self.http.shutdown()  # idle keep-alive connections close, busy ones after their response
@@ -293,7 +268,7 @@ class Running:
         log.warning("grace period over: ending %d requests", len(left))
         # Stream handlers write a shutdown error event to their client and record the usage
         # delivered so far (outcome "shutdown"); other requests are cancelled and recorded.
-        self.state.streams.end_all()
+        self.gateway.streams.end_all()
         for task in left:
             if not task.done() and not task.cancelling():
                 task.cancel()
@@ -302,17 +277,14 @@ class Running:
             log.warning("%d requests did not end within %gs of cancellation", len(pending), _CANCEL_WAIT_S)
 
     async def close(self) -> None:
-        self.state.streams.stopping = True
+        self.gateway.streams.stopping = True
         if self.server is not None:
             self.server.close()
         self.http.abort_all()  # cancels the handlers still running: they record their usage
         if self.http.tasks:
             await asyncio.wait(list(self.http.tasks), timeout=_CANCEL_WAIT_S)
-        await self.internal.close()
-        if self.access_log is not None:
-            self.access_log.flush()
-        # Runs cleanup_ctx in reverse: the usage sink flushes before pools and stores close.
-        await self.runner.cleanup()
+        # In reverse of the start: the usage sink flushes before pools and stores close.
+        await self.gateway.close()
 
 
 # ---------------------------------------------------------------------- --workers N

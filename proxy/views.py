@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from proxy.store.base import KeyLimits, KeyRecord, UsageRecord
+from proxy.store.base import KeyLimits, KeyRecord, Store, UsageRecord
 
 _SINCE = re.compile(r"(\d{1,9})([mhdw])", re.ASCII)
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -171,3 +171,24 @@ def _cell(value: Any) -> Any:
     if isinstance(value, str) and value.startswith(_FORMULA):
         return "'" + value
     return value
+
+
+async def own_usage_doc(store: Store, key: KeyRecord, since: float) -> dict[str, Any]:
+    """What GET /v1/usage answers: the key's own usage by model since `since`, its
+    spend against its budget, and its limits (also the dashboard's self-service page)."""
+    rows = await store.summarize_usage(since, "model", key.id)
+    spent = await store.spend_usd(key.id, period_start(key.budget_period, time.time())) if key.budget_usd is not None else None
+    return {
+        "key": {k: v for k, v in key_json(key).items() if k not in ("revoked_at",)},
+        "since": since,
+        "usage": rows,
+        "limits": {"rpm": key.rpm, "tpm": key.tpm, "max_parallel": key.max_parallel},
+        "budget": None
+        if key.budget_usd is None
+        else {
+            "budget_usd": key.budget_usd,
+            "period": key.budget_period,
+            "spent_usd": spent,
+            "remaining_usd": max(0.0, key.budget_usd - (spent or 0.0)),
+        },
+    }

@@ -23,7 +23,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.app import STATE
 from proxy.config import (
     AuthConfig,
     Config,
@@ -180,7 +179,7 @@ def test_config(tmp: Path, upstream_base: str, mock_base: str, **overrides: Any)
 class Gateway:
     def __init__(self, running: Running, upstream: ScriptedUpstream, mock_stats: Any) -> None:
         self.running = running
-        self.app = running.app
+        self.app = running.gateway.control_app
         self.upstream = upstream
         self.mock_stats = mock_stats
         self.key = ""
@@ -190,7 +189,7 @@ class Gateway:
 
     @property
     def state(self) -> Any:
-        return self.app[STATE]
+        return self.running.gateway
 
     async def create_key(self, name: str, **limits: Any) -> str:
         _, key = await self.state.store.create_key(name, KeyLimits(**limits))

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import orjson
 import pytest
 
-from proxy.accounting import UsageSink
+from proxy.usage_sink import UsageSink
 from proxy.config import ConfigError, parse_config
 from proxy.metrics import Metrics
 from proxy.store.base import StoreError, UsageRecord

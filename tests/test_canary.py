@@ -142,7 +142,7 @@ async def test_canary_sweep(gateway, caplog, capfd):
     # The distinctive tail of each key too (a prefix is shown by design: "sk-" + 8 chars).
     needles.update({f"tail({k})": v[12:] for k, v in secrets.items()})
 
-    gw.running.access_log.flush()  # lines are written in batches
+    gw.state.access_log.flush()  # lines are written in batches
     log_text = caplog.text + "\n".join(
         f"{r.name} {r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in caplog.records
     )

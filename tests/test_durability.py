@@ -515,7 +515,7 @@ async def test_sigterm_past_the_grace_records_shutdown_estimates(process, script
 
 @pytest.mark.parametrize("flush_s,wait_s,survive", [(0.2, 0.6, True), (30.0, 0.3, False)], ids=["waited-3x-flush", "control-before-flush"])
 async def test_sigkill_loses_at_most_the_last_flush_interval(process, scripted_upstream, flush_s, wait_s, survive):
-    """Worst case on SIGKILL (proxy/accounting.py): the records still in memory, i.e. those
+    """Worst case on SIGKILL (proxy/usage_sink.py): the records still in memory, i.e. those
     of the last flush interval. Records older than that survive; the control case (a 30 s
     interval, killed after 0.3 s) shows the bound is real and this test can fail."""
     _, chat = load("openai/chat_completion_text.json")

@@ -1,10 +1,13 @@
 """API dialects, one module each; they know their wire format and nothing of storage."""
 
+from urllib.parse import unquote
+
 from proxy.dialects.anthropic import ANTHROPIC, COUNT_TOKENS, MESSAGES
 from proxy.dialects.azure import AzureOpenAIDialect
 from proxy.dialects.base import Dialect, Endpoint, ModelInfo
 from proxy.dialects.gemini import GEMINI, GENERATE, STREAM_GENERATE
 from proxy.dialects.openai import CHAT, COMPLETIONS, EMBEDDINGS, OPENAI, RESPONSES
+from proxy.errors import NotFound
 
 BY_PROTOCOL: dict[str, Dialect] = {d.name: d for d in (OPENAI, ANTHROPIC, GEMINI)}
 
@@ -34,7 +37,23 @@ MODEL_PATHS: dict[str, Endpoint] = {
 GEMINI_MODEL_PREFIXES = ("/v1beta/models/", "/v1/models/")
 GEMINI_METHODS: dict[str, Endpoint] = {"generateContent": GENERATE, "streamGenerateContent": STREAM_GENERATE}
 
+
+def model_endpoint(path: str) -> tuple[Endpoint, str | None] | None:
+    """The endpoint a POST to `path` calls (and, for Gemini, the model the path names);
+    None when `path` is no model route. NotFound for an unknown Gemini method."""
+    endpoint = MODEL_PATHS.get(path)
+    if endpoint is not None:
+        return endpoint, None
+    if path.startswith(GEMINI_MODEL_PREFIXES):
+        tail = unquote(path.split("/models/", 1)[1])
+        model, _, method = tail.rpartition(":")
+        found = GEMINI_METHODS.get(method)
+        if found is None or not model:
+            raise NotFound(f"Unknown Gemini method '{method[:64]}'.")
+        return found, model
+    return None
+
 __all__ = [
     "ANTHROPIC", "BY_PROTOCOL", "Dialect", "Endpoint", "GEMINI", "GEMINI_METHODS", "GEMINI_MODEL_PREFIXES",
-    "MODEL_PATHS", "ModelInfo", "OPENAI", "upstream_dialect",
+    "MODEL_PATHS", "ModelInfo", "OPENAI", "model_endpoint", "upstream_dialect",
 ]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import orjson
 
-from proxy.dialects.base import Endpoint, ModelInfo
+from proxy.dialects.base import Endpoint, ModelInfo, max_tokens_field
 from proxy.errors import ProxyError
 
 # Anthropic's documented status → error.type map (docs_error_shape_not_found.json's page).
@@ -32,6 +33,7 @@ ANTHROPIC_VERSION = "2023-06-01"
 class AnthropicDialect:
     name = "anthropic"
     keepalive: bytes | None = b'event: ping\ndata: {"type": "ping"}\n\n'
+    key_in_query = False
 
     def error_status(self, err: ProxyError) -> int:
         # Anthropic's own "overloaded" status: its SDKs raise OverloadedError for it.
@@ -70,6 +72,9 @@ class AnthropicDialect:
     def test_call(self, upstream_model: str) -> tuple[str, bytes]:
         body = {"model": upstream_model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
         return "messages", orjson.dumps(body)
+
+    def max_output_tokens(self, body: Mapping[str, Any]) -> int | None:
+        return max_tokens_field(body)
 
     def models_body(self, models: Sequence[ModelInfo], query: Mapping[str, str]) -> bytes:
         try:

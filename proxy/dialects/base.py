@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from proxy.errors import ProxyError
+from proxy.errors import InvalidRequest, ProxyError
+
+# The output caps the OpenAI and Anthropic bodies name (and every dialect accepts).
+_MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+MAX_OUTPUT_CAP = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,8 @@ class Dialect(Protocol):
     name: str
     # Bytes written while an upstream is silent; None means this dialect gets none.
     keepalive: bytes | None
+    # Whether a client key may come in the query string (`?key=`, Gemini's own style).
+    key_in_query: bool
     # Streams of this dialect whose content-type is not SSE but still stream (Gemini arrays).
 
     def error_body(self, err: ProxyError, request_id: str) -> bytes: ...
@@ -41,6 +47,21 @@ class Dialect(Protocol):
     def models_url(self, base_url: str) -> str: ...
     # The smallest real call (endpoint name, JSON body) for POST /admin/upstreams/test.
     def test_call(self, upstream_model: str) -> tuple[str, bytes]: ...
+
+    # The output cap the body asks for (InvalidRequest when malformed), None if none.
+    def max_output_tokens(self, body: Mapping[str, Any]) -> int | None: ...
+
+
+def max_tokens_field(body: Mapping[str, Any]) -> int | None:
+    """The first of the OpenAI / Anthropic output-cap fields the body sets, checked."""
+    for name in _MAX_TOKEN_FIELDS:
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidRequest(f"'{name}' must be a non-negative integer.", param=name)
+        return min(value, MAX_OUTPUT_CAP)
+    return None
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import orjson
 
-from proxy.dialects.base import Endpoint, ModelInfo
+from proxy.dialects.base import MAX_OUTPUT_CAP, Endpoint, ModelInfo, max_tokens_field
 from proxy.errors import ProxyError
 
 # google.rpc status names by HTTP status.
@@ -30,6 +31,7 @@ class GeminiDialect:
     name = "gemini"
     # Gemini clients accept no SSE comments or extra events (CLIENTS.md item 38).
     keepalive: bytes | None = None
+    key_in_query = True   # ?key=, as Google's own API takes it
 
     def error_status(self, err: ProxyError) -> int:
         return err.status
@@ -68,6 +70,14 @@ class GeminiDialect:
     def test_call(self, upstream_model: str) -> tuple[str, bytes]:
         body = {"contents": [{"role": "user", "parts": [{"text": "ping"}]}], "generationConfig": {"maxOutputTokens": 1}}
         return "generateContent", orjson.dumps(body)
+
+    def max_output_tokens(self, body: Mapping[str, Any]) -> int | None:
+        cap = max_tokens_field(body)
+        if cap is not None:
+            return cap
+        config = body.get("generationConfig")
+        limit = config.get("maxOutputTokens") if isinstance(config, dict) else None
+        return max(0, min(limit, MAX_OUTPUT_CAP)) if isinstance(limit, int) else None
 
     def models_body(self, models: Sequence[ModelInfo], query: Mapping[str, str]) -> bytes:
         return orjson.dumps(

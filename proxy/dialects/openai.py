@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import orjson
 
-from proxy.dialects.base import Endpoint, ModelInfo
+from proxy.dialects.base import Endpoint, ModelInfo, max_tokens_field
 from proxy.errors import ProxyError
 
 _PATHS = {
@@ -21,6 +22,7 @@ class OpenAIDialect:
     name = "openai"
     # Not ": ping": Continue's SSE parser mis-reads that prefix (CLIENTS.md item 25).
     keepalive: bytes | None = b": keep-alive\n\n"
+    key_in_query = False
 
     def error_status(self, err: ProxyError) -> int:
         return err.status
@@ -50,6 +52,9 @@ class OpenAIDialect:
     def test_call(self, upstream_model: str) -> tuple[str, bytes]:
         body = {"model": upstream_model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
         return "chat.completions", orjson.dumps(body)
+
+    def max_output_tokens(self, body: Mapping[str, Any]) -> int | None:
+        return max_tokens_field(body)
 
     def models_body(self, models: Sequence[ModelInfo], query: Mapping[str, str]) -> bytes:
         return orjson.dumps(

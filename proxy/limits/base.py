@@ -115,10 +115,6 @@ class Limiter(Protocol):
 #   old entries leave the window; parallel: 1 s). Nothing is reserved when anything refuses.
 # - request_id must be unique per admission; re-admitting a held id replaces its entries.
 
-# tuple.__new__(Decision, values) builds the same tuple as Decision(*values) without the
-# namedtuple's generated Python __new__ frame; used where one is built per request.
-tuple_new = tuple.__new__
-
 WINDOW_US = 60_000_000          # the rpm/tpm sliding window, in microseconds
 US_PER_S = 1_000_000
 NANO_PER_USD = 1_000_000_000    # spend is counted in integer nano-USD: sums never drift
@@ -154,18 +150,17 @@ def make_decision(
     """Build a Decision from a backend's raw counters (after the reservation, if admitted).
 
     `reset_*` follow OpenAI: the time until the window is back to its initial (empty) state.
-    Runs per request: comparisons rather than max() calls.
     """
     rpm, tpm = spec.rpm, spec.tpm
-    return tuple_new(Decision, (   # every field is given
-        reservation is not None,
-        reservation,
-        reason,
-        0 if reason is None else retry_after_s(wait_us),
-        rpm,
-        None if rpm is None else (rpm - requests_used if rpm > requests_used else 0),
-        None if rpm is None else requests_reset_us / US_PER_S,
-        tpm,
-        None if tpm is None else (tpm - tokens_used if tpm > tokens_used else 0),
-        None if tpm is None else tokens_reset_us / US_PER_S,
-    ))
+    return Decision(
+        admitted=reservation is not None,
+        reservation=reservation,
+        reason=reason,
+        retry_after_s=0 if reason is None else retry_after_s(wait_us),
+        limit_requests=rpm,
+        remaining_requests=None if rpm is None else max(0, rpm - requests_used),
+        reset_requests_s=None if rpm is None else requests_reset_us / US_PER_S,
+        limit_tokens=tpm,
+        remaining_tokens=None if tpm is None else max(0, tpm - tokens_used),
+        reset_tokens_s=None if tpm is None else tokens_reset_us / US_PER_S,
+    )

@@ -27,7 +27,6 @@ from proxy.limits.base import (
     SpendSeed,
     check_spec,
     make_decision,
-    tuple_new,
     usd_to_nano,
 )
 
@@ -137,7 +136,7 @@ class MemoryLimiter:
         seeded from the store first (once per key and period: then await admit()).
 
         Runs on every request of a key with limits: entries are plain lists and tuples,
-        the Reservation is built without its Python __new__, expiry is scanned when due.
+        expiry is scanned when due.
         A fresh id (base.py) gets no entry in the tpm window's index of ids: its slot
         travels in the Reservation instead, and the window keeps no string per request.
         """
@@ -146,7 +145,7 @@ class MemoryLimiter:
         elif tokens > _TOKENS_CAP:
             tokens = _TOKENS_CAP
         if spec.empty:
-            return Decision(True, tuple_new(Reservation, (key_id, request_id, tokens, cost_usd, spec, -1)))
+            return Decision(True, Reservation(key_id, request_id, tokens, cost_usd, spec))
         st = self._keys.get(key_id)
         if st is None or st.checked is not spec:
             check_spec(spec)
@@ -199,7 +198,7 @@ class MemoryLimiter:
             log_ts.append(now)
             st.log_tokens.append(tokens)
             st.tokens_sum += tokens
-        reservation = tuple_new(Reservation, (key_id, request_id, tokens, cost_usd, spec, slot))
+        reservation = Reservation(key_id, request_id, tokens, cost_usd, spec, slot)
         if parallel is not None or budget is not None:
             if not fresh and (request_id in live or request_id in st.stale):
                 self._release(st, request_id)  # a re-admitted id replaces its reservation
@@ -214,11 +213,16 @@ class MemoryLimiter:
         # make_decision(spec, reservation, None, 0, ...) written out for an admission: a
         # set window's newest entry is this admission, so it resets a full window from now.
         used, tokens_used = len(requests) - st.requests_head, st.tokens_sum
-        return tuple_new(Decision, (
-            True, reservation, None, 0,
-            rpm, None if rpm is None else (rpm - used if rpm > used else 0), None if rpm is None else _WINDOW_S,
-            tpm, None if tpm is None else (tpm - tokens_used if tpm > tokens_used else 0), None if tpm is None else _WINDOW_S,
-        ))
+        return Decision(
+            admitted=True,
+            reservation=reservation,
+            limit_requests=rpm,
+            remaining_requests=None if rpm is None else max(0, rpm - used),
+            reset_requests_s=None if rpm is None else _WINDOW_S,
+            limit_tokens=tpm,
+            remaining_tokens=None if tpm is None else max(0, tpm - tokens_used),
+            reset_tokens_s=None if tpm is None else _WINDOW_S,
+        )
 
     def _refusal(
         self, st: _KeyState, spec: LimitSpec, tokens: int, cost: int, now: int, period: int, period_end: int | None

@@ -78,11 +78,6 @@ def clamp_count(value: object, bound: int) -> tuple[int, bool]:
     return value, flagged
 
 
-# tuple.__new__(Usage, values) builds what Usage(*values) does without the NamedTuple's
-# Python-level __new__ frame: one is built per request.
-_new = tuple.__new__
-
-
 def build_usage(
     *,
     prompt: object = None,
@@ -107,7 +102,7 @@ def build_usage(
         and cache_creation is None
         and (reasoning is None or (type(reasoning) is int and 0 <= reasoning <= completion))
     ):
-        return _new(Usage, (prompt, completion, cached or 0, 0, reasoning or 0, flagged))
+        return Usage(prompt, completion, cached or 0, 0, reasoning or 0, flagged)
     p, f1 = clamp_count(prompt, bound)
     c, f2 = clamp_count(completion, bound)
     ca, f3 = clamp_count(cached, bound)

@@ -21,20 +21,21 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
+from urllib.parse import parse_qsl
 
-from aiohttp import web
-
+from proxy.dialects import Dialect
 from proxy.errors import InvalidApiKey, ServiceUnavailable
+from proxy.http1.server import Request
 from proxy.keys import digest_key, well_formed
 from proxy.logs import Outage
 from proxy.middleware.last_used import LastUsed
+from proxy.pipeline import Call, Next
 from proxy.store.base import KeyRecord, Store
 
 log = logging.getLogger("llm_proxy.auth")
 
-KEY = web.RequestKey("llm_proxy_key", KeyRecord)
 V = TypeVar("V")
 _HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
 
@@ -206,3 +207,33 @@ class Authenticator:
         self._generation += 1
         self._inflight.pop(digest, None)
         self._cache.forget(digest)
+
+
+class Authenticate:
+    """The auth stage: `call.key` is the caller's active key, or the call ends in 401
+    (429 past the brute-force brake's limit). The key may come as `?key=` only where the
+    dialect takes it there (Gemini). A key the head check already verified is taken as is."""
+
+    def __init__(self, authenticator: Authenticator, on_failure: Callable[[str, float], Awaitable[None]]) -> None:
+        self._authenticator = authenticator
+        self._on_failure = on_failure   # the brake: counts, and raises TooManyAuthFailures past its limit
+
+    async def __call__(self, call: Call, call_next: Next) -> None:
+        request = call.ex.request
+        admitted = request.admitted
+        # Checked from the head already (head_check), unless it was pipelined behind another.
+        call.key = admitted if isinstance(admitted, KeyRecord) else await self.key_of(request, call.dialect, call.client)
+        await call_next(call)
+
+    def key_now(self, request: Request, dialect: Dialect) -> KeyRecord | None:
+        """The caller's key when the cache knows it as valid (no waiting); None otherwise."""
+        query = (lambda: dict(parse_qsl(request.query_string))) if dialect.key_in_query else None
+        return self._authenticator.authenticate_now(extract_key(request.headers, query))
+
+    async def key_of(self, request: Request, dialect: Dialect, client: str) -> KeyRecord:
+        query = (lambda: dict(parse_qsl(request.query_string))) if dialect.key_in_query else None
+        try:
+            return await self._authenticator.authenticate(extract_key(request.headers, query))
+        except InvalidApiKey:
+            await self._on_failure(client, request.started)
+            raise

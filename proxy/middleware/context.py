@@ -1,8 +1,10 @@
-"""Outermost middleware: request id, CORS, error rendering in the caller's dialect.
+"""The request context stage: request id, CORS, and the one place errors are rendered.
 
-Every response carries `x-request-id` (and `request-id`, which Anthropic SDKs read).
-Every error the gateway produces itself, including aiohttp's own 404/405/413, is
-rendered here, once, in the dialect of the route that was called.
+Every response carries `x-request-id` (and `request-id`, which Anthropic SDKs read) and,
+for a browser caller, the CORS headers. Every error the data plane produces itself is
+rendered here, once, in the dialect of the route that was called. The control plane
+(proxy/control.py) gives its answers the same headers and error shapes from the helpers
+here.
 """
 
 from __future__ import annotations
@@ -11,42 +13,23 @@ import itertools
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, Mapping
-
-from aiohttp import web
-from aiohttp.typedefs import Middleware
+from collections.abc import Mapping
 
 from proxy.dialects import ANTHROPIC, GEMINI, OPENAI, Dialect
-from proxy.errors import (
-    InvalidRequest,
-    MethodNotAllowed,
-    NotFound,
-    ProxyError,
-    RequestTooLarge,
-    ServiceUnavailable,
-    UnsupportedMediaType,
-)
+from proxy.errors import ProxyError, ServiceUnavailable
+from proxy.pipeline import Call, HeaderList, Next
 from proxy.store.base import StoreError
 
 log = logging.getLogger("llm_proxy.http")
 
-REQUEST_ID = web.RequestKey("llm_proxy_request_id", str)
-DIALECT = web.RequestKey("llm_proxy_dialect", object)
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_CORS_ALLOW_HEADERS = (
+CORS_ALLOW_HEADERS = (
     "authorization, content-type, x-api-key, api-key, anthropic-version, anthropic-beta, "
     "anthropic-dangerous-direct-browser-access, x-goog-api-key, x-goog-api-client, x-request-id, "
     "x-stainless-arch, x-stainless-lang, x-stainless-os, x-stainless-package-version, "
     "x-stainless-retry-count, x-stainless-runtime, x-stainless-runtime-version, x-stainless-timeout"
 )
-_EXPOSE = "x-request-id, request-id, retry-after, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens"
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def dialect_for(request: web.Request) -> Dialect:
-    return dialect_for_path(request.path, request.headers)
-
+EXPOSE = "x-request-id, request-id, retry-after, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens"
 
 def dialect_for_path(path: str, headers: Mapping[str, str]) -> Dialect:
     """Which API family the caller speaks, from the path (and Anthropic's headers on /v1/models)."""
@@ -87,10 +70,10 @@ def new_request_id(sent: str | None) -> str:
 
 
 def response_headers(rid: str, origin: str | None) -> list[tuple[str, str]]:
-    """Headers every response gets (what `on_prepare` adds on aiohttp's side)."""
+    """Headers every response gets (the control plane adds the same in `on_prepare`)."""
     headers = [("x-request-id", rid), ("request-id", rid)]
     if origin:
-        headers += [("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers", _EXPOSE), ("Vary", "Origin")]
+        headers += [("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers", EXPOSE), ("Vary", "Origin")]
     return headers
 
 
@@ -99,77 +82,46 @@ def error_parts(dialect: Dialect, err: ProxyError, rid: str) -> tuple[int, dict[
     return dialect.error_status(err), {"Content-Type": "application/json", **err.headers}, dialect.error_body(err, rid)
 
 
-def cors_headers(request: web.Request) -> dict[str, str]:
-    origin = request.headers.get("Origin")
-    return {"Access-Control-Allow-Origin": origin or "*", "Vary": "Origin"} if origin else {}
+def preflight_headers(origin: str | None, asked: str | None) -> HeaderList:
+    """The answer to a CORS preflight: any origin, the headers the SDKs send."""
+    return [
+        ("Access-Control-Allow-Origin", origin or "*"),
+        *([("Vary", "Origin")] if origin else []),
+        ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+        ("Access-Control-Allow-Headers", asked or CORS_ALLOW_HEADERS),
+        ("Access-Control-Max-Age", "86400"),
+    ]
 
 
-def _preflight(request: web.Request) -> web.Response:
-    headers = cors_headers(request) or {"Access-Control-Allow-Origin": "*"}
-    headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-    headers["Access-Control-Allow-Headers"] = request.headers.get("Access-Control-Request-Headers", _CORS_ALLOW_HEADERS)
-    headers["Access-Control-Max-Age"] = "86400"
-    return web.Response(status=204, headers=headers)
+def respond_error(call: Call, err: ProxyError) -> None:
+    """Answer `call` with `err` in the caller's dialect (nothing sent yet)."""
+    status, headers, body = error_parts(call.dialect, err, call.request_id)
+    call.ex.respond(status, call.headers + list(headers.items()), body)
 
 
-def _from_http_exception(exc: web.HTTPException) -> ProxyError:
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return RequestTooLarge("The request body is larger than this gateway accepts.")
-    if isinstance(exc, web.HTTPNotFound):
-        return NotFound("No such endpoint.")
-    if isinstance(exc, web.HTTPMethodNotAllowed):
-        return MethodNotAllowed("This method is not allowed on this endpoint.")
-    if isinstance(exc, web.HTTPUnsupportedMediaType):
-        return UnsupportedMediaType("Unsupported request encoding.")
-    if exc.status >= 500:
-        return ProxyError("Internal error.")
-    return InvalidRequest(exc.reason or "Bad request.")
-
-
-def render_error(request: web.Request, err: ProxyError) -> web.Response:
-    status, headers, body = error_parts(dialect_for(request), err, request.get(REQUEST_ID, ""))
-    return web.Response(status=status, body=body, headers=headers)
-
-
-def make_context_middleware() -> Middleware:
-    @web.middleware
-    async def context(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request[REQUEST_ID] = new_request_id(request.headers.get("x-request-id"))
-        if request.method == "OPTIONS":
-            return _preflight(request)
-        try:
-            return await handler(request)
-        except ProxyError as err:
-            return render_error(request, err)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return render_error(request, _from_http_exception(exc))
-        except (ConnectionResetError, OSError) as exc:
-            # The client went away mid-request; nothing to answer.
-            log.debug("client connection lost (%s)", type(exc).__name__)
+async def request_context(call: Call, call_next: Next) -> None:
+    """First stage of every client route: the request id and the headers every answer
+    carries, then the errors of every later stage, rendered once."""
+    request = call.ex.request
+    rid = call.request_id = new_request_id(request.headers.get("x-request-id"))
+    call.headers = response_headers(rid, request.headers.get("origin"))
+    try:
+        await call_next(call)
+    except ProxyError as err:
+        if not call.ex.head_sent:   # a stream that failed later was ended in its dialect
+            respond_error(call, err)
+    except StoreError as exc:
+        if call.ex.head_sent:
             raise
-        except StoreError as exc:
-            # An outage, not a bug: one line (no traceback) per refused admin or usage call.
-            log.warning("store unavailable for %s %s (%s): 503", request.method, request.path[:200], type(exc).__name__)
-            return render_error(
-                request, ServiceUnavailable("The key and usage store is unavailable; please retry.", code="store_unavailable", retry_after_s=5)
-            )
-        except Exception:
-            log.exception("unhandled error in %s %s", request.method, request.path)
-            return render_error(request, ProxyError("Internal error."))
-
-    return context
+        # An outage, not a bug: one line (no traceback) per refused call.
+        log.warning("store unavailable for %s %s (%s): 503", request.method, request.path[:200], type(exc).__name__)
+        respond_error(call, store_unavailable())
+    except Exception:
+        if call.ex.head_sent or call.ex.client_gone:
+            raise                   # the server closes the connection
+        log.exception("unhandled error in %s %s", request.method, request.path[:200])
+        respond_error(call, ProxyError("Internal error."))
 
 
-async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """Headers every response gets, streams and errors included (runs at prepare time)."""
-    rid = request.get(REQUEST_ID)
-    if rid:
-        response.headers["x-request-id"] = rid
-        response.headers["request-id"] = rid
-    origin = request.headers.get("Origin")
-    if origin:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = _EXPOSE
-        response.headers.setdefault("Vary", "Origin")
+def store_unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable("The key and usage store is unavailable; please retry.", code="store_unavailable", retry_after_s=5)

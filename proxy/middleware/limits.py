@@ -29,6 +29,8 @@ from typing import Literal, NamedTuple
 from proxy.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from proxy.limits.base import Decision, Limiter, LimiterUnavailable, LimitSpec, Reservation
 from proxy.logs import Outage
+from proxy.pipeline import Call, Next
+from proxy.pricing import max_cost_usd
 from proxy.store.base import KeyRecord
 
 log = logging.getLogger("llm_proxy.limits")
@@ -255,3 +257,23 @@ class Admission:
     async def drain(self) -> None:
         if self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)
+
+
+class ReserveLimits:
+    """The limits stage: reserve the call's worst case (its prompt estimate plus its output
+    cap, and their price on the plan's first route) against the key's limits, or refuse
+    it (429). The accounting stage settles the reservation with what was used."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    async def __call__(self, call: Call, call_next: Next) -> None:
+        tokens = call.prompt_estimate + call.max_output
+        usd = max_cost_usd(call.plan[0].model.price, call.prompt_estimate, call.max_output)
+        # The record id is always one this process made (record_id_for), never admitted
+        # before: a fresh id, which the memory limiter does not need to index.
+        admitted = self._admission.admit_now(call.key, call.record_id, tokens, usd, True)
+        if admitted is None:   # the limiter must wait (Redis, or a budget's first request)
+            admitted = await self._admission.admit(call.key, call.record_id, tokens, usd, True)
+        call.reservation, call.limit_lines = admitted
+        await call_next(call)
