@@ -4,7 +4,7 @@
 resolves the route (method and raw path) to one of the chains proxy/gateway.py composed,
 and runs it on a fresh `Call`. Every client route (model calls, model lists, usage,
 health, preflights, 404/405) is served by its chain right here. The control plane's
-paths (`/admin/*`, `/metrics`) take the relay chain: the request goes on over an
+paths (`/admin/*`, `/metrics`, `/ui/`) take the relay chain: the request goes on over an
 in-process socket pair to the aiohttp application (proxy/control.py), which keeps its
 own router and middlewares there.
 """

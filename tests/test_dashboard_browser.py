@@ -232,8 +232,8 @@ async def test_operator_console(gateway, browser, caplog):
     await page.wait_for_selector("input[name=key]")
     assert [c for c in await page.context.cookies() if c["name"] == "llm_proxy_session"] == []
     assert errors == []
-    assert gw.running.access_log is not None
-    gw.running.access_log.flush()
+    assert gw.state.access_log is not None
+    gw.state.access_log.flush()
     assert MASTER_KEY not in caplog.text and MASTER_KEY[:-4] not in caplog.text
     assert secret not in caplog.text
 
