@@ -38,6 +38,7 @@ from pathlib import Path
 
 import uvloop
 
+from proxy.access_log import AccessLog
 from proxy.config import Config, load_config
 from proxy.front import protocol_error
 from proxy.gateway import Gateway, build_gateway
@@ -178,6 +179,10 @@ class Running:
         # `server.tls`: the listening socket's certificate. A config reload calls
         # `reload_tls` (turning TLS on or off needs a restart: the socket is made once).
         self.tls: ServerTls | None = None
+
+    @property
+    def access_log(self) -> AccessLog | None:
+        return self.gateway.access_log
 
     def reload_tls(self, config: Config) -> None:
         """Re-read the certificate and key files named by `config` (server.tls) for new

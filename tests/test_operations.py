@@ -401,8 +401,8 @@ async def test_the_default_config_serves_what_claude_code_codex_and_gemini_cli_a
     )
     running = await Running.start(cfg, "127.0.0.1", 0)
     try:
-        _, key = await running.state.store.create_key("agent", KeyLimits())
-        assert running.state.router.skipped == []  # every model has its provider's key
+        _, key = await running.gateway.store.create_key("agent", KeyLimits())
+        assert running.gateway.router.skipped == []  # every model has its provider's key
         url = f"http://127.0.0.1:{running.port}"
         hi = [{"role": "user", "content": "hi"}]
         async with aiohttp.ClientSession() as s:
@@ -427,8 +427,8 @@ async def test_the_default_config_serves_what_claude_code_codex_and_gemini_cli_a
             assert set(CLAUDE_CODE + CODEX + GEMINI_CLI) <= listed
         records = []
         for _ in range(100):
-            await running.state.sink.flush()
-            records = await running.state.store.list_usage(0.0)
+            await running.gateway.sink.flush()
+            records = await running.gateway.store.list_usage(0.0)
             if len(records) >= len(CLAUDE_CODE + CODEX + GEMINI_CLI):
                 break
             await asyncio.sleep(0.02)
@@ -499,7 +499,7 @@ models: [{name: demo, routes: [{upstream: mock, model: mock-gpt}]}]
     assert config.server.tls == TlsConfig(str(live / "cert.pem"), str(live / "key.pem"))
     running = await Running.start(config, "127.0.0.1", 0, config_path=str(cfg_path))
     try:
-        _, api_key = await running.state.store.create_key("tls", KeyLimits())
+        _, api_key = await running.gateway.store.create_key("tls", KeyLimits())
         auth = {"Authorization": f"Bearer {api_key}"}
         url = f"https://127.0.0.1:{running.port}"
         trust = ssl.create_default_context(cafile=str(cert))
@@ -520,15 +520,15 @@ models: [{name: demo, routes: [{upstream: mock, model: mock-gpt}]}]
         # Renewed in place (as certbot or an ACME client does), then a reload.
         shutil.copy(cert2, live / "cert.pem")
         shutil.copy(key2, live / "key.pem")
-        assert running.state.reloader is not None
-        assert (await running.state.reloader.reload()).ok
+        assert running.gateway.reloader is not None
+        assert (await running.gateway.reloader.reload()).ok
         after = await asyncio.to_thread(_served_cert, running.port, cert2)
         assert after != before
         # A key that does not match its certificate: an error, and the served one stays.
         shutil.copy(cert, live / "cert.pem")
         with pytest.raises(ssl.SSLError):
             running.reload_tls(config)
-        assert (await running.state.reloader.reload()).ok  # the rest of the reload still applies
+        assert (await running.gateway.reloader.reload()).ok  # the rest of the reload still applies
         assert await asyncio.to_thread(_served_cert, running.port, cert2) == after
     finally:
         await running.close()
