@@ -596,7 +596,7 @@ async def test_pending_records_are_journaled_only_while_their_attempt_is_open(ma
 
 
 async def test_the_journal_is_compacted_once_mostly_ended(make_sink, spool, monkeypatch):
-    monkeypatch.setattr("proxy.accounting._JOURNAL_COMPACT_LINES", 10)
+    monkeypatch.setattr("proxy.usage_sink._JOURNAL_COMPACT_LINES", 10)
     sink = await make_sink(FakeStore())
     for i in range(12):
         _pend(sink, rec(i, estimated=True))
