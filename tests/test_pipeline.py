@@ -258,6 +258,7 @@ class FakeSink:
 @dataclass
 class _Upstream:
     name: str
+    protocol: str = "openai"
 
 
 def route() -> Route:
