@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         upstream = start_upstream(tmp)
         started.append(upstream)
         key = create_key(tmp, upstream.port, "ab", limits=True)
+        # B keeps its own copy of the store (same key): with one shared database, the
+        # schema one tree migrates in (triggers, indexes) would load the other one too.
+        shutil.copytree(tmp / "data", tmp / "data-b")
         a = start_proxy(tmp, upstream.port, tag="a")
         started.append(a)
         if args.age:
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.age:
                 log(f"ageing A: scenario {name}")
                 getattr(bench, f"scenario_{name}")()
-        b = start_proxy(tmp, upstream.port, tag="b", cwd=args.b_tree)
+        b = start_proxy(tmp, upstream.port, tag="b", cwd=args.b_tree, env={"BENCH_DATA_DIR": str(tmp / "data-b")})
         started.append(b)
         script = wrk_script(tmp, key, "GET" if args.get else "POST")
         path = args.get or "/v1/chat/completions"
