@@ -148,7 +148,7 @@ class Front:
     async def handle(self, ex: Exchange) -> None:
         request = ex.request
         client = self._client_address(request.remote, request.headers.get("x-forwarded-for"))
-        call = Call(ex, dialect_for_path(request.path, request.headers), client)
+        call = Call(ex, dialect_for_path(request.path, request.headers, request.query_string), client)
         await self._routes.resolve(call)(call)
 
     def head_check(self, request: Request) -> Awaitable[Refusal | None] | None:

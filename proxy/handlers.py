@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, unquote
 
 import orjson
 
-from proxy.dialects import OPENAI, ModelInfo
+from proxy.dialects import ModelInfo
 from proxy.errors import InvalidRequest, MethodNotAllowed, NotFound, ProxyError
 from proxy.limits.base import Limiter
 from proxy.middleware.context import EXPOSE, preflight_headers
@@ -81,11 +81,7 @@ class ClientRoutes:
         name = unquote(path.split("/models/", 1)[1]).removeprefix("models/")
         for m in self._visible_models(call.key):
             if m.id == name:
-                if call.dialect is OPENAI:
-                    doc = {"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by}
-                    _json(call, doc)
-                else:
-                    call.ex.respond(200, [*call.headers, _JSON_BARE], call.dialect.models_body([m], {}))
+                call.ex.respond(200, [*call.headers, _JSON_BARE], call.dialect.model_body(m))
                 return
         raise NotFound(f"The model '{name[:64]}' does not exist.", code="model_not_found")
 

@@ -92,15 +92,7 @@ class AnthropicDialect:
             shown = items[-limit:]
         else:
             shown = items[:limit]
-        data = [
-            {
-                "type": "model",
-                "id": m.id,
-                "display_name": m.id,
-                "created_at": datetime.datetime.fromtimestamp(m.created, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            }
-            for m in shown
-        ]
+        data = [_model(m) for m in shown]
         return orjson.dumps(
             {
                 "data": data,
@@ -109,6 +101,14 @@ class AnthropicDialect:
                 "last_id": data[-1]["id"] if data else None,
             }
         )
+
+    def model_body(self, model: ModelInfo) -> bytes:
+        return orjson.dumps(_model(model))
+
+
+def _model(m: ModelInfo) -> dict[str, str]:
+    created = datetime.datetime.fromtimestamp(m.created, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"type": "model", "id": m.id, "display_name": m.id, "created_at": created}
 
 
 ANTHROPIC = AnthropicDialect()

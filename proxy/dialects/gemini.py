@@ -80,18 +80,18 @@ class GeminiDialect:
         return max(0, min(limit, MAX_OUTPUT_CAP)) if isinstance(limit, int) else None
 
     def models_body(self, models: Sequence[ModelInfo], query: Mapping[str, str]) -> bytes:
-        return orjson.dumps(
-            {
-                "models": [
-                    {
-                        "name": f"models/{m.id}",
-                        "displayName": m.id,
-                        "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"],
-                    }
-                    for m in models
-                ]
-            }
-        )
+        return orjson.dumps({"models": [_model(m) for m in models]})
+
+    def model_body(self, model: ModelInfo) -> bytes:
+        return orjson.dumps(_model(model))
+
+
+# The methods the gateway serves on every listed model (proxy.dialects.GEMINI_METHODS).
+_METHODS = ("generateContent", "streamGenerateContent")
+
+
+def _model(m: ModelInfo) -> dict[str, object]:
+    return {"name": f"models/{m.id}", "displayName": m.id, "supportedGenerationMethods": list(_METHODS)}
 
 
 GEMINI = GeminiDialect()

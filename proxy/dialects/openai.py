@@ -60,9 +60,16 @@ class OpenAIDialect:
         return orjson.dumps(
             {
                 "object": "list",
-                "data": [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by} for m in models],
+                "data": [_model(m) for m in models],
             }
         )
+
+    def model_body(self, model: ModelInfo) -> bytes:
+        return orjson.dumps(_model(model))
+
+
+def _model(m: ModelInfo) -> dict[str, object]:
+    return {"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by}
 
 
 OPENAI = OpenAIDialect()

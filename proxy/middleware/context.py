@@ -14,6 +14,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from urllib.parse import parse_qsl
 
 from proxy.dialects import ANTHROPIC, GEMINI, OPENAI, Dialect
 from proxy.errors import ProxyError, ServiceUnavailable
@@ -31,14 +32,31 @@ CORS_ALLOW_HEADERS = (
 )
 EXPOSE = "x-request-id, request-id, retry-after, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens"
 
-def dialect_for_path(path: str, headers: Mapping[str, str]) -> Dialect:
-    """Which API family the caller speaks, from the path (and Anthropic's headers on /v1/models)."""
+def _is_models_path(path: str) -> bool:
+    return path.rstrip("/") in ("/v1/models", "/models") or path.startswith(("/v1/models/", "/models/"))
+
+
+def _has_query_key(query: str) -> bool:
+    return any(k == "key" for k, _ in parse_qsl(query))
+
+
+def dialect_for_path(path: str, headers: Mapping[str, str], query: str = "") -> Dialect:
+    """Which API family the caller speaks, from the path (and, on the model list that
+    three SDKs share at /v1/models, from their headers or query).
+
+    google-genai on API v1 lists models at /v1/models with `x-goog-api-key` (or `?key=`,
+    Gemini's way to pass the key): it gets Gemini's shape; Anthropic's SDK
+    (`anthropic-version`, `x-api-key`) Anthropic's; anyone else OpenAI's.
+    """
     if path.startswith(("/v1beta/", "/v1beta")) or ":generateContent" in path or ":streamGenerateContent" in path:
         return GEMINI
     if path.startswith(("/v1/messages", "/messages")):
         return ANTHROPIC
-    if path.rstrip("/") in ("/v1/models", "/models") and ("anthropic-version" in headers or "x-api-key" in headers):
-        return ANTHROPIC
+    if _is_models_path(path):
+        if "x-goog-api-key" in headers or (query and _has_query_key(query)):
+            return GEMINI
+        if "anthropic-version" in headers or "x-api-key" in headers:
+            return ANTHROPIC
     return OPENAI
 
 
