@@ -395,7 +395,7 @@ async def test_cli_manages_keys_while_the_server_runs(tmp_path):
         async with aiohttp.ClientSession() as s:
             async with s.post(base + "/v1/chat/completions", json={**OPENAI_BODY, "model": "demo"}, headers=headers) as resp:
                 assert resp.status == 200, await resp.text()
-            async with s.get(base + "/v1/models?key=" + key) as resp:
+            async with s.post(base + "/v1/chat/completions?key=" + key, json={**OPENAI_BODY, "model": "demo"}) as resp:
                 assert resp.status == 401  # not a Gemini route
             r = await asyncio.to_thread(cli, tmp_path, cfg, "keys", "revoke", "live")
             assert r.returncode == 0, r.stderr

@@ -73,7 +73,7 @@ async def test_canary_sweep(gateway, caplog, capfd):
             assert await hit(s, "POST", "/v1/chat/completions", json=MOCK_CHAT, headers=headers) == 401
             assert await hit(s, "POST", "/v1/messages", json=CLAUDE, headers=headers) == 401
         assert await hit(s, "POST", "/v1beta/models/mock-gemini:generateContent?key=" + UNKNOWN_KEY, json=GEMINI) == 401
-        assert await hit(s, "GET", "/v1/models?key=" + client) == 401
+        assert await hit(s, "POST", "/v1/chat/completions?key=" + client, json=MOCK_CHAT) == 401
         assert await hit(s, "GET", "/v1beta/models?key=" + quote(MASTER_KEY)) == 401
         # The client key where it does not belong: a forbidden body field.
         assert await hit(s, "POST", "/v1/chat/completions", json={**MOCK_CHAT, "api_key": client}, headers=bearer) == 400
