@@ -106,8 +106,9 @@ async def test_every_auth_style_on_every_surface(gateway, surface):
         # The same header with a wrong key is refused: the style is really what was read.
         wrong = generate_key()
         status, _, body = await call(gw, surface, make(wrong))
-        # /v1/models answers in Anthropic's shape to an Anthropic-style caller.
-        expected = "anthropic" if surface == "openai-models" and style == "x-api-key" else dialect
+        # /v1/models answers in Anthropic's shape to an Anthropic-style caller, in Gemini's
+        # to google-genai on API v1 (x-goog-api-key).
+        expected = {"x-api-key": "anthropic", "x-goog-api-key": "gemini"}.get(style, dialect) if surface == "openai-models" else dialect
         assert_401(expected, status, body)
     # No key at all.
     status, _, body = await call(gw, surface)
@@ -130,7 +131,9 @@ async def test_query_key_only_on_gemini_routes(gateway):
             assert b"data: " in await r.read()
         async with s.post(gw.url + "/v1/models/mock-gemini:generateContent" + q, json=GEMINI_BODY) as r:
             assert r.status == 200  # the Gemini method under /v1/models is a Gemini route too
-    for surface in ("openai-chat", "openai-models", "anthropic-messages"):
+        async with s.get(gw.url + "/v1/models" + q) as r:   # google-genai on API v1
+            assert r.status == 200 and "models/mock-gemini" in [m["name"] for m in (await r.json())["models"]]
+    for surface in ("openai-chat", "anthropic-messages"):
         status, _, body = await call(gw, surface, query=q)
         assert_401(SURFACES[surface][3], status, body)
         assert gw.key.encode() not in body
