@@ -310,6 +310,40 @@ async def test_genai_client_tool_loop_on_other_upstreams(gateway, model, path, s
     assert "get_weather" in orjson.dumps(sent).decode()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_gemini_cli_style_thinking_tool_loop_on_chat_upstream(gateway, stream):
+    """Gemini CLI keeps no thought parts in the history it sends back, only the function
+    calls as they came: the thinking a DeepSeek-style chat upstream requires back
+    (reasoning_content, P28) rides on the first call's id, and the next turn has it."""
+    gw = await gateway()
+    client = _genai(gw)
+    contents: list = [gtypes.Content(role="user", parts=[gtypes.Part(text="weather in Paris and Oslo, parallel")])]
+    config = gtypes.GenerateContentConfig(
+        tools=[GEMINI_TOOL], thinking_config=gtypes.ThinkingConfig(include_thoughts=True, thinking_budget=1024))
+
+    async def turn():
+        if not stream:
+            return (await client.aio.models.generate_content(model="mock-gpt", contents=contents, config=config)).candidates[0].content
+        parts = []
+        async for c in await client.aio.models.generate_content_stream(model="mock-gpt", contents=contents, config=config):
+            parts.extend(c.candidates[0].content.parts or [])
+        return gtypes.Content(role="model", parts=parts)
+
+    first = await turn()
+    assert any(p.thought for p in first.parts)
+    calls = [p.function_call for p in first.parts if p.function_call]
+    assert len(calls) == 2
+    contents.append(gtypes.Content(role="model", parts=[p for p in first.parts if not p.thought]))
+    contents.append(gtypes.Content(role="user", parts=[
+        gtypes.Part(function_response=gtypes.FunctionResponse(name=c.name, id=c.id, response={"output": "21 C"})) for c in calls
+    ]))
+    second = await turn()
+    assert "mock" in "".join(p.text or "" for p in second.parts if not p.thought)
+    assistant = next(m for m in _last_body(gw, "/v1/chat/completions")["messages"] if m["role"] == "assistant")
+    assert assistant["reasoning_content"] == "The user wants the weather, so I call the tool."
+    assert [c["id"] for c in assistant["tool_calls"]] == [c.id.split("_lpx1_")[0] for c in calls]
+
+
 LOOSE_SCHEMA_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather",
     "parameters": {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "additionalProperties": False,

@@ -549,3 +549,19 @@ def test_codec_tables_cover_every_pair():
     with pytest.raises(BadInput):
         CLIENT_CODECS["messages"].decode_request({"messages": "nope"})
     assert issubclass(Untranslatable, Exception)
+
+
+def test_gemini_carrier_is_base64_and_a_native_signature_passes_through():
+    """google-genai types thoughtSignature as bytes: a carrier that is not base64 fails
+    its response validation, so the Gemini slot holds base64 of the carrier."""
+    import base64
+
+    from proxy.translate.hub import Sig
+
+    wrapped = carrier.wrap_base64(Sig("chat", ""))
+    assert base64.b64encode(base64.b64decode(wrapped)).decode() == wrapped   # survives the SDK's decode/encode
+    assert carrier.unwrap_base64(wrapped, "gemini") == Sig("chat", "")
+    assert carrier.unwrap_base64("lpx1.anthropic.SIG", "gemini") == Sig("anthropic", "SIG")
+    native = base64.b64encode(b"\x12\x34 gemini's own").decode()
+    assert carrier.unwrap_base64(native, "gemini") == Sig("gemini", native)
+    assert carrier.unwrap_base64("not base64!", "gemini") == Sig("gemini", "not base64!")

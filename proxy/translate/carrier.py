@@ -10,7 +10,7 @@ the *client's* dialect the client sends back unchanged:
 |----------------|--------------------------------------------------------------|
 | Anthropic      | `thinking.signature` = `lpx1.<owner>.<value>`; a tool call's own state rides on `tool_use.id` |
 | Responses      | `reasoning.encrypted_content` = `lpx1.<owner>.<value>`       |
-| Gemini         | `thoughtSignature` = `lpx1.<owner>.<value>`                  |
+| Gemini         | `thoughtSignature` = base64 of `lpx1.<owner>.<value>` (the field is bytes to google-genai); the turn's thinking also rides on its first `functionCall.id` (Gemini CLI drops thought parts) |
 | Chat           | the tool call id: `<id>_lpx1_<base64url(json)>` (ids are echoed verbatim by every client, unknown fields are not) |
 
 A value without the `lpx1.` prefix is the client dialect's own (a real Anthropic
@@ -46,6 +46,22 @@ def unwrap(value: str, native_owner: str) -> Sig:
         owner, _, inner = value[len(PREFIX):].partition(".")
         return Sig(owner, inner)
     return Sig(native_owner, value)
+
+
+def wrap_base64(sig: Sig) -> str:
+    """For a slot typed as bytes (Gemini's thoughtSignature: google-genai decodes it as
+    base64 and encodes it again when it sends it back)."""
+    return base64.b64encode(wrap(sig).encode()).decode("ascii")
+
+
+def unwrap_base64(value: str, native_owner: str) -> Sig:
+    """The inverse of `wrap_base64`; a provider's own signature (base64 of other bytes)
+    or a plain carrier is taken as `unwrap` takes it."""
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        raw = b""
+    return unwrap(raw.decode("utf-8", "replace") if raw.startswith(PREFIX.encode()) else value, native_owner)
 
 
 def _b64(data: bytes) -> str:

@@ -11,7 +11,8 @@ Gemini's own: P7).
 Thought parts: consecutive `thought: true` parts are one thinking block; a
 thoughtSignature on a thought part closes it (the client encoder streams the text and
 puts the signature on a last, empty thought part). A signature on a function call
-stays on that call.
+stays on that call. As a client dialect, the turn's signed thinking also rides on its
+first function call's id, since Gemini CLI sends back no thought parts.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def _decode_parts(
     for k, raw in enumerate(parts):
         part = as_dict(raw, f"contents[{turn}].parts[{k}]")
         signature = part.get("thoughtSignature") or part.get("thought_signature")
-        sig = carrier.unwrap(signature, PROTOCOL) if isinstance(signature, str) and signature else None
+        sig = carrier.unwrap_base64(signature, PROTOCOL) if isinstance(signature, str) and signature else None
         if part.get("thought") is True:
             if thinking is None:
                 thinking = Thinking("")
@@ -163,6 +164,10 @@ def _decode_parts(
             call_id, payload = carrier.split_id(str(fc.get("id") or f"call_{turn}_{k}"))
             if payload is not None and isinstance(payload.get("s"), list) and len(payload["s"]) == 2:
                 sig = Sig(str(payload["s"][0]), str(payload["s"][1]))
+            if payload is not None and not any(isinstance(p, Thinking) for p in out):
+                # The client dropped the turn's thought parts (Gemini CLI does): the first
+                # call brought them back; they go first, where the turn had them.
+                out[:0] = carrier.thinking_from_payload(payload.get("t"))
             name = str(fc.get("name") or "")
             calls.append((name, call_id))
             out.append(ToolCall(call_id, name, dump_args(fc.get("args")), sig))
@@ -512,25 +517,32 @@ def encode_usage(u: Usage) -> dict[str, Any]:
     return out
 
 
-def _call_part(call: ToolCall) -> dict[str, Any]:
-    part: dict[str, Any] = {"functionCall": {"id": call.id, "name": call.name, "args": parse_args(call.arguments)}}
+def _call_part(call: ToolCall, thinking: list[Thinking]) -> dict[str, Any]:
+    """A function call part. The turn's signed thinking also rides on the first call's id:
+    Gemini CLI drops thought parts from the history it sends back, but keeps function
+    calls as they came (carrier.py)."""
+    carried = [t for t in thinking if t.sig is not None]
+    call_id = carrier.id_with(call.id, {"t": carrier.thinking_payload(carried)}) if carried else call.id
+    part: dict[str, Any] = {"functionCall": {"id": call_id, "name": call.name, "args": parse_args(call.arguments)}}
     if call.sig is not None:
-        part["thoughtSignature"] = carrier.wrap(call.sig)
+        part["thoughtSignature"] = carrier.wrap_base64(call.sig)
     return part
 
 
 def encode_response(resp: Response, ctx: ClientContext) -> dict[str, Any]:
     parts: list[dict[str, Any]] = []
+    thinking = [p for p in resp.parts if isinstance(p, Thinking)]
     for p in resp.parts:
         if isinstance(p, Thinking):
             part: dict[str, Any] = {"text": p.text, "thought": True}
             if p.sig is not None:
-                part["thoughtSignature"] = carrier.wrap(p.sig)
+                part["thoughtSignature"] = carrier.wrap_base64(p.sig)
             parts.append(part)
         elif isinstance(p, Text):
             parts.append({"text": p.text})
         else:
-            parts.append(_call_part(p))
+            parts.append(_call_part(p, thinking))
+            thinking = []
     if resp.refusal and not parts:
         parts.append({"text": resp.refusal})
     candidate = {"content": {"role": "model", "parts": parts}, "finishReason": _FINISH_OUT[resp.finish], "index": 0}
@@ -668,6 +680,8 @@ class StreamEncoder:
         self._id = new_id("gen_")
         self._kinds: dict[int, str] = {}
         self._calls: dict[int, ToolCall] = {}
+        self._thinking: dict[int, Thinking] = {}
+        self._done_thinking: list[Thinking] = []   # the turn's, until its first call carries them
         self._prompt = ctx.prompt_estimate
         self._first = True
 
@@ -697,8 +711,11 @@ class StreamEncoder:
             if isinstance(part, ToolCall):
                 self._kinds[ev.index] = "tool"
                 self._calls[ev.index] = ToolCall(part.id, part.name, "", part.sig)
+            elif isinstance(part, Thinking):
+                self._kinds[ev.index] = "thinking"
+                self._thinking[ev.index] = Thinking("", part.sig, part.redacted)
             else:
-                self._kinds[ev.index] = "thinking" if isinstance(part, Thinking) else "text"
+                self._kinds[ev.index] = "text"
             return b""
         if isinstance(ev, Delta):
             kind = self._kinds.get(ev.index)
@@ -707,14 +724,25 @@ class StreamEncoder:
                 return b""
             if not ev.text or kind is None:
                 return b""
-            return self._chunk([{"text": ev.text, "thought": True} if kind == "thinking" else {"text": ev.text}])
+            if kind == "thinking":
+                self._thinking[ev.index].text += ev.text
+                return self._chunk([{"text": ev.text, "thought": True}])
+            return self._chunk([{"text": ev.text}])
         if isinstance(ev, Signature):
-            if self._kinds.get(ev.index) == "thinking":
-                return self._chunk([{"text": "", "thought": True, "thoughtSignature": carrier.wrap(ev.sig)}])
-            return b""
+            block = self._thinking.get(ev.index)
+            if block is None:
+                return b""
+            block.sig = ev.sig
+            return self._chunk([{"text": "", "thought": True, "thoughtSignature": carrier.wrap_base64(ev.sig)}])
         if isinstance(ev, BlockStop):
+            block = self._thinking.pop(ev.index, None)
+            if block is not None:
+                self._done_thinking.append(block)
             call = self._calls.pop(ev.index, None)
-            return self._chunk([_call_part(call)]) if call is not None else b""
+            if call is None:
+                return b""
+            carried, self._done_thinking = self._done_thinking, []
+            return self._chunk([_call_part(call, carried)])
         if isinstance(ev, End):
             parts = [{"text": ev.refusal}] if ev.refusal else []
             usage = ev.usage or Usage()
