@@ -18,6 +18,11 @@ import re
 from typing import Any
 
 _ANTHROPIC_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
+# Function names each API accepts (TRANSLATION §1.5). Anthropic's tool definitions take
+# 128 characters; a shorter limit is cited for tool_use names, unconfirmed: 128 is checked.
+_OPENAI_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_ANTHROPIC_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
+_GEMINI_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_.:-]{0,63}$")
 _IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 # Keys the Gemini `Schema` type accepts in functionDeclarations[].parameters (TRANSLATION §1.5).
 GEMINI_SCHEMA_KEYS = frozenset({
@@ -36,10 +41,36 @@ def thinking_signature(text: str) -> str:
 # ---------------------------------------------------------------------------- OpenAI chat
 
 
+def _openai_name(name: Any, where: str) -> str | None:
+    if not isinstance(name, str) or not _OPENAI_NAME.match(name):
+        return (f"Invalid '{where}': string does not match pattern. Expected a string that matches the pattern "
+                "'^[a-zA-Z0-9_-]{1,64}$'.")
+    return None
+
+
+def _chat_tools(body: dict[str, Any]) -> str | None:
+    names = []
+    for k, tool in enumerate(body.get("tools") or []):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        problem = _openai_name(name, f"tools[{k}].function.name")
+        if problem:
+            return problem
+        names.append(name)
+    choice = body.get("tool_choice")
+    forced = choice.get("function") if isinstance(choice, dict) else None
+    if isinstance(forced, dict) and forced.get("name") not in names:
+        return f"Invalid value for 'tool_choice': tool '{forced.get('name')}' not found in 'tools' parameter."
+    return None
+
+
 def check_chat(body: dict[str, Any]) -> str | None:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return "'messages' must be a non-empty array."
+    problem = _chat_tools(body)
+    if problem:
+        return problem
     open_calls: set[str] = set()
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
@@ -62,10 +93,13 @@ def check_chat(body: dict[str, Any]) -> str | None:
             ids = [c.get("id") for c in calls if isinstance(c, dict)]
             if len(set(ids)) != len(ids) or not all(isinstance(x, str) and x for x in ids):
                 return f"messages[{i}].tool_calls: ids must be distinct non-empty strings."
-            for c in calls:
+            for k, c in enumerate(calls):
                 fn = c.get("function") if isinstance(c, dict) else None
                 if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
                     return f"messages[{i}].tool_calls[].function.arguments must be a string."
+                problem = _openai_name(fn.get("name"), f"messages[{i}].tool_calls[{k}].function.name")
+                if problem:
+                    return problem
             if calls and body.get("reasoning_effort") is not None and not msg.get("reasoning_content"):
                 # DeepSeek's thinking mode (TRANSLATION P28).
                 return (f"Missing reasoning_content field in the assistant message at message index {i}. "
@@ -100,6 +134,15 @@ def check_anthropic(body: dict[str, Any]) -> str | None:
         for block in system:
             if not isinstance(block, dict) or block.get("type") != "text" or not str(block.get("text", "")).strip():
                 return "system: text content blocks must be non-empty"
+    names = []
+    for k, tool in enumerate(body.get("tools") or []):
+        name = tool.get("name") if isinstance(tool, dict) else None
+        if not isinstance(name, str) or not _ANTHROPIC_NAME.match(name):
+            return f"tools.{k}.custom.name: String should match pattern '^[a-zA-Z0-9_-]{{1,128}}$'"
+        names.append(name)
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "tool" and choice.get("name") not in names:
+        return f"tool_choice.name: Tool '{choice.get('name')}' not found in tools"
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return "messages: at least one message is required"
@@ -167,6 +210,8 @@ def _anthropic_block(block: Any, where: str) -> str | None:
             return f"{where}.id: String should match pattern '^[a-zA-Z0-9_-]+$'"
         if not isinstance(block.get("input"), dict):
             return f"{where}.input: Input should be a valid dictionary"
+        if not isinstance(block.get("name"), str) or not _ANTHROPIC_NAME.match(block["name"]):
+            return f"{where}.name: String should match pattern '^[a-zA-Z0-9_-]{{1,128}}$'"
     elif kind == "tool_result":
         if not isinstance(block.get("tool_use_id"), str) or not _ANTHROPIC_ID.match(block["tool_use_id"]):
             return f"{where}.tool_use_id: String should match pattern '^[a-zA-Z0-9_-]+$'"
@@ -229,8 +274,13 @@ def check_gemini(body: dict[str, Any]) -> str | None:
                 fr = p["functionResponse"]
                 if not isinstance(fr, dict) or not fr.get("name") or not isinstance(fr.get("response"), dict):
                     return f"contents[{i}]: functionResponse needs a name and a response object."
-    for tool in body.get("tools") or []:
-        for decl in (tool.get("functionDeclarations") or []) if isinstance(tool, dict) else []:
+    for t, tool in enumerate(body.get("tools") or []):
+        for d, decl in enumerate((tool.get("functionDeclarations") or []) if isinstance(tool, dict) else []):
+            name = decl.get("name") if isinstance(decl, dict) else None
+            if not isinstance(name, str) or not _GEMINI_NAME.match(name):
+                return (f"* GenerateContentRequest.tools[{t}].function_declarations[{d}].name: Invalid function name. "
+                        "Must start with a letter or an underscore. Must be alphameric (a-z, A-Z, 0-9), underscores "
+                        "(_), dots (.), colons (:), or dashes (-), with a maximum length of 64.")
             params = decl.get("parameters") if isinstance(decl, dict) else None
             if params is not None:
                 bad = _schema_problem(params, f"functionDeclarations[{decl.get('name')}].parameters")

@@ -19,6 +19,7 @@ from proxy.translate import anthropic as anth
 from proxy.translate import carrier, gemini
 from proxy.translate.common import ClientContext, UpstreamOptions
 from proxy.translate.hub import BadInput, Untranslatable
+from proxy.translate.names import short_name
 
 pytestmark = pytest.mark.fast
 
@@ -354,6 +355,56 @@ def test_p20_p39_long_tool_names_pass_unchanged_between_chat_and_anthropic():
                          "tools": [{"type": "function", "function": {"name": name, "parameters": {}}}],
                          "tool_choice": {"type": "function", "function": {"name": name}}})
     assert out["tools"][0]["name"] == name and out["tool_choice"]["name"] == name
+
+
+def test_p20_p39_names_over_64_are_mapped_in_tools_choice_and_history():
+    name = "mcp__plugin_" + "y" * 70 + ".search"
+    body = {"model": "m", "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": name, "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}],
+        "tools": [{"type": "function", "function": {"name": name, "parameters": {}}}],
+        "tool_choice": {"type": "function", "function": {"name": name}}}
+    short = short_name(name)
+    out = _to_anthropic(body)
+    assert out["tools"][0]["name"] == short and out["tool_choice"]["name"] == short
+    assert out["messages"][1]["content"][0]["name"] == short
+    gem = orjson.loads(translation_for("chat.completions", UPSTREAMS["gemini"]).request(body, "g", False))
+    assert gem["contents"][2]["parts"][0]["functionResponse"]["name"] == short
+    from proxy.mock_checks import check_anthropic, check_gemini
+    assert check_anthropic(out) is None and check_gemini(gem) is None
+
+
+@pytest.mark.parametrize("name", ["mcp__plugin_x_" + "z" * 80, "a.b:c", "7day", "", "x" * 300, "ünï cødé/tool", "_" * 64])
+def test_p20_short_names_are_valid_for_every_upstream_and_deterministic(name):
+    short = short_name(name)
+    assert all(codec.tool_name.fullmatch(short) for codec in UPSTREAM_CODECS.values() if codec.tool_name)
+    assert short == short_name(name) and short != short_name(name + "2")
+
+
+def test_p20_p22_long_codex_namespace_members_come_back_whole():
+    """Codex flattens namespace members to <ns>__<name>: over 64 for a chat upstream, the
+    call still comes back as {namespace, name} (stream and body)."""
+    translation = translation_for("responses", UPSTREAMS["openai"])
+    ns, member = "mcp__documentation_server_for_the_whole_team", "search_the_documentation_index"
+    body = {"model": "m", "input": "find it", "tools": [
+        {"type": "namespace", "name": ns, "tools": [{"type": "function", "name": member, "parameters": {"type": "object"}}]}]}
+    out = orjson.loads(translation.request(body, "m", True))
+    short = out["tools"][0]["function"]["name"]
+    assert short == short_name(f"{ns}__{member}") and len(short) <= 64
+    ctx = translation.context("m", True, 1)
+    stream = b"".join(b"data: " + orjson.dumps(d) + b"\n\n" for d in [
+        {"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [
+            {"index": 0, "id": "a", "function": {"name": short, "arguments": "{}"}}]}, "finish_reason": None}]},
+        {"id": "c", "model": "m", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}]) + b"data: [DONE]\n\n"
+    relay = translation.stream(ctx)
+    events = _events(relay.feed(stream) + relay.flush())
+    item = events[-1][1]["response"]["output"][0]
+    assert (item["namespace"], item["name"]) == (ns, member)
+    whole = {"id": "c", "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": short, "arguments": "{}"}}]}}]}
+    item = orjson.loads(translation.response(orjson.dumps(whole), ctx))["output"][0]
+    assert (item["namespace"], item["name"]) == (ns, member)
 
 
 def test_p41_unknown_blocks_in_tool_results_become_text():

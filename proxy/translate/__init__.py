@@ -15,6 +15,7 @@ upstream's answer (a JSON body, an error body, or a stream through
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,8 @@ from proxy.errors import (
 )
 from proxy.translate import anthropic, chat, gemini, responses
 from proxy.translate.common import ClientContext, UpstreamOptions
-from proxy.translate.hub import BadInput, Request, Response, Untranslatable
+from proxy.translate.hub import BadInput, Request, Response, ToolCall, Untranslatable
+from proxy.translate.names import map_names
 from proxy.translate.stream import Decoder, Encoder, StreamTranslator
 
 __all__ = ["Translation", "targets", "translation_for"]
@@ -53,15 +55,17 @@ class Codec:
     encoder: Callable[[ClientContext], Encoder]
     # Its streams allow one open block at a time (see sequence.py).
     sequential: bool
+    # The tool names it accepts as an upstream (names.py maps the others); None: any.
+    tool_name: re.Pattern[str] | None = None
 
 
 CHAT = Codec("chat", chat.decode_request, chat.encode_request, chat.decode_response, chat.encode_response,
-             chat.StreamDecoder, chat.StreamEncoder, False)
+             chat.StreamDecoder, chat.StreamEncoder, False, chat.TOOL_NAME)
 ANTHROPIC = Codec("anthropic", anthropic.decode_request, anthropic.encode_request, anthropic.decode_response,
-                  anthropic.encode_response, anthropic.StreamDecoder, anthropic.StreamEncoder, True)
+                  anthropic.encode_response, anthropic.StreamDecoder, anthropic.StreamEncoder, True, anthropic.TOOL_NAME)
 
 GEMINI = Codec("gemini", gemini.decode_request, gemini.encode_request, gemini.decode_response, gemini.encode_response,
-               gemini.StreamDecoder, gemini.StreamEncoder, False)
+               gemini.StreamDecoder, gemini.StreamEncoder, False, gemini.TOOL_NAME)
 # Responses is a client dialect here; Responses calls to an upstream that serves the
 # Responses API go there byte for byte.
 RESPONSES = Codec("responses", responses.decode_request, None, None, responses.encode_response,
@@ -117,6 +121,7 @@ class Translation:
         self._include_usage = False
         self._freeform: frozenset[str] = frozenset()
         self._namespaces: dict[str, str] = {}
+        self._names: dict[str, str] = {}     # upstream tool name → the client's (names.py)
 
     def upstream_endpoint(self, stream: bool) -> str:
         """The upstream's endpoint name (for its URL and its usage meter)."""
@@ -133,6 +138,11 @@ class Translation:
         try:
             req = self.client.decode_request(body)
             req.stream = stream
+            # Kept under the client's names: the answer's calls get those back first.
+            self._freeform = frozenset(t.name for t in req.tools if t.freeform)
+            self._namespaces = {t.name: t.namespace for t in req.tools if t.namespace}
+            if self.upstream.tool_name is not None:
+                self._names = map_names(req, self.upstream.tool_name)
             out = self.upstream.encode_request(req, UpstreamOptions(model, self._config.default_max_tokens))
         except BadInput as exc:
             raise InvalidRequest(str(exc), param=exc.param) from None
@@ -143,8 +153,6 @@ class Translation:
             ) from None
         self.dropped = req.dropped
         self._include_usage = req.include_usage
-        self._freeform = frozenset(t.name for t in req.tools if t.freeform)
-        self._namespaces = {t.name: t.namespace for t in req.tools if t.namespace}
         return orjson.dumps(out)
 
     def context(self, model: str, stream: bool, prompt_estimate: int, query: str = "") -> ClientContext:
@@ -160,11 +168,16 @@ class Translation:
             doc = None
         if not isinstance(doc, dict):
             raise UpstreamError("The upstream's answer is not the JSON object its protocol promises.")
-        return orjson.dumps(self.client.encode_response(self.upstream.decode_response(doc), ctx))
+        resp = self.upstream.decode_response(doc)
+        if self._names:
+            for part in resp.parts:
+                if isinstance(part, ToolCall):
+                    part.name = self._names.get(part.name, part.name)
+        return orjson.dumps(self.client.encode_response(resp, ctx))
 
     def stream(self, ctx: ClientContext) -> StreamTranslator:
         assert self.upstream.decoder is not None
-        return StreamTranslator(self.upstream.decoder(), self.client.encoder(ctx), self.client.sequential)
+        return StreamTranslator(self.upstream.decoder(), self.client.encoder(ctx), self.client.sequential, self._names)
 
     def error(self, status: int, data: bytes, retry_after: str | None) -> ProxyError:
         """An upstream 4xx in the caller's dialect: its body shape is the upstream's, so it

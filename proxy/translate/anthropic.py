@@ -9,6 +9,7 @@ thinking on, the last assistant turn with tool_use starts with its signed thinki
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -58,6 +59,9 @@ from proxy.translate.hub import (
 )
 
 PROTOCOL = "anthropic"
+# Tool definitions take up to 128 characters, but tool_use names in the history are
+# refused past 64 (TRANSLATION §1.5): 64 keeps a name valid in both places.
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _MIN_BUDGET = 1024
 _JSON_ONLY = "Respond with a single JSON object and nothing else."
 

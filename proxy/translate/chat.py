@@ -10,6 +10,7 @@ by "chat" and goes back as `reasoning_content` on the assistant message that had
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -60,6 +61,8 @@ from proxy.translate.hub import (
 )
 
 PROTOCOL = "chat"
+# The function names OpenAI accepts (TRANSLATION §1.5); others are mapped (names.py).
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 # A chat upstream's reasoning text needs no opaque value: the text itself goes back.
 CHAT_SIG = Sig("chat", "")
 _DROPPED_PARAMS = ("seed", "presence_penalty", "frequency_penalty", "logit_bias", "service_tier", "prediction",

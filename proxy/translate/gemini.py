@@ -17,6 +17,7 @@ first function call's id, since Gemini CLI sends back no thought parts.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -64,6 +65,9 @@ from proxy.translate.hub import (
 )
 
 PROTOCOL = "gemini"
+# "Must start with a letter or an underscore... alphanumeric, underscores, dots, colons
+# or dashes, with a maximum length of 64" (Gemini's own error text, TRANSLATION §1.5).
+TOOL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_.:-]{0,63}")
 SKIP_SIGNATURE = "skip_thought_signature_validator"
 _DROPPED = ("seed", "presencePenalty", "frequencyPenalty", "responseModalities", "speechConfig", "mediaResolution")
 

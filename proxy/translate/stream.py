@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from proxy.metering.sse import SSEEventTooLarge, SSESplitter, event_data, event_name
-from proxy.translate.hub import Event, Failure
+from proxy.translate.hub import BlockStart, Event, Failure, ToolCall
 from proxy.translate.sequence import Sequencer
 
 
@@ -32,11 +32,12 @@ class Encoder(Protocol):
 
 
 class StreamTranslator:
-    def __init__(self, decoder: Decoder, encoder: Encoder, sequential: bool) -> None:
+    def __init__(self, decoder: Decoder, encoder: Encoder, sequential: bool, names: dict[str, str] | None = None) -> None:
         self._splitter = SSESplitter()
         self._decoder = decoder
         self._encoder = encoder
         self._sequencer = Sequencer() if sequential else None
+        self._names = names or None   # upstream tool name → the client's (names.py)
         self._failed = False
         self.events: list[bytes] = []
 
@@ -76,6 +77,8 @@ class StreamTranslator:
             return b""
         out = []
         for ev in hub:
+            if self._names is not None and isinstance(ev, BlockStart) and isinstance(ev.part, ToolCall):
+                ev.part.name = self._names.get(ev.part.name, ev.part.name)
             for item in self._sequencer.feed(ev) if self._sequencer is not None else (ev,):
                 out.append(self._encoder.encode(item))
                 if isinstance(item, Failure):

@@ -1,0 +1,160 @@
+"""Agent-style tool loops across dialects, where a peer gateway's translation breaks:
+tool names one upstream refuses (P20, P39), Gemini's thoughtSignature on text parts,
+and Gemini's JSON-array stream (no `alt=sse`) as a translated client surface.
+
+The official SDKs are the clients and the built-in mock is the upstream; the mock
+refuses what the real API refuses (proxy/mock_checks.py: function names per protocol, a
+forced tool that is not in the list, a signature that is not the one it issued), so
+a translation mistake fails here."""
+
+from __future__ import annotations
+
+import anthropic
+import openai
+import orjson
+import pytest
+from google import genai
+from google.genai import types as gtypes
+
+from proxy.mock_checks import thinking_signature
+from proxy.mock_upstream import mock_stats
+from proxy.translate.names import short_name
+from tests._gateway import gateway, scripted_upstream  # noqa: F401
+
+# Claude Code names MCP tools mcp__<plugin>_<server>__<tool>: this one is 78 characters,
+# over the 64 OpenAI and Gemini take.
+MCP_NAME = "mcp__plugin_weather-tools-plugin_forecasts__get_weather_forecast_for_location"
+GEMINI_NAME = "weather.lookup:city"         # valid for Gemini only (dots and colons)
+DIGIT_NAME = "7day_weather_forecast"        # valid for OpenAI, refused by Gemini (first character)
+SCHEMA = {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}
+
+
+def _last_body(gw, path: str) -> dict:
+    got = [r for r in gw.mock_stats[mock_stats].recent if r.path == path]
+    return orjson.loads(got[-1].body)
+
+
+def _anthropic(gw):
+    return anthropic.AsyncAnthropic(base_url=gw.url, api_key=gw.key, max_retries=0)
+
+
+def _openai(gw):
+    return openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0)
+
+
+def _genai(gw):
+    return genai.Client(api_key=gw.key, http_options=gtypes.HttpOptions(base_url=gw.url, api_version="v1beta"))
+
+
+# ---------------------------------------------------------------------- tool names (P20, P39)
+
+
+@pytest.mark.parametrize("model,path,tools_of,name_of", [
+    ("mock-gpt", "/v1/chat/completions", lambda b: [t["function"]["name"] for t in b["tools"]],
+     lambda b: [c["function"]["name"] for m in b["messages"] for c in m.get("tool_calls") or []]),
+    ("mock-gemini", "/v1beta/models/mock-gemini:generateContent",
+     lambda b: [d["name"] for d in b["tools"][0]["functionDeclarations"]],
+     lambda b: [p["functionCall"]["name"] for c in b["contents"] for p in c["parts"] if "functionCall" in p]),
+])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_claude_code_mcp_tool_names_over_64_on_other_upstreams(gateway, model, path, tools_of, name_of, stream):
+    """Claude Code's long MCP name, forced by tool_choice: the upstream sees one valid short
+    form in the tools, the tool choice and the replayed history; the client only its own."""
+    gw = await gateway()
+    tools = [{"name": MCP_NAME, "description": "Forecast", "input_schema": SCHEMA},
+             {"name": "Read", "description": "Read a file", "input_schema": {"type": "object", "properties": {}}}]
+    messages: list = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = dict(model=model, max_tokens=500, tools=tools, tool_choice={"type": "tool", "name": MCP_NAME})
+
+    async def turn(client):
+        if stream:
+            async with client.messages.stream(messages=messages, **kw) as s:
+                return await s.get_final_message()
+        return await client.messages.create(messages=messages, **kw)
+
+    async with _anthropic(gw) as client:
+        first = await turn(client)
+        uses = [b for b in first.content if b.type == "tool_use"]
+        assert [u.name for u in uses] == [MCP_NAME] and first.stop_reason == "tool_use"
+        sent = _last_body(gw, path.replace("generateContent", "streamGenerateContent") if stream else path)
+        short = tools_of(sent)[0]
+        assert short == short_name(MCP_NAME) and len(short) <= 64 and tools_of(sent)[1] == "Read"
+        assert MCP_NAME not in orjson.dumps(sent).decode()
+        messages.append({"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]})
+        messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": u.id, "content": "21 C"} for u in uses]})
+        second = await turn(client)
+    assert second.content[-1].type == "text"
+    sent = _last_body(gw, path.replace("generateContent", "streamGenerateContent") if stream else path)
+    assert name_of(sent) == [short]   # the same short form on the next turn's history
+    recs = await gw.wait_records(2)
+    assert [r.status for r in recs] == [200, 200]
+
+
+@pytest.mark.parametrize("model,path", [("mock-gpt", "/v1/chat/completions"), ("mock-claude", "/v1/messages")])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_gemini_client_dotted_tool_names_on_openai_and_anthropic(gateway, model, path, stream):
+    """A Gemini client's `weather.lookup:city` is refused by OpenAI and Anthropic: mapped
+    there, restored in the functionCall google-genai reads, and mapped again in turn 2."""
+    gw = await gateway()
+    client = _genai(gw)
+    tool = gtypes.Tool(function_declarations=[gtypes.FunctionDeclaration(
+        name=GEMINI_NAME, description="Weather", parameters=gtypes.Schema(
+            type="OBJECT", properties={"location": gtypes.Schema(type="STRING")}, required=["location"]))])
+    config = gtypes.GenerateContentConfig(tools=[tool], automatic_function_calling=gtypes.AutomaticFunctionCallingConfig(disable=True))
+    contents: list = [gtypes.Content(role="user", parts=[gtypes.Part(text="weather in Paris and Rome? parallel")])]
+
+    async def turn():
+        if stream:
+            parts = []
+            async for c in await client.aio.models.generate_content_stream(model=model, contents=contents, config=config):
+                parts.extend(c.candidates[0].content.parts or [])
+            return parts
+        r = await client.aio.models.generate_content(model=model, contents=contents, config=config)
+        return r.candidates[0].content.parts
+
+    parts = await turn()
+    calls = [p.function_call for p in parts if p.function_call]
+    assert [c.name for c in calls] == [GEMINI_NAME, GEMINI_NAME]
+    sent = _last_body(gw, path)
+    short = sent["tools"][0]["function"]["name"] if "function" in sent["tools"][0] else sent["tools"][0]["name"]
+    assert short == short_name(GEMINI_NAME)
+    contents.append(gtypes.Content(role="model", parts=parts))
+    contents.append(gtypes.Content(role="user", parts=[
+        gtypes.Part(function_response=gtypes.FunctionResponse(name=c.name, id=c.id, response={"output": "21 C"})) for c in calls]))
+    second = await turn()
+    assert "mock" in "".join(p.text or "" for p in second)
+    dumped = orjson.dumps(_last_body(gw, path)).decode()
+    assert GEMINI_NAME not in dumped and dumped.count(short) >= 3   # the tool, and both calls of the history
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_openai_name_starting_with_a_digit_on_gemini_with_signatures(gateway, stream):
+    """Gemini refuses a function name that starts with a digit; its signature is issued for
+    the short form, which comes back the same next turn, so the signature stays valid."""
+    gw = await gateway()
+    tool = {"type": "function", "function": {"name": DIGIT_NAME, "description": "Forecast", "parameters": SCHEMA}}
+    messages: list = [{"role": "user", "content": "weather in Oslo?"}]
+    kw = dict(model="mock-gemini", tools=[tool], reasoning_effort="low",
+              tool_choice={"type": "function", "function": {"name": DIGIT_NAME}})
+    async with _openai(gw) as client:
+        if stream:
+            calls: dict[int, dict] = {}
+            async for c in await client.chat.completions.create(messages=messages, stream=True, **kw):
+                for tc in c.choices[0].delta.tool_calls or []:
+                    slot = calls.setdefault(tc.index, {"id": tc.id, "type": "function",
+                                                       "function": {"name": tc.function.name, "arguments": ""}})
+                    slot["function"]["arguments"] += tc.function.arguments or ""
+            msg = {"role": "assistant", "content": None, "tool_calls": [calls[k] for k in sorted(calls)]}
+        else:
+            msg = (await client.chat.completions.create(messages=messages, **kw)).choices[0].message.model_dump(exclude_none=True)
+        assert [c["function"]["name"] for c in msg["tool_calls"]] == [DIGIT_NAME]
+        messages.append(msg)
+        messages.append({"role": "tool", "tool_call_id": msg["tool_calls"][0]["id"], "content": "3 C"})
+        second = await client.chat.completions.create(messages=messages, **kw)
+    assert "mock" in second.choices[0].message.content
+    sent = _last_body(gw, "/v1beta/models/mock-gemini:generateContent")
+    short = short_name(DIGIT_NAME)
+    assert sent["toolConfig"]["functionCallingConfig"]["allowedFunctionNames"] == [short]
+    call = next(p for p in sent["contents"][1]["parts"] if "functionCall" in p)
+    assert call["functionCall"]["name"] == short and call["thoughtSignature"] == thinking_signature(short)
+    assert sent["contents"][2]["parts"][0]["functionResponse"]["name"] == short
