@@ -37,6 +37,7 @@ USAGE_CSV_COLUMNS = (
     "id", "ts", "key_id", "key_name", "endpoint", "model", "upstream", "upstream_model", "stream", "status",
     "prompt_tokens", "completion_tokens", "cached_tokens", "cache_creation_tokens", "reasoning_tokens",
     "cost_usd", "estimated", "ttft_ms", "duration_ms", "error", "outcome",
+    "client_dialect", "upstream_protocol", "attempt",
 )
 
 

@@ -74,6 +74,7 @@ class UpstreamChecks:
             usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_creation_tokens,
             usage.reasoning_tokens, cost_usd(route.model.price, usage), False, ttft, latency_ms, error,
             "ok" if error is None else ("timeout" if error == "timeout" else "upstream_error"),
+            upstream_protocol=route.upstream.protocol, attempt=0,   # no client: no client dialect
         ))
         return {"status": status, "latency_ms": round(latency_ms, 1), "error": error}
 

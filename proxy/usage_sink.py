@@ -103,6 +103,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "cost_usd": _NUMBER, "estimated": (bool,), "ttft_ms": (int, float, type(None)),
     "duration_ms": _NUMBER, "error": (str, type(None)), "outcome": (str,),
     "client_dialect": (str, type(None)), "upstream_protocol": (str, type(None)),
+    "attempt": (int, type(None)),
 }
 
 

@@ -621,12 +621,13 @@ async def test_a_dead_process_journal_becomes_estimated_records_behind_its_spool
     spool.write_bytes(orjson.dumps(rec("a")._asdict()) + b"\n")
     dead = spool.with_name(f".{spool.name}.inflight.99999999")  # past pid_max: no such process
     dead.write_bytes(b"".join(
-        orjson.dumps(rec(k, estimated=True, outcome="shutdown", error="interrupted")._asdict()) + b"\n"
-        for k in ("a", "b", "c")
+        orjson.dumps(rec(k, estimated=True, outcome="shutdown", error="interrupted", attempt=n)._asdict()) + b"\n"
+        for n, k in enumerate(("a", "b", "c"))
     ) + b'{"torn')
     store = FakeStore()
     sink = await make_sink(store)
     await until(lambda: len(store.rows) == 3)
     assert not store.rows["req_a"].estimated
     assert store.rows["req_b"].estimated and store.rows["req_c"].error == "interrupted"
+    assert (store.rows["req_b"].attempt, store.rows["req_c"].attempt) == (1, 2)  # which attempt each was
     assert not dead.exists() and sink.recovered == 3

@@ -618,7 +618,7 @@ async def test_i2_sigkill_with_8_streams_in_flight_leaves_8_records_after_restar
     rows = gw.rows()
     assert len(rows) == 8 and len({r["id"] for r in rows}) == 8
     for r in rows:
-        assert (r["outcome"], r["error"], r["estimated"]) == ("shutdown", "interrupted", 1)
+        assert (r["outcome"], r["error"], r["estimated"], r["attempt"]) == ("shutdown", "interrupted", 1, 0)
         assert r["prompt_tokens"] > 0 and r["cost_usd"] > 0 and r["key_name"] == "proc-key"
     assert not list(gw.tmp.glob(".spool.jsonl.inflight.*"))[1:]  # only the new process's own journal
     gw.signal(signal.SIGTERM)

@@ -9,7 +9,9 @@ served by `backup`. Time is the breaker's own clock, set by the tests (no sleeps
 from __future__ import annotations
 
 import asyncio
+import csv
 import dataclasses
+import io
 import logging
 from typing import Any, AsyncIterator
 
@@ -115,6 +117,35 @@ async def test_a_failing_first_route_is_failed_over(gateway, scripted_upstream, 
     assert len(warnings) == 1
     assert f"upstream up model gpt-a: {label}" in warnings[0] and headers["x-request-id"] in warnings[0]
     assert UPSTREAM_KEY not in caplog.text and "nope" not in caplog.text
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Any) -> dict[str, Any]:
+    if request.param == "sqlite":
+        return {}
+    url = request.getfixturevalue("pg_store_url")
+    return {"storage": StorageConfig(url=url, spool_path=str(tmp_path / "pg-spool.jsonl"), flush_interval_s=0.05)}
+
+
+async def test_each_attempt_is_recorded_with_its_number(backend, gateway, scripted_upstream, backup):
+    """DESIGN §7: a failover leaves one record per attempt, each with its `attempt` (0 for
+    the first, n for the id's `.n`), kept by the store and shown by the admin API and CSV.
+    `backend` first: its database must outlive the gateway (torn down in reverse order)."""
+    gw: Gateway = await gateway(**_config(scripted_upstream.base + "/v1", backup), **backend)
+    scripted_upstream.script(_err(500))
+    status, _, body = await chat(gw)
+    assert status == 200, body
+    first, second = sorted(await gw.wait_records(2), key=lambda r: r.id)
+    assert [(r.upstream, r.status, r.attempt) for r in (first, second)] == [("up", 500, 0), ("backup", 200, 1)]
+    assert second.id == first.id + ".1"
+    assert all((r.client_dialect, r.upstream_protocol) == ("openai", "openai") for r in (first, second))
+    status, doc = await _admin(gw, "GET", "/admin/usage?since=1h")
+    assert status == 200 and {r["id"]: r["attempt"] for r in doc["data"]} == {first.id: 0, second.id: 1}
+    async with aiohttp.ClientSession() as s:
+        async with s.get(gw.url + "/admin/usage?since=1h&format=csv", headers=MASTER) as r:
+            rows = list(csv.DictReader(io.StringIO((await r.read()).decode())))
+    assert {row["id"]: (row["attempt"], row["client_dialect"]) for row in rows} == {
+        first.id: ("0", "openai"), second.id: ("1", "openai")}
 
 
 async def test_a_refused_connection_is_failed_over(gateway, scripted_upstream, backup):

@@ -17,7 +17,7 @@ from proxy.front import Routes
 from proxy.http1.headers import Headers
 from proxy.http1.server import Request
 from proxy.limits.memory import MemoryLimiter
-from proxy.middleware.accounting import UsageAccounting
+from proxy.middleware.accounting import UsageAccounting, next_attempt
 from proxy.middleware.auth import Authenticate
 from proxy.middleware.context import request_context
 from proxy.middleware.draining import RefuseWhileDraining, StreamRegistry
@@ -298,6 +298,40 @@ async def test_accounting_refuses_unbillable_calls_and_records_the_open_attempt_
     call.plan = (route(),)
     await compose([request_context, accounting, ReserveLimits(admission)], done)(call)
     assert call.ex.status == 200 and b"x-ratelimit-limit-requests: 100" in call.limit_lines
+
+
+class PendingSink(FakeSink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending_builders: dict[str, Any] = {}
+
+    def pending(self, record_id: str, build: Any) -> None:
+        self.pending_builders[record_id] = build
+
+
+async def test_each_attempt_and_its_pending_record_carry_the_attempt_number() -> None:
+    """DESIGN §7: records carry `attempt` (0 first, n for the id's `.n`). A pending record
+    is built later, at a flush tick, when the call may be on its next attempt: it still
+    names its own."""
+    sink = PendingSink()
+    accounting = UsageAccounting(sink, Admission(MemoryLimiter(), fail_open=False), StreamRegistry())  # type: ignore[arg-type]
+
+    async def failed_over(call: Call) -> None:
+        call.route = route()
+        accounting.pending(call)
+        call.status, call.outcome, call.error = 500, "upstream_error", "upstream_500"
+        accounting.record(call)
+        next_attempt(call)
+        accounting.pending(call)
+        call.status = 200
+
+    call = model_call({"model": "m", "messages": []})
+    call.plan = (route(), route())
+    await compose([request_context, accounting], failed_over)(call)
+    first, second = sink.records
+    assert (first.attempt, second.attempt, second.id) == (0, 1, first.id + ".1")
+    pending = {rid: build() for rid, build in sink.pending_builders.items()}
+    assert {rid: r.attempt for rid, r in pending.items()} == {first.id: 0, second.id: 1}
 
 
 # ---------------------------------------------------------------------- routes

@@ -328,8 +328,9 @@ async def test_usage_round_trips_every_field(store: Store) -> None:
                upstream_model="claude-sonnet-4-5", stream=False, status=499, prompt_tokens=1_000_000_000_000,
                completion_tokens=2, cached_tokens=3, cache_creation_tokens=4, reasoning_tokens=5,
                cost_usd=0.000123, estimated=True, ttft_ms=123.25, duration_ms=4567.5,
-               error="upstream_timeout", outcome="client_abort", client_dialect="openai", upstream_protocol="anthropic")
-    bare = rec("bare", T0 + 1)  # no key, no ttft, no error, no dialects (records from before they were kept)
+               error="upstream_timeout", outcome="client_abort", client_dialect="openai", upstream_protocol="anthropic",
+               attempt=3)
+    bare = rec("bare", T0 + 1)  # no key, no ttft, no error, no dialects nor attempt (records from before they were kept)
     await store.write_usage([bare, full])
     assert await store.list_usage(0) == [full, bare]
 
@@ -818,5 +819,48 @@ async def test_upgrade_from_schema_1_keeps_data_and_back_fills_the_roll_up(store
         assert route["requests"] == 9 and route["last_error"] == "upstream_500"
         await s.write_usage([rec("after", T0 + 50, new)])
         assert sum(p["requests"] for p in await s.usage_series(UsageFilter(since=T0), "day")) == 11
+    finally:
+        await s.close()
+
+
+async def test_upgrade_from_schema_4_adds_attempt_and_keeps_the_records(store_url: str) -> None:
+    """A database made by the schema before `attempt` (version 4): its records read back
+    with attempt None (their ids still say), new ones keep theirs, the roll-ups go on."""
+    from proxy.store.base import UsageFilter
+
+    old = [rec(f"o{i}", T0 + i, None, client_dialect="openai", upstream_protocol="anthropic") for i in range(3)]
+    if is_sqlite(store_url):
+        path = sqlite_path(store_url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+        for version, steps in enumerate(sqlite_backend.MIGRATIONS[:4], 1):
+            for statement in steps:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version VALUES (?, 0)", (version,))
+        conn.executemany(f"INSERT INTO usage VALUES ({', '.join('?' * 23)})", [tuple(r)[:23] for r in old])
+        conn.close()
+    else:
+        pconn = await asyncpg.connect(store_url)
+        try:
+            await pconn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)")
+            for version, steps in enumerate(pg_backend.MIGRATIONS[:4], 1):
+                for statement in steps:
+                    await pconn.execute(statement)
+                await pconn.execute("INSERT INTO schema_version VALUES ($1, 0)", version)
+            await pconn.executemany(f"INSERT INTO usage VALUES ({', '.join(f'${i + 1}' for i in range(23))})",
+                                    [tuple(r)[:23] for r in old])
+        finally:
+            await pconn.close()
+    s = open_store(store_url)
+    await s.open()
+    try:
+        assert await schema_versions(store_url) == list(range(1, migrations_count(store_url) + 1))
+        assert await s.list_usage(0) == old and all(r.attempt is None for r in old)
+        new = [rec("n", T0 + 10, attempt=0), rec("n.1", T0 + 11, attempt=1)]
+        await s.write_usage(new)
+        assert await s.list_usage(0) == old + new
+        assert [r.attempt for r in await s.page_usage(UsageFilter(since=T0), 10)] == [1, 0, None, None, None]
+        assert sum(p["requests"] for p in await s.usage_series(UsageFilter(since=T0), "hour")) == 5
     finally:
         await s.close()

@@ -70,7 +70,7 @@ class UsageAccounting:
         assert route is not None   # an attempt has a route
         rid = _attempt_id(call)
         # Built only if the attempt is still open at the next flush tick (most end before it).
-        self._sink.pending(rid, functools.partial(_pending_record, call, route, rid))
+        self._sink.pending(rid, functools.partial(_pending_record, call, route, rid, call.attempt))
 
     def record(self, call: Call) -> None:
         """Record the current attempt as it stands (the forwarder, for an attempt it ends)."""
@@ -99,15 +99,17 @@ def _attempt_id(call: Call) -> str:
     return call.record_id if call.attempt == 0 else f"{call.record_id}.{call.attempt}"
 
 
-def _pending_record(call: Call, route: Route, record_id: str) -> UsageRecord:
-    return _usage_record(call, Usage(prompt_tokens=call.prompt_estimate), True, "interrupted", "shutdown", route, record_id)
+def _pending_record(call: Call, route: Route, record_id: str, attempt: int) -> UsageRecord:
+    usage = Usage(prompt_tokens=call.prompt_estimate)
+    return _usage_record(call, usage, True, "interrupted", "shutdown", route, record_id, attempt)
 
 
 def _usage_record(
     call: Call, usage: Usage, estimated: bool, error: str | None, outcome: Outcome,
-    route: Route | None = None, record_id: str | None = None,
+    route: Route | None = None, record_id: str | None = None, attempt: int | None = None,
 ) -> UsageRecord:
-    """The record of the call's current attempt (or of `record_id` on `route`)."""
+    """The record of the call's current attempt (or of attempt `attempt`, `record_id`, on
+    `route`: a pending record is built later, when the call may have moved on)."""
     route = route or call.route
     assert route is not None   # an attempt has a route
     key = call.key
@@ -135,6 +137,7 @@ def _usage_record(
         outcome=outcome,
         client_dialect=call.dialect.name,
         upstream_protocol=route.upstream.protocol,
+        attempt=call.attempt if attempt is None else attempt,
     )
 
 

@@ -74,7 +74,7 @@ class KeyLimits:
 
 class UsageRecord(NamedTuple):
     """One upstream attempt, as billed. A NamedTuple: immutable, built once per request
-    at a fifth of a frozen dataclass's cost (21 fields, each set through
+    at a fifth of a frozen dataclass's cost (24 fields, each set through
     `object.__setattr__` there), and already the row the SQL stores insert (the fields
     are in the order of `rows.USAGE_COLUMNS`)."""
 
@@ -103,6 +103,10 @@ class UsageRecord(NamedTuple):
     # calls (DESIGN §7). None on records written before they were kept.
     client_dialect: str | None = None
     upstream_protocol: str | None = None
+    # Which upstream attempt of its request this is: 0 for the first, n for the record
+    # whose id is `<request id>.<n>` (failover, retries). None on records written before
+    # it was kept (their id suffix still says).
+    attempt: int | None = None
 
 
 @dataclass(frozen=True)

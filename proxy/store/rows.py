@@ -64,4 +64,5 @@ def usage_from_row(row: Row) -> UsageRecord:
         outcome=row["outcome"],
         client_dialect=row["client_dialect"],
         upstream_protocol=row["upstream_protocol"],
+        attempt=row["attempt"],
     )

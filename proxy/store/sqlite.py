@@ -155,6 +155,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE usage ADD COLUMN client_dialect TEXT",
         "ALTER TABLE usage ADD COLUMN upstream_protocol TEXT",
     ),
+    (
+        # Which attempt of its request a record is (0 first; the id's `.n` suffix). Rows
+        # from before keep NULL: their ids need not follow the gateway's own format.
+        "ALTER TABLE usage ADD COLUMN attempt INTEGER",
+    ),
 )
 
 class SQLiteStore:
