@@ -16,6 +16,8 @@ row exactly once; a change to that rule must change the roll-ups with it.
 
 The SQL is written once with `:name` parameters; a `Dialect` holds the few fragments the
 two databases spell differently, and the PostgreSQL store renumbers the parameters.
+`LedgerViews` holds the reads themselves, once for both stores: a store gives only its
+flavour and the call that runs a query.
 """
 
 from __future__ import annotations
@@ -23,12 +25,22 @@ from __future__ import annotations
 import datetime
 import math
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from proxy.store.base import ANY_ERROR, ERROR_OUTCOMES, Bucket, Cursor, Grouping, UsageFilter
-from proxy.store.rows import Row
+from proxy.store.base import (
+    ANY_ERROR,
+    ERROR_OUTCOMES,
+    Bucket,
+    Cursor,
+    GroupBy,
+    Grouping,
+    UsageFilter,
+    UsageRecord,
+)
+from proxy.store.rows import Row, usage_from_row
 
 HOUR = 3600
 DAY = 86_400
@@ -36,6 +48,7 @@ _BUCKET_SECONDS = {"hour": HOUR, "day": DAY}
 # The roll-up tables, coarsest first, with their bucket size in seconds.
 LEVELS = (("usage_daily", DAY), ("usage_hourly", HOUR))
 _GROUPINGS = ("key", "model", "day", "key_model", "upstream")
+_LEGACY_GROUPS = ("key", "model", "day")   # summarize_usage's groupings
 # A literal, identical in the partial index and the queries: SQLite uses a partial index
 # only when the query's WHERE repeats the index's own terms.
 ERRORS_SQL = "outcome IN (" + ", ".join(f"'{o}'" for o in ERROR_OUTCOMES) + ")"
@@ -182,6 +195,16 @@ def _raw_where(f: UsageFilter, params: dict[str, Any], lo: str, hi: str | None) 
 
 
 # -- listings ------------------------------------------------------------------------------
+
+
+def list_query(since: float, key_id: str | None, limit: int) -> tuple[str, dict[str, Any]]:
+    """Oldest first from `since` (Store.list_usage), for one key or all."""
+    params: dict[str, Any] = {"since": since, "limit": limit}
+    where = "ts >= :since"
+    if key_id is not None:
+        where += " AND key_id = :key_id"
+        params["key_id"] = key_id
+    return f"SELECT * FROM usage WHERE {where} ORDER BY ts, id LIMIT :limit", params
 
 
 def page_query(f: UsageFilter, limit: int, after: Cursor | None) -> tuple[str, dict[str, Any]]:
@@ -415,3 +438,45 @@ def numbered(sql: str, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
 
     out = _PARAM.sub(sub, sql)
     return out, [params[name] for name in order]
+
+
+class LedgerViews(ABC):
+    """The reads of the usage ledger, written once for both SQL stores: a store names its
+    SQL flavour (`_flavour`) and runs one query written with `:name` parameters
+    (`_query`); everything between a view's arguments and its answer is here."""
+
+    _flavour: ClassVar[Dialect]
+
+    @abstractmethod
+    async def _query(self, what: str, sql: str, params: dict[str, Any]) -> Sequence[Row]:
+        """The rows of one read; a failure is a StoreError naming `what`, never the SQL."""
+
+    async def list_usage(self, since: float, key_id: str | None = None, limit: int = 10_000) -> list[UsageRecord]:
+        if limit <= 0:
+            return []
+        return [usage_from_row(row) for row in await self._query("list usage", *list_query(since, key_id, limit))]
+
+    async def summarize_usage(self, since: float, by: GroupBy, key_id: str | None = None) -> list[dict[str, object]]:
+        if by not in _LEGACY_GROUPS:
+            raise ValueError("by must be one of: key, model, day")
+        return legacy_summary(await self.usage_groups(UsageFilter(since=since, key_id=key_id), by))
+
+    async def page_usage(self, f: UsageFilter, limit: int, after: Cursor | None = None) -> list[UsageRecord]:
+        if limit <= 0:
+            return []
+        return [usage_from_row(row) for row in await self._query("list usage", *page_query(f, limit, after))]
+
+    async def usage_series(self, f: UsageFilter, bucket: Bucket) -> list[dict[str, Any]]:
+        return await series(lambda sql, p: self._query("usage series", sql, p), self._flavour, f, bucket)
+
+    async def usage_groups(self, f: UsageFilter, by: Grouping) -> list[dict[str, Any]]:
+        return await groups(lambda sql, p: self._query("usage groups", sql, p), self._flavour, f, by)
+
+    async def usage_sample(self, f: UsageFilter, n: int) -> list[tuple[str, str, float | None, float]]:
+        rows = await self._query("usage sample", *sample_query(f, n))
+        return [(r["upstream"], r["upstream_model"], r["ttft_ms"], r["duration_ms"]) for r in rows]
+
+    async def spend_usd(self, key_id: str, since: float) -> float:
+        # From the roll-ups: a budget period of a busy key is thousands of rows, not 100,000s.
+        rows = await self._query("spend", *cost_query(self._flavour, UsageFilter(since=since, key_id=key_id)))
+        return float(rows[0]["cost_usd"])

@@ -21,23 +21,18 @@ import asyncpg
 
 from proxy.store import ledger
 from proxy.store.base import (
-    Bucket,
-    Cursor,
     DuplicateName,
-    GroupBy,
-    Grouping,
     KeyLimits,
     KeyRecord,
     KeyRevoked,
     SessionRecord,
     StoreError,
-    UsageFilter,
     UsageRecord,
     mint_key,
     new_secret,
 )
-from proxy.store.ledger import ERRORS_SQL, LEVELS, POSTGRES, ROLLUP_COLUMNS, ROLLUP_KEYS, rollup_upsert
-from proxy.store.rows import USAGE_COLUMNS, key_from_row, models_json, usage_from_row
+from proxy.store.ledger import ERRORS_SQL, LEVELS, POSTGRES, ROLLUP_COLUMNS, ROLLUP_KEYS, LedgerViews, rollup_upsert
+from proxy.store.rows import USAGE_COLUMNS, key_from_row, models_json
 
 POOL_MIN = 1
 POOL_MAX = 10
@@ -47,7 +42,6 @@ CLOSE_TIMEOUT_S = 10.0
 # Any fixed bigint shared by every process of this app: ASCII "llmproxy".
 MIGRATION_LOCK = 0x6C6C6D70726F7879
 USAGE_WRITE_LOCK = MIGRATION_LOCK + 1
-_GROUPS = ("key", "model", "day")
 _INSERT_USAGE = (
     f"INSERT INTO usage ({USAGE_COLUMNS}) "
     f"VALUES ({', '.join(f'${i + 1}' for i in range(len(UsageRecord._fields)))}) ON CONFLICT (id) DO NOTHING"
@@ -165,7 +159,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 
-class PostgresStore:
+class PostgresStore(LedgerViews):
+    _flavour = POSTGRES   # the ledger's reads (list_usage, page_usage, usage_series...) are LedgerViews'
+
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn  # holds the password: never logged, never put into an error
         self._pool: asyncpg.Pool | None = None
@@ -333,50 +329,11 @@ class PostgresStore:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", USAGE_WRITE_LOCK)
             await conn.executemany(_INSERT_USAGE, records)
 
-    async def list_usage(self, since: float, key_id: str | None = None, limit: int = 10_000) -> list[UsageRecord]:
-        if limit <= 0:
-            return []
-        async with self._conn("list usage") as conn:
-            rows = await conn.fetch(
-                """SELECT * FROM usage
-                   WHERE ts >= $1 AND ($2::text IS NULL OR key_id = $2)
-                   ORDER BY ts, id LIMIT $3""",
-                since, key_id, limit,
-            )
-        return [usage_from_row(row) for row in rows]
-
-    async def summarize_usage(self, since: float, by: GroupBy, key_id: str | None = None) -> list[dict[str, object]]:
-        if by not in _GROUPS:
-            raise ValueError("by must be one of: key, model, day")
-        return ledger.legacy_summary(await self.usage_groups(UsageFilter(since=since, key_id=key_id), by))
-
-    async def page_usage(self, f: UsageFilter, limit: int, after: Cursor | None = None) -> list[UsageRecord]:
-        if limit <= 0:
-            return []
-        sql, params = ledger.page_query(f, limit, after)
-        return [usage_from_row(row) for row in await self._query("list usage", sql, params)]
-
-    async def usage_series(self, f: UsageFilter, bucket: Bucket) -> list[dict[str, Any]]:
-        return await ledger.series(lambda sql, p: self._query("usage series", sql, p), POSTGRES, f, bucket)
-
-    async def usage_groups(self, f: UsageFilter, by: Grouping) -> list[dict[str, Any]]:
-        return await ledger.groups(lambda sql, p: self._query("usage groups", sql, p), POSTGRES, f, by)
-
-    async def usage_sample(self, f: UsageFilter, n: int) -> list[tuple[str, str, float | None, float]]:
-        sql, params = ledger.sample_query(f, n)
-        rows = await self._query("usage sample", sql, params)
-        return [(r["upstream"], r["upstream_model"], r["ttft_ms"], r["duration_ms"]) for r in rows]
-
     async def _query(self, what: str, sql: str, params: dict[str, Any]) -> list[asyncpg.Record]:
         text, args = ledger.numbered(sql, params)
         async with self._conn(what) as conn:
             rows: list[asyncpg.Record] = await conn.fetch(text, *args)
         return rows
-
-    async def spend_usd(self, key_id: str, since: float) -> float:
-        # From the roll-ups: a budget period of a busy key is thousands of rows, not 100,000s.
-        rows = await self._query("spend", *ledger.cost_query(POSTGRES, UsageFilter(since=since, key_id=key_id)))
-        return float(rows[0]["cost_usd"])
 
     # -- dashboard sessions ----------------------------------------------------------
 

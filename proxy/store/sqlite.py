@@ -27,30 +27,24 @@ from typing import Any, TypeVar
 
 from proxy.store import ledger
 from proxy.store.base import (
-    Bucket,
-    Cursor,
     DuplicateName,
-    GroupBy,
-    Grouping,
     KeyLimits,
     KeyRecord,
     KeyRevoked,
     SessionRecord,
     StoreError,
-    UsageFilter,
     UsageRecord,
     mint_key,
     new_secret,
 )
-from proxy.store.ledger import ERRORS_SQL, LEVELS, SQLITE, rollup_upsert
-from proxy.store.rows import USAGE_COLUMNS, Row, key_from_row, models_json, usage_from_row
+from proxy.store.ledger import ERRORS_SQL, LEVELS, SQLITE, LedgerViews, rollup_upsert
+from proxy.store.rows import USAGE_COLUMNS, Row, key_from_row, models_json
 
 T = TypeVar("T")
 
 BUSY_TIMEOUT_S = 5.0
 MEMORY = ":memory:"
 _MIN_SQLITE = (3, 35, 0)  # RETURNING (3.35) and upsert (3.24)
-_GROUPS = ("key", "model", "day")
 _TYPES = {"int": "INTEGER", "float": "REAL", "text": "TEXT"}
 
 # Step i takes the schema from version i to i + 1. Append only: never edit a released step
@@ -162,7 +156,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
-class SQLiteStore:
+class SQLiteStore(LedgerViews):
+    _flavour = SQLITE   # the ledger's reads (list_usage, page_usage, usage_series...) are LedgerViews'
+
     def __init__(self, path: str) -> None:
         self.path = path
         self._executor: ThreadPoolExecutor | None = None
@@ -234,40 +230,8 @@ class SQLiteStore:
         if records:
             await self._call("write usage", _write_usage, list(records))
 
-    async def list_usage(self, since: float, key_id: str | None = None, limit: int = 10_000) -> list[UsageRecord]:
-        if limit <= 0:
-            return []
-        return await self._call("list usage", _list_usage, since, key_id, limit)
-
-    async def summarize_usage(self, since: float, by: GroupBy, key_id: str | None = None) -> list[dict[str, object]]:
-        if by not in _GROUPS:
-            raise ValueError("by must be one of: key, model, day")
-        return ledger.legacy_summary(await self.usage_groups(UsageFilter(since=since, key_id=key_id), by))
-
-    async def page_usage(self, f: UsageFilter, limit: int, after: Cursor | None = None) -> list[UsageRecord]:
-        if limit <= 0:
-            return []
-        sql, params = ledger.page_query(f, limit, after)
-        return [usage_from_row(row) for row in await self._query("list usage", sql, params)]
-
-    async def usage_series(self, f: UsageFilter, bucket: Bucket) -> list[dict[str, Any]]:
-        return await ledger.series(lambda sql, p: self._query("usage series", sql, p), SQLITE, f, bucket)
-
-    async def usage_groups(self, f: UsageFilter, by: Grouping) -> list[dict[str, Any]]:
-        return await ledger.groups(lambda sql, p: self._query("usage groups", sql, p), SQLITE, f, by)
-
-    async def usage_sample(self, f: UsageFilter, n: int) -> list[tuple[str, str, float | None, float]]:
-        sql, params = ledger.sample_query(f, n)
-        rows = await self._query("usage sample", sql, params)
-        return [(r["upstream"], r["upstream_model"], r["ttft_ms"], r["duration_ms"]) for r in rows]
-
     async def _query(self, what: str, sql: str, params: dict[str, Any]) -> list[Row]:
         return await self._call(what, _fetch, sql, params)
-
-    async def spend_usd(self, key_id: str, since: float) -> float:
-        # From the roll-ups: a budget period of a busy key is thousands of rows, not 100,000s.
-        rows = await self._query("spend", *ledger.cost_query(SQLITE, UsageFilter(since=since, key_id=key_id)))
-        return float(rows[0]["cost_usd"])
 
     # -- dashboard sessions ----------------------------------------------------------
 
@@ -514,16 +478,6 @@ def _write_usage(conn: sqlite3.Connection, rows: list[UsageRecord]) -> None:
                 # the rows' values in one list, at C speed
                 conn.execute(_INSERT[size], list(chain.from_iterable(rows[start : start + size])))
                 start += size
-
-
-def _list_usage(conn: sqlite3.Connection, since: float, key_id: str | None, limit: int) -> list[UsageRecord]:
-    rows = conn.execute(
-        """SELECT * FROM usage
-           WHERE ts >= :since AND (:key_id IS NULL OR key_id = :key_id)
-           ORDER BY ts, id LIMIT :limit""",
-        {"since": since, "key_id": key_id, "limit": limit},
-    ).fetchall()
-    return [usage_from_row(row) for row in rows]
 
 
 def _create_session(conn: sqlite3.Connection, r: SessionRecord) -> None:
