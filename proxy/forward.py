@@ -40,7 +40,7 @@ from proxy.middleware.draining import StreamRegistry
 from proxy.pipeline import Call, HeaderList
 from proxy.routing import Route
 from proxy.store.base import Outcome
-from proxy.translate import Translation, translation_for
+from proxy.translate import CountTranslation, Translation, translation_for
 from proxy.translate.common import ClientContext
 from proxy.translate.stream import StreamTranslator
 from proxy.upstream import UpstreamPool, UpstreamTarget, open_response, request_head, scrub_secret
@@ -110,16 +110,23 @@ class Forwarder:
         last_error: ProxyError | None = None
         health = self._health
         for attempt, route in enumerate(plan):
-            call.route = route
+            # The route becomes the call's (and gets a record) only once its body is made:
+            # a body the translator refuses (400) or a count estimated here (no counter
+            # upstream) never reached an upstream.
+            call.route = None
             if attempt:
                 next_attempt(call)
             target = upstreams.get(route.upstream.name)
             # The one seam of cross-dialect translation: None keeps the byte-exact path.
             translation = translation_for(_endpoint(call).name, route.upstream, body)
+            if isinstance(translation, CountTranslation) and translation.local:
+                data, marker = translation.estimate(body)
+                return ex.respond(200, [*headers, marker, ("Content-Type", "application/json")], data, lines)
             if translation is None:
                 out, dropper_needed = self._upstream_body(call, body, raw, route)
             else:
                 out, dropper_needed = translation.request(body, route.upstream_model, call.stream), False
+            call.route = route
             self._usage.pending(call)
             sent = time.monotonic()
             try:

@@ -154,6 +154,22 @@ def check_anthropic(body: dict[str, Any]) -> str | None:
     return None
 
 
+# What count_tokens takes; anything else is refused as an extra input.
+_ANTHROPIC_COUNT_FIELDS = frozenset({
+    "model", "messages", "system", "tools", "tool_choice", "thinking", "mcp_servers", "context_management",
+    "output_config", "output_format",
+})
+
+
+def check_anthropic_count(body: dict[str, Any]) -> str | None:
+    extra = sorted(set(body) - _ANTHROPIC_COUNT_FIELDS)
+    if extra:
+        return f"{extra[0]}: Extra inputs are not permitted"
+    # The Messages rules hold for the rest; count_tokens has no max_tokens, so the
+    # largest stands in for it (only the thinking budget's floor is checked).
+    return check_anthropic({**body, "max_tokens": 2**31})
+
+
 def _anthropic_message(msg: Any, i: int, messages: list[Any], pending: list[str], thinking_on: bool) -> str | None:
     if not isinstance(msg, dict) or msg.get("role") not in ("user", "assistant"):
         return f"messages.{i}.role: Input should be 'user' or 'assistant'"
@@ -287,6 +303,24 @@ def check_gemini(body: dict[str, Any]) -> str | None:
                 if bad:
                     return bad
     return None
+
+
+def check_gemini_count(body: dict[str, Any], model: str) -> str | None:
+    """countTokens takes `{contents}` or `{generateContentRequest}` (which names its model),
+    and, as every Google API, refuses fields it does not know."""
+    inner = body.get("generateContentRequest")
+    unknown = sorted(set(body) - {"contents", "generateContentRequest"})
+    if unknown:
+        return f'Invalid JSON payload received. Unknown name "{unknown[0]}": Cannot find field.'
+    if inner is None:
+        return check_gemini(body)
+    if "contents" in body:
+        return "* CountTokensRequest: give either contents or generate_content_request, not both."
+    if not isinstance(inner, dict):
+        return "* CountTokensRequest.generate_content_request: must be an object."
+    if inner.get("model") != f"models/{model}":
+        return f"* CountTokensRequest.generate_content_request.model: must be 'models/{model}'."
+    return check_gemini(inner)
 
 
 def _signature_problem(parts: list[Any], i: int, thinking: bool) -> str | None:

@@ -40,7 +40,14 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from proxy.mock_checks import check_anthropic, check_chat, check_gemini, thinking_signature
+from proxy.mock_checks import (
+    check_anthropic,
+    check_anthropic_count,
+    check_chat,
+    check_gemini,
+    check_gemini_count,
+    thinking_signature,
+)
 
 __all__ = [
     "DEFAULT_WORDS",
@@ -1049,6 +1056,9 @@ def _thinking_events() -> list[bytes]:
 
 def _count_tokens(call: _Call) -> _Reply:
     call.require_model()
+    problem = check_anthropic_count(call.body)
+    if problem is not None:
+        raise _BadRequest(problem)
     return _json_reply({"input_tokens": call.prompt_tokens})
 
 
@@ -1180,6 +1190,9 @@ def _stream_generate_content(call: _Call) -> _Reply:
 
 
 def _gemini_count_tokens(call: _Call) -> _Reply:
+    problem = check_gemini_count(call.body, call.model)
+    if problem is not None:
+        raise _BadRequest(problem)
     return _json_reply(
         {
             "totalTokens": call.prompt_tokens,

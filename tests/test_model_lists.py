@@ -36,7 +36,7 @@ async def test_every_sdk_lists_models_of_every_protocol(gateway):
     for version in ("v1beta", "v1"):
         assert {f"models/{n}" for n in MIXED} <= {m.name for m in lists[version]}
         gem = next(m for m in lists[version] if m.name == "models/mock-claude")
-        assert gem.supported_actions == ["generateContent", "streamGenerateContent"]
+        assert gem.supported_actions == ["generateContent", "streamGenerateContent", "countTokens"]
     assert lists["openai"][0].object == "model" and lists["anthropic"][0].type == "model"
 
 

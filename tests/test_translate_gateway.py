@@ -525,6 +525,7 @@ async def test_untranslatable_is_a_400_in_the_callers_shape(gateway):
                                          tools=[{"type": "web_search_20250305", "name": "web_search"}])
     assert "web_search_20250305" in err2.value.message
     assert gw.mock_stats[__import__("proxy.mock_upstream", fromlist=["x"]).mock_stats].total == 0
+    assert await gw.records() == []   # refused before any upstream: no record of an attempt
 
 
 # ---------------------------------------------------------------------- Cursor's quirks (issue 22, item 8)

@@ -5,6 +5,7 @@ from urllib.parse import unquote
 from proxy.dialects.anthropic import ANTHROPIC, COUNT_TOKENS, MESSAGES
 from proxy.dialects.azure import AzureOpenAIDialect
 from proxy.dialects.base import Dialect, Endpoint, ModelInfo
+from proxy.dialects.gemini import COUNT_TOKENS as GEMINI_COUNT_TOKENS
 from proxy.dialects.gemini import GEMINI, GENERATE, STREAM_GENERATE
 from proxy.dialects.openai import CHAT, COMPLETIONS, EMBEDDINGS, OPENAI, RESPONSES
 from proxy.errors import NotFound
@@ -35,7 +36,11 @@ MODEL_PATHS: dict[str, Endpoint] = {
 }
 # Gemini puts the model and method in the path: {prefix}{model}:{method}.
 GEMINI_MODEL_PREFIXES = ("/v1beta/models/", "/v1/models/")
-GEMINI_METHODS: dict[str, Endpoint] = {"generateContent": GENERATE, "streamGenerateContent": STREAM_GENERATE}
+GEMINI_METHODS: dict[str, Endpoint] = {
+    "generateContent": GENERATE,
+    "streamGenerateContent": STREAM_GENERATE,
+    "countTokens": GEMINI_COUNT_TOKENS,
+}
 
 
 def model_endpoint(path: str) -> tuple[Endpoint, str | None] | None:

@@ -1,4 +1,4 @@
-"""The Gemini dialect: generateContent, streamGenerateContent, models."""
+"""The Gemini dialect: generateContent, streamGenerateContent, countTokens, models."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ class GeminiDialect:
 
 
 # The methods the gateway serves on every listed model (proxy.dialects.GEMINI_METHODS).
-_METHODS = ("generateContent", "streamGenerateContent")
+_METHODS = ("generateContent", "streamGenerateContent", "countTokens")
 
 
 def _model(m: ModelInfo) -> dict[str, object]:
@@ -97,3 +97,4 @@ def _model(m: ModelInfo) -> dict[str, object]:
 GEMINI = GeminiDialect()
 GENERATE = Endpoint("generateContent", GEMINI, model_in_path=True, can_stream=False)
 STREAM_GENERATE = Endpoint("streamGenerateContent", GEMINI, model_in_path=True, always_stream=True)
+COUNT_TOKENS = Endpoint("countTokens", GEMINI, model_in_path=True, can_stream=False)

@@ -6,10 +6,12 @@
     usage, estimated = settle(meter, estimate_prompt_tokens(request_body))
 
 Endpoint names for `meter_for`: "chat.completions", "completions", "embeddings",
-"responses", "messages", "count_tokens", "generateContent", "streamGenerateContent".
+"responses", "messages", "count_tokens", "generateContent", "streamGenerateContent",
+"countTokens".
 streamGenerateContent always streams; `sse=True` (the `alt=sse` form) selects the SSE
 meter, `sse=False` the JSON-array stream meter. embeddings never stream and
-count_tokens is free (its response is a count, not a charge): both ignore `stream`.
+counting tokens (Anthropic count_tokens, Gemini countTokens) is free (its response is a
+count, not a charge): both ignore `stream`.
 """
 
 from __future__ import annotations
@@ -47,8 +49,12 @@ _METERS: MappingProxyType[str, type[MeterBase]] = MappingProxyType({
 })
 
 
+# The token counters: Anthropic's and Gemini's (the free calls).
+_FREE = frozenset({"count_tokens", "countTokens"})
+
+
 class FreeMeter:
-    """count_tokens: no charge, so the usage is an explicit zero, known from the start."""
+    """count_tokens / countTokens: no charge, so the usage is an explicit zero, known from the start."""
 
     final = False  # never streams
 
@@ -89,7 +95,7 @@ def meter_for(
     **limits: Any,
 ) -> Meter:
     """A fresh meter for one upstream request. `limits`: max_event_size, max_body_size."""
-    if endpoint == "count_tokens":
+    if endpoint in _FREE:
         return FreeMeter()
     if endpoint == "embeddings":
         return OpenAIEmbeddingsMeter(max_tokens_bound=max_tokens_bound, **limits)

@@ -11,6 +11,10 @@ upstream's answer (a JSON body, an error body, or a stream through
     responses          ─┼─ hub ──┼─ anthropic (messages)
     messages           ─┤        └─ gemini (generateContent)
     generateContent    ─┘
+
+Token counts (Anthropic count_tokens, Gemini countTokens) go the same way to the
+upstream's own counter, or are estimated here where its protocol has none
+(`CountTranslation`, count.py).
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ from proxy.errors import (
 )
 from proxy.translate import anthropic, chat, gemini, responses
 from proxy.translate.common import ClientContext, UpstreamOptions
+from proxy.translate.count import CLIENT_COUNTERS, ESTIMATED_HEADER, UPSTREAM_COUNTERS, Counter, estimate_tokens
 from proxy.translate.hub import BadInput, Request, Response, ToolCall, Untranslatable
 from proxy.translate.names import map_names
 from proxy.translate.stream import Decoder, Encoder, StreamTranslator
 
-__all__ = ["Translation", "targets", "translation_for"]
+__all__ = ["CountTranslation", "Translation", "targets", "translation_for"]
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,8 @@ CLIENT_CODECS: dict[str, Codec] = {
 UPSTREAM_CODECS: dict[str, Codec] = {"openai": CHAT, "anthropic": ANTHROPIC, "gemini": GEMINI}
 
 
-_TARGETS = {endpoint: frozenset(UPSTREAM_CODECS) for endpoint in CLIENT_CODECS}
+# A count is answered on every protocol: by its counter, or estimated (count.py).
+_TARGETS = {endpoint: frozenset(UPSTREAM_CODECS) for endpoint in (*CLIENT_CODECS, *CLIENT_COUNTERS)}
 _NONE: frozenset[str] = frozenset()
 
 
@@ -99,7 +105,10 @@ def targets(endpoint: str) -> frozenset[str]:
 def translation_for(endpoint: str, upstream: UpstreamConfig, body: dict[str, Any] | None = None) -> Translation | None:
     client = CLIENT_CODECS.get(endpoint)
     if client is None:
-        return None
+        counter = CLIENT_COUNTERS.get(endpoint)
+        if counter is None or UPSTREAM_COUNTERS.get(upstream.protocol) is counter:
+            return None
+        return CountTranslation(counter, UPSTREAM_COUNTERS.get(upstream.protocol), upstream)
     if client is CHAT and body is not None and not body.get("messages") and "input" in body:
         client = CHAT_WITH_RESPONSES_BODY
     if client is RESPONSES and upstream.protocol == "openai" and upstream.responses:
@@ -144,13 +153,8 @@ class Translation:
             if self.upstream.tool_name is not None:
                 self._names = map_names(req, self.upstream.tool_name)
             out = self.upstream.encode_request(req, UpstreamOptions(model, self._config.default_max_tokens))
-        except BadInput as exc:
-            raise InvalidRequest(str(exc), param=exc.param) from None
-        except Untranslatable as exc:
-            raise UnsupportedParameter(
-                f"{exc} (upstream '{self._config.name}', protocol {self._config.protocol}).",
-                param=exc.feature.split("[")[0].split(" ")[0], code="untranslatable",
-            ) from None
+        except (BadInput, Untranslatable) as exc:
+            raise _refusal(exc, self._config) from None
         self.dropped = req.dropped
         self._include_usage = req.include_usage
         return orjson.dumps(out)
@@ -200,6 +204,71 @@ class Translation:
         err = InvalidRequest(text, code="context_length_exceeded" if too_long else "upstream_invalid_request")
         err.status = status if 400 <= status < 500 else 400
         return err
+
+
+class CountTranslation(Translation):
+    """A token count in the caller's dialect: through the upstream's own counter, or,
+    where its protocol has none (`local`), estimated here (`estimate`) with no upstream
+    call at all. Counting is free (its meter is FreeMeter)."""
+
+    def __init__(self, client: Counter, upstream: Counter | None, config: UpstreamConfig) -> None:
+        # The upstream's codec for its tool-name rule; the requests and answers are the counters'.
+        super().__init__(CHAT, UPSTREAM_CODECS[config.protocol], config)
+        self._client_counter = client
+        self._upstream_counter = upstream
+        self.local = upstream is None
+
+    def upstream_endpoint(self, stream: bool) -> str:
+        assert self._upstream_counter is not None   # not local
+        return self._upstream_counter.endpoint
+
+    def upstream_query(self, stream: bool) -> str:
+        return ""
+
+    def request(self, body: dict[str, Any], model: str, stream: bool) -> bytes:
+        assert self._upstream_counter is not None   # not local
+        try:
+            req = self._client_counter.decode_request(body)
+            if self.upstream.tool_name is not None:   # names the upstream's counter would refuse too
+                map_names(req, self.upstream.tool_name)
+            out = self._upstream_counter.encode_request(req, UpstreamOptions(model, self._config.default_max_tokens))
+        except (BadInput, Untranslatable) as exc:
+            raise _refusal(exc, self._config) from None
+        return orjson.dumps(out)
+
+    def response(self, data: bytes, ctx: ClientContext) -> bytes:
+        assert self._upstream_counter is not None   # not local
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            doc = None
+        tokens = self._upstream_counter.decode_response(doc) if isinstance(doc, dict) else None
+        if tokens is None:
+            raise UpstreamError("The upstream's token count is not the JSON its protocol promises.")
+        return orjson.dumps(self._client_counter.encode_response(tokens))
+
+    def estimate(self, body: dict[str, Any]) -> tuple[bytes, tuple[str, str]]:
+        """The answer for an upstream without a counter, and the header that marks it an
+        estimate. A malformed body is refused (400) as the upstream would refuse it."""
+        try:
+            req = self._client_counter.decode_request(body)
+        except BadInput as exc:
+            raise _refusal(exc, self._config) from None
+        except Untranslatable:
+            # Features no other protocol takes (Gemini's built-in tools) still count.
+            req = None
+        tokens = estimate_tokens(req, body)
+        return orjson.dumps(self._client_counter.encode_response(tokens)), ESTIMATED_HEADER
+
+
+def _refusal(exc: BadInput | Untranslatable, config: UpstreamConfig) -> ProxyError:
+    """A request the caller must change: a 400 in its dialect."""
+    if isinstance(exc, BadInput):
+        return InvalidRequest(str(exc), param=exc.param)
+    return UnsupportedParameter(
+        f"{exc} (upstream '{config.name}', protocol {config.protocol}).",
+        param=exc.feature.split("[")[0].split(" ")[0], code="untranslatable",
+    )
 
 
 def _upstream_message(data: bytes) -> str:

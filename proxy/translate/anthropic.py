@@ -414,6 +414,35 @@ def _user_blocks(parts: list[Part], answering: list[str]) -> list[dict[str, Any]
     return ordered + rest
 
 
+# ============================================================================ token counting
+
+# What count_tokens takes: a Messages body without the answer's settings (the API refuses
+# max_tokens, stream, temperature... there as extra inputs).
+_COUNT_FIELDS = ("model", "system", "messages", "tools", "tool_choice", "thinking")
+
+
+def decode_count_request(body: dict[str, Any]) -> Request:
+    """A count_tokens body (a Messages body without max_tokens) as the hub's request."""
+    req = decode_request(body)
+    if not req.messages:
+        raise BadInput("messages: at least one message is required.", "messages")
+    return req
+
+
+def encode_count_request(req: Request, up: UpstreamOptions) -> dict[str, Any]:
+    body = encode_request(req, up)
+    return {name: body[name] for name in _COUNT_FIELDS if name in body}
+
+
+def decode_count_response(doc: dict[str, Any]) -> int | None:
+    value = doc.get("input_tokens")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def encode_count_response(tokens: int) -> dict[str, Any]:
+    return {"input_tokens": tokens}
+
+
 # ============================================================================ upstream side: response
 
 _FINISH_IN: dict[str, Finish] = {

@@ -36,6 +36,7 @@ from proxy.translate.common import (
     parse_args,
 )
 from proxy.translate.hub import (
+    BadInput,
     BlockStart,
     BlockStop,
     Delta,
@@ -424,6 +425,37 @@ def _image(p: Image) -> dict[str, Any]:
     if p.data is None:
         raise Untranslatable("image URL", PROTOCOL, "Gemini takes inline images and the gateway does not fetch URLs")
     return {"inlineData": {"mimeType": p.media_type or "image/png", "data": p.data}}
+
+
+# ============================================================================ token counting
+
+
+def decode_count_request(body: dict[str, Any]) -> Request:
+    """A countTokens body as the hub's request: `{contents}` alone, or a whole
+    `{generateContentRequest}` (system instruction and tools count too)."""
+    inner = body.get("generateContentRequest")
+    if inner is not None:
+        if body.get("contents") is not None:
+            raise BadInput("Give either 'contents' or 'generateContentRequest', not both.", "contents")
+        body = as_dict(inner, "generateContentRequest")
+    req = decode_request(body)
+    if not req.messages:
+        raise BadInput("* CountTokensRequest.contents: contents is not specified", "contents")
+    return req
+
+
+def encode_count_request(req: Request, up: UpstreamOptions) -> dict[str, Any]:
+    # The wrapped form: the plain one would leave the system prompt and tools uncounted.
+    return {"generateContentRequest": {"model": f"models/{up.model}", **encode_request(req, up)}}
+
+
+def decode_count_response(doc: dict[str, Any]) -> int | None:
+    # proto3 JSON leaves zero out: an answer without totalTokens counted nothing.
+    return _count(doc.get("totalTokens"))
+
+
+def encode_count_response(tokens: int) -> dict[str, Any]:
+    return {"totalTokens": tokens}
 
 
 # ============================================================================ upstream side: response
