@@ -281,6 +281,10 @@ def check_gemini(body: dict[str, Any]) -> str | None:
         if responses and not calls:
             return f"contents[{i}]: functionResponse without a preceding functionCall turn."
         calls = sum(1 for p in parts if isinstance(p, dict) and "functionCall" in p) if content.get("role") == "model" else 0
+        if content.get("role") == "model":
+            problem = _text_signature_problem(parts, i)
+            if problem:
+                return problem
         if calls:
             problem = _signature_problem(parts, i, isinstance((body.get("generationConfig") or {}).get("thinkingConfig"), dict))
             if problem:
@@ -332,6 +336,17 @@ def _signature_problem(parts: list[Any], i: int, thinking: bool) -> str | None:
     if sig is None:
         return f"Function call is missing a thought_signature in functionCall parts. contents[{i}]" if thinking else None
     if sig not in ("skip_thought_signature_validator", thinking_signature(name)):
+        return f"Corrupted thought signature. contents[{i}]"
+    return None
+
+
+def _text_signature_problem(parts: list[Any], i: int) -> str | None:
+    """A signature sent back on a text part must be the one the mock gave the turn's text
+    (on its last part, or streamed on a trailing empty part: either way the turn's text)."""
+    texts = [p for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str) and p.get("thought") is not True]
+    signed = [p["thoughtSignature"] for p in texts if p.get("thoughtSignature")]
+    whole = "".join(p["text"] for p in texts)
+    if any(sig not in ("skip_thought_signature_validator", thinking_signature(whole)) for sig in signed):
         return f"Corrupted thought signature. contents[{i}]"
     return None
 

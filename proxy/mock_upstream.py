@@ -1137,13 +1137,17 @@ def _check_gemini(call: _Call) -> None:
         raise _BadRequest(problem)
 
 
+def _gemini_thinking(body: Mapping[str, Any]) -> bool:
+    config = body.get("generationConfig")
+    return isinstance(config, dict) and isinstance(config.get("thinkingConfig"), dict)
+
+
 def _gemini_call_parts(body: Mapping[str, Any], tool: str) -> list[Any]:
     """The function call parts of a tool turn: with thinking on, a thought part first and
     a thoughtSignature on the first call only, as Gemini does with parallel calls."""
     text = _last_user_text(body.get("contents"), content_key="parts")
     parts: list[Any] = [{"functionCall": {"name": tool, "args": _TOOL_ARGS}} for _ in range(_tool_calls_wanted(text))]
-    config = body.get("generationConfig")
-    if isinstance(config, dict) and isinstance(config.get("thinkingConfig"), dict):
+    if _gemini_thinking(body):
         parts[0]["thoughtSignature"] = thinking_signature(tool)
         parts.insert(0, {"text": _THOUGHT, "thought": True})
     return parts
@@ -1153,7 +1157,11 @@ def _generate_content(call: _Call) -> _Reply:
     _check_gemini(call)
     tool = _gemini_tool(call.body)
     if tool is None:
-        parts: list[Any] = [{"text": call.kit.text(call.chunks)}]
+        text = call.kit.text(call.chunks)
+        parts: list[Any] = [{"text": text}]
+        if _gemini_thinking(call.body):
+            # Gemini signs a text-only turn on its last part (checked when sent back).
+            parts[0]["thoughtSignature"] = thinking_signature(text)
         completion = call.chunks
     else:
         parts = _gemini_call_parts(call.body, tool)
@@ -1175,7 +1183,11 @@ def _gemini_stream_docs(call: _Call) -> list[bytes]:
     middle_usage = _gemini_usage(prompt, None) if call.with_usage else None
     slot = _slotted(_gemini_chunk([{"text": _SLOT}], False, middle_usage, call.model), b"", b"")
     last_usage = _gemini_usage(prompt, call.chunks) if call.with_usage else None
-    last_slot = _slotted(_gemini_chunk([{"text": _SLOT}], True, last_usage, call.model), b"", b"")
+    last_parts: list[Any] = [{"text": _SLOT}]
+    if _gemini_thinking(call.body):
+        # Streamed, the signature comes on a trailing empty part, as Google sends it.
+        last_parts.append({"text": "", "thoughtSignature": thinking_signature(call.kit.text(call.chunks))})
+    last_slot = _slotted(_gemini_chunk(last_parts, True, last_usage, call.model), b"", b"")
     return [*_fill(slot, values[:-1]), *_fill(last_slot, values[-1:])]
 
 

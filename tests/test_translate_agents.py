@@ -158,3 +158,53 @@ async def test_openai_name_starting_with_a_digit_on_gemini_with_signatures(gatew
     call = next(p for p in sent["contents"][1]["parts"] if "functionCall" in p)
     assert call["functionCall"]["name"] == short and call["thoughtSignature"] == thinking_signature(short)
     assert sent["contents"][2]["parts"][0]["functionResponse"]["name"] == short
+
+
+# ---------------------------------------------------------------------- Gemini signatures on text parts
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_gemini_text_signature_comes_back_from_an_anthropic_client(gateway, stream):
+    """Gemini signs a text-only turn on its text (streamed: on a trailing empty part). An
+    Anthropic client has no slot on text: a signature-only thinking block after the text
+    carries it, and turn 2 puts it back on the text part, intact."""
+    gw = await gateway()
+    messages: list = [{"role": "user", "content": "hello"}]
+    kw = dict(model="mock-gemini", max_tokens=3000, thinking={"type": "enabled", "budget_tokens": 1024})
+    async with _anthropic(gw) as client:
+        if stream:
+            async with client.messages.stream(messages=messages, **kw) as s:
+                first = await s.get_final_message()
+        else:
+            first = await client.messages.create(messages=messages, **kw)
+        assert [b.type for b in first.content] == ["text", "thinking"]
+        text = first.content[0].text
+        assert first.content[1].signature.startswith("lpx1.gemini+text.")
+        messages.append({"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]})
+        messages.append({"role": "user", "content": "and tomorrow?"})
+        await client.messages.create(messages=messages, **kw)
+    sent = _last_body(gw, "/v1beta/models/mock-gemini:generateContent")
+    assert sent["contents"][1] == {"role": "model", "parts": [{"text": text, "thoughtSignature": thinking_signature(text)}]}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_gemini_text_signature_comes_back_from_a_responses_client(gateway, stream):
+    """Codex-style (store false, the full history back): the text's signature rides on a
+    reasoning item's encrypted_content after the message, and returns to the text."""
+    gw = await gateway()
+    history: list = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello"}]}]
+    kw = dict(model="mock-gemini", store=False, include=["reasoning.encrypted_content"], reasoning={"effort": "low"})
+    async with _openai(gw) as client:
+        if stream:
+            async with client.responses.stream(input=history, **kw) as s:
+                first = await s.get_final_response()
+        else:
+            first = await client.responses.create(input=history, **kw)
+        assert [item.type for item in first.output] == ["message", "reasoning"]
+        text = first.output_text
+        assert first.output[1].encrypted_content.startswith("lpx1.gemini+text.")
+        history.extend(item.model_dump(exclude_none=True) for item in first.output)
+        history.append({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "and tomorrow?"}]})
+        await client.responses.create(input=history, **kw)
+    sent = _last_body(gw, "/v1beta/models/mock-gemini:generateContent")
+    assert sent["contents"][1] == {"role": "model", "parts": [{"text": text, "thoughtSignature": thinking_signature(text)}]}

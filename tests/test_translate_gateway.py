@@ -401,7 +401,8 @@ async def test_anthropic_client_on_gemini_upstream_tool_loop(gateway):
         messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": b.id, "content": "21 C"}
                                                      for b in first.content[1:]]})
         second = await client.messages.create(messages=messages, **kw)
-    assert second.content[-1].type == "text"
+    # The text, then the signature-only thinking block carrying its thoughtSignature.
+    assert [b.type for b in second.content] == ["text", "thinking"]
     sent = _last_body(gw, "/v1beta/models/mock-gemini:generateContent")
     from proxy.mock_checks import thinking_signature
     parts = sent["contents"][1]["parts"]

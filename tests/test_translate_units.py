@@ -471,6 +471,34 @@ def test_p5_gemini_signature_on_a_thought_part_comes_back_on_it():
     assert sent == upstream_sigs
 
 
+def test_p4_gemini_text_part_signature_crosses_to_anthropic_and_responses_clients():
+    """A Gemini text-only turn signed on a trailing empty part (streamed) or on its text
+    (body): Anthropic and Responses clients get a carrier after the text that returns the
+    signature to the text part; every stream still follows its grammar."""
+    def chunk(parts: list, finish: bool = False) -> bytes:
+        cand = {"content": {"role": "model", "parts": parts}, **({"finishReason": "STOP"} if finish else {})}
+        return b"data: " + orjson.dumps({"candidates": [cand], "usageMetadata": {"promptTokenCount": 3}}) + b"\r\n\r\n"
+    stream = chunk([{"text": "Hel"}]) + chunk([{"text": "lo"}, {"text": "", "thoughtSignature": "U0lH"}], True)
+    events = _events(_translated_stream("messages", "gemini", stream))
+    check_anthropic_stream(events)
+    blocks = [d["content_block"]["type"] for n, d in events if n == "content_block_start"]
+    sigs = [d["delta"]["signature"] for n, d in events if n == "content_block_delta" and d["delta"]["type"] == "signature_delta"]
+    assert blocks == ["text", "thinking"] and sigs == ["lpx1.gemini+text.U0lH"]
+    events = _events(_translated_stream("responses", "gemini", stream))
+    check_responses_stream(events)
+    output = events[-1][1]["response"]["output"]
+    assert [i["type"] for i in output] == ["message", "reasoning"] and output[1]["encrypted_content"] == "lpx1.gemini+text.U0lH"
+    body = {"candidates": [{"content": {"role": "model", "parts": [{"text": "Hello", "thoughtSignature": "U0lH"}]}, "finishReason": "STOP"}]}
+    content = orjson.loads(translation_for("messages", UPSTREAMS["gemini"]).response(orjson.dumps(body), ClientContext("m", False)))["content"]
+    history = {"model": "m", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": content}, {"role": "user", "content": "more"}]}
+    back = orjson.loads(translation_for("messages", UPSTREAMS["gemini"]).request(history, "g", False))
+    assert back["contents"][1]["parts"] == [{"text": "Hello", "thoughtSignature": "U0lH"}]
+    # Another upstream never gets it (providers check their own signatures).
+    to_chat = orjson.loads(translation_for("messages", UPSTREAMS["openai"]).request(history, "m", False))
+    assert "U0lH" not in orjson.dumps(to_chat).decode()
+
+
 # --------------------------------------------------------------------------- properties
 
 _text = st.text(max_size=12)

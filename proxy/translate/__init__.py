@@ -37,7 +37,7 @@ from proxy.errors import (
     UnsupportedParameter,
     UpstreamError,
 )
-from proxy.translate import anthropic, chat, gemini, responses
+from proxy.translate import anthropic, carrier, chat, gemini, responses
 from proxy.translate.common import ClientContext, UpstreamOptions
 from proxy.translate.count import CLIENT_COUNTERS, ESTIMATED_HEADER, UPSTREAM_COUNTERS, Counter, estimate_tokens
 from proxy.translate.hub import BadInput, Request, Response, ToolCall, Untranslatable
@@ -147,6 +147,9 @@ class Translation:
         try:
             req = self.client.decode_request(body)
             req.stream = stream
+            for msg in req.messages:
+                if msg.role == "assistant":
+                    msg.parts = carrier.anchor_text_signatures(msg.parts)
             # Kept under the client's names: the answer's calls get those back first.
             self._freeform = frozenset(t.name for t in req.tools if t.freeform)
             self._namespaces = {t.name: t.namespace for t in req.tools if t.namespace}

@@ -524,6 +524,8 @@ def encode_response(resp: Response, ctx: ClientContext) -> dict[str, Any]:
         elif isinstance(p, Text):
             if p.text:
                 content.append({"type": "text", "text": p.text})
+            if p.sig is not None:   # a text part's signature: Anthropic text has no slot (carrier.py)
+                content.append({"type": "thinking", "thinking": "", "signature": carrier.wrap_text(p.sig)})
         else:
             content.append({"type": "tool_use", "id": client_tool_id(p), "name": p.name, "input": parse_args(p.arguments)})
     if resp.refusal and not any(b["type"] == "text" for b in content):
@@ -666,6 +668,7 @@ class StreamEncoder:
         self._ctx = ctx
         self._blocks: dict[int, tuple[int, str]] = {}   # hub index → (client index, kind)
         self._signed: set[int] = set()
+        self._text_sigs: dict[int, Sig] = {}            # hub index of a signed text block → its signature
         self._count = 0
         self._calls = 0
         self._started = False
@@ -686,6 +689,9 @@ class StreamEncoder:
             return _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}) if delta else b""
         if isinstance(ev, Signature):
             found = self._blocks.get(ev.index)
+            if found is not None and found[1] == "text":
+                self._text_sigs[ev.index] = ev.sig   # goes out after the text block (carrier.py)
+                return b""
             if found is None or found[1] != "thinking":
                 return b""
             self._signed.add(ev.index)
@@ -699,10 +705,23 @@ class StreamEncoder:
             if found[1] == "thinking" and ev.index not in self._signed:
                 out = _event("content_block_delta", {"type": "content_block_delta", "index": found[0],
                                                      "delta": {"type": "signature_delta", "signature": client_signature(None)}})
-            return out + _event("content_block_stop", {"type": "content_block_stop", "index": found[0]})
+            out += _event("content_block_stop", {"type": "content_block_stop", "index": found[0]})
+            sig = self._text_sigs.pop(ev.index, None)
+            return out if sig is None else out + self._text_signature(sig)
         if isinstance(ev, End):
             return self._end(ev)
         return self.failure(ev.status, ev.message)
+
+    def _text_signature(self, sig: Sig) -> bytes:
+        """A whole signature-only thinking block carrying a text block's signature."""
+        index = self._count
+        self._count += 1
+        start = {"type": "content_block_start", "index": index,
+                 "content_block": {"type": "thinking", "thinking": "", "signature": ""}}
+        delta = {"type": "content_block_delta", "index": index,
+                 "delta": {"type": "signature_delta", "signature": carrier.wrap_text(sig)}}
+        return (_event("content_block_start", start) + _event("content_block_delta", delta)
+                + _event("content_block_stop", {"type": "content_block_stop", "index": index}))
 
     def _message_start(self, ev: Start) -> bytes:
         self._started = True

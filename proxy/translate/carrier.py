@@ -13,6 +13,13 @@ the *client's* dialect the client sends back unchanged:
 | Gemini         | `thoughtSignature` = base64 of `lpx1.<owner>.<value>` (the field is bytes to google-genai); the turn's thinking also rides on its first `functionCall.id` (Gemini CLI drops thought parts) |
 | Chat           | the tool call id: `<id>_lpx1_<base64url(json)>` (ids are echoed verbatim by every client, unknown fields are not) |
 
+Gemini also signs text parts (a text-only turn carries its signature on its last part).
+Anthropic and Responses clients have no slot on text, so that signature rides in a
+thinking block (Anthropic) or reasoning item (Responses) right after the text, its owner
+marked `<owner>+text`; on the way back it returns to the text part before it
+(`anchor_text_signatures`). Chat clients echo nothing on a text-only turn: there it is
+not carried (Gemini does not require it there, as it does on function calls).
+
 A value without the `lpx1.` prefix is the client dialect's own (a real Anthropic
 signature from a same-dialect turn). The owner decides where a carrier may be replayed:
 an upstream encoder uses a Sig only when it issued it and drops it otherwise, since
@@ -30,10 +37,11 @@ from typing import Any
 
 import orjson
 
-from proxy.translate.hub import Sig, Thinking
+from proxy.translate.hub import Part, Sig, Text, Thinking
 
 PREFIX = "lpx1."
 ID_MARK = "_lpx1_"
+TEXT_MARK = "+text"    # a text part's signature, carried where the client keeps thinking
 
 
 def wrap(sig: Sig) -> str:
@@ -62,6 +70,30 @@ def unwrap_base64(value: str, native_owner: str) -> Sig:
     except ValueError:
         raw = b""
     return unwrap(raw.decode("utf-8", "replace") if raw.startswith(PREFIX.encode()) else value, native_owner)
+
+
+def wrap_text(sig: Sig) -> str:
+    """The carrier of a text part's signature, for a thinking-shaped slot."""
+    return wrap(Sig(sig.owner + TEXT_MARK, sig.value))
+
+
+def anchor_text_signatures(parts: list[Part]) -> list[Part]:
+    """An assistant turn's parts with each text-signature carrier (`wrap_text`) given back
+    to the text part before it (or to an empty text part where there is none)."""
+    if not any(isinstance(p, Thinking) and p.sig is not None and p.sig.owner.endswith(TEXT_MARK) for p in parts):
+        return parts
+    out: list[Part] = []
+    for p in parts:
+        if isinstance(p, Thinking) and p.sig is not None and p.sig.owner.endswith(TEXT_MARK):
+            sig = Sig(p.sig.owner[: -len(TEXT_MARK)], p.sig.value)
+            last = out[-1] if out else None
+            if isinstance(last, Text) and last.sig is None:
+                last.sig = sig
+            else:
+                out.append(Text("", sig=sig))
+            continue
+        out.append(p)
+    return out
 
 
 def _b64(data: bytes) -> str:

@@ -379,8 +379,9 @@ def _model_parts(parts: list[Part], names: dict[str, str]) -> list[dict[str, Any
             if p.sig is not None and p.sig.owner == PROTOCOL and not p.redacted:
                 out.append({"text": p.text, "thought": True, "thoughtSignature": p.sig.value})
         elif isinstance(p, Text):
-            if p.text:
-                out.append({"text": p.text})
+            own = p.sig is not None and p.sig.owner == PROTOCOL
+            if p.text or own:
+                out.append({"text": p.text, "thoughtSignature": p.sig.value} if own and p.sig else {"text": p.text})
         elif isinstance(p, ToolCall):
             names[p.id] = p.name
             part: dict[str, Any] = {"functionCall": {"id": p.id, "name": p.name, "args": parse_args(p.arguments)}}
@@ -508,12 +509,21 @@ def _upstream_parts(parts: list[Any]) -> list[Text | Thinking | ToolCall]:
             if sig is not None:
                 thinking.sig, thinking = sig, None
             continue
-        thinking = None
+        open_thinking, thinking = thinking, None
         fc = part.get("functionCall")
         if isinstance(fc, dict):
             out.append(ToolCall(str(fc.get("id") or new_id("call_")), str(fc.get("name") or ""), dump_args(fc.get("args")), sig))
         elif isinstance(part.get("text"), str) and part["text"]:
-            out.append(Text(part["text"]))
+            out.append(Text(part["text"], sig=sig))
+        elif sig is not None:
+            # An empty part carrying the signature of what came before it (as in streams).
+            last = out[-1] if out else None
+            if isinstance(last, Text) and last.sig is None:
+                last.sig = sig
+            elif last is not None and last is open_thinking:
+                open_thinking.sig = sig
+            else:
+                out.append(Text("", sig=sig))
     return out
 
 
@@ -671,8 +681,13 @@ class StreamDecoder:
             return
         if isinstance(text, str) and text:
             self._text(text, out)
-        elif sig is not None and self._open is not None and self._open[1] == "thinking":
-            out.append(Signature(self._open[0], sig))   # a trailing empty part carrying the signature
+        if sig is None:
+            return
+        # A text part's own signature, or a trailing empty part carrying the open block's.
+        if self._open is None:
+            self._open = (self._new(), "text")
+            out.append(BlockStart(self._open[0], Text("")))
+        out.append(Signature(self._open[0], sig))
 
     def _text(self, text: str, out: list[Event]) -> None:
         if self._open is None or self._open[1] != "text":

@@ -40,6 +40,7 @@ class Sig:
 class Text:
     text: str
     cache: dict[str, Any] | None = None    # Anthropic cache_control, kept as given
+    sig: Sig | None = None                 # Gemini puts thoughtSignature on text parts too
 
 
 @dataclass(slots=True)

@@ -46,6 +46,7 @@ from proxy.translate.hub import (
     Reasoning,
     Request,
     Response,
+    Sig,
     Signature,
     Start,
     Text,
@@ -270,6 +271,11 @@ def _reasoning_item(t: Thinking, rid: str | None = None) -> dict[str, Any]:
     return item
 
 
+def _text_signature_item(sig: Sig) -> dict[str, Any]:
+    """A reasoning item carrying the signature of the message text before it (carrier.py)."""
+    return {"type": "reasoning", "id": new_id("rs_"), "summary": [], "encrypted_content": carrier.wrap_text(sig)}
+
+
 def _message_item(text: str, refusal: str | None, mid: str | None = None) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
     if text:
@@ -285,6 +291,11 @@ def encode_response(resp: Response, ctx: ClientContext) -> dict[str, Any]:
     for p in resp.parts:
         if isinstance(p, Text):
             text += p.text
+            if p.sig is not None:   # a text part's signature rides on a reasoning item after it
+                if text:
+                    output.append(_message_item(text, None))
+                    text = ""
+                output.append(_text_signature_item(p.sig))
             continue
         if text:
             output.append(_message_item(text, None))
@@ -312,6 +323,7 @@ class StreamEncoder:
         self._items: list[dict[str, Any]] = []
         self._open: dict[int, dict[str, Any]] = {}       # hub index → item being built
         self._text: dict[int, str] = {}
+        self._text_sigs: dict[int, Sig] = {}          # hub index of a signed message → its signature
 
     def _ev(self, kind: str, **fields: Any) -> bytes:
         doc = {"type": kind, "sequence_number": self._seq, **fields}
@@ -330,6 +342,8 @@ class StreamEncoder:
             item = self._open.get(ev.index)
             if item is not None and item["type"] == "reasoning":
                 item["encrypted_content"] = carrier.wrap(ev.sig)
+            elif item is not None and item["type"] == "message":
+                self._text_sigs[ev.index] = ev.sig   # a reasoning item follows the message
             return b""
         if isinstance(ev, BlockStop):
             return self._stop(ev.index)
@@ -411,7 +425,14 @@ class StreamEncoder:
             out += self._ev("response.custom_tool_call_input.delta", item_id=item["id"], output_index=index, delta=value)
             out += self._ev("response.custom_tool_call_input.done", item_id=item["id"], output_index=index, input=value)
         self._items.append(item)
-        return out + self._ev("response.output_item.done", output_index=index, item=item)
+        out += self._ev("response.output_item.done", output_index=index, item=item)
+        sig = self._text_sigs.pop(hub_index, None)
+        if sig is not None:
+            carried = _text_signature_item(sig)
+            self._items.append(carried)
+            out += (self._ev("response.output_item.added", output_index=index + 1, item=carried)
+                    + self._ev("response.output_item.done", output_index=index + 1, item=carried))
+        return out
 
     def _end(self, ev: End) -> bytes:
         if ev.refusal:
