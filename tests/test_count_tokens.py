@@ -164,3 +164,15 @@ async def test_upstream_count_error_reaches_the_caller_in_its_shape(gateway):
     assert [r.path for r in gw.upstream.received] == ["/v1beta/models/gemini-2.5-flash:countTokens", "/v1/messages/count_tokens"]
     recs = await gw.wait_records(2)
     assert sorted((r.endpoint, r.status) for r in recs) == [("countTokens", 400), ("count_tokens", 429)]
+
+
+async def test_count_the_upstream_counter_cannot_take_is_estimated(gateway):
+    """An image URL cannot go to Gemini (the gateway fetches nothing): where a generate
+    call would be refused, Claude Code's count still gets an answer, marked an estimate."""
+    gw = await gateway()
+    image = {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}
+    async with _anthropic(gw) as client:
+        raw = await client.messages.with_raw_response.count_tokens(
+            model="mock-gemini", messages=[{"role": "user", "content": [{"type": "text", "text": "what is it?"}, image]}])
+    assert raw.headers["x-llm-proxy-estimated"] == "true" and (await raw.parse()).input_tokens >= 1600
+    assert gw.mock_stats[mock_stats].total == 0 and await gw.records() == []

@@ -132,12 +132,26 @@ def test_bad_count_bodies_are_a_400(endpoint, body, protocol):
         t.estimate(body) if t.local else t.request(body, "m", False)
 
 
-def test_gemini_builtin_tool_cannot_reach_anthropic_counter_but_is_estimated():
-    body = {**GEMINI_BODY, "tools": [{"googleSearch": {}}]}
+def test_what_the_upstream_counter_cannot_say_is_estimated_not_refused():
+    body = {**GEMINI_BODY, "tools": [{"googleSearch": {}}]}   # Gemini's built-in tool: nothing else takes it
     with pytest.raises(UnsupportedParameter):
         _count("countTokens", "anthropic").request(body, "c", False)
-    data, header = _count("countTokens", "openai").estimate(body)
-    assert header == ESTIMATED_HEADER and orjson.loads(data)["totalTokens"] == estimate_prompt_tokens(orjson.dumps(body))
+    for protocol in ("anthropic", "openai"):
+        t = translation_for("countTokens", UPSTREAMS[protocol], body)
+        assert isinstance(t, CountTranslation) and t.local
+        data, header = t.estimate(body)
+        assert header == ESTIMATED_HEADER and orjson.loads(data)["totalTokens"] == estimate_prompt_tokens(orjson.dumps(body))
+    # An image URL cannot go to Gemini (the gateway fetches nothing): estimated too.
+    url = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}]}]}
+    t = translation_for("count_tokens", UPSTREAMS["gemini"], url)
+    assert isinstance(t, CountTranslation) and t.local
+    assert orjson.loads(t.estimate(url)[0])["input_tokens"] >= IMAGE_TOKENS
+    # A body that is merely malformed is still the caller's 400, not an estimate.
+    t = translation_for("count_tokens", UPSTREAMS["gemini"], {"model": "m", "messages": []})
+    assert isinstance(t, CountTranslation) and not t.local
+    with pytest.raises(InvalidRequest):
+        t.request({"model": "m", "messages": []}, "g", False)
 
 
 def test_estimate_is_the_limits_estimator_on_the_rendered_prompt():

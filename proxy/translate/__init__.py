@@ -108,7 +108,7 @@ def translation_for(endpoint: str, upstream: UpstreamConfig, body: dict[str, Any
         counter = CLIENT_COUNTERS.get(endpoint)
         if counter is None or UPSTREAM_COUNTERS.get(upstream.protocol) is counter:
             return None
-        return CountTranslation(counter, UPSTREAM_COUNTERS.get(upstream.protocol), upstream)
+        return CountTranslation(counter, UPSTREAM_COUNTERS.get(upstream.protocol), upstream, body)
     if client is CHAT and body is not None and not body.get("messages") and "input" in body:
         client = CHAT_WITH_RESPONSES_BODY
     if client is RESPONSES and upstream.protocol == "openai" and upstream.responses:
@@ -211,15 +211,25 @@ class Translation:
 
 class CountTranslation(Translation):
     """A token count in the caller's dialect: through the upstream's own counter, or,
-    where its protocol has none (`local`), estimated here (`estimate`) with no upstream
-    call at all. Counting is free (its meter is FreeMeter)."""
+    where its protocol has none or cannot say the request (`local`), estimated here
+    (`estimate`) with no upstream call at all: an estimate serves a client that counts
+    constantly (Claude Code) better than a refusal (TRANSLATION §5.1). Counting is free
+    (its meter is FreeMeter)."""
 
-    def __init__(self, client: Counter, upstream: Counter | None, config: UpstreamConfig) -> None:
+    def __init__(self, client: Counter, upstream: Counter | None, config: UpstreamConfig,
+                 body: dict[str, Any] | None = None) -> None:
         # The upstream's codec for its tool-name rule; the requests and answers are the counters'.
         super().__init__(CHAT, UPSTREAM_CODECS[config.protocol], config)
         self._client_counter = client
         self._upstream_counter = upstream
         self.local = upstream is None
+        if upstream is not None and body is not None:
+            try:
+                self._encode(body, config.name)   # a trial: the model's name changes nothing here
+            except Untranslatable:
+                self.local = True   # e.g. Gemini's built-in tools towards Anthropic
+            except BadInput:
+                pass   # refused by request()
 
     def upstream_endpoint(self, stream: bool) -> str:
         assert self._upstream_counter is not None   # not local
@@ -229,15 +239,17 @@ class CountTranslation(Translation):
         return ""
 
     def request(self, body: dict[str, Any], model: str, stream: bool) -> bytes:
-        assert self._upstream_counter is not None   # not local
         try:
-            req = self._client_counter.decode_request(body)
-            if self.upstream.tool_name is not None:   # names the upstream's counter would refuse too
-                map_names(req, self.upstream.tool_name)
-            out = self._upstream_counter.encode_request(req, UpstreamOptions(model, self._config.default_max_tokens))
+            return orjson.dumps(self._encode(body, model))
         except (BadInput, Untranslatable) as exc:
             raise _refusal(exc, self._config) from None
-        return orjson.dumps(out)
+
+    def _encode(self, body: dict[str, Any], model: str) -> dict[str, Any]:
+        assert self._upstream_counter is not None   # not local
+        req = self._client_counter.decode_request(body)
+        if self.upstream.tool_name is not None:   # names the upstream's counter would refuse too
+            map_names(req, self.upstream.tool_name)
+        return self._upstream_counter.encode_request(req, UpstreamOptions(model, self._config.default_max_tokens))
 
     def response(self, data: bytes, ctx: ClientContext) -> bytes:
         assert self._upstream_counter is not None   # not local
