@@ -176,3 +176,20 @@ async def test_count_the_upstream_counter_cannot_take_is_estimated(gateway):
             model="mock-gemini", messages=[{"role": "user", "content": [{"type": "text", "text": "what is it?"}, image]}])
     assert raw.headers["x-llm-proxy-estimated"] == "true" and (await raw.parse()).input_tokens >= 1600
     assert gw.mock_stats[mock_stats].total == 0 and await gw.records() == []
+
+
+async def test_wrapped_gemini_count_names_the_upstreams_model(gateway):
+    """`generateContentRequest.model` is required and names the model: the upstream's,
+    not the name the client called (up-gemini is gemini-2.5-flash upstream)."""
+    gw = await gateway()
+    gw.upstream.script(Reply(headers={"Content-Type": "application/json"}, chunks=[b'{"totalTokens": 9, "cachedContentTokenCount": 2}']))
+    body = {"generateContentRequest": {"model": "models/up-gemini", "safetySettings": [],
+                                       "contents": [{"role": "user", "parts": [{"text": "hi"}]}]}}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1beta/models/up-gemini:countTokens", json=body, headers={"x-goog-api-key": gw.key}) as r:
+            assert r.status == 200 and await r.json() == {"totalTokens": 9, "cachedContentTokenCount": 2}
+    (got,) = gw.upstream.received
+    assert got.path == "/v1beta/models/gemini-2.5-flash:countTokens"
+    assert orjson.loads(got.body) == {"generateContentRequest": {**body["generateContentRequest"], "model": "models/gemini-2.5-flash"}}
+    (rec,) = await gw.wait_records(1)
+    assert (rec.endpoint, rec.status, rec.upstream_protocol, rec.cost_usd) == ("countTokens", 200, "gemini", 0)

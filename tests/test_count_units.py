@@ -202,3 +202,14 @@ def test_tool_names_the_upstream_refuses_are_mapped_for_its_counter_too():
     assert decl["name"] != long_name and len(decl["name"]) <= 64
     assert sent["toolConfig"]["functionCallingConfig"]["allowedFunctionNames"] == [decl["name"]]
     assert check_gemini_count({"generateContentRequest": sent}, "g") is None
+
+
+def test_gemini_wrapped_count_to_gemini_names_the_upstream_model():
+    assert translation_for("countTokens", UPSTREAMS["gemini"], GEMINI_BODY) is None   # {contents}: byte-exact
+    t = translation_for("countTokens", UPSTREAMS["gemini"], GEMINI_WRAPPED)
+    assert isinstance(t, CountTranslation) and not t.local
+    sent = orjson.loads(t.request(GEMINI_WRAPPED, "gemini-2.5-flash", False))
+    # Only the model changes: everything else goes as the client sent it.
+    assert sent == {"generateContentRequest": {**GEMINI_WRAPPED["generateContentRequest"], "model": "models/gemini-2.5-flash"}}
+    answer = b'{"totalTokens": 9, "cachedContentTokenCount": 2}'
+    assert t.response(answer, CTX) is answer

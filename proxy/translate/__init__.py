@@ -106,9 +106,14 @@ def translation_for(endpoint: str, upstream: UpstreamConfig, body: dict[str, Any
     client = CLIENT_CODECS.get(endpoint)
     if client is None:
         counter = CLIENT_COUNTERS.get(endpoint)
-        if counter is None or UPSTREAM_COUNTERS.get(upstream.protocol) is counter:
+        if counter is None:
             return None
-        return CountTranslation(counter, UPSTREAM_COUNTERS.get(upstream.protocol), upstream, body)
+        target_counter = UPSTREAM_COUNTERS.get(upstream.protocol)
+        # Same dialect: byte-exact, unless the body names its model where only the counter
+        # can rewrite it (a trial: the name given does not matter).
+        if target_counter is counter and (body is None or counter.readdress(body, "") is None):
+            return None
+        return CountTranslation(counter, target_counter, upstream, body)
     if client is CHAT and body is not None and not body.get("messages") and "input" in body:
         client = CHAT_WITH_RESPONSES_BODY
     if client is RESPONSES and upstream.protocol == "openai" and upstream.responses:
@@ -223,7 +228,9 @@ class CountTranslation(Translation):
         self._client_counter = client
         self._upstream_counter = upstream
         self.local = upstream is None
-        if upstream is not None and body is not None:
+        # The caller's own dialect: its body goes as it is but for the model it names.
+        self._same = upstream is client
+        if upstream is not None and body is not None and not self._same:
             try:
                 self._encode(body, config.name)   # a trial: the model's name changes nothing here
             except Untranslatable:
@@ -239,6 +246,10 @@ class CountTranslation(Translation):
         return ""
 
     def request(self, body: dict[str, Any], model: str, stream: bool) -> bytes:
+        if self._same:
+            out = self._client_counter.readdress(body, model)
+            assert out is not None   # translation_for tried it
+            return orjson.dumps(out)
         try:
             return orjson.dumps(self._encode(body, model))
         except (BadInput, Untranslatable) as exc:
@@ -253,6 +264,8 @@ class CountTranslation(Translation):
 
     def response(self, data: bytes, ctx: ClientContext) -> bytes:
         assert self._upstream_counter is not None   # not local
+        if self._same:
+            return data   # the upstream's own answer, in the caller's own dialect
         try:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError:

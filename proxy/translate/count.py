@@ -44,12 +44,15 @@ class Counter:
     encode_request: Callable[[Request, UpstreamOptions], dict[str, Any]]
     decode_response: Callable[[dict[str, Any]], int | None]          # None: not a count
     encode_response: Callable[[int], dict[str, Any]]
+    # The client's own body for the upstream's model, where the body names its model in a
+    # place the byte-exact path does not rewrite (Gemini's wrapped form); None: as it is.
+    readdress: Callable[[dict[str, Any], str], dict[str, Any] | None] = lambda body, model: None
 
 
 ANTHROPIC = Counter("count_tokens", anthropic.decode_count_request, anthropic.encode_count_request,
                     anthropic.decode_count_response, anthropic.encode_count_response)
 GEMINI = Counter("countTokens", gemini.decode_count_request, gemini.encode_count_request,
-                 gemini.decode_count_response, gemini.encode_count_response)
+                 gemini.decode_count_response, gemini.encode_count_response, gemini.readdress_count_request)
 
 # The counter a client endpoint is, and the counter each upstream protocol serves
 # (openai: none, estimated).

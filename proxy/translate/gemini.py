@@ -450,6 +450,17 @@ def encode_count_request(req: Request, up: UpstreamOptions) -> dict[str, Any]:
     return {"generateContentRequest": {"model": f"models/{up.model}", **encode_request(req, up)}}
 
 
+def readdress_count_request(body: dict[str, Any], model: str) -> dict[str, Any] | None:
+    """A Gemini client's own countTokens body for the upstream's model name: the wrapped
+    form names its model inside (`generateContentRequest.model`, required there), which
+    must be the upstream's, not the name the client called. None for `{contents}`,
+    which names none (the URL does)."""
+    inner = body.get("generateContentRequest")
+    if not isinstance(inner, dict):
+        return None
+    return {**body, "generateContentRequest": {**inner, "model": f"models/{model}"}}
+
+
 def decode_count_response(doc: dict[str, Any]) -> int | None:
     # proto3 JSON leaves zero out: an answer without totalTokens counted nothing.
     return _count(doc.get("totalTokens"))
