@@ -449,7 +449,8 @@ class LedgerViews(ABC):
 
     @abstractmethod
     async def _query(self, what: str, sql: str, params: dict[str, Any]) -> Sequence[Row]:
-        """The rows of one read; a failure is a StoreError naming `what`, never the SQL."""
+        """Run one statement (on its own, committed if it writes) and return its rows; a
+        failure is a StoreError naming `what`, never the SQL."""
 
     async def list_usage(self, since: float, key_id: str | None = None, limit: int = 10_000) -> list[UsageRecord]:
         if limit <= 0:

@@ -21,18 +21,16 @@ import asyncpg
 
 from proxy.store import ledger
 from proxy.store.base import (
-    DuplicateName,
-    KeyLimits,
     KeyRecord,
     KeyRevoked,
     SessionRecord,
     StoreError,
     UsageRecord,
-    mint_key,
     new_secret,
 )
-from proxy.store.ledger import ERRORS_SQL, LEVELS, POSTGRES, ROLLUP_COLUMNS, ROLLUP_KEYS, LedgerViews, rollup_upsert
-from proxy.store.rows import USAGE_COLUMNS, key_from_row, models_json
+from proxy.store.ledger import ERRORS_SQL, LEVELS, POSTGRES, ROLLUP_COLUMNS, ROLLUP_KEYS, rollup_upsert
+from proxy.store.rows import USAGE_COLUMNS, key_from_row
+from proxy.store.sql import KEY_REF, SQLStore
 
 POOL_MIN = 1
 POOL_MAX = 10
@@ -46,10 +44,6 @@ _INSERT_USAGE = (
     f"INSERT INTO usage ({USAGE_COLUMNS}) "
     f"VALUES ({', '.join(f'${i + 1}' for i in range(len(UsageRecord._fields)))}) ON CONFLICT (id) DO NOTHING"
 )
-# The key an id or a name refers to: an id match wins (a key *named* like another key's id
-# can never shadow it), then the live key of that name, then the newest revoked one.
-_REF = """SELECT id FROM keys WHERE id = $1 OR name = $1
-          ORDER BY id = $1 DESC, revoked_at IS NULL DESC, created_at DESC, id DESC LIMIT 1"""
 # What the driver and the network can raise; anything else is a bug and stays visible.
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
 
@@ -159,8 +153,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 
-class PostgresStore(LedgerViews):
-    _flavour = POSTGRES   # the ledger's reads (list_usage, page_usage, usage_series...) are LedgerViews'
+class PostgresStore(SQLStore):
+    # SQLStore holds every single-statement operation (key lookups, the ledger's reads...)
+    # over `_query`; this class runs them on the pool and does the rest.
+    _flavour = POSTGRES
 
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn  # holds the password: never logged, never put into an error
@@ -234,67 +230,14 @@ class PostgresStore(LedgerViews):
             # to act on; the driver's message is not carried over.
             raise StoreError(f"postgres store: {what} failed ({type(exc).__name__})") from None
 
-    # -- keys ------------------------------------------------------------------------
-
-    async def create_key(self, name: str, limits: KeyLimits) -> tuple[KeyRecord, str]:
-        r, plaintext = mint_key(name, limits, time.time())
-        async with self._conn("create key") as conn:
-            inserted = await conn.fetchval(
-                """INSERT INTO keys (id, name, prefix, digest, models, rpm, tpm, max_parallel,
-                                     budget_usd, budget_period, expires_at, revoked_at, created_at)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-                   ON CONFLICT (name) WHERE revoked_at IS NULL DO NOTHING
-                   RETURNING id""",
-                r.id, r.name, r.prefix, r.digest, models_json(r.models), r.rpm, r.tpm, r.max_parallel,
-                r.budget_usd, r.budget_period, r.expires_at, r.revoked_at, r.created_at,
-            )
-        if inserted is None:
-            raise DuplicateName("a key with this name already exists")
-        return r, plaintext
-
-    async def key_by_digest(self, digest: str) -> KeyRecord | None:
-        async with self._conn("key lookup") as conn:
-            row = await conn.fetchrow("SELECT * FROM keys WHERE digest = $1", digest)
-        return key_from_row(row) if row else None
-
-    async def get_key(self, id_or_name: str) -> KeyRecord | None:
-        async with self._conn("key lookup") as conn:
-            row = await conn.fetchrow(f"SELECT * FROM keys WHERE id = ({_REF})", id_or_name)
-        return key_from_row(row) if row else None
-
-    async def list_keys(self) -> list[KeyRecord]:
-        async with self._conn("list keys") as conn:
-            rows = await conn.fetch("SELECT * FROM keys ORDER BY created_at, id")
-        return [key_from_row(row) for row in rows]
-
-    async def update_key(self, id_or_name: str, limits: KeyLimits) -> KeyRecord | None:
-        async with self._conn("update key") as conn:
-            row = await conn.fetchrow(
-                f"""UPDATE keys SET models = $2, rpm = $3, tpm = $4, max_parallel = $5,
-                                   budget_usd = $6, budget_period = $7, expires_at = $8
-                   WHERE id = ({_REF})
-                   RETURNING *""",
-                id_or_name, models_json(limits.models), limits.rpm, limits.tpm, limits.max_parallel,
-                limits.budget_usd, limits.budget_period, limits.expires_at,
-            )
-        return key_from_row(row) if row else None
-
-    async def revoke_key(self, id_or_name: str) -> KeyRecord | None:
-        # COALESCE keeps the first revocation time: revoking twice changes nothing.
-        async with self._conn("revoke key") as conn:
-            row = await conn.fetchrow(
-                f"""UPDATE keys SET revoked_at = COALESCE(revoked_at, $2)
-                   WHERE id = ({_REF})
-                   RETURNING *""",
-                id_or_name, time.time(),
-            )
-        return key_from_row(row) if row else None
+    # -- keys (the single statements are SQLStore's) ----------------------------------
 
     async def rotate_key(self, id_or_name: str) -> tuple[KeyRecord, str] | None:
         plaintext, prefix, digest = new_secret()
         async with self._conn("rotate key") as conn, conn.transaction():
             # FOR UPDATE: a revoke from another process waits, or is seen here.
-            found = await conn.fetchrow(f"SELECT * FROM keys WHERE id = ({_REF}) FOR UPDATE", id_or_name)
+            sql, args = ledger.numbered(f"SELECT * FROM keys WHERE id = ({KEY_REF}) FOR UPDATE", {"ref": id_or_name})
+            found = await conn.fetchrow(sql, *args)
             if found is None:
                 return None
             if found["revoked_at"] is not None:
@@ -345,14 +288,3 @@ class PostgresStore(LedgerViews):
                    VALUES ($1, $2, $3, $4, $5, $6)""",
                 record.digest, record.kind, record.key_id, record.binding, record.created_at, record.expires_at,
             )
-
-    async def get_session(self, digest: str) -> SessionRecord | None:
-        async with self._conn("session lookup") as conn:
-            row = await conn.fetchrow(
-                "SELECT digest, kind, key_id, binding, created_at, expires_at FROM ui_sessions WHERE digest = $1", digest
-            )
-        return SessionRecord(*row) if row is not None else None
-
-    async def delete_session(self, digest: str) -> None:
-        async with self._conn("delete session") as conn:
-            await conn.execute("DELETE FROM ui_sessions WHERE digest = $1", digest)

@@ -27,18 +27,16 @@ from typing import Any, TypeVar
 
 from proxy.store import ledger
 from proxy.store.base import (
-    DuplicateName,
-    KeyLimits,
     KeyRecord,
     KeyRevoked,
     SessionRecord,
     StoreError,
     UsageRecord,
-    mint_key,
     new_secret,
 )
-from proxy.store.ledger import ERRORS_SQL, LEVELS, SQLITE, LedgerViews, rollup_upsert
-from proxy.store.rows import USAGE_COLUMNS, Row, key_from_row, models_json
+from proxy.store.ledger import ERRORS_SQL, LEVELS, SQLITE, rollup_upsert
+from proxy.store.rows import USAGE_COLUMNS, Row, key_from_row
+from proxy.store.sql import KEY_REF, SQLStore
 
 T = TypeVar("T")
 
@@ -156,8 +154,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
-class SQLiteStore(LedgerViews):
-    _flavour = SQLITE   # the ledger's reads (list_usage, page_usage, usage_series...) are LedgerViews'
+class SQLiteStore(SQLStore):
+    # SQLStore holds every single-statement operation (key lookups, the ledger's reads...)
+    # over `_query`; this class runs them on the worker thread and does the rest.
+    _flavour = SQLITE
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -193,27 +193,7 @@ class SQLiteStore(LedgerViews):
     async def ping(self) -> None:
         await self._call("ping", _ping)
 
-    # -- keys ------------------------------------------------------------------------
-
-    async def create_key(self, name: str, limits: KeyLimits) -> tuple[KeyRecord, str]:
-        record, plaintext = mint_key(name, limits, time.time())
-        await self._call("create key", _insert_key, record)
-        return record, plaintext
-
-    async def key_by_digest(self, digest: str) -> KeyRecord | None:
-        return await self._call("key lookup", _key_by_digest, digest)
-
-    async def get_key(self, id_or_name: str) -> KeyRecord | None:
-        return await self._call("key lookup", _get_key, id_or_name)
-
-    async def list_keys(self) -> list[KeyRecord]:
-        return await self._call("list keys", _list_keys)
-
-    async def update_key(self, id_or_name: str, limits: KeyLimits) -> KeyRecord | None:
-        return await self._call("update key", _update_key, id_or_name, limits)
-
-    async def revoke_key(self, id_or_name: str) -> KeyRecord | None:
-        return await self._call("revoke key", _revoke_key, id_or_name, time.time())
+    # -- keys (the single statements are SQLStore's) ----------------------------------
 
     async def rotate_key(self, id_or_name: str) -> tuple[KeyRecord, str] | None:
         plaintext, prefix, digest = new_secret()
@@ -237,12 +217,6 @@ class SQLiteStore(LedgerViews):
 
     async def create_session(self, record: SessionRecord) -> None:
         await self._call("create session", _create_session, record)
-
-    async def get_session(self, digest: str) -> SessionRecord | None:
-        return await self._call("session lookup", _get_session, digest)
-
-    async def delete_session(self, digest: str) -> None:
-        await self._call("delete session", _delete_session, digest)
 
     # -- worker thread ---------------------------------------------------------------
 
@@ -349,70 +323,8 @@ def _ping(conn: sqlite3.Connection) -> None:
     conn.execute("SELECT MAX(version) FROM schema_version").fetchall()  # reads a page, not just the parser
 
 
-def _insert_key(conn: sqlite3.Connection, r: KeyRecord) -> None:
-    cursor = conn.execute(
-        """INSERT INTO keys (id, name, prefix, digest, models, rpm, tpm, max_parallel,
-                             budget_usd, budget_period, expires_at, revoked_at, created_at)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-           ON CONFLICT (name) WHERE revoked_at IS NULL DO NOTHING""",
-        (
-            r.id, r.name, r.prefix, r.digest, models_json(r.models), r.rpm, r.tpm, r.max_parallel,
-            r.budget_usd, r.budget_period, r.expires_at, r.revoked_at, r.created_at,
-        ),
-    )
-    if cursor.rowcount == 0:
-        raise DuplicateName("a key with this name already exists")
-
-
-def _key_by_digest(conn: sqlite3.Connection, digest: str) -> KeyRecord | None:
-    return _one_key(conn.execute("SELECT * FROM keys WHERE digest = ?", (digest,)).fetchall())
-
-
-# The key an id or a name refers to: an id match wins (a key *named* like another key's id
-# can never shadow it), then the live key of that name, then the newest revoked one.
-_REF = """SELECT id FROM keys WHERE id = :ref OR name = :ref
-          ORDER BY id = :ref DESC, revoked_at IS NULL DESC, created_at DESC, id DESC LIMIT 1"""
-
-
 def _get_key(conn: sqlite3.Connection, ref: str) -> KeyRecord | None:
-    rows = conn.execute(f"SELECT * FROM keys WHERE id = ({_REF})", {"ref": ref}).fetchall()
-    return _one_key(rows)
-
-
-def _list_keys(conn: sqlite3.Connection) -> list[KeyRecord]:
-    return [key_from_row(row) for row in conn.execute("SELECT * FROM keys ORDER BY created_at, id")]
-
-
-def _update_key(conn: sqlite3.Connection, ref: str, limits: KeyLimits) -> KeyRecord | None:
-    # fetchall() steps the statement to completion, which is what commits it.
-    rows = conn.execute(
-        f"""UPDATE keys SET models = :models, rpm = :rpm, tpm = :tpm, max_parallel = :max_parallel,
-                           budget_usd = :budget_usd, budget_period = :budget_period,
-                           expires_at = :expires_at
-           WHERE id = ({_REF})
-           RETURNING *""",
-        {
-            "ref": ref,
-            "models": models_json(limits.models),
-            "rpm": limits.rpm,
-            "tpm": limits.tpm,
-            "max_parallel": limits.max_parallel,
-            "budget_usd": limits.budget_usd,
-            "budget_period": limits.budget_period,
-            "expires_at": limits.expires_at,
-        },
-    ).fetchall()
-    return _one_key(rows)
-
-
-def _revoke_key(conn: sqlite3.Connection, ref: str, now: float) -> KeyRecord | None:
-    # COALESCE keeps the first revocation time: revoking twice changes nothing.
-    rows = conn.execute(
-        f"""UPDATE keys SET revoked_at = COALESCE(revoked_at, :now)
-           WHERE id = ({_REF})
-           RETURNING *""",
-        {"ref": ref, "now": now},
-    ).fetchall()
+    rows = conn.execute(f"SELECT * FROM keys WHERE id = ({KEY_REF})", {"ref": ref}).fetchall()
     return _one_key(rows)
 
 
@@ -442,6 +354,8 @@ def _touch_keys(conn: sqlite3.Connection, last_used: list[tuple[str, float]]) ->
 
 
 def _fetch(conn: sqlite3.Connection, sql: str, params: dict[str, Any]) -> list[Row]:
+    # Outside a transaction (isolation_level=None), so a write (UPDATE ... RETURNING) commits
+    # once fetchall() has stepped it to completion.
     rows: list[Row] = conn.execute(sql, params).fetchall()  # sqlite3.Row indexes by column name
     return rows
 
@@ -487,17 +401,6 @@ def _create_session(conn: sqlite3.Connection, r: SessionRecord) -> None:
             "INSERT INTO ui_sessions (digest, kind, key_id, binding, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
             (r.digest, r.kind, r.key_id, r.binding, r.created_at, r.expires_at),
         )
-
-
-def _get_session(conn: sqlite3.Connection, digest: str) -> SessionRecord | None:
-    row = conn.execute(
-        "SELECT digest, kind, key_id, binding, created_at, expires_at FROM ui_sessions WHERE digest = ?", (digest,)
-    ).fetchone()
-    return SessionRecord(*row) if row is not None else None
-
-
-def _delete_session(conn: sqlite3.Connection, digest: str) -> None:
-    conn.execute("DELETE FROM ui_sessions WHERE digest = ?", (digest,)).fetchall()
 
 
 def _one_key(rows: list[sqlite3.Row]) -> KeyRecord | None:
