@@ -34,7 +34,6 @@ from typing import Any, Callable
 import orjson
 
 CONTENT_MARKER = b'{"content":" token"}'
-_MARK_LEN = len(CONTENT_MARKER)
 _CHUNKED_END = b"\r\n0\r\n\r\n"
 perf = time.perf_counter
 
@@ -53,10 +52,12 @@ def percentiles(values: list[float], ps: tuple[float, ...] = (50, 90, 99, 99.9))
     return out
 
 
-def build_request(host: str, port: int, path: str, body: bytes, key: str) -> bytes:
+def build_request(host: str, port: int, path: str, body: bytes, key: str, extra: list[str] | None = None) -> bytes:
+    """An empty `key` sends no Authorization header (an Anthropic client sends x-api-key: `extra`)."""
+    lines = (f"Authorization: Bearer {key}\r\n" if key else "") + "".join(f"{h}\r\n" for h in extra or ())
     return (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        f"Authorization: Bearer {key}\r\nUser-Agent: llm-proxy-bench\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"{lines}User-Agent: llm-proxy-bench\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body
 
 
@@ -65,7 +66,11 @@ class Conn(asyncio.Protocol):
 
     `on_content(t)` is called for every content chunk marker seen (stream mode), with the
     perf_counter time of the read that carried it; `on_done(ok, t)` once per response.
+    `marker` (under 32 bytes) is what marks a content chunk: the bench upstream's chat
+    delta by default; `--marker` sets another for targets that answer in another dialect.
     """
+
+    marker = CONTENT_MARKER
 
     def __init__(self, on_lost: Callable[["Conn"], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
@@ -119,8 +124,9 @@ class Conn(asyncio.Protocol):
                 self.clen = int(low[i + 17 : j if j >= 0 else len(low)].strip())
             self.tail = b"\r\n"
         if self.on_content is not None and data:
-            window = self.tail[-(_MARK_LEN - 1) :] + data
-            n = window.count(CONTENT_MARKER)
+            marker = self.marker
+            window = self.tail[-(len(marker) - 1) :] + data
+            n = window.count(marker)
             for _ in range(n):
                 self.on_content(now)
         if self.clen >= 0:
@@ -150,7 +156,7 @@ async def connect(host: str, port: int, on_lost: Callable[[Conn], None] | None =
 
 async def run_rate(args: argparse.Namespace) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    req = build_request(args.host, args.port, args.path, args.body.encode(), args.key)
+    req = build_request(args.host, args.port, args.path, args.body.encode(), args.key, args.header)
     idle: list[Conn] = []
     lat_sched: list[float] = []
     lat_send: list[float] = []
@@ -252,7 +258,7 @@ async def run_rate(args: argparse.Namespace) -> dict[str, Any]:
 
 async def run_streams(args: argparse.Namespace) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    req = build_request(args.host, args.port, args.path, args.body.encode(), args.key)
+    req = build_request(args.host, args.port, args.path, args.body.encode(), args.key, args.header)
     cadence_ms = args.cadence_ms
     stream_s = args.chunks * cadence_ms / 1000
     ttfb: list[float] = []
@@ -317,7 +323,7 @@ async def run_streams(args: argparse.Namespace) -> dict[str, Any]:
 
 async def run_hold(args: argparse.Namespace) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    req = build_request(args.host, args.port, args.path, args.body.encode(), args.key)
+    req = build_request(args.host, args.port, args.path, args.body.encode(), args.key, args.header)
     conns: list[Conn] = []
     first = 0
     all_first = asyncio.Event()
@@ -391,7 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cadence-ms", type=float, default=25)
     p.add_argument("--timeout", type=float, default=60, help="hold: max wait for every first chunk")
     p.add_argument("--hold-max", type=float, default=120, help="hold: max time to keep streams open")
+    p.add_argument("--header", action="append", default=[], help="an extra request header line, 'Name: value'")
+    p.add_argument("--marker", default=CONTENT_MARKER.decode(),
+                   help="the bytes that mark a content chunk (default: the bench upstream's chat delta)")
     args = p.parse_args(argv)
+    Conn.marker = args.marker.encode()
     sys.setswitchinterval(0.0005)
     try:
         import uvloop

@@ -59,6 +59,12 @@ FIRST_EVENT = b"data: " + _ENV + b'{"role":"assistant","content":"","refusal":nu
 CONTENT_EVENT = b"data: " + _ENV + b'{"content":" token"},"logprobs":null,"finish_reason":null}],"usage":null}\n\n'
 FINISH_EVENT = b"data: " + _ENV + b'{},"logprobs":null,"finish_reason":"stop"}],"usage":null}\n\n'
 DONE_EVENT = b"data: [DONE]\n\n"
+# Anything but chat completions (a gateway that translates onto another OpenAI API, e.g.
+# LiteLLM's /v1/messages onto /v1/responses) is told so, not answered in chat's shape.
+NOT_FOUND = (
+    b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 73\r\n\r\n"
+    b'{"error":{"message":"bench upstream: chat completions only","type":"x"}}\n'
+)
 
 
 def usage_event(completion: int) -> bytes:
@@ -134,6 +140,9 @@ class _Conn(asyncio.Protocol):
     def _respond(self, head: bytes, body: bytes) -> None:
         transport = self.transport
         if transport is None:
+            return
+        if head.find(b"/chat/completions", 0, head.find(b"\r\n")) < 0:
+            transport.write(NOT_FOUND)
             return
         if not _STREAM.search(body):
             transport.write(JSON_RESPONSE)

@@ -65,3 +65,29 @@ def test_bench_ab_compares_two_instances(tmp_path: Path) -> None:
     (only,) = raw["rounds"]
     assert only["a"]["cpu_us_per_req"] > 0 and only["b"]["cpu_us_per_req"] > 0
     assert raw["median_ratio"] > 0
+
+
+def test_bench_translated_prints_the_side_by_side(tmp_path: Path) -> None:
+    """`python -m bench.translated --smoke`: an Anthropic Messages client through llm-proxy
+    onto the bench's OpenAI-chat upstream, beside the same-dialect call and direct, for a
+    second each (LiteLLM stays out of a smoke run; the numbers are not judged)."""
+    out = tmp_path / "translated.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.translated", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "llm-proxy messages->chat" in proc.stdout and "bunched" in proc.stdout
+    raw = json.loads(out.read_text())
+    assert "left_out" not in raw, raw.get("left_out")
+    assert "litellm" not in raw
+    translated = raw["summary"]["llm-proxy messages->chat"]
+    # Every translated stream carried its content chunks (the marker was found in them).
+    assert translated["ttfb_p50_ms"] is not None
+    assert translated["stream_errors"] == 0 and translated["short_streams"] == 0
+    assert translated["hi_bunched_pct"] is not None
+    if shutil.which("wrk") is not None:
+        assert translated["non2xx"] == 0 and translated["ratio_cpu_req"] > 0
