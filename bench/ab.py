@@ -3,6 +3,7 @@
     python -m bench.ab                              # aged (scenarios e, d, c, b) vs fresh, same code
     python -m bench.ab --age "" --b-tree ../other   # this checkout vs another one, both fresh
     python -m bench.ab --age "" --b-tree ../other --get /healthz   # the same for GET /healthz
+    python -m bench.ab --age "" --b-tree ../other --messages      # a translated call (Anthropic -> chat)
 
 CPU per request moves by up to 35 % between the rounds of one bench run on this VM, so two
 builds, or two states of one build, measured one after the other differ mostly by when
@@ -31,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from bench import translated
 from bench.run import (
     PROXY,
     REPO,
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="raw results JSON")
     ap.add_argument("--get", default=None, metavar="PATH",
                     help="load GET PATH (e.g. /healthz, /metrics) instead of the model call")
+    ap.add_argument("--messages", action="store_true",
+                    help="load the translated call instead: POST /v1/messages (bench.translated's) onto the chat upstream")
     args = ap.parse_args(argv)
     if WRK is None:
         log("wrk is not installed (Debian: apt-get install wrk)")
@@ -109,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                 getattr(bench, f"scenario_{name}")()
         b = start_proxy(tmp, upstream.port, tag="b", cwd=args.b_tree, env={"BENCH_DATA_DIR": str(tmp / "data-b")})
         started.append(b)
-        script = wrk_script(tmp, key, "GET" if args.get else "POST")
-        path = args.get or "/v1/chat/completions"
+        if args.messages:
+            script, path = translated.wrk_script(tmp, translated.Call("ab", 0, None, "messages", key)), "/v1/messages"
+        else:
+            script = wrk_script(tmp, key, "GET" if args.get else "POST")
+            path = args.get or "/v1/chat/completions"
         _round([a, b], script, 3, path)  # warm-up: pools, caches, the spend seed
         ratios = []
         for r in range(args.rounds):

@@ -175,6 +175,8 @@ def event_data(event: bytes) -> bytes | None:
 
 def event_name(event: bytes) -> bytes | None:
     """The value of the event's last `event` field, or None."""
+    if not event.startswith(b"event") and b"\nevent" not in event and b"\revent" not in event:
+        return None   # no line can start with the field's name: skip the split (chat upstreams)
     name_value = None
     for name, value in _fields(event):
         if name == b"event":

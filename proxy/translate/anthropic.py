@@ -654,6 +654,11 @@ class StreamDecoder:
 # ============================================================================ client side: stream
 
 
+# A block kind's delta: its type and the field that carries the fragment.
+_DELTA_SHAPES = {"text": ("text_delta", "text"), "thinking": ("thinking_delta", "thinking"),
+                 "tool": ("input_json_delta", "partial_json")}
+
+
 def _event(name: str, doc: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(doc) + b"\n\n"
 
@@ -683,10 +688,11 @@ class StreamEncoder:
             if found is None or not ev.text:
                 return b""
             index, kind = found
-            delta = {"text": {"type": "text_delta", "text": ev.text},
-                     "thinking": {"type": "thinking_delta", "thinking": ev.text},
-                     "tool": {"type": "input_json_delta", "partial_json": ev.text}}.get(kind)
-            return _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}) if delta else b""
+            shape = _DELTA_SHAPES.get(kind)
+            if shape is None:
+                return b""
+            delta = {"type": shape[0], shape[1]: ev.text}
+            return _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
         if isinstance(ev, Signature):
             found = self._blocks.get(ev.index)
             if found is not None and found[1] == "text":
