@@ -39,8 +39,9 @@ class ClientContext:
 
 
 def new_id(prefix: str) -> str:
-    # An id must be unique, not secret: 96 bits from `random` (reseeded in a forked child),
-    # not os.urandom, whose getrandom syscall measured 10-20 µs per translated answer here.
+    # An id must be unique, not secret: 96 bits from `random` (reseeded in a forked child)
+    # instead of a getrandom syscall per id, which cost the translated non-streamed call
+    # ~2 % of its CPU (bench.ab --messages, bench/RESULTS.md "Translation").
     return prefix + random.getrandbits(96).to_bytes(12).hex()
 
 
