@@ -64,7 +64,7 @@ def _counted(out_dir: Path) -> int:
     raise RuntimeError("no instruction total in the callgrind dump")
 
 
-def measure(seconds: float, rate: float, limits: bool) -> dict[str, float]:
+def measure(seconds: float, rate: float, limits: bool, keep: Path | None = None) -> dict[str, float]:
     if not (VALGRIND and CALLGRIND_CONTROL and WRK):
         raise RuntimeError("needs valgrind, callgrind_control and wrk on PATH")
     with tempfile.TemporaryDirectory(prefix="llm-proxy-instr-") as name:
@@ -91,6 +91,8 @@ def measure(seconds: float, rate: float, limits: bool) -> dict[str, float]:
             if not requests or res.get("errors") or res.get("dropped"):
                 raise RuntimeError(f"load: {requests} answered, {res.get('errors')} errors, {res.get('dropped')} dropped")
             instructions = _counted(tmp)
+            if keep is not None:   # the dump, for callgrind_annotate (per C function)
+                shutil.copy(sorted(tmp.glob("callgrind.out.*.1"))[-1], keep)
             return {"requests": requests, "instructions": instructions, "per_request": instructions / requests}
         finally:
             if proc is not None and proc.poll() is None:
@@ -108,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=20, help="measured wrk seconds (default 20)")
     ap.add_argument("--rate", type=float, default=50, help="requests per second, open loop (default 50)")
     ap.add_argument("--no-limits", action="store_true", help="a key without limits (default: every limit set)")
+    ap.add_argument("--keep", type=Path, default=None, metavar="FILE", help="keep the callgrind dump there")
     args = ap.parse_args(argv)
     try:
-        r = measure(args.seconds, args.rate, not args.no_limits)
+        r = measure(args.seconds, args.rate, not args.no_limits, args.keep)
     except RuntimeError as exc:
         print(f"bench.instructions: {exc}", file=sys.stderr)
         return 1

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import orjson
@@ -71,41 +71,39 @@ class Forwarder:
         come with the call (read together by the model request stage)."""
         self._keepalive_s = config.server.stream_keepalive_s
 
-    async def __call__(self, call: Call) -> None:
-        """Serve one model call. ProxyErrors raised before anything was sent are the
-        request context's to render; once a stream has started, failures end it in the
-        caller's dialect here."""
-        plan: Sequence[Route] = call.plan
-        leases: list[tuple[tuple[str, str], float]] = []
+    def __call__(self, call: Call) -> Awaitable[None]:
+        """Serve one model call (the chain's handler). While every route is settled (no
+        failures on record) the plan is tried as it is, in this one coroutine."""
+        if self._health.unsettled:
+            return self._arranged(call)
+        return self._attempts(call, call.plan)
+
+    async def _arranged(self, call: Call) -> None:
+        """Some route has failures on record: routes that cool down are skipped, and the
+        half-open ones leased while tried."""
+        plan, leases = await self._health.arrange(call.plan)
         try:
-            if self._health.unsettled:   # some route has failures on record: skip what cools down
-                plan, leases = await self._health.arrange(plan)
-            await self._run(call.ex, call, call.body, call.ex.request.body, plan, call.headers, call.limit_lines, _pool(call))
+            await self._attempts(call, plan)
         finally:
             if leases:
                 self._health.release(leases)
 
     # ------------------------------------------------------------------ attempts
 
-    async def _run(
-        self,
-        ex: Exchange,
-        call: Call,
-        body: dict[str, Any],
-        raw: bytes,
-        plan: Sequence[Route],
-        headers: HeaderList,
-        lines: bytes,
-        upstreams: UpstreamPool,
-    ) -> None:
-        """Try the plan's routes in turn until one answers. `headers` go on the answer,
-        and `lines`, the same encoded (rate limits).
+    async def _attempts(self, call: Call, plan: Sequence[Route]) -> None:
+        """Try `plan`'s routes in turn until one answers. The call's headers go on the
+        answer, and its limit lines (the same, encoded).
 
-        Before the first byte, a route that fails (proxy/health/verdict.py) is recorded,
-        logged and reported to the route's breaker, and the next route is tried. The last
-        route's failure is relayed as the upstream said it, unless an earlier failure says
-        more (a 429 with its Retry-After beats a refused connection): then that one is
-        rendered in the caller's dialect."""
+        ProxyErrors raised before anything was sent are the request context's to render;
+        once a stream has started, failures end it in the caller's dialect here. Before
+        the first byte, a route that fails (proxy/health/verdict.py) is recorded, logged
+        and reported to the route's breaker, and the next route is tried. The last route's
+        failure is relayed as the upstream said it, unless an earlier failure says more (a
+        429 with its Retry-After beats a refused connection): then that one is rendered in
+        the caller's dialect."""
+        ex, body, headers, lines = call.ex, call.body, call.headers, call.limit_lines
+        raw = ex.request.body
+        endpoint, upstreams = _endpoint(call), _pool(call)
         best: Failure | None = None
         last_error: ProxyError | None = None
         health = self._health
@@ -118,19 +116,19 @@ class Forwarder:
                 next_attempt(call)
             target = upstreams.get(route.upstream.name)
             # The one seam of cross-dialect translation: None keeps the byte-exact path.
-            translation = translation_for(_endpoint(call).name, route.upstream, body)
+            translation = translation_for(endpoint.name, route.upstream, body)
             if isinstance(translation, CountTranslation) and translation.local:
                 data, marker = translation.estimate(body)
                 return ex.respond(200, [*headers, marker, ("Content-Type", "application/json")], data, lines)
             if translation is None:
-                out, dropper_needed = self._upstream_body(call, body, raw, route)
+                out, dropper_needed = self._upstream_body(call, endpoint, body, raw, route)
             else:
                 out, dropper_needed = translation.request(body, route.upstream_model, call.stream), False
             call.route = route
             self._usage.pending(call)
             sent = time.monotonic()
             try:
-                resp = await self._open(ex, call, target, out, dropper_needed, body, raw, route, translation)
+                resp = await self._open(ex, call, endpoint, target, out, dropper_needed, body, raw, route, translation)
             except (UpstreamError, UpstreamTimeout) as exc:
                 self._usage.record_failed(call, exc)
                 failure = Failure("timeout" if isinstance(exc, UpstreamTimeout) else "unreachable")
@@ -164,7 +162,7 @@ class Forwarder:
                     ctx = translation.context(call.model, call.stream, call.prompt_estimate, ex.request.query_string)
                     return await self._translated(ex, call, target, resp, translation, ctx, headers, lines)
                 if resp.status < 300:
-                    call.meter = meter_for(_endpoint(call).name, call.stream, sse="alt=sse" in ex.request.query_string)
+                    call.meter = meter_for(endpoint.name, call.stream, sse=endpoint.dialect.streams_sse(ex.request.query_string))
                 if call.stream and resp.status == 200 and _is_stream(resp):
                     relay: UsageChunkDropper | WholeEvents | None = None
                     if dropper_needed:
@@ -198,16 +196,18 @@ class Forwarder:
         )
         await self._health.failed(route, failure.retry_after, latency_ms, failure.label)
 
-    def _upstream_body(self, call: Call, body: dict[str, Any], raw: bytes, route: Route) -> tuple[bytes, bool]:
+    def _upstream_body(
+        self, call: Call, endpoint: Endpoint, body: dict[str, Any], raw: bytes, route: Route
+    ) -> tuple[bytes, bool]:
         """Re-encode only when something must change; say whether to drop a usage event."""
         changed = False
-        if not _endpoint(call).model_in_path and body.get("model") != route.upstream_model:
+        if not endpoint.model_in_path and body.get("model") != route.upstream_model:
             body = {**body, "model": route.upstream_model}
             changed = True
         dropper = False
         if (
             call.stream
-            and _endpoint(call).wants_include_usage
+            and endpoint.wants_include_usage
             and route.upstream.stream_usage
             and (route.upstream.name, route.upstream_model) not in self._no_include_usage
         ):
@@ -220,6 +220,7 @@ class Forwarder:
         self,
         ex: Exchange,
         call: Call,
+        endpoint: Endpoint,
         target: UpstreamTarget,
         out: bytes,
         dropper_needed: bool,
@@ -230,7 +231,7 @@ class Forwarder:
     ) -> Http1Response:
         if translation is None:
             path = target.dialect.upstream_url(
-                target.base_path, _endpoint(call).name, route.upstream_model, call.stream, ex.request.query_string
+                target.base_path, endpoint.name, route.upstream_model, call.stream, ex.request.query_string
             )
         else:
             path = target.dialect.upstream_url(
@@ -249,7 +250,7 @@ class Forwarder:
             call.status, call.outcome, call.error = 400, "upstream_error", "upstream_400"
             self._usage.record(call)
             next_attempt(call)
-            out, _ = self._upstream_body(call, body, raw, route)
+            out, _ = self._upstream_body(call, endpoint, body, raw, route)
             self._usage.pending(call)
             resp = await open_response(target, path, out, head)
         return resp

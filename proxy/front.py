@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from proxy.access_log import AccessLog
-from proxy.dialects import GEMINI_MODEL_PREFIXES, MODEL_PATHS, Dialect, model_endpoint
+from proxy.dialects import GEMINI_MODEL_PREFIXES, MODEL_PATHS, OPENAI, Dialect, model_endpoint
 from proxy.errors import InvalidRequest, NotFound, ProxyError, RequestTooLarge, ServiceUnavailable
 from proxy.http1.client import Http1Client, UpstreamConnectionError
 from proxy.http1.server import Exchange, Refusal, Request
@@ -77,21 +77,29 @@ class Routes:
         return rows
 
     def resolve(self, call: Call) -> Next:
-        """The chain for `call`'s request; sets its endpoint and dialect."""
+        """The chain for `call`'s request; sets the caller's dialect (a model call's is its
+        endpoint's; other routes' come from the path, and on /v1/models the headers)."""
         request = call.ex.request
         method, path = request.method, request.path
-        if self.control(path):
-            return self.relay
-        if method == "POST":
+        refusal: Next | None = None
+        if method == "POST" and not self.control(path):
             try:
                 found = model_endpoint(path)
             except NotFound as err:   # an unknown Gemini method
-                return self.refuse(err)
-            if found is not None:
-                call.endpoint, call.path_model = found
-                call.dialect = found[0].dialect
-                return self.model_call
-        elif method in ("GET", "HEAD"):
+                refusal = self.refuse(err)
+            else:
+                if found is not None:
+                    call.endpoint, call.path_model = found
+                    call.dialect = found[0].dialect
+                    return self.model_call
+        call.dialect = dialect_for_path(path, request.headers, request.query_string)
+        return refusal if refusal is not None else self._other(method, path)
+
+    def _other(self, method: str, path: str) -> Next:
+        """The chain of any route but a model call."""
+        if self.control(path):
+            return self.relay
+        if method in ("GET", "HEAD"):
             chain = self.get.get(path)
             if chain is not None:
                 return chain
@@ -148,7 +156,7 @@ class Front:
     async def handle(self, ex: Exchange) -> None:
         request = ex.request
         client = self._client_address(request.remote, request.headers.get("x-forwarded-for"))
-        call = Call(ex, dialect_for_path(request.path, request.headers, request.query_string), client)
+        call = Call(ex, OPENAI, client)   # the caller's dialect is the route's: set by resolve
         await self._routes.resolve(call)(call)
 
     def head_check(self, request: Request) -> Awaitable[Refusal | None] | None:

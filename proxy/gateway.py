@@ -2,7 +2,8 @@
 
 This is the one place that names concrete backends and the one place the data plane's
 chains are composed. Every client route runs one chain, in this order (a stage is one
-line to add):
+line to add; `Before(...)` marks a step, which acts only before the rest, see
+proxy/pipeline.py):
 
     access log → request context (id, CORS, errors)
       → draining → auth (with the brute-force brake)        (keyed routes)
@@ -54,7 +55,7 @@ from proxy.middleware.last_used import LastUsed
 from proxy.middleware.limits import Admission, ReserveLimits
 from proxy.middleware.model_request import ModelRequest
 from proxy.mock_upstream import MockOptions, build_mock_app
-from proxy.pipeline import Middleware, Next, compose
+from proxy.pipeline import Before, Next, Stage, compose
 from proxy.routing import Router
 from proxy.sessions import Sessions
 from proxy.store import open_store
@@ -151,11 +152,11 @@ class Gateway:
     # ---------------------------------------------------------------- the chains
 
     def _compose(self) -> Routes:
-        outer: list[Middleware] = [request_context]
+        outer: list[Stage] = [request_context]
         if self.access_log is not None:
             outer.insert(0, LogAccess(self.access_log))
-        keyed: list[Middleware] = [*outer, RefuseWhileDraining(self.streams), self.authenticate]
-        model_call: list[Middleware] = [*keyed, self.accounting, self.model_request, ReserveLimits(self.admission)]
+        keyed: list[Stage] = [*outer, Before(RefuseWhileDraining(self.streams)), Before(self.authenticate)]
+        model_call: list[Stage] = [*keyed, self.accounting, Before(self.model_request), Before(ReserveLimits(self.admission))]
         client = self.client_routes
         get_handlers: dict[str, Next] = {
             "/": client.root,

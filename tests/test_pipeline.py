@@ -4,6 +4,7 @@ scripted exchange, the fold's order, and the route table's 404 / 405 / control s
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from proxy.middleware.context import request_context
 from proxy.middleware.draining import RefuseWhileDraining, StreamRegistry
 from proxy.middleware.limits import Admission, ReserveLimits
 from proxy.middleware.model_request import ModelRequest
-from proxy.pipeline import Call, compose
+from proxy.pipeline import Before, Call, compose
 from proxy.routing import Route
 from proxy.store.base import KeyRecord, UsageRecord
 from proxy.upstream import UpstreamPool
@@ -95,6 +96,43 @@ async def test_a_stage_may_answer_without_going_on() -> None:
     assert call.ex.status == 503
 
 
+async def test_steps_act_before_the_rest_in_order_and_may_wait_or_refuse() -> None:
+    seen: list[str] = []
+
+    def step(name: str, wait: bool = False) -> Before:
+        def run(call: Call) -> Awaitable[None] | None:
+            seen.append(name)
+            if not wait:
+                return None
+
+            async def waited() -> None:
+                await asyncio.sleep(0)
+                seen.append(name + " waited")
+            return waited()
+        return Before(run)
+
+    async def around(call: Call, call_next: Any) -> None:
+        seen.append("around>")
+        await call_next(call)
+        seen.append("<around")
+
+    async def handler(call: Call) -> None:
+        seen.append("handler")
+
+    await compose([step("a"), around, step("b", wait=True), step("c")], handler)(call_for())
+    assert seen == ["a", "around>", "b", "b waited", "c", "handler", "<around"]
+
+    def refuse(call: Call) -> None:
+        raise ShuttingDown()
+
+    async def not_reached(call: Call) -> None:
+        raise AssertionError("not reached")
+
+    call = call_for()
+    await compose([request_context, step("d"), Before(refuse), step("e")], not_reached)(call)
+    assert call.ex.status == 503 and seen[-1] == "d"
+
+
 # ---------------------------------------------------------------------- request context
 
 
@@ -144,7 +182,7 @@ async def test_context_turns_an_unexpected_error_into_a_500_but_not_after_the_he
 
 async def test_draining_refuses_new_work_once_stopping() -> None:
     streams = StreamRegistry()
-    chain = compose([request_context, RefuseWhileDraining(streams)], done)
+    chain = compose([request_context, Before(RefuseWhileDraining(streams))], done)
     call = call_for()
     await chain(call)
     assert call.ex.status == 200
@@ -187,7 +225,7 @@ async def test_authenticate_takes_the_key_where_the_dialect_does(dialect: Any, h
     async def on_failure(client: str, now: float) -> None:
         failures.append(client)
 
-    await compose([request_context, Authenticate(auth, on_failure)], done)(call)  # type: ignore[arg-type]
+    await compose([request_context, Before(Authenticate(auth, on_failure))], done)(call)  # type: ignore[arg-type]
     assert (call.ex.status == 200) is ok and (call.key is not None) is ok
     assert failures == ([] if ok else ["10.0.0.1"])   # the brake hears of every failure
 
@@ -217,7 +255,7 @@ def model_call(body: dict[str, Any], **kw: Any) -> Call:
 async def test_model_request_parses_once_and_refuses_before_any_upstream() -> None:
     pool = UpstreamPool()
     stage = ModelRequest(Config(limits=LimitsConfig(default_max_tokens=4096)), OneModel(), pool)  # type: ignore[arg-type]
-    chain = compose([request_context, stage], done)
+    chain = compose([request_context, Before(stage)], done)
     call = model_call({"model": "m", "messages": [], "stream": True, "max_tokens": 10})
     await chain(call)
     assert call.ex.status == 200 and call.model == "m" and call.stream and call.max_output == 10
@@ -288,7 +326,7 @@ async def test_accounting_refuses_unbillable_calls_and_records_the_open_attempt_
     call.key = limited
     call.prompt_estimate, call.plan = 100, (route(),)
     with pytest.raises(asyncio.CancelledError):
-        await compose([request_context, accounting, ReserveLimits(admission)], attempt_then_cancelled)(call)
+        await compose([request_context, accounting, Before(ReserveLimits(admission))], attempt_then_cancelled)(call)
     (rec,) = sink.records
     assert rec.outcome == "client_abort" and rec.estimated and rec.prompt_tokens == 100
     assert rec.id != "mine"   # a client-chosen id never names a record
@@ -296,7 +334,7 @@ async def test_accounting_refuses_unbillable_calls_and_records_the_open_attempt_
     call = model_call({"model": "m", "messages": []})
     call.key = limited
     call.plan = (route(),)
-    await compose([request_context, accounting, ReserveLimits(admission)], done)(call)
+    await compose([request_context, accounting, Before(ReserveLimits(admission))], done)(call)
     assert call.ex.status == 200 and b"x-ratelimit-limit-requests: 100" in call.limit_lines
 
 

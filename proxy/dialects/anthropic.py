@@ -35,6 +35,9 @@ class AnthropicDialect:
     keepalive: bytes | None = b'event: ping\ndata: {"type": "ping"}\n\n'
     key_in_query = False
 
+    def streams_sse(self, query: str) -> bool:
+        return True
+
     def error_status(self, err: ProxyError) -> int:
         # Anthropic's own "overloaded" status: its SDKs raise OverloadedError for it.
         return 529 if err.code == "upstream_overloaded" else err.status

@@ -33,6 +33,10 @@ class GeminiDialect:
     keepalive: bytes | None = None
     key_in_query = True   # ?key=, as Google's own API takes it
 
+    def streams_sse(self, query: str) -> bool:
+        # streamGenerateContent answers one JSON array unless the caller asks `?alt=sse`.
+        return "alt=sse" in query
+
     def error_status(self, err: ProxyError) -> int:
         return err.status
 

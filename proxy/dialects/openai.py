@@ -24,6 +24,9 @@ class OpenAIDialect:
     keepalive: bytes | None = b": keep-alive\n\n"
     key_in_query = False
 
+    def streams_sse(self, query: str) -> bool:
+        return True
+
     def error_status(self, err: ProxyError) -> int:
         return err.status
 

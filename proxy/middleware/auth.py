@@ -31,7 +31,7 @@ from proxy.http1.server import Request
 from proxy.keys import digest_key, well_formed
 from proxy.logs import Outage
 from proxy.middleware.last_used import LastUsed
-from proxy.pipeline import Call, Next
+from proxy.pipeline import Call
 from proxy.store.base import KeyRecord, Store
 
 log = logging.getLogger("llm_proxy.auth")
@@ -210,20 +210,24 @@ class Authenticator:
 
 
 class Authenticate:
-    """The auth stage: `call.key` is the caller's active key, or the call ends in 401
-    (429 past the brute-force brake's limit). The key may come as `?key=` only where the
-    dialect takes it there (Gemini). A key the head check already verified is taken as is."""
+    """The auth step (pipeline.Before): `call.key` is the caller's active key, or the call
+    ends in 401 (429 past the brute-force brake's limit). The key may come as `?key=` only
+    where the dialect takes it there (Gemini). A key the head check already verified is
+    taken as is, without waiting."""
 
     def __init__(self, authenticator: Authenticator, on_failure: Callable[[str, float], Awaitable[None]]) -> None:
         self._authenticator = authenticator
         self._on_failure = on_failure   # the brake: counts, and raises TooManyAuthFailures past its limit
 
-    async def __call__(self, call: Call, call_next: Next) -> None:
-        request = call.ex.request
-        admitted = request.admitted
-        # Checked from the head already (head_check), unless it was pipelined behind another.
-        call.key = admitted if isinstance(admitted, KeyRecord) else await self.key_of(request, call.dialect, call.client)
-        await call_next(call)
+    def __call__(self, call: Call) -> Awaitable[None] | None:
+        admitted = call.ex.request.admitted
+        if isinstance(admitted, KeyRecord):   # checked from the head already (head_check)
+            call.key = admitted
+            return None
+        return self._look_up(call)   # a keyed GET, or a model call pipelined behind another
+
+    async def _look_up(self, call: Call) -> None:
+        call.key = await self.key_of(call.ex.request, call.dialect, call.client)
 
     def key_now(self, request: Request, dialect: Dialect) -> KeyRecord | None:
         """The caller's key when the cache knows it as valid (no waiting); None otherwise."""

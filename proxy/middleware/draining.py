@@ -12,7 +12,7 @@ import asyncio
 from typing import Any
 
 from proxy.errors import ShuttingDown
-from proxy.pipeline import Call, Next
+from proxy.pipeline import Call
 
 
 class StreamRegistry:
@@ -41,13 +41,13 @@ class StreamRegistry:
 
 
 class RefuseWhileDraining:
-    """Keyed routes get 503 `server_shutting_down` once the process is stopping; other
-    workers (SO_REUSEPORT) or the restarted process take the new work."""
+    """A step (pipeline.Before): keyed routes get 503 `server_shutting_down` once the
+    process is stopping; other workers (SO_REUSEPORT) or the restarted process take the
+    new work."""
 
     def __init__(self, streams: StreamRegistry) -> None:
         self._streams = streams
 
-    async def __call__(self, call: Call, call_next: Next) -> None:
+    def __call__(self, call: Call) -> None:
         if self._streams.stopping:
             raise ShuttingDown()
-        await call_next(call)

@@ -24,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Awaitable
 from typing import Literal, NamedTuple
 
 from proxy.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from proxy.limits.base import Decision, Limiter, LimiterUnavailable, LimitSpec, Reservation
 from proxy.logs import Outage
-from proxy.pipeline import Call, Next
+from proxy.pipeline import Call
 from proxy.pricing import max_cost_usd
 from proxy.store.base import KeyRecord
 
@@ -260,20 +261,24 @@ class Admission:
 
 
 class ReserveLimits:
-    """The limits stage: reserve the call's worst case (its prompt estimate plus its output
-    cap, and their price on the plan's first route) against the key's limits, or refuse
-    it (429). The accounting stage settles the reservation with what was used."""
+    """The limits step (pipeline.Before): reserve the call's worst case (its prompt
+    estimate plus its output cap, and their price on the plan's first route) against the
+    key's limits, or refuse it (429). The accounting stage settles the reservation with
+    what was used."""
 
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
 
-    async def __call__(self, call: Call, call_next: Next) -> None:
+    def __call__(self, call: Call) -> Awaitable[None] | None:
         tokens = call.prompt_estimate + call.max_output
         usd = max_cost_usd(call.plan[0].model.price, call.prompt_estimate, call.max_output)
         # The record id is always one this process made (record_id_for), never admitted
         # before: a fresh id, which the memory limiter does not need to index.
         admitted = self._admission.admit_now(call.key, call.record_id, tokens, usd, True)
         if admitted is None:   # the limiter must wait (Redis, or a budget's first request)
-            admitted = await self._admission.admit(call.key, call.record_id, tokens, usd, True)
+            return self._admit(call, tokens, usd)
         call.reservation, call.limit_lines = admitted
-        await call_next(call)
+        return None
+
+    async def _admit(self, call: Call, tokens: int, usd: float) -> None:
+        call.reservation, call.limit_lines = await self._admission.admit(call.key, call.record_id, tokens, usd, True)

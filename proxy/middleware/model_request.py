@@ -1,4 +1,4 @@
-"""The model request stage: the body parsed once, what the call asks for, and its plan.
+"""The model request step (pipeline.Before): the body parsed once, what the call asks for, and its plan.
 
 The body is parsed once (orjson) to learn the model, the stream flag and the output cap;
 it is re-encoded later only if something must change (proxy/forward.py). Refused here,
@@ -17,7 +17,7 @@ from proxy.config import Config
 from proxy.dialects import Endpoint
 from proxy.errors import InvalidRequest, ModelNotAllowed, UnsupportedMediaType, UnsupportedParameter
 from proxy.metering.estimate import estimate_prompt_tokens
-from proxy.pipeline import Call, Next
+from proxy.pipeline import Call
 from proxy.routing import Router
 from proxy.translate import targets
 from proxy.upstream import UpstreamPool
@@ -51,7 +51,7 @@ class ModelRequest:
         self._upstreams = upstreams
         self._default_max_tokens = config.limits.default_max_tokens
 
-    async def __call__(self, call: Call, call_next: Next) -> None:
+    def __call__(self, call: Call) -> None:
         endpoint = call.endpoint
         assert endpoint is not None   # a model route's stage
         request = call.ex.request
@@ -74,7 +74,6 @@ class ModelRequest:
         call.prompt_estimate = estimate_prompt_tokens(request.body)
         call.max_output = self._default_max_tokens if cap is None else cap
         call.output_bound = output_bound(body)
-        await call_next(call)
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
