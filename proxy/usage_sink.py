@@ -256,6 +256,12 @@ class UsageSink:
         self._open[record_id] = build
         self._unjournaled.append(record_id)
 
+    def ended(self, record_id: str, build: Callable[[], UsageRecord]) -> None:
+        """The attempt's own record is queued: until it is durable, `build` makes its
+        pending record instead of the builder given to `pending()`."""
+        if record_id in self._open:
+            self._open[record_id] = build
+
     def _durable(self, records: list[UsageRecord]) -> None:
         if self._open:
             for rec in records:

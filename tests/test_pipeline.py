@@ -4,7 +4,8 @@ scripted exchange, the fold's order, and the route table's 404 / 405 / control s
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -288,9 +289,17 @@ class FakeSink:
     def __init__(self, accepting: bool = True) -> None:
         self.accepting = accepting
         self.records: list[UsageRecord] = []
+        self.open: dict[str, Callable[[], UsageRecord]] = {}   # pending records' builders
 
     def record(self, rec: UsageRecord) -> None:
         self.records.append(rec)
+
+    def pending(self, record_id: str, build: Callable[[], UsageRecord]) -> None:
+        self.open[record_id] = build
+
+    def ended(self, record_id: str, build: Callable[[], UsageRecord]) -> None:
+        if record_id in self.open:
+            self.open[record_id] = build
 
 
 @dataclass
@@ -338,20 +347,11 @@ async def test_accounting_refuses_unbillable_calls_and_records_the_open_attempt_
     assert call.ex.status == 200 and b"x-ratelimit-limit-requests: 100" in call.limit_lines
 
 
-class PendingSink(FakeSink):
-    def __init__(self) -> None:
-        super().__init__()
-        self.pending_builders: dict[str, Any] = {}
-
-    def pending(self, record_id: str, build: Any) -> None:
-        self.pending_builders[record_id] = build
-
-
 async def test_each_attempt_and_its_pending_record_carry_the_attempt_number() -> None:
     """DESIGN §7: records carry `attempt` (0 first, n for the id's `.n`). A pending record
     is built later, at a flush tick, when the call may be on its next attempt: it still
     names its own."""
-    sink = PendingSink()
+    sink = FakeSink()
     accounting = UsageAccounting(sink, Admission(MemoryLimiter(), fail_open=False), StreamRegistry())  # type: ignore[arg-type]
 
     async def failed_over(call: Call) -> None:
@@ -368,8 +368,27 @@ async def test_each_attempt_and_its_pending_record_carry_the_attempt_number() ->
     await compose([request_context, accounting], failed_over)(call)
     first, second = sink.records
     assert (first.attempt, second.attempt, second.id) == (0, 1, first.id + ".1")
-    pending = {rid: build() for rid, build in sink.pending_builders.items()}
+    pending = {rid: build() for rid, build in sink.open.items()}
     assert {rid: r.attempt for rid, r in pending.items()} == {first.id: 0, second.id: 1}
+
+
+async def test_an_ended_attempts_pending_record_is_read_off_its_record_not_the_live_call() -> None:
+    sink = FakeSink()
+    accounting = UsageAccounting(sink, Admission(MemoryLimiter(), fail_open=False), StreamRegistry())  # type: ignore[arg-type]
+    call = model_call({"model": "m", "messages": []})
+    call.key, call.record_id, call.started, call.model, call.prompt_estimate = key(), "req_x", time.time() - 1, "m", 42
+    call.route = route()
+    accounting.pending(call)
+    call.status, call.ttft_ms = 200, 12.5   # the stream has started when a flush tick comes
+    while_open = sink.open["req_x"]()
+    assert while_open.outcome == "shutdown" and while_open.error == "interrupted" and while_open.estimated
+    assert while_open.prompt_tokens == 42 and while_open.completion_tokens == 0 and while_open.cost_usd > 0
+    accounting.record(call)   # the attempt ends; its record is not durable yet
+    after = sink.open["req_x"]
+    # The same estimate (but for how long the attempt has lasted), without the call.
+    assert after()._replace(duration_ms=0) == while_open._replace(duration_ms=0)
+    assert after().duration_ms >= 1000
+    assert not any(arg is call for arg in after.args)  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------- routes

@@ -92,6 +92,12 @@ class UsageAccounting:
         call.records.append(record)
         call.emitted = True
         self._sink.record(record)
+        # The pending record of this attempt is needed until its own record is durable (a
+        # flush tick or two); from now on it is read off that record, so the sink does
+        # not keep the whole call (exchange, parsed body) alive that long.
+        route = call.route
+        assert route is not None   # an attempt has a route
+        self._sink.ended(record.id, functools.partial(_pending_of, record, route, call.prompt_estimate))
 
 
 def _attempt_id(call: Call) -> str:
@@ -100,8 +106,21 @@ def _attempt_id(call: Call) -> str:
 
 
 def _pending_record(call: Call, route: Route, record_id: str, attempt: int) -> UsageRecord:
+    """An open attempt's pending record: the provider bills the prompt, the answer is unknown."""
     usage = Usage(prompt_tokens=call.prompt_estimate)
     return _usage_record(call, usage, True, "interrupted", "shutdown", route, record_id, attempt)
+
+
+def _pending_of(record: UsageRecord, route: Route, prompt_estimate: int) -> UsageRecord:
+    """The same pending record for an attempt that ended with `record` (its fields are
+    the call's as the attempt ended)."""
+    usage = Usage(prompt_tokens=prompt_estimate)
+    return record._replace(
+        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens,
+        cache_creation_tokens=usage.cache_creation_tokens, reasoning_tokens=usage.reasoning_tokens,
+        cost_usd=cost_usd(route.model.price, usage), estimated=True, duration_ms=(time.time() - record.ts) * 1000,
+        error="interrupted", outcome="shutdown",
+    )
 
 
 def _usage_record(
