@@ -60,8 +60,11 @@ class UsageAccounting:
                 call.error = "server_shutdown" if ending else "client_abort"
             self.record(call)
         if call.reservation is not None:
-            tokens = sum(r.prompt_tokens + r.completion_tokens for r in call.records)
-            self._admission.settle(call.reservation, tokens, sum(r.cost_usd for r in call.records))
+            tokens, cost = 0, 0.0
+            for r in call.records:
+                tokens += r.prompt_tokens + r.completion_tokens
+                cost += r.cost_usd
+            self._admission.settle(call.reservation, tokens, cost)
 
     def pending(self, call: Call) -> None:
         """Before an attempt goes upstream: the record to keep if the process dies first
