@@ -8,8 +8,8 @@ A stage is one of two shapes:
 * a step, `Before(step)`: it acts only before the rest of the chain (checks or fills
   the call, or raises to refuse it). `step(call)` returns None when it is done, or an
   awaitable when it must wait (a key lookup, a limiter round trip); the chain goes on
-  after it. A step that need not wait costs a function call, not a coroutine: most of a
-  model call's stages are steps, and one coroutine per stage measured +2 % CPU per call.
+  after it. A step that need not wait costs a function call, not a coroutine (most of a
+  model call's stages are steps: bench/RESULTS.md, "CPU per same-dialect request").
 
 `compose` folds an ordered list of stages around a handler once, at start-up (the
 chains are composed in proxy/gateway.py), as starlette's `build_middleware_stack` and
