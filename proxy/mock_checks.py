@@ -374,3 +374,46 @@ def _schema_problem(schema: Any, where: str) -> str | None:
                 if bad:
                     return bad
     return None
+
+
+# Gemini's embedding task types (EmbedContentRequest.taskType).
+GEMINI_TASK_TYPES = frozenset({
+    "TASK_TYPE_UNSPECIFIED", "RETRIEVAL_QUERY", "RETRIEVAL_DOCUMENT", "SEMANTIC_SIMILARITY", "CLASSIFICATION",
+    "CLUSTERING", "QUESTION_ANSWERING", "FACT_VERIFICATION", "CODE_RETRIEVAL_QUERY",
+})
+GEMINI_EMBED_BATCH_MAX = 100   # requests per batchEmbedContents call
+
+
+def check_gemini_embed(request: Any, where: str, model: str | None) -> str | None:
+    """One EmbedContentRequest (`model`: the URL's, which a batch's requests must name)."""
+    if not isinstance(request, dict):
+        return f"* {where}: must be an object."
+    if model is not None and request.get("model") != f"models/{model}":
+        return f"* {where}.model: the model must be the one in the URL (models/{model}), got {request.get('model')!r}."
+    content = request.get("content")
+    parts = content.get("parts") if isinstance(content, dict) else None
+    if not isinstance(parts, list) or not parts:
+        return f"* {where}.content: content is not specified"
+    for k, part in enumerate(parts):
+        if not isinstance(part, dict) or not isinstance(part.get("text"), str):
+            return f"* {where}.content.parts[{k}]: only text is supported for embedding."
+    task = request.get("taskType")
+    if task is not None and task not in GEMINI_TASK_TYPES:
+        return f'Invalid value at \'{where}.task_type\' (type.googleapis.com/google.ai.generativelanguage.v1beta.TaskType), "{task}"'
+    dims = request.get("outputDimensionality")
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= 3072):
+        return f"* {where}.output_dimensionality: must be within 1..3072."
+    return None
+
+
+def check_gemini_batch_embed(body: dict[str, Any], model: str) -> str | None:
+    requests = body.get("requests")
+    if not isinstance(requests, list) or not requests:
+        return "* BatchEmbedContentsRequest.requests: requests is not specified"
+    if len(requests) > GEMINI_EMBED_BATCH_MAX:
+        return f"* BatchEmbedContentsRequest.requests: at most {GEMINI_EMBED_BATCH_MAX} requests can be in one batch."
+    for i, request in enumerate(requests):
+        problem = check_gemini_embed(request, f"BatchEmbedContentsRequest.requests[{i}]", model)
+        if problem:
+            return problem
+    return None

@@ -45,7 +45,9 @@ from proxy.mock_checks import (
     check_anthropic_count,
     check_chat,
     check_gemini,
+    check_gemini_batch_embed,
     check_gemini_count,
+    check_gemini_embed,
     thinking_signature,
 )
 
@@ -1214,6 +1216,37 @@ def _gemini_count_tokens(call: _Call) -> _Reply:
     )
 
 
+def _gemini_embedding(call: _Call, request: Mapping[str, Any]) -> dict[str, Any]:
+    """One ContentEmbedding: the same deterministic vector the OpenAI route gives the text."""
+    text = "\n".join(p["text"] for p in request["content"]["parts"])
+    dim = request.get("outputDimensionality") or call.kit.options.embedding_dim
+    return {"values": _embedding_vector(text, dim)}
+
+
+def _gemini_embed_usage(call: _Call) -> dict[str, Any]:
+    return {"promptTokenCount": call.prompt_tokens, "totalTokenCount": call.prompt_tokens}
+
+
+def _embed_content(call: _Call) -> _Reply:
+    problem = check_gemini_embed(call.body, "EmbedContentRequest", None)
+    if problem is not None:
+        raise _BadRequest(problem)
+    doc: dict[str, Any] = {"embedding": _gemini_embedding(call, call.body)}
+    if call.with_usage:
+        doc["usageMetadata"] = _gemini_embed_usage(call)
+    return _json_reply(doc, _GOOGLE_JSON_TYPE)
+
+
+def _batch_embed_contents(call: _Call) -> _Reply:
+    problem = check_gemini_batch_embed(call.body, call.model)
+    if problem is not None:
+        raise _BadRequest(problem)
+    doc: dict[str, Any] = {"embeddings": [_gemini_embedding(call, r) for r in call.body["requests"]]}
+    if call.with_usage:
+        doc["usageMetadata"] = _gemini_embed_usage(call)
+    return _json_reply(doc, _GOOGLE_JSON_TYPE)
+
+
 def _gemini_model(model_id: str) -> dict[str, Any]:
     return {
         "name": f"models/{model_id}",
@@ -1239,6 +1272,8 @@ _GEMINI_METHODS: Mapping[str, _Builder] = {
     "generateContent": _generate_content,
     "streamGenerateContent": _stream_generate_content,
     "countTokens": _gemini_count_tokens,
+    "embedContent": _embed_content,
+    "batchEmbedContents": _batch_embed_contents,
 }
 
 

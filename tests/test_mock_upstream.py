@@ -386,6 +386,44 @@ async def test_genai_function_call_and_models(mock: MockServer, http: Http) -> N
 # --------------------------------------------------------------------------- raw wire checks
 
 
+@pytest.mark.parametrize("version", ["v1beta", "v1"])
+async def test_genai_embed_content(mock: MockServer, http: Http, version: str) -> None:
+    """google-genai embeds through batchEmbedContents; the vectors are the OpenAI route's."""
+    client = _genai(mock, version, http)
+    one = await client.aio.models.embed_content(model="mock-embedding", contents="a")
+    assert mock.stats.last is not None and mock.stats.last.path == f"/{version}/models/mock-embedding:batchEmbedContents"
+    assert one.embeddings is not None and len(one.embeddings[0].values or []) == 64
+    assert one.usage_metadata is not None and one.usage_metadata.prompt_token_count == _last_prompt_tokens(mock)
+    config = genai_types.EmbedContentConfig(output_dimensionality=8, task_type="RETRIEVAL_DOCUMENT", title="t")
+    two = await client.aio.models.embed_content(model="mock-embedding", contents=["a", "b"], config=config)
+    assert two.embeddings is not None and [len(e.values or []) for e in two.embeddings] == [8, 8]
+    async with openai.AsyncOpenAI(api_key=OPENAI_KEY, base_url=f"{mock.base_url}/v1", max_retries=0) as oai:
+        same = await oai.embeddings.create(model="mock-embedding", input="a", encoding_format="float")
+    assert one.embeddings[0].values == pytest.approx(same.data[0].embedding)
+
+
+async def test_gemini_embed_checks(http: Http, mock: MockServer) -> None:
+    base = f"{mock.base_url}/v1beta/models/mock-embedding"
+    async with http.post(base + ":embedContent", json={"content": {"parts": [{"text": "a"}]}}, headers=GOO) as r:
+        doc = await r.json()
+        assert r.status == 200 and len(doc["embedding"]["values"]) == 64 and "usageMetadata" in doc
+    good = {"model": "models/mock-embedding", "content": {"parts": [{"text": "a"}]}}
+    bad = [
+        {"requests": []},
+        {"requests": [{**good, "model": "models/other"}]},          # must name the URL's model
+        {"requests": [{**good, "content": {"parts": [{"inlineData": {}}]}}]},
+        {"requests": [{**good, "taskType": "NOPE"}]},
+        {"requests": [{**good, "outputDimensionality": 0}]},
+        {"requests": [good] * 101},                                 # more than one batch holds
+    ]
+    for body in bad:
+        async with http.post(base + ":batchEmbedContents", json=body, headers=GOO) as r:
+            assert r.status == 400 and (await r.json())["error"]["status"] == "INVALID_ARGUMENT", body
+    async with http.post(base + ":batchEmbedContents", json={"requests": [good]},
+                         headers={**GOO, "x-mock-fail": "no-usage"}) as r:
+        assert r.status == 200 and "usageMetadata" not in await r.json()
+
+
 async def test_gemini_sse_framing_is_crlf(http: Http, mock: MockServer) -> None:
     method = "mock-gemini:streamGenerateContent"
     url = f"{mock.base_url}/v1beta/models/{method}?alt=sse&key={GOOGLE_KEY}"
