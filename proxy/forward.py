@@ -201,9 +201,14 @@ class Forwarder:
     ) -> tuple[bytes, bool]:
         """Re-encode only when something must change; say whether to drop a usage event."""
         changed = False
-        if not endpoint.model_in_path and body.get("model") != route.upstream_model:
-            body = {**body, "model": route.upstream_model}
-            changed = True
+        if not endpoint.model_in_path:
+            if body.get("model") != route.upstream_model:
+                body = {**body, "model": route.upstream_model}
+                changed = True
+        elif endpoint.retarget is not None and call.model != route.upstream_model:
+            retargeted = endpoint.retarget(body, call.model, route.upstream_model)
+            if retargeted is not None:
+                body, changed = retargeted, True
         dropper = False
         if (
             call.stream

@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, unquote
 
 import orjson
 
+from proxy.config import ModelConfig
 from proxy.dialects import ModelInfo
 from proxy.errors import InvalidRequest, MethodNotAllowed, NotFound, ProxyError
 from proxy.limits.base import Limiter
@@ -37,6 +38,15 @@ def _json(call: Call, doc: Any, status: int = 200, content_type: tuple[str, str]
 
 def _query(call: Call) -> dict[str, str]:
     return dict(parse_qsl(call.ex.request.query_string))
+
+
+def is_embedding_model(model: ModelConfig) -> bool:
+    """Whether model lists show `model` as an embedding model (Gemini's list names the
+    embedding methods for it instead of generateContent): its name, or the upstream model
+    of one of its routes, says "embed", as every major provider's embedding models do
+    (text-embedding-3-small, gemini-embedding-001, nomic-embed-text...). Only the lists
+    read it: any model may be called on any endpoint, and its upstream answers."""
+    return "embed" in model.name.lower() or any("embed" in r.model.lower() for r in model.routes)
 
 
 class ClientRoutes:
@@ -67,7 +77,7 @@ class ClientRoutes:
 
     def _visible_models(self, key: KeyRecord | None) -> list[ModelInfo]:
         return [
-            ModelInfo(m.name, m.routes[0].upstream, self._started)
+            ModelInfo(m.name, m.routes[0].upstream, self._started, embeds=is_embedding_model(m))
             for m in self._router.models
             if key is None or not key.models or m.name in key.models
         ]

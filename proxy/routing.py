@@ -92,12 +92,14 @@ class Router:
         usable = [r for r in routes if r.upstream.protocol == protocol or r.upstream.protocol in translatable]
         if not usable:
             others = ", ".join(sorted(self.protocols(name)))
-            raise InvalidRequest(
-                f"The model '{_short(name)}' is served by a {others} upstream and cannot be called "
-                f"through the {protocol} API; call it through the {others} API.",
-                param="model",
-                code="dialect_mismatch",
-            )
+            if translatable:   # the call translates, but not to these (Anthropic has no embeddings)
+                served = ", ".join(sorted(translatable | {protocol}))
+                message = (f"The model '{_short(name)}' is served by a {others} upstream, which has no API "
+                           f"for this call; it needs a model served by a {served} upstream.")
+            else:
+                message = (f"The model '{_short(name)}' is served by a {others} upstream and cannot be called "
+                           f"through the {protocol} API; call it through the {others} API.")
+            raise InvalidRequest(message, param="model", code="dialect_mismatch")
         groups = _tiers(usable) + [
             tier
             for fb in self._models[name].fallbacks

@@ -5,8 +5,8 @@ from urllib.parse import unquote
 from proxy.dialects.anthropic import ANTHROPIC, COUNT_TOKENS, MESSAGES
 from proxy.dialects.azure import AzureOpenAIDialect
 from proxy.dialects.base import Dialect, Endpoint, ModelInfo
+from proxy.dialects.gemini import BATCH_EMBED, EMBED, GEMINI, GENERATE, STREAM_GENERATE
 from proxy.dialects.gemini import COUNT_TOKENS as GEMINI_COUNT_TOKENS
-from proxy.dialects.gemini import GEMINI, GENERATE, STREAM_GENERATE
 from proxy.dialects.openai import CHAT, COMPLETIONS, EMBEDDINGS, OPENAI, RESPONSES
 from proxy.errors import NotFound
 
@@ -40,6 +40,8 @@ GEMINI_METHODS: dict[str, Endpoint] = {
     "generateContent": GENERATE,
     "streamGenerateContent": STREAM_GENERATE,
     "countTokens": GEMINI_COUNT_TOKENS,
+    "embedContent": EMBED,
+    "batchEmbedContents": BATCH_EMBED,
 }
 
 

@@ -8,7 +8,7 @@ Generic code never branches on a dialect's name; it asks the dialect.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,6 +26,8 @@ class ModelInfo:
     id: str
     owned_by: str
     created: int
+    # An embedding model (proxy.handlers decides): Gemini lists its embedding methods.
+    embeds: bool = False
 
 
 class Dialect(Protocol):
@@ -89,3 +91,7 @@ class Endpoint:
     # Fields that make a body of another API's shape which the translator reads instead
     # (Cursor sends Responses-shaped bodies, `input` for `messages`, to chat completions).
     other_shapes: tuple[str, ...] = ()
+    # For endpoints whose model is in the path but also named in the body (Gemini's
+    # batchEmbedContents: each request names it): (body, client model, upstream model) →
+    # the body for the upstream, or None when it needs no change (the byte-exact path).
+    retarget: Callable[[dict[str, Any], str, str], dict[str, Any] | None] | None = None

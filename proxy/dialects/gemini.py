@@ -1,4 +1,5 @@
-"""The Gemini dialect: generateContent, streamGenerateContent, countTokens, models."""
+"""The Gemini dialect: generateContent, streamGenerateContent, countTokens, embedContent,
+batchEmbedContents, models."""
 
 from __future__ import annotations
 
@@ -94,11 +95,33 @@ class GeminiDialect:
 _METHODS = ("generateContent", "streamGenerateContent", "countTokens")
 
 
+# What an embedding model serves instead (as Google lists its embedding models).
+_EMBED_METHODS = ("embedContent", "batchEmbedContents", "countTokens")
+
+
 def _model(m: ModelInfo) -> dict[str, object]:
-    return {"name": f"models/{m.id}", "displayName": m.id, "supportedGenerationMethods": list(_METHODS)}
+    methods = _EMBED_METHODS if m.embeds else _METHODS
+    return {"name": f"models/{m.id}", "displayName": m.id, "supportedGenerationMethods": list(methods)}
+
+
+def _retarget_batch(body: dict[str, Any], model: str, upstream_model: str) -> dict[str, Any] | None:
+    """batchEmbedContents names the model in each request, and Google refuses one that is not
+    the URL's: requests naming the client's model name the route's upstream model instead."""
+    requests = body.get("requests")
+    if not isinstance(requests, list):
+        return None
+    mine = (f"models/{model}", model)
+    if not any(isinstance(r, dict) and r.get("model") in mine for r in requests):
+        return None
+    want = f"models/{upstream_model}"
+    return {**body, "requests": [{**r, "model": want} if isinstance(r, dict) and r.get("model") in mine else r for r in requests]}
 
 
 GEMINI = GeminiDialect()
 GENERATE = Endpoint("generateContent", GEMINI, model_in_path=True, can_stream=False)
 STREAM_GENERATE = Endpoint("streamGenerateContent", GEMINI, model_in_path=True, always_stream=True)
 COUNT_TOKENS = Endpoint("countTokens", GEMINI, model_in_path=True, can_stream=False)
+EMBED = Endpoint("embedContent", GEMINI, model_in_path=True, can_stream=False, required=("content",))
+BATCH_EMBED = Endpoint(
+    "batchEmbedContents", GEMINI, model_in_path=True, can_stream=False, required=("requests",), retarget=_retarget_batch
+)

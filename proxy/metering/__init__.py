@@ -7,11 +7,11 @@
 
 Endpoint names for `meter_for`: "chat.completions", "completions", "embeddings",
 "responses", "messages", "count_tokens", "generateContent", "streamGenerateContent",
-"countTokens".
+"countTokens", "embedContent", "batchEmbedContents".
 streamGenerateContent always streams; `sse=True` (the `alt=sse` form) selects the SSE
-meter, `sse=False` the JSON-array stream meter. embeddings never stream and
-counting tokens (Anthropic count_tokens, Gemini countTokens) is free (its response is a
-count, not a charge): both ignore `stream`.
+meter, `sse=False` the JSON-array stream meter. Embeddings (both APIs) never stream and
+have no output tokens; counting tokens (Anthropic count_tokens, Gemini countTokens) is
+free (its response is a count, not a charge): both ignore `stream`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 from .anthropic import AnthropicMeter
 from .base import DEFAULT_MAX_TOKENS_BOUND, Meter, MeterBase, Usage
 from .estimate import estimate_prompt_tokens, estimate_tokens_from_bytes
-from .gemini import GeminiArrayStreamMeter, GeminiMeter
+from .gemini import GeminiArrayStreamMeter, GeminiEmbeddingsMeter, GeminiMeter
 from .openai import (
     OpenAIChatMeter,
     OpenAIEmbeddingsMeter,
@@ -33,7 +33,7 @@ from .openai import (
 from .sse import SSEEventTooLarge, SSESplitter, event_data, event_name
 
 __all__ = [
-    "AnthropicMeter", "FreeMeter", "GeminiArrayStreamMeter", "GeminiMeter", "Meter",
+    "AnthropicMeter", "FreeMeter", "GeminiArrayStreamMeter", "GeminiEmbeddingsMeter", "GeminiMeter", "Meter",
     "MeterBase", "OpenAIChatMeter", "OpenAIEmbeddingsMeter", "OpenAIResponsesMeter",
     "SSEEventTooLarge", "SSESplitter", "Usage", "UsageChunkDropper", "ensure_include_usage",
     "estimate_prompt_tokens", "estimate_tokens_from_bytes", "event_data", "event_name",
@@ -99,6 +99,8 @@ def meter_for(
         return FreeMeter()
     if endpoint == "embeddings":
         return OpenAIEmbeddingsMeter(max_tokens_bound=max_tokens_bound, **limits)
+    if endpoint in ("embedContent", "batchEmbedContents"):
+        return GeminiEmbeddingsMeter(max_tokens_bound=max_tokens_bound, **limits)
     if endpoint == "streamGenerateContent":
         if sse:
             return GeminiMeter(stream=True, max_tokens_bound=max_tokens_bound, **limits)

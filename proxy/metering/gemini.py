@@ -105,7 +105,7 @@ class GeminiMeter(MeterBase):
         return gemini_usage(meta, self._bound) if isinstance(meta, dict) else None
 
 
-def _object_end(buf: bytearray, start: int) -> int | None:
+def _object_end(buf: bytes | bytearray, start: int) -> int | None:
     """End offset of the JSON object opening at buf[start], or None if not complete yet."""
     depth = 0
     for m in _BRACE_OR_STRING.finditer(buf, start):
@@ -117,6 +117,34 @@ def _object_end(buf: bytearray, start: int) -> int | None:
             if depth == 0:
                 return m.end()
     return None
+
+
+class GeminiEmbeddingsMeter(MeterBase):
+    """embedContent / batchEmbedContents bodies: `usageMetadata.promptTokenCount` where the
+    API reports it (else the record is estimated from the request), and no output tokens.
+    The body is mostly floats: the usage object is read off the tail when it is there."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["stream"] = False
+        super().__init__(**kwargs)
+
+    def _body_json(self, body: bytes | bytearray) -> object:
+        start = body.rfind(b'"usageMetadata"')
+        brace = body.find(b"{", start) if start != -1 else -1
+        end = _object_end(body, brace) if brace != -1 else None
+        if end is not None:
+            return {"usageMetadata": load_json(body[brace:end])}
+        return super()._body_json(body)
+
+    def _body_usage(self, obj: dict[str, Any]) -> Usage | None:
+        meta = obj.get("usageMetadata")
+        if not isinstance(meta, dict):
+            return None
+        prompt, flagged = clamp_count(meta.get("promptTokenCount"), self._bound)
+        return build_usage(prompt=prompt, bound=self._bound, flagged=flagged)
+
+    def output_estimate(self) -> int:
+        return 0   # an embedding has no output tokens, whatever the size of its vectors
 
 
 class GeminiArrayStreamMeter(GeminiMeter):

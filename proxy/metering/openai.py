@@ -127,6 +127,9 @@ class OpenAIEmbeddingsMeter(MeterBase):
             return None
         return build_usage(prompt=usage.get("prompt_tokens"), bound=self._bound)
 
+    def output_estimate(self) -> int:
+        return 0   # an embedding has no output tokens, whatever the size of its vectors
+
 
 def ensure_include_usage(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """Ask a streaming OpenAI-dialect upstream for its usage chunk.

@@ -15,6 +15,10 @@ upstream's answer (a JSON body, an error body, or a stream through
 Token counts (Anthropic count_tokens, Gemini countTokens) go the same way to the
 upstream's own counter, or are estimated here where its protocol has none
 (`CountTranslation`, count.py).
+
+Embeddings have their own small hub (hub.EmbedRequest / EmbedResponse) and codecs
+(`embed_openai`, `embed_gemini`): OpenAI /v1/embeddings ⇄ Gemini embedContent and
+batchEmbedContents, through `EmbeddingsTranslation`. Anthropic has no embeddings API.
 """
 
 from __future__ import annotations
@@ -37,14 +41,14 @@ from proxy.errors import (
     UnsupportedParameter,
     UpstreamError,
 )
-from proxy.translate import anthropic, carrier, chat, gemini, responses
+from proxy.translate import anthropic, carrier, chat, embed_gemini, embed_openai, gemini, responses
 from proxy.translate.common import ClientContext, UpstreamOptions
 from proxy.translate.count import CLIENT_COUNTERS, ESTIMATED_HEADER, UPSTREAM_COUNTERS, Counter, estimate_tokens
-from proxy.translate.hub import BadInput, Request, Response, ToolCall, Untranslatable
+from proxy.translate.hub import BadInput, EmbedRequest, EmbedResponse, Request, Response, ToolCall, Untranslatable
 from proxy.translate.names import map_names
 from proxy.translate.stream import Decoder, Encoder, StreamTranslator
 
-__all__ = ["CountTranslation", "Translation", "targets", "translation_for"]
+__all__ = ["CountTranslation", "EmbeddingsTranslation", "Translation", "targets", "translation_for"]
 
 
 @dataclass(frozen=True)
@@ -91,8 +95,34 @@ CLIENT_CODECS: dict[str, Codec] = {
 UPSTREAM_CODECS: dict[str, Codec] = {"openai": CHAT, "anthropic": ANTHROPIC, "gemini": GEMINI}
 
 
+@dataclass(frozen=True)
+class EmbedCodec:
+    """One protocol's embeddings wire format (the functions of its embed_ module)."""
+
+    codec: Codec               # the protocol's codec, for what Translation shares (errors)
+    endpoint: str              # the endpoint an upstream of this protocol is called on
+    decode_request: Callable[[dict[str, Any]], EmbedRequest]
+    encode_request: Callable[[EmbedRequest, UpstreamOptions], dict[str, Any]]
+    decode_response: Callable[[dict[str, Any]], EmbedResponse]
+    encode_response: Callable[[EmbedResponse, EmbedRequest, ClientContext], dict[str, Any]]
+
+
+OPENAI_EMBED = EmbedCodec(CHAT, "embeddings", embed_openai.decode_request, embed_openai.encode_request,
+                          embed_openai.decode_response, embed_openai.encode_response)
+GEMINI_EMBED = EmbedCodec(GEMINI, "batchEmbedContents", embed_gemini.decode_request, embed_gemini.encode_request,
+                          embed_gemini.decode_response, embed_gemini.encode_response)
+EMBED_CLIENT_CODECS: dict[str, EmbedCodec] = {
+    "embeddings": OPENAI_EMBED,
+    "embedContent": GEMINI_EMBED,
+    "batchEmbedContents": GEMINI_EMBED,
+}
+EMBED_UPSTREAM_CODECS: dict[str, EmbedCodec] = {"openai": OPENAI_EMBED, "gemini": GEMINI_EMBED}
+
+
 # A count is answered on every protocol: by its counter, or estimated (count.py).
 _TARGETS = {endpoint: frozenset(UPSTREAM_CODECS) for endpoint in (*CLIENT_CODECS, *CLIENT_COUNTERS)}
+# Embeddings: the protocols with an embeddings API (Anthropic has none).
+_TARGETS.update((endpoint, frozenset(EMBED_UPSTREAM_CODECS)) for endpoint in EMBED_CLIENT_CODECS)
 _NONE: frozenset[str] = frozenset()
 
 
@@ -105,6 +135,12 @@ def targets(endpoint: str) -> frozenset[str]:
 def translation_for(endpoint: str, upstream: UpstreamConfig, body: dict[str, Any] | None = None) -> Translation | None:
     client = CLIENT_CODECS.get(endpoint)
     if client is None:
+        embed = EMBED_CLIENT_CODECS.get(endpoint)
+        if embed is not None:
+            embed_target = EMBED_UPSTREAM_CODECS.get(upstream.protocol)
+            if embed_target is None or embed_target is embed:
+                return None
+            return EmbeddingsTranslation(embed, embed_target, upstream)
         counter = CLIENT_COUNTERS.get(endpoint)
         if counter is None:
             return None
@@ -287,6 +323,51 @@ class CountTranslation(Translation):
             req = None
         tokens = estimate_tokens(req, body)
         return orjson.dumps(self._client_counter.encode_response(tokens)), ESTIMATED_HEADER
+
+
+class EmbeddingsTranslation(Translation):
+    """An embeddings call across protocols: OpenAI /v1/embeddings ⇄ Gemini embedContent /
+    batchEmbedContents. Never streamed; the upstream's errors are rewritten as any
+    translated call's are."""
+
+    def __init__(self, client: EmbedCodec, upstream: EmbedCodec, config: UpstreamConfig) -> None:
+        super().__init__(client.codec, upstream.codec, config)
+        self._from = client
+        self._to = upstream
+        self._req = EmbedRequest([])
+
+    def upstream_endpoint(self, stream: bool) -> str:
+        return self._to.endpoint
+
+    def upstream_query(self, stream: bool) -> str:
+        return ""
+
+    def request(self, body: dict[str, Any], model: str, stream: bool) -> bytes:
+        try:
+            req = self._from.decode_request(body)
+            out = self._to.encode_request(req, UpstreamOptions(model, self._config.default_max_tokens))
+        except (BadInput, Untranslatable) as exc:
+            raise _refusal(exc, self._config) from None
+        self._req = req
+        self.dropped = req.dropped
+        return orjson.dumps(out)
+
+    def response(self, data: bytes, ctx: ClientContext) -> bytes:
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise UpstreamError("The upstream's answer is not the JSON object its protocol promises.")
+        resp = self._to.decode_response(doc)
+        if len(resp.vectors) != len(self._req.inputs) or not all(resp.vectors):
+            raise UpstreamError(
+                f"The upstream answered {len(resp.vectors)} embeddings for {len(self._req.inputs)} inputs."
+            )
+        return orjson.dumps(self._from.encode_response(resp, self._req, ctx))
+
+    def stream(self, ctx: ClientContext) -> StreamTranslator:
+        raise AssertionError("embeddings never stream (their endpoints refuse `stream`)")
 
 
 def _refusal(exc: BadInput | Untranslatable, config: UpstreamConfig) -> ProxyError:

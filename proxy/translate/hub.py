@@ -232,6 +232,30 @@ class Failure:
 Event = Start | BlockStart | Delta | Signature | BlockStop | End | Failure
 
 
+# ---------------------------------------------------------------------------- embeddings
+
+
+@dataclass(slots=True)
+class EmbedRequest:
+    """An embeddings call (OpenAI /v1/embeddings, Gemini embedContent / batchEmbedContents):
+    one vector per input, in order."""
+
+    inputs: list[str | list[int]]          # texts, or OpenAI token-id arrays
+    dimensions: int | None = None          # OpenAI `dimensions`, Gemini `outputDimensionality`
+    base64: bool = False                   # OpenAI encoding_format "base64": float32 LE, base64
+    single: bool = False                   # Gemini embedContent: one `embedding` object back
+    task_type: str | None = None           # Gemini's taskType (no OpenAI field)
+    title: str | None = None               # Gemini's title (RETRIEVAL_DOCUMENT)
+    user: str | None = None                # OpenAI's end-user id (no Gemini field)
+    dropped: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class EmbedResponse:
+    vectors: list[list[float]]
+    prompt_tokens: int | None = None       # the upstream's count; None when it reports none
+
+
 class Untranslatable(Exception):
     """A request feature the upstream's protocol cannot express (rendered as a 400)."""
 
