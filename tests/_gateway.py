@@ -265,7 +265,8 @@ async def _audit(gw: Gateway) -> None:
     await asyncio.sleep(0.05)
     scripted = [r for r in await gw.records() if r.upstream.startswith("up")]
     assert len(scripted) == len(gw.upstream.received), (
-        f"{len(gw.upstream.received)} upstream requests but {len(scripted)} usage records: {scripted}"
+        f"{len(gw.upstream.received)} upstream requests ({[r.path for r in gw.upstream.received]}) "
+        f"but {len(scripted)} usage records: {scripted}"
     )
     ids = [r.id for r in await gw.records()]
     assert len(ids) == len(set(ids))

@@ -10,6 +10,7 @@ import hashlib
 import random
 import struct
 from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -57,8 +58,18 @@ def _oai(gw: Any) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0)
 
 
-def _genai(gw: Any, version: str = "v1beta") -> genai.Client:
-    return genai.Client(api_key=gw.key, http_options=gtypes.HttpOptions(base_url=gw.url, api_version=version))
+@pytest.fixture
+async def genai_client() -> AsyncIterator[Callable[..., Any]]:
+    """`client = genai_client(gw, version)`: google-genai's async client, closed after the test."""
+    made: list[genai.Client] = []
+
+    def make(gw: Any, version: str = "v1beta") -> Any:
+        made.append(genai.Client(api_key=gw.key, http_options=gtypes.HttpOptions(base_url=gw.url, api_version=version)))
+        return made[-1].aio
+
+    yield make
+    for client in made:
+        await client.aio.aclose()
 
 
 async def _post(gw: Any, path: str, body: Any, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
@@ -157,16 +168,16 @@ async def test_gemini_upstream_without_usage_is_estimated(gateway):
 
 
 @pytest.mark.parametrize("version", ["v1beta", "v1"])
-async def test_genai_sdk_on_gemini_upstream(gateway, version):
+async def test_genai_sdk_on_gemini_upstream(gateway, genai_client, version):
     gw = await _gw(gateway)
-    client = _genai(gw, version)
-    one = await client.aio.models.embed_content(model="emb-gemini", contents="hello")
+    client = genai_client(gw, version)
+    one = await client.models.embed_content(model="emb-gemini", contents="hello")
     assert one.embeddings is not None and one.embeddings[0].values == pytest.approx(_expected("hello"))
     # The client's model name differs upstream: each batch request is made to name the route's.
     sent = _received(gw, "/v1beta/models/mock-embedding:batchEmbedContents")[-1]
     assert [r["model"] for r in orjson.loads(sent.body)["requests"]] == ["models/mock-embedding"]
     config = gtypes.EmbedContentConfig(output_dimensionality=8, task_type="RETRIEVAL_DOCUMENT", title="doc")
-    two = await client.aio.models.embed_content(model="mock-embedding", contents=["a", "b"], config=config)
+    two = await client.models.embed_content(model="mock-embedding", contents=["a", "b"], config=config)
     assert two.embeddings is not None and [e.values for e in two.embeddings] == [pytest.approx(_expected(t, 8)) for t in "ab"]
     assert two.usage_metadata is not None and two.usage_metadata.prompt_token_count == prompt_tokens_for(
         _received(gw, ":batchEmbedContents")[-1].body)
@@ -193,16 +204,16 @@ async def test_gemini_same_dialect_is_byte_exact(gateway):
     assert status == 400 and orjson.loads(raw)["error"]["status"] == "INVALID_ARGUMENT"
 
 
-async def test_genai_sdk_on_openai_upstream(gateway):
+async def test_genai_sdk_on_openai_upstream(gateway, genai_client):
     gw = await _gw(gateway)
-    client = _genai(gw)
-    one = await client.aio.models.embed_content(model="emb-openai", contents="hello")
+    client = genai_client(gw)
+    one = await client.models.embed_content(model="emb-openai", contents="hello")
     assert one.embeddings is not None and one.embeddings[0].values == pytest.approx(_expected("hello"))
     sent = _received(gw, "/v1/embeddings")[-1]
     assert orjson.loads(sent.body) == {"model": "mock-embedding", "input": ["hello"], "encoding_format": "float"}
     assert one.usage_metadata is not None and one.usage_metadata.prompt_token_count == prompt_tokens_for(sent.body)
     config = gtypes.EmbedContentConfig(output_dimensionality=8)
-    several = await client.aio.models.embed_content(model="emb-openai", contents=["a", "b", "c"], config=config)
+    several = await client.models.embed_content(model="emb-openai", contents=["a", "b", "c"], config=config)
     assert several.embeddings is not None
     assert [e.values for e in several.embeddings] == [pytest.approx(_expected(t, 8)) for t in "abc"]
     assert orjson.loads(_received(gw, "/v1/embeddings")[-1].body)["dimensions"] == 8
@@ -222,11 +233,11 @@ async def test_genai_sdk_on_openai_upstream(gateway):
     assert [r.prompt_tokens for r in recs[:1]] == [one.usage_metadata.prompt_token_count]
 
 
-async def test_genai_errors(gateway):
+async def test_genai_errors(gateway, genai_client):
     gw = await _gw(gateway)
-    client = _genai(gw)
+    client = genai_client(gw)
     with pytest.raises(genai_errors.ClientError) as caught:   # Anthropic has no embeddings API
-        await client.aio.models.embed_content(model="mock-claude", contents="x")
+        await client.models.embed_content(model="mock-claude", contents="x")
     assert caught.value.code == 400 and caught.value.status == "INVALID_ARGUMENT"
     assert "anthropic" in (caught.value.message or "")
     headers = {"x-goog-api-key": gw.key}
@@ -243,14 +254,14 @@ async def test_genai_errors(gateway):
     assert not _received(gw, "/v1/embeddings")   # nothing reached the upstream
     # The upstream's own 400 (dimensions out of the mock's range), in Gemini's shape.
     with pytest.raises(genai_errors.ClientError) as caught:
-        await client.aio.models.embed_content(model="emb-openai", contents="x",
-                                              config=gtypes.EmbedContentConfig(output_dimensionality=9000))
+        await client.models.embed_content(model="emb-openai", contents="x",
+                                          config=gtypes.EmbedContentConfig(output_dimensionality=9000))
     assert caught.value.code == 400 and "dimensions" in (caught.value.message or "")
 
 
-async def test_gemini_list_names_embedding_methods(gateway):
+async def test_gemini_list_names_embedding_methods(gateway, genai_client):
     gw = await _gw(gateway)
-    models = {m.name: m for m in [m async for m in await _genai(gw).aio.models.list()]}
+    models = {m.name: m for m in [m async for m in await genai_client(gw).models.list()]}
     for name in ("models/emb-openai", "models/emb-gemini", "models/mock-embedding"):
         assert models[name].supported_actions == ["embedContent", "batchEmbedContents", "countTokens"]
     assert "embedContent" not in (models["models/mock-gemini"].supported_actions or [])
