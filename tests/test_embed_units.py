@@ -7,6 +7,8 @@ import struct
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.config import ModelConfig, RouteConfig, UpstreamConfig
 from proxy.dialects import GEMINI_METHODS, ModelInfo, model_endpoint
@@ -159,3 +161,52 @@ def test_embedding_meters() -> None:
         meter.feed_body(bare + b" " * 4000)
         # No usage reported: the prompt estimate, flagged, and never output tokens from the vectors.
         assert settle(meter, 11) == (Usage(prompt_tokens=11), True)
+
+
+# Valid bodies of each dialect: any text, one or several inputs, the optional fields.
+_TEXT = st.text(max_size=40)
+_OPENAI_BODY = st.fixed_dictionaries(
+    {"model": st.just("m"), "input": st.one_of(_TEXT, st.lists(_TEXT, min_size=1, max_size=5))},
+    optional={"dimensions": st.integers(1, 3072), "encoding_format": st.sampled_from(["float", "base64"]),
+              "user": _TEXT},
+)
+_CONTENT = st.fixed_dictionaries({"parts": st.lists(st.fixed_dictionaries({"text": _TEXT}), min_size=1, max_size=3)})
+_GEMINI_OPTIONS = {"taskType": st.sampled_from(["RETRIEVAL_QUERY", "RETRIEVAL_DOCUMENT", "CLUSTERING"]), "title": _TEXT}
+_GEMINI_SINGLE = st.fixed_dictionaries({"content": _CONTENT}, optional={**_GEMINI_OPTIONS, "outputDimensionality": st.integers(1, 3072)})
+_GEMINI_BATCH = st.integers(1, 3072).flatmap(lambda dims: st.fixed_dictionaries({"requests": st.lists(
+    st.fixed_dictionaries({"model": st.just("models/m"), "content": _CONTENT, "outputDimensionality": st.just(dims)},
+                          optional=_GEMINI_OPTIONS), min_size=1, max_size=5)}))
+_FLOATS = st.floats(-1, 1, width=32)
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(body=st.one_of(_OPENAI_BODY.map(lambda b: ("embeddings", b)), _GEMINI_SINGLE.map(lambda b: ("embedContent", b)),
+                      _GEMINI_BATCH.map(lambda b: ("batchEmbedContents", b))),
+       dim=st.integers(1, 8), prompt=st.one_of(st.none(), st.integers(0, 10_000)), data=st.data())
+def test_no_valid_embeddings_call_makes_a_translator_raise(body: tuple[str, dict[str, object]], dim: int,
+                                                          prompt: int | None, data: st.DataObject) -> None:
+    """Any valid call translates, and any well-formed upstream answer with one vector per
+    input comes back in the caller's shape with those vectors, in order."""
+    endpoint, doc = body
+    upstream = GEMINI_UP if endpoint == "embeddings" else OPENAI_UP
+    t = translation_for(endpoint, upstream)
+    assert isinstance(t, EmbeddingsTranslation)
+    sent = orjson.loads(t.request(doc, "up-model", False))
+    n = len(sent["requests"]) if "requests" in sent else (len(sent["input"]) if isinstance(sent["input"], list) else 1)
+    vectors = [data.draw(st.lists(_FLOATS, min_size=dim, max_size=dim)) for _ in range(n)]
+    if upstream is GEMINI_UP:
+        answer: dict[str, object] = {"embeddings": [{"values": v} for v in vectors]}
+        if prompt is not None:
+            answer["usageMetadata"] = {"promptTokenCount": prompt}
+    else:
+        answer = {"object": "list", "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                  "usage": {"prompt_tokens": prompt or 0, "total_tokens": prompt or 0}}
+    out = orjson.loads(t.response(orjson.dumps(answer), t.context("m", False, 3)))
+    if endpoint == "embeddings":
+        got = [list(struct.unpack(f"<{dim}f", base64.b64decode(d["embedding"]))) if isinstance(d["embedding"], str)
+               else d["embedding"] for d in out["data"]]
+    elif endpoint == "embedContent":
+        got = [out["embedding"]["values"]]
+    else:
+        got = [e["values"] for e in out["embeddings"]]
+    assert got == [pytest.approx(v) for v in vectors]
