@@ -134,6 +134,10 @@ def test_gemini_endpoints_and_retarget() -> None:
         "requests": [{"model": "models/up", "content": {}}, {"model": "models/up", "content": {}}, {"model": "models/z"}]}
     assert batch.retarget({"requests": [{"model": "models/up"}]}, "e", "up") is None   # nothing to change
     assert batch.retarget({"requests": "x"}, "e", "up") is None
+    single = GEMINI_METHODS["embedContent"]
+    assert single.retarget is not None
+    assert single.retarget({"model": "models/e", "content": {}}, "e", "up") == {"model": "models/up", "content": {}}
+    assert single.retarget({"content": {}}, "e", "up") is None   # byte-exact: nothing names the model
 
 
 def test_gemini_model_list_methods() -> None:

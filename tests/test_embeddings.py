@@ -198,6 +198,10 @@ async def test_gemini_same_dialect_is_byte_exact(gateway):
     status, _, raw = await _post(gw, "/v1/models/mock-embedding:batchEmbedContents", batch, headers)
     assert status == 200 and len(orjson.loads(raw)["embeddings"]) == 1
     assert _received(gw, ":batchEmbedContents")[-1].body == batch
+    # Under another name upstream, only a body naming the client's model changes.
+    named = {"model": "models/emb-gemini", "content": {"parts": [{"text": "a"}]}}
+    status, _, raw = await _post(gw, "/v1beta/models/emb-gemini:embedContent", named, headers)
+    assert status == 200 and orjson.loads(_received(gw, ":embedContent")[-1].body)["model"] == "models/mock-embedding"
     # The mock's own checks reach the caller as they are (same dialect).
     status, _, raw = await _post(gw, "/v1beta/models/mock-embedding:batchEmbedContents", {"requests": [
         {"model": "models/other", "content": {"parts": [{"text": "a"}]}}]}, headers)

@@ -117,11 +117,21 @@ def _retarget_batch(body: dict[str, Any], model: str, upstream_model: str) -> di
     return {**body, "requests": [{**r, "model": want} if isinstance(r, dict) and r.get("model") in mine else r for r in requests]}
 
 
+def _retarget_single(body: dict[str, Any], model: str, upstream_model: str) -> dict[str, Any] | None:
+    """embedContent may name the model in its body too (EmbedContentRequest.model): the
+    client's name becomes the route's upstream model, as in a batch."""
+    if body.get("model") not in (f"models/{model}", model):
+        return None
+    return {**body, "model": f"models/{upstream_model}"}
+
+
 GEMINI = GeminiDialect()
 GENERATE = Endpoint("generateContent", GEMINI, model_in_path=True, can_stream=False)
 STREAM_GENERATE = Endpoint("streamGenerateContent", GEMINI, model_in_path=True, always_stream=True)
 COUNT_TOKENS = Endpoint("countTokens", GEMINI, model_in_path=True, can_stream=False)
-EMBED = Endpoint("embedContent", GEMINI, model_in_path=True, can_stream=False, required=("content",))
+EMBED = Endpoint(
+    "embedContent", GEMINI, model_in_path=True, can_stream=False, required=("content",), retarget=_retarget_single
+)
 BATCH_EMBED = Endpoint(
     "batchEmbedContents", GEMINI, model_in_path=True, can_stream=False, required=("requests",), retarget=_retarget_batch
 )
