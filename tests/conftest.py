@@ -1,7 +1,8 @@
 """Shared fixtures. Server fixtures (PostgreSQL, Redis) live in their own modules."""
 
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -21,3 +22,22 @@ def _fast_tier_opens_no_sockets(request: pytest.FixtureRequest, monkeypatch: pyt
         monkeypatch.setattr(socket.socket, "connect", refuse)
         monkeypatch.setattr(socket.socket, "bind", refuse)
     yield
+
+
+@pytest.fixture
+async def genai_client() -> AsyncIterator[Callable[..., Any]]:
+    """`client = genai_client(gw, version)`: google-genai's async client on the gateway,
+    closed after the test (left to the collector, its close runs on a closed loop and
+    fails whichever test comes next)."""
+    from google import genai
+    from google.genai import types as gtypes
+
+    made: list[Any] = []
+
+    def make(gw: Any, version: str = "v1beta") -> Any:
+        made.append(genai.Client(api_key=gw.key, http_options=gtypes.HttpOptions(base_url=gw.url, api_version=version)))
+        return made[-1].aio
+
+    yield make
+    for client in made:
+        await client.aio.aclose()

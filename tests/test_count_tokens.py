@@ -26,10 +26,6 @@ def _anthropic(gw):
     return anthropic.AsyncAnthropic(base_url=gw.url, api_key=gw.key, max_retries=0)
 
 
-def _genai(gw, version="v1beta"):
-    return genai.Client(api_key=gw.key, http_options=gtypes.HttpOptions(base_url=gw.url, api_version=version))
-
-
 def _received(gw, path):
     return [r for r in gw.mock_stats[mock_stats].recent if r.path == path]
 
@@ -75,9 +71,9 @@ async def test_anthropic_sdk_count_on_openai_upstream_is_estimated_locally(gatew
 
 
 @pytest.mark.parametrize("version", ["v1beta", "v1"])
-async def test_genai_sdk_counts_on_gemini_upstream_byte_exact(gateway, version):
+async def test_genai_sdk_counts_on_gemini_upstream_byte_exact(gateway, genai_client, version):
     gw = await gateway()
-    got = await _genai(gw, version).aio.models.count_tokens(model="mock-gemini", contents=TEXT)
+    got = await genai_client(gw, version).models.count_tokens(model="mock-gemini", contents=TEXT)
     sent = _received(gw, "/v1beta/models/mock-gemini:countTokens")[-1]
     assert got.total_tokens == prompt_tokens_for(sent.body) > 0
     assert orjson.loads(sent.body) == {"contents": [{"parts": [{"text": TEXT}], "role": "user"}]}
@@ -86,13 +82,13 @@ async def test_genai_sdk_counts_on_gemini_upstream_byte_exact(gateway, version):
         "countTokens", "gemini", "gemini", 0, 0)
 
 
-async def test_genai_sdk_counts_on_anthropic_upstream(gateway):
+async def test_genai_sdk_counts_on_anthropic_upstream(gateway, genai_client):
     gw = await gateway()
-    client = _genai(gw)
+    client = genai_client(gw)
     contents = [gtypes.Content(role="user", parts=[gtypes.Part(text=TEXT)]),
                 gtypes.Content(role="model", parts=[gtypes.Part(text="Sunny.")]),
                 gtypes.Content(role="user", parts=[gtypes.Part(text="And tomorrow?")])]
-    got = await client.aio.models.count_tokens(model="mock-claude", contents=contents)
+    got = await client.models.count_tokens(model="mock-claude", contents=contents)
     sent = _received(gw, "/v1/messages/count_tokens")[-1]
     assert got.total_tokens == prompt_tokens_for(sent.body) > 0
     body = orjson.loads(sent.body)
@@ -102,9 +98,9 @@ async def test_genai_sdk_counts_on_anthropic_upstream(gateway):
     assert (rec.endpoint, rec.client_dialect, rec.upstream_protocol, rec.cost_usd) == ("countTokens", "gemini", "anthropic", 0)
 
 
-async def test_genai_sdk_count_on_openai_upstream_is_estimated_locally(gateway):
+async def test_genai_sdk_count_on_openai_upstream_is_estimated_locally(gateway, genai_client):
     gw = await gateway()
-    got = await _genai(gw).aio.models.count_tokens(model="mock-gpt", contents=TEXT)
+    got = await genai_client(gw).models.count_tokens(model="mock-gpt", contents=TEXT)
     assert 175 <= got.total_tokens < 260
     assert got.sdk_http_response.headers["x-llm-proxy-estimated"] == "true"
     assert gw.mock_stats[mock_stats].total == 0 and await gw.records() == []
@@ -147,7 +143,7 @@ async def test_bad_count_bodies_are_a_400_in_the_callers_dialect(gateway):
     assert gw.mock_stats[mock_stats].total == 0 and await gw.records() == []
 
 
-async def test_upstream_count_error_reaches_the_caller_in_its_shape(gateway):
+async def test_upstream_count_error_reaches_the_caller_in_its_shape(gateway, genai_client):
     gw = await gateway()
     rate = Reply(status=429, headers={"Content-Type": "application/json"}, chunks=[
         b'{"error":{"code":429,"message":"Quota exceeded for metric: requests per minute","status":"RESOURCE_EXHAUSTED"}}'])
@@ -159,7 +155,7 @@ async def test_upstream_count_error_reaches_the_caller_in_its_shape(gateway):
             await client.messages.count_tokens(model="up-gemini", messages=[{"role": "user", "content": "x"}])
     assert "requests per minute" in err.value.message
     with pytest.raises(genai.errors.ClientError) as gerr:
-        await _genai(gw).aio.models.count_tokens(model="up-claude", contents="x")
+        await genai_client(gw).models.count_tokens(model="up-claude", contents="x")
     assert gerr.value.code == 400 and "bad block" in gerr.value.message
     assert [r.path for r in gw.upstream.received] == ["/v1beta/models/gemini-2.5-flash:countTokens", "/v1/messages/count_tokens"]
     recs = await gw.wait_records(2)
@@ -193,3 +189,19 @@ async def test_wrapped_gemini_count_names_the_upstreams_model(gateway):
     assert orjson.loads(got.body) == {"generateContentRequest": {**body["generateContentRequest"], "model": "models/gemini-2.5-flash"}}
     (rec,) = await gw.wait_records(1)
     assert (rec.endpoint, rec.status, rec.upstream_protocol, rec.cost_usd) == ("countTokens", 200, "gemini", 0)
+
+
+async def test_a_count_is_free_under_a_tight_tpm(gateway):
+    """Counting costs the provider nothing: a key whose tpm a message call would exceed
+    may still count (no tokens reserved, a zero record)."""
+    gw = await gateway()
+    key = await gw.create_key("tpm50", tpm=50)
+    messages = [{"role": "user", "content": TEXT}]
+    async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=key, max_retries=0) as client:
+        with pytest.raises(anthropic.RateLimitError):
+            await client.messages.create(model="mock-claude", max_tokens=16, messages=messages)
+        for _ in range(3):
+            counted = await client.messages.count_tokens(model="mock-claude", messages=messages)
+            assert counted.input_tokens > 50
+    recs = await gw.wait_records(3)
+    assert all(r.endpoint == "count_tokens" and r.prompt_tokens == 0 and r.completion_tokens == 0 for r in recs)

@@ -10,14 +10,12 @@ import hashlib
 import random
 import struct
 from pathlib import Path
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import openai
 import orjson
 import pytest
-from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types as gtypes
 
@@ -56,20 +54,6 @@ def _received(gw: Any, suffix: str) -> list[Any]:
 
 def _oai(gw: Any) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0)
-
-
-@pytest.fixture
-async def genai_client() -> AsyncIterator[Callable[..., Any]]:
-    """`client = genai_client(gw, version)`: google-genai's async client, closed after the test."""
-    made: list[genai.Client] = []
-
-    def make(gw: Any, version: str = "v1beta") -> Any:
-        made.append(genai.Client(api_key=gw.key, http_options=gtypes.HttpOptions(base_url=gw.url, api_version=version)))
-        return made[-1].aio
-
-    yield make
-    for client in made:
-        await client.aio.aclose()
 
 
 async def _post(gw: Any, path: str, body: Any, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:

@@ -13,7 +13,8 @@ import orjson
 import pytest
 
 from proxy.config import Config, LimitsConfig, ModelConfig, Price, RouteConfig
-from proxy.dialects import ANTHROPIC, CHAT, GEMINI, GENERATE, OPENAI
+from proxy.dialects import ANTHROPIC, CHAT, COUNT_TOKENS, GEMINI, GENERATE, OPENAI
+from proxy.dialects.openai import EMBEDDINGS
 from proxy.errors import InvalidApiKey, ModelNotAllowed, NotFound, ProxyError, ShuttingDown, UsageUnavailable
 from proxy.front import Routes
 from proxy.http1.headers import Headers
@@ -277,6 +278,19 @@ async def test_model_request_parses_once_and_refuses_before_any_upstream() -> No
     call = model_call({"model": "m", "messages": []}, **{"content-encoding": "gzip"})
     await chain(call)
     assert call.ex.status == 415
+
+
+async def test_model_request_reserves_no_output_for_embeddings_and_nothing_for_counts() -> None:
+    stage = ModelRequest(Config(limits=LimitsConfig(default_max_tokens=4096)), OneModel(), UpstreamPool())  # type: ignore[arg-type]
+    chain = compose([request_context, Before(stage)], done)
+    call = model_call({"model": "m", "input": "some text to embed"})
+    call.endpoint = EMBEDDINGS
+    await chain(call)
+    assert call.ex.status == 200 and call.max_output == 0 and call.prompt_estimate > 0
+    call = model_call({"model": "m", "messages": [{"role": "user", "content": "count me"}]})
+    call.endpoint = COUNT_TOKENS
+    await chain(call)
+    assert call.ex.status == 200 and call.max_output == 0 and call.prompt_estimate == 0
 
 
 async def test_gemini_output_cap_is_the_dialects_knowledge() -> None:

@@ -116,4 +116,4 @@ def _model(m: ModelInfo) -> dict[str, str]:
 
 ANTHROPIC = AnthropicDialect()
 MESSAGES = Endpoint("messages", ANTHROPIC)
-COUNT_TOKENS = Endpoint("count_tokens", ANTHROPIC, can_stream=False)
+COUNT_TOKENS = Endpoint("count_tokens", ANTHROPIC, can_stream=False, generates=False, free=True)

@@ -82,6 +82,11 @@ class Endpoint:
     always_stream: bool = False
     # Whether the request may stream at all (embeddings and count_tokens never do).
     can_stream: bool = True
+    # Whether the answer holds generated tokens (embeddings and counts: none), so
+    # whether the limits reserve an output cap for it.
+    generates: bool = True
+    # A free call (token counts): it reserves and records no tokens, only a request.
+    free: bool = False
     # Whether the gateway asks this endpoint's upstream for a usage chunk (OpenAI chat/completions).
     wants_include_usage: bool = False
     # Body fields the endpoint cannot do without, checked before any upstream call.

@@ -128,10 +128,12 @@ def _retarget_single(body: dict[str, Any], model: str, upstream_model: str) -> d
 GEMINI = GeminiDialect()
 GENERATE = Endpoint("generateContent", GEMINI, model_in_path=True, can_stream=False)
 STREAM_GENERATE = Endpoint("streamGenerateContent", GEMINI, model_in_path=True, always_stream=True)
-COUNT_TOKENS = Endpoint("countTokens", GEMINI, model_in_path=True, can_stream=False)
+COUNT_TOKENS = Endpoint("countTokens", GEMINI, model_in_path=True, can_stream=False, generates=False, free=True)
 EMBED = Endpoint(
-    "embedContent", GEMINI, model_in_path=True, can_stream=False, required=("content",), retarget=_retarget_single
+    "embedContent", GEMINI, model_in_path=True, can_stream=False, generates=False, required=("content",),
+    retarget=_retarget_single,
 )
 BATCH_EMBED = Endpoint(
-    "batchEmbedContents", GEMINI, model_in_path=True, can_stream=False, required=("requests",), retarget=_retarget_batch
+    "batchEmbedContents", GEMINI, model_in_path=True, can_stream=False, generates=False, required=("requests",),
+    retarget=_retarget_batch,
 )

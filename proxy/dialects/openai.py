@@ -88,5 +88,5 @@ CHAT = Endpoint(
     other_shapes=("input",),
 )
 COMPLETIONS = Endpoint("completions", OPENAI, wants_include_usage=True, required=("prompt",))
-EMBEDDINGS = Endpoint("embeddings", OPENAI, can_stream=False, required=("input",))
+EMBEDDINGS = Endpoint("embeddings", OPENAI, can_stream=False, generates=False, required=("input",))
 RESPONSES = Endpoint("responses", OPENAI)

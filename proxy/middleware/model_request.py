@@ -71,8 +71,10 @@ class ModelRequest:
         call.upstreams = self._upstreams   # read with the plan: one configuration per call
         cap = endpoint.dialect.max_output_tokens(body)
         call.body, call.model, call.stream = body, model, stream
-        call.prompt_estimate = estimate_prompt_tokens(request.body)
-        call.max_output = self._default_max_tokens if cap is None else cap
+        # A free call (a token count) reserves nothing and records no tokens; one that
+        # generates nothing (embeddings, counts) reserves no output cap.
+        call.prompt_estimate = 0 if endpoint.free else estimate_prompt_tokens(request.body)
+        call.max_output = 0 if not endpoint.generates else self._default_max_tokens if cap is None else cap
         call.output_bound = output_bound(body)
 
 
