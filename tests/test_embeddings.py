@@ -253,3 +253,18 @@ async def test_gemini_list_names_embedding_methods(gateway, genai_client):
     for name in ("models/emb-openai", "models/emb-gemini", "models/mock-embedding"):
         assert models[name].supported_actions == ["embedContent", "batchEmbedContents", "countTokens"]
     assert "embedContent" not in (models["models/mock-gemini"].supported_actions or [])
+
+
+async def test_limits_reserve_no_output_for_embeddings(gateway, genai_client):
+    """A key whose tpm is below the default max_tokens (4096) still embeds: an embedding has
+    no output tokens to reserve; it was refused as one that could never be admitted."""
+    gw = await _gw(gateway)
+    key = await gw.create_key("small", tpm=1000)
+    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0) as client:
+        got = await client.embeddings.create(model="emb-gemini", input="hello")
+        assert len(got.data[0].embedding) == 64
+        with pytest.raises(openai.RateLimitError):   # a chat call still reserves its max_tokens
+            await client.chat.completions.create(model="mock-gpt", messages=[{"role": "user", "content": "x"}])
+    gw.key = key
+    one = await genai_client(gw).models.embed_content(model="emb-openai", contents="hello")
+    assert one.embeddings is not None
