@@ -39,9 +39,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 
@@ -50,7 +51,6 @@ from bench.run import (
     LOAD_CORE,
     PROXY_CORE,
     PY,
-    REPO,
     STREAM_MODEL,
     TASKSET,
     WRK,
@@ -124,11 +124,11 @@ class Params:
     stream_seconds: float
 
     @classmethod
-    def full(cls) -> "Params":
+    def full(cls) -> Params:
         return cls(rounds=3, seconds=10, conns=64, levels=(50, 200), stream_seconds=8)
 
     @classmethod
-    def smoke(cls) -> "Params":
+    def smoke(cls) -> Params:
         return cls(rounds=1, seconds=1, conns=8, levels=(5, 20), stream_seconds=0.5)
 
 
@@ -280,15 +280,16 @@ def streams(call: Call, level: int, p: Params) -> dict[str, Any]:
     return res
 
 
-def run_rounds(tmp: Path, calls: list[Call], p: Params) -> dict[str, Any]:
+def run_rounds(tmp: Path, calls: list[Call], p: Params, non_streamed: bool = True) -> dict[str, Any]:
     raw: dict[str, Any] = {"non_stream": [], **{f"streams_{n}": [] for n in p.levels}}
     measured = [c for c in calls if c.pid is not None]
-    if WRK is not None and p.rounds > 1:
+    wrk = WRK is not None and non_streamed
+    if wrk and p.rounds > 1:
         for c in measured:   # warm-up: pools, caches, the spend seed
             run_wrk(c.port, wrk_script(tmp, c), p.conns, min(2, p.seconds), c.path)
     for r in range(p.rounds):
         order = measured if r % 2 == 0 else measured[::-1]
-        if WRK is not None:
+        if wrk:
             row = {}
             for c in order:
                 row[c.name] = res = non_stream(tmp, c, p)
@@ -423,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-litellm", action="store_true", help="llm-proxy only")
     ap.add_argument("--litellm", action="store_true", help="with LiteLLM even in a smoke run")
     ap.add_argument("--rounds", type=int)
+    ap.add_argument("--levels", help="the two stream concurrencies, e.g. 50,200 (full default; smoke 5,20)")
+    ap.add_argument("--streams-only", action="store_true", help="skip the non-streamed CPU measurement")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs: litellm.log, proxy.log)")
     ap.add_argument("--out", help="raw results JSON (default bench/results/last-translated.json; smoke: the temp dir)")
     ap.add_argument("--wait-quiet", type=float, default=None, help="seconds to wait for an idle machine (full default 120)")
@@ -430,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     p = Params.smoke() if args.smoke else Params.full()
     if args.rounds:
         p.rounds = args.rounds
+    if args.levels:
+        lo, hi = (int(x) for x in args.levels.split(","))
+        p.levels = (lo, hi)
     with_litellm = not args.no_litellm and (args.litellm or not args.smoke)
     wait = args.wait_quiet if args.wait_quiet is not None else (0 if args.smoke else 120)
     if wait > 0:
@@ -467,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                     calls.remove(c)
                     break
         log("targets: " + ", ".join(f"{c.name} :{c.port}" for c in calls) + f"  tmp {tmp}")
-        raw["rounds"] = run_rounds(tmp, calls, p)
+        raw["rounds"] = run_rounds(tmp, calls, p, non_streamed=not args.streams_only)
         raw["targets"] = [c.name for c in calls]
     finally:
         for s in reversed(started):
