@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from proxy.config import Config
-from proxy.dialects import Endpoint
+from proxy.dialects import Dialect, Endpoint
 from proxy.errors import (
     ProxyError,
     RateLimited,
@@ -344,6 +344,11 @@ class Forwarder:
         # before sending anything still gets a plain 502 in the caller's dialect.
         head = _pass_headers(resp, headers) + _STREAM_HEADERS
         dialect = call.dialect
+        errors: Dialect | StreamTranslator = dialect
+        if isinstance(relay, StreamTranslator):
+            # Translated: the caller's content type and error framing, not the upstream's.
+            head = [h for h in head if h[0] != "Content-Type"] + [("Content-Type", relay.content_type)]
+            errors = relay
         keepalive = dialect.keepalive
         idle_s = target.config.timeouts.idle_s
         wait_s = min(idle_s, self._keepalive_s) if keepalive else idle_s
@@ -403,12 +408,12 @@ class Forwarder:
         except (UpstreamTimeout, UpstreamError) as exc:
             if not ex.head_sent:
                 raise
-            await self._end_stream(call, ex, exc, "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error")
+            await self._end_stream(call, ex, exc, "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error", errors)
         except UpstreamConnectionError as exc:
             log.warning("upstream %s cut the stream (%s)", target.name, type(exc).__name__)
             if not ex.head_sent:
                 raise UpstreamError("The upstream connection failed before its answer.") from None
-            await self._end_stream(call, ex, UpstreamError("The upstream connection failed mid-stream."), "upstream_error")
+            await self._end_stream(call, ex, UpstreamError("The upstream connection failed mid-stream."), "upstream_error", errors)
         except ConnectionResetError:
             if not delivered:
                 call.outcome, call.error = "client_abort", "client_abort"
@@ -420,7 +425,7 @@ class Forwarder:
                 call.outcome, call.error = "shutdown", "server_shutdown"
                 if not ex.client_gone:
                     _begin(ex, call, head, lines)
-                await _try_write(ex, dialect.stream_error_event(_shutdown_error(), call.request_id))
+                await _try_write(ex, errors.stream_error_event(_shutdown_error(), call.request_id))
                 _try_end(ex)
             else:
                 call.outcome, call.error = "client_abort", "client_abort"
@@ -431,9 +436,11 @@ class Forwarder:
             # must not hold the task too, or both wait for the cyclic collector.
             del task
 
-    async def _end_stream(self, call: Call, out: Exchange, err: ProxyError, outcome: Outcome) -> None:
+    async def _end_stream(
+        self, call: Call, out: Exchange, err: ProxyError, outcome: Outcome, errors: Dialect | StreamTranslator
+    ) -> None:
         call.outcome, call.error = outcome, err.code
-        await _try_write(out, call.dialect.stream_error_event(err, call.request_id))
+        await _try_write(out, errors.stream_error_event(err, call.request_id))
         _try_end(out)
 
 # ---------------------------------------------------------------------- helpers

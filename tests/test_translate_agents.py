@@ -208,3 +208,96 @@ async def test_gemini_text_signature_comes_back_from_a_responses_client(gateway,
         await client.responses.create(input=history, **kw)
     sent = _last_body(gw, "/v1beta/models/mock-gemini:generateContent")
     assert sent["contents"][1] == {"role": "model", "parts": [{"text": text, "thoughtSignature": thinking_signature(text)}]}
+
+
+# ---------------------------------------------------------------------- Gemini's JSON-array stream (no alt=sse)
+
+import asyncio  # noqa: E402
+
+import aiohttp  # noqa: E402
+
+from tests._gateway import Reply  # noqa: E402
+
+
+def _chat_chunk(delta: dict, finish: str | None = None) -> bytes:
+    doc = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+
+CHAT_STREAM = [_chat_chunk({"role": "assistant", "content": ""}), _chat_chunk({"content": "Hel"}),
+               _chat_chunk({"content": "lo"}), _chat_chunk({}, "stop"), b"data: [DONE]\n\n"]
+
+
+async def _read_element(r: aiohttp.ClientResponse, buf: bytes) -> bytes:
+    """Bytes until they hold a whole array element (the opening `[` or `,` first)."""
+    while True:
+        try:
+            orjson.loads(buf.lstrip(b"[,\r\n"))
+            return buf
+        except orjson.JSONDecodeError:
+            more = await asyncio.wait_for(r.content.readany(), 5)
+            assert more, buf
+            buf += more
+
+
+async def test_gemini_json_array_stream_is_translated_incrementally(gateway):
+    """streamGenerateContent without alt=sse on a chat-protocol model: the array opens
+    with the first element, which leaves before the upstream's next event; the rest
+    follow as they are decided, and `]` closes it at the end."""
+    gw = await gateway()
+    release = asyncio.Event()
+    release.set()   # the role chunk and "Hel" go at once; each later chunk waits for a set
+    gw.upstream.script(Reply(chunks=CHAT_STREAM, wait_for=release))
+    url = gw.url + "/v1beta/models/up-gpt:streamGenerateContent"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, json={"contents": [{"role": "user", "parts": [{"text": "x"}]}]},
+                          headers={"x-goog-api-key": gw.key}) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("application/json")
+            first = await _read_element(r, b"")
+            assert first.startswith(b"[") and not first.rstrip().endswith(b"]")
+            assert orjson.loads(first[1:])["candidates"][0]["content"]["parts"] == [{"text": "Hel"}]
+            for _ in range(len(CHAT_STREAM)):
+                release.set()
+                await asyncio.sleep(0)
+            rest = await r.read()
+    items = orjson.loads(first + rest)
+    assert "".join(p["text"] for i in items for p in i["candidates"][0]["content"]["parts"]) == "Hello"
+    assert [i["candidates"][0].get("finishReason") for i in items][-1] == "STOP"
+    assert not any(i["candidates"][0].get("finishReason") for i in items[:-1])
+    rec = (await gw.wait_records(1))[0]
+    assert rec.status == 200 and rec.stream and (rec.client_dialect, rec.upstream_protocol) == ("gemini", "openai")
+
+
+async def test_gemini_json_array_stream_cut_mid_way_ends_with_an_error_element(gateway):
+    """An upstream cut after the array opened: the gateway's error closes the array as
+    one more element (`{"error": ...}` first key), so the body stays one JSON document."""
+    gw = await gateway()
+    gw.upstream.script(Reply(chunks=CHAT_STREAM, cut_after=2))
+    url = gw.url + "/v1beta/models/up-gpt:streamGenerateContent"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, json={"contents": [{"role": "user", "parts": [{"text": "x"}]}]},
+                          headers={"x-goog-api-key": gw.key}) as r:
+            assert r.status == 200
+            body = await r.read()
+    items = orjson.loads(body)
+    assert items[0]["candidates"][0]["content"]["parts"] == [{"text": "Hel"}]
+    assert list(items[-1]) == ["error"] and items[-1]["error"]["code"] >= 500
+    rec = (await gw.wait_records(1))[0]
+    assert rec.outcome == "upstream_error"
+
+
+@pytest.mark.parametrize("model", ["mock-gpt", "mock-claude"])
+async def test_gemini_json_array_stream_on_the_mock_of_each_protocol(gateway, model):
+    gw = await gateway()
+    url = gw.url + f"/v1beta/models/{model}:streamGenerateContent"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, json={"contents": [{"role": "user", "parts": [{"text": "hello"}]}],
+                                     "systemInstruction": {"parts": [{"text": "be brief"}]}},
+                          headers={"x-goog-api-key": gw.key}) as r:
+            assert r.headers["Content-Type"].startswith("application/json")
+            items = orjson.loads(await r.read())
+    assert "mock" in "".join(p.get("text", "") for i in items for p in i["candidates"][0]["content"]["parts"])
+    assert items[-1]["candidates"][0]["finishReason"] == "STOP" and items[-1]["usageMetadata"]["candidatesTokenCount"] == 12
+    rec = (await gw.wait_records(1))[0]
+    assert rec.completion_tokens == 12 and not rec.estimated

@@ -41,11 +41,12 @@ BODY_VECTORS = {
 VECTOR_DIR = {"openai": "openai", "anthropic": "anthropic", "gemini": "gemini"}
 
 
-def _translated_stream(endpoint: str, protocol: str, payload: bytes, size: int = 7, include_usage: bool = True) -> bytes:
+def _translated_stream(endpoint: str, protocol: str, payload: bytes, size: int = 7, include_usage: bool = True,
+                       query: str = "alt=sse") -> bytes:
     translation = translation_for(endpoint, UPSTREAMS[protocol])
     assert translation is not None
     translation._include_usage = include_usage
-    relay = translation.stream(translation.context("alias", True, 42, "alt=sse"))
+    relay = translation.stream(translation.context("alias", True, 42, query))
     out = b"".join(relay.feed(payload[i:i + size]) for i in range(0, len(payload), size))
     return out + relay.flush()
 
@@ -154,6 +155,17 @@ def test_stream_vectors_through_every_translation(endpoint, protocol, name):
     _, payload = load(f"{VECTOR_DIR[protocol]}/{name}")
     for size in (1, 7, len(payload)):
         CHECKS[endpoint](_events(_translated_stream(endpoint, protocol, payload, size)))
+
+
+@pytest.mark.parametrize("protocol,name", [(p, n) for _, p, n in _pairs(STREAM_VECTORS) if _ == "streamGenerateContent"])
+def test_stream_vectors_as_gemini_json_arrays(protocol, name):
+    """streamGenerateContent without alt=sse: one JSON array, whatever the cut points."""
+    _, payload = load(f"{VECTOR_DIR[protocol]}/{name}")
+    for size in (1, 7, len(payload)):
+        out = _translated_stream("streamGenerateContent", protocol, payload, size, query="")
+        items = orjson.loads(out)
+        assert isinstance(items, list) and items
+        check_gemini_stream([(None, item) for item in items])
 
 
 @pytest.mark.parametrize("endpoint,protocol,name", _pairs(BODY_VECTORS))

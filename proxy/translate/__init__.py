@@ -225,7 +225,8 @@ class Translation:
 
     def stream(self, ctx: ClientContext) -> StreamTranslator:
         assert self.upstream.decoder is not None
-        return StreamTranslator(self.upstream.decoder(), self.client.encoder(ctx), self.client.sequential, self._names)
+        return StreamTranslator(self.upstream.decoder(), self.client.encoder(ctx), self.client.sequential, self._names,
+                                "text/event-stream" if ctx.sse else "application/json; charset=UTF-8")
 
     def error(self, status: int, data: bytes, retry_after: str | None) -> ProxyError:
         """An upstream 4xx in the caller's dialect: its body shape is the upstream's, so it

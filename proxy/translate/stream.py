@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from proxy.errors import ProxyError
 from proxy.metering.sse import SSEEventTooLarge, SSESplitter, event_data, event_name
-from proxy.translate.hub import BlockStart, Event, Failure, ToolCall
+from proxy.translate.hub import BlockStart, End, Event, Failure, ToolCall
 from proxy.translate.sequence import Sequencer
 
 
@@ -32,14 +33,19 @@ class Encoder(Protocol):
 
 
 class StreamTranslator:
-    def __init__(self, decoder: Decoder, encoder: Encoder, sequential: bool, names: dict[str, str] | None = None) -> None:
+    def __init__(self, decoder: Decoder, encoder: Encoder, sequential: bool, names: dict[str, str] | None = None,
+                 content_type: str = "text/event-stream") -> None:
         self._splitter = SSESplitter()
         self._decoder = decoder
         self._encoder = encoder
         self._sequencer = Sequencer() if sequential else None
         self._names = names or None   # upstream tool name → the client's (names.py)
         self._failed = False
+        self._ended = False           # a terminal event (the end, or an error) went out
         self.events: list[bytes] = []
+        # The caller's framing, whatever the upstream's (a Gemini caller without alt=sse reads
+        # one JSON array, written element by element).
+        self.content_type = content_type
 
     def feed(self, chunk: bytes) -> bytes:
         if self._failed:
@@ -81,11 +87,22 @@ class StreamTranslator:
                 ev.part.name = self._names.get(ev.part.name, ev.part.name)
             for item in self._sequencer.feed(ev) if self._sequencer is not None else (ev,):
                 out.append(self._encoder.encode(item))
-                if isinstance(item, Failure):
-                    self._failed = True
+                if isinstance(item, End):
+                    self._ended = True
+                elif isinstance(item, Failure):
+                    self._failed = self._ended = True
                     return b"".join(out)
         return b"".join(out)
 
     def _fail(self, message: str) -> bytes:
-        self._failed = True
+        self._failed = self._ended = True
         return self._encoder.failure(502, message)
+
+    def stream_error_event(self, err: ProxyError, request_id: str) -> bytes:
+        """The gateway's own mid-stream error (a timeout, a cut connection, a shutdown) in
+        the caller's framing, closing what the stream opened (a Gemini JSON array included);
+        nothing once the stream has ended."""
+        if self._ended or self._failed:
+            return b""
+        self._failed = self._ended = True
+        return self._encoder.failure(err.status, err.message)
