@@ -210,6 +210,39 @@ async def test_gemini_text_signature_comes_back_from_a_responses_client(gateway,
     assert sent["contents"][1] == {"role": "model", "parts": [{"text": text, "thoughtSignature": thinking_signature(text)}]}
 
 
+# ---------------------------------------------------------------------- P4 for Responses clients
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_codex_tool_loop_on_gemini_keeps_the_call_signature(gateway, stream):
+    """P4 for a Responses client: a call_id (≤ 64) cannot hold Gemini's signature, so a
+    reasoning item right before the call carries it; turn 2 puts it back on that call
+    (not the skip value), and the second parallel call still has none (P6)."""
+    gw = await gateway()
+    tools = [{"type": "function", "name": "get_weather", "description": "Weather", "parameters": SCHEMA}]
+    history: list = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "weather in two cities? parallel"}]}]
+    kw = dict(model="mock-gemini", tools=tools, store=False, include=["reasoning.encrypted_content"], reasoning={"effort": "low"})
+
+    async def turn(client):
+        if stream:
+            async with client.responses.stream(input=history, **kw) as s:
+                return await s.get_final_response()
+        return await client.responses.create(input=history, **kw)
+
+    async with _openai(gw) as client:
+        first = await turn(client)
+        assert [i.type for i in first.output] == ["reasoning", "reasoning", "function_call", "function_call"]
+        assert first.output[1].encrypted_content.startswith("lpx1.gemini+call.")
+        calls = first.output[2:]
+        history.extend(item.model_dump(exclude_none=True) for item in first.output)
+        history.extend({"type": "function_call_output", "call_id": c.call_id, "output": "21 C"} for c in calls)
+        second = await turn(client)
+    assert "mock" in second.output_text
+    sent = _last_body(gw, "/v1beta/models/mock-gemini:" + ("streamGenerateContent" if stream else "generateContent"))
+    parts = [p for p in sent["contents"][1]["parts"] if "functionCall" in p]
+    assert [p.get("thoughtSignature") for p in parts] == [thinking_signature("get_weather"), None]
+
+
 # ---------------------------------------------------------------------- Gemini's JSON-array stream (no alt=sse)
 
 import asyncio  # noqa: E402

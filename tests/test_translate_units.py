@@ -602,11 +602,26 @@ def test_no_valid_request_makes_a_translator_raise(endpoint, data):
             assert getattr(exc, "status", None) == 400, repr(exc)
             continue
         assert isinstance(out, dict)
+        from proxy.mock_checks import check_anthropic, check_chat, check_gemini
         if protocol == "anthropic":
-            from proxy.mock_checks import check_anthropic
             problem = check_anthropic({**out, "messages": [m for m in out["messages"]]})
             # Signatures the mock did not issue are the only refusal allowed here.
             assert problem is None or "signature" in problem, (problem, out)
+        elif protocol == "openai" and out["messages"] and _distinct_call_ids(out["messages"]):
+            # What the chat API refuses (tool messages that answer no call, calls left
+            # unanswered...); a DeepSeek-style upstream's demand for reasoning_content
+            # back is allowed: the history may hold no reasoning to give.
+            problem = check_chat(out)
+            assert problem is None or "reasoning_content" in problem, (problem, out)
+        elif protocol == "gemini":
+            problem = check_gemini(out)
+            assert problem is None or "signature" in problem, (problem, out)
+
+
+def _distinct_call_ids(messages: list[dict[str, Any]]) -> bool:
+    """Drawn histories may repeat a call id inside one turn, which no client sends."""
+    ids = [[c["id"] for c in m.get("tool_calls") or []] for m in messages]
+    return all(len(set(turn)) == len(turn) for turn in ids)
 
 
 _upstream_event = st.one_of(
@@ -656,3 +671,86 @@ def test_gemini_carrier_is_base64_and_a_native_signature_passes_through():
     native = base64.b64encode(b"\x12\x34 gemini's own").decode()
     assert carrier.unwrap_base64(native, "gemini") == Sig("gemini", native)
     assert carrier.unwrap_base64("not base64!", "gemini") == Sig("gemini", "not base64!")
+
+
+def test_p18_p26_chat_upstream_answers_every_call_and_takes_no_stray_result():
+    """Chat refuses a tool message for no call of the previous turn and an assistant turn
+    whose calls are not all answered: results pair with calls, an interrupted call gets a
+    cancelled result, a stray result becomes user text (Anthropic and Responses clients)."""
+    from proxy.mock_checks import check_chat
+    translation = translation_for("messages", UPSTREAMS["openai"])
+    body = {"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "a", "name": "f", "input": {}},
+                                          {"type": "tool_use", "id": "b", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "b", "content": "B"},
+                                     {"type": "tool_result", "tool_use_id": "zzz", "content": "Z"},
+                                     {"type": "text", "text": "go on"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "c", "name": "f", "input": {}}]},
+    ]}
+    out = orjson.loads(translation.request(body, "m", False))
+    assert check_chat(out) is None
+    assert [(m["role"], m.get("tool_call_id")) for m in out["messages"]] == [
+        ("user", None), ("assistant", None), ("tool", "a"), ("tool", "b"), ("user", None), ("assistant", None), ("tool", "c")]
+    assert out["messages"][2]["content"] == "Error: tool call was cancelled" and out["messages"][3]["content"] == "B"
+    assert "[result of tool call zzz]: Z" in orjson.dumps(out["messages"][4]).decode()
+    responses = translation_for("responses", UPSTREAMS["openai"])
+    out = orjson.loads(responses.request({"model": "m", "input": [
+        {"type": "function_call_output", "call_id": "lost", "output": "42"},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "and?"}]}]}, "m", False))
+    assert check_chat(out) is None and [m["role"] for m in out["messages"]] == ["user"]
+
+
+def test_p14_long_upstream_call_ids_reach_responses_clients_within_64():
+    from proxy.mock_checks import check_chat
+    translation = translation_for("responses", UPSTREAMS["openai"])
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    translation.request({"model": "m", "input": "x", "tools": tools}, "m", False)
+    long_id = "call_" + "x" * 75
+    whole = {"id": "c", "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "tool_calls": [
+        {"id": long_id, "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}]}
+    item = orjson.loads(translation.response(orjson.dumps(whole), ClientContext("m", False)))["output"][0]
+    assert len(item["call_id"]) <= 64 and item["call_id"] == carrier.safe_id(long_id)
+    stream = b"".join(b"data: " + orjson.dumps(d) + b"\n\n" for d in [
+        {"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": long_id, "function": {"name": "f", "arguments": "{}"}}]}}]},
+        {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}]) + b"data: [DONE]\n\n"
+    relay = translation.stream(translation.context("m", True, 1))
+    streamed = _events(relay.feed(stream) + relay.flush())[-1][1]["response"]["output"][0]
+    assert streamed["call_id"] == item["call_id"]   # deterministic: the same id both ways
+    turn2 = {"model": "m", "tools": tools, "input": [{"type": "message", "role": "user", "content": "x"}, item,
+                                                     {"type": "function_call_output", "call_id": item["call_id"], "output": "ok"}]}
+    out = orjson.loads(translation.request(turn2, "m", False))
+    assert check_chat(out) is None and out["messages"][1]["tool_calls"][0]["id"] == out["messages"][2]["tool_call_id"]
+
+
+def test_p25_codex_reasoning_items_reach_anthropic_as_its_signed_thinking():
+    translation = translation_for("responses", UPSTREAMS["anthropic"])
+    body = {"model": "m", "reasoning": {"effort": "low"}, "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+            "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "weather?"}]},
+                      {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "I call it."}],
+                       "encrypted_content": "lpx1.anthropic.SIG"},
+                      {"type": "function_call", "call_id": "toolu_1", "name": "f", "arguments": "{}"},
+                      {"type": "function_call_output", "call_id": "toolu_1", "output": "ok"}]}
+    out = orjson.loads(translation.request(body, "claude", False))
+    assert out["messages"][1]["content"][0] == {"type": "thinking", "thinking": "I call it.", "signature": "SIG"}
+    assert out["thinking"]["type"] == "enabled"
+    # Another provider's reasoning never reaches Anthropic (it checks its signatures).
+    body["input"][1]["encrypted_content"] = "lpx1.gemini.X"
+    out = orjson.loads(translation.request(body, "claude", False))
+    assert all(b["type"] != "thinking" for m in out["messages"] for b in m["content"]) and "thinking" not in out
+
+
+def test_p38_tool_result_images_stay_images():
+    body = {"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "a", "name": "shot", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a", "content": [
+            {"type": "text", "text": "the screen"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}]}
+    chat = orjson.loads(translation_for("messages", UPSTREAMS["openai"]).request(body, "m", False))
+    assert chat["messages"][2] == {"role": "tool", "tool_call_id": "a", "content": "the screen"}
+    assert chat["messages"][3] == {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}
+    gem = orjson.loads(translation_for("messages", UPSTREAMS["gemini"]).request(body, "g", False))
+    parts = gem["contents"][2]["parts"]
+    assert parts[0]["functionResponse"]["response"] == {"output": "the screen"}
+    assert parts[1] == {"inlineData": {"mimeType": "image/png", "data": "AAAA"}}

@@ -190,7 +190,7 @@ class Translation:
             req.stream = stream
             for msg in req.messages:
                 if msg.role == "assistant":
-                    msg.parts = carrier.anchor_text_signatures(msg.parts)
+                    msg.parts = carrier.anchor_signatures(msg.parts)
             # Kept under the client's names: the answer's calls get those back first.
             self._freeform = frozenset(t.name for t in req.tools if t.freeform)
             self._namespaces = {t.name: t.namespace for t in req.tools if t.namespace}

@@ -17,7 +17,9 @@ Gemini also signs text parts (a text-only turn carries its signature on its last
 Anthropic and Responses clients have no slot on text, so that signature rides in a
 thinking block (Anthropic) or reasoning item (Responses) right after the text, its owner
 marked `<owner>+text`; on the way back it returns to the text part before it
-(`anchor_text_signatures`). Chat clients echo nothing on a text-only turn: there it is
+(`anchor_signatures`). A Gemini call's signature reaches a Responses client the same
+way, on a reasoning item right before the call (`<owner>+call`: a `call_id` is at most 64
+characters, too short for it). Chat clients echo nothing on a text-only turn: there it is
 not carried (Gemini does not require it there, as it does on function calls).
 
 A value without the `lpx1.` prefix is the client dialect's own (a real Anthropic
@@ -37,11 +39,12 @@ from typing import Any
 
 import orjson
 
-from proxy.translate.hub import Part, Sig, Text, Thinking
+from proxy.translate.hub import Part, Sig, Text, Thinking, ToolCall
 
 PREFIX = "lpx1."
 ID_MARK = "_lpx1_"
 TEXT_MARK = "+text"    # a text part's signature, carried where the client keeps thinking
+CALL_MARK = "+call"    # a tool call's signature, where the call itself has no slot (Responses)
 
 
 def wrap(sig: Sig) -> str:
@@ -77,12 +80,23 @@ def wrap_text(sig: Sig) -> str:
     return wrap(Sig(sig.owner + TEXT_MARK, sig.value))
 
 
-def anchor_text_signatures(parts: list[Part]) -> list[Part]:
-    """An assistant turn's parts with each text-signature carrier (`wrap_text`) given back
-    to the text part before it (or to an empty text part where there is none)."""
-    if not any(isinstance(p, Thinking) and p.sig is not None and p.sig.owner.endswith(TEXT_MARK) for p in parts):
+def wrap_call(sig: Sig) -> str:
+    """The carrier of a tool call's signature, for a reasoning item before the call."""
+    return wrap(Sig(sig.owner + CALL_MARK, sig.value))
+
+
+def _carried(p: Part) -> bool:
+    return isinstance(p, Thinking) and p.sig is not None and p.sig.owner.endswith((TEXT_MARK, CALL_MARK))
+
+
+def anchor_signatures(parts: list[Part]) -> list[Part]:
+    """An assistant turn's parts with each carrier of another part's signature given back
+    to that part: a text signature (`wrap_text`) to the text part before it (or to an empty
+    text part where there is none), a call signature (`wrap_call`) to the call after it."""
+    if not any(_carried(p) for p in parts):
         return parts
     out: list[Part] = []
+    for_call: Sig | None = None
     for p in parts:
         if isinstance(p, Thinking) and p.sig is not None and p.sig.owner.endswith(TEXT_MARK):
             sig = Sig(p.sig.owner[: -len(TEXT_MARK)], p.sig.value)
@@ -92,6 +106,12 @@ def anchor_text_signatures(parts: list[Part]) -> list[Part]:
             else:
                 out.append(Text("", sig=sig))
             continue
+        if isinstance(p, Thinking) and p.sig is not None and p.sig.owner.endswith(CALL_MARK):
+            for_call = Sig(p.sig.owner[: -len(CALL_MARK)], p.sig.value)
+            continue
+        if isinstance(p, ToolCall) and for_call is not None:
+            p.sig = p.sig or for_call
+            for_call = None
         out.append(p)
     return out
 

@@ -254,11 +254,17 @@ def encode_request(req: Request, up: UpstreamOptions) -> dict[str, Any]:
     system = "\n\n".join(t.text for t in req.system if t.text)
     if system:
         messages.append({"role": "system", "content": system})
+    pending: list[str] = []       # the last assistant turn's call ids, to be answered next
     for msg in req.messages:
         if msg.role == "assistant":
-            messages.append(_encode_assistant(msg.parts))
+            messages.extend(_cancelled(pending))
+            assistant = _encode_assistant(msg.parts)
+            messages.append(assistant)
+            pending = [str(c["id"]) for c in assistant.get("tool_calls") or []]
         else:
-            messages.extend(_encode_user(msg.parts))
+            messages.extend(_encode_user(msg.parts, pending))
+            pending = []
+    messages.extend(_cancelled(pending))
     body: dict[str, Any] = {"model": up.model, "messages": messages}
     if req.tools:
         body["tools"] = [
@@ -306,21 +312,41 @@ def encode_request(req: Request, up: UpstreamOptions) -> dict[str, Any]:
     return body
 
 
-def _encode_user(parts: list[Part]) -> list[dict[str, Any]]:
-    """Tool results first, one `tool` message each, then the user's own content; images
-    a tool returned go in a user message after them (chat tool messages hold text only)."""
-    out: list[dict[str, Any]] = []
+def _cancelled(call_ids: list[str]) -> list[dict[str, Any]]:
+    """Answers for calls the history left open (a user interrupt): chat refuses an
+    assistant turn with tool_calls that is not followed by one tool message per call."""
+    return [{"role": "tool", "tool_call_id": i, "content": "Error: tool call was cancelled"} for i in call_ids]
+
+
+def _encode_user(parts: list[Part], answering: list[str]) -> list[dict[str, Any]]:
+    """Tool results first, one `tool` message each in the order of the calls they answer
+    (a call left unanswered gets a cancelled result), then the user's own content; images
+    a tool returned go in a user message after them (chat tool messages hold text only).
+    A result for no call of the previous turn cannot be a tool message (chat refuses it,
+    as the Responses API does: P26): its text goes with the user's."""
+    results: dict[str, ToolResult] = {}
     tool_images: list[Image] = []
     rest: list[Part] = []
     for p in parts:
         if isinstance(p, ToolResult):
-            text = "".join(c.text for c in p.content if isinstance(c, Text))
-            tool_images.extend(c for c in p.content if isinstance(c, Image))
-            if p.is_error:
-                text = "Error: " + text   # no error flag in chat: the model still sees the failure
-            out.append({"role": "tool", "tool_call_id": p.call_id, "content": text})
+            if p.call_id in answering and p.call_id not in results:
+                results[p.call_id] = p
+            else:
+                text = "".join(c.text for c in p.content if isinstance(c, Text))
+                rest.append(Text(f"[result of tool call {p.call_id}]: {text or '(empty)'}"))
         else:
             rest.append(p)
+    out: list[dict[str, Any]] = []
+    for call_id in answering:
+        result = results.get(call_id)
+        if result is None:
+            out.extend(_cancelled([call_id]))
+            continue
+        text = "".join(c.text for c in result.content if isinstance(c, Text))
+        tool_images.extend(c for c in result.content if isinstance(c, Image))
+        if result.is_error:
+            text = "Error: " + text   # no error flag in chat: the model still sees the failure
+        out.append({"role": "tool", "tool_call_id": call_id, "content": text})
     user_parts = [*tool_images, *rest]
     if user_parts:
         out.append({"role": "user", "content": _encode_content(user_parts)})

@@ -276,6 +276,12 @@ def _text_signature_item(sig: Sig) -> dict[str, Any]:
     return {"type": "reasoning", "id": new_id("rs_"), "summary": [], "encrypted_content": carrier.wrap_text(sig)}
 
 
+def _call_signature_item(sig: Sig) -> dict[str, Any]:
+    """A reasoning item carrying the signature of the call after it (carrier.py): a
+    call_id holds at most 64 characters (P14), too few for a signature."""
+    return {"type": "reasoning", "id": new_id("rs_"), "summary": [], "encrypted_content": carrier.wrap_call(sig)}
+
+
 def _message_item(text: str, refusal: str | None, mid: str | None = None) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
     if text:
@@ -300,6 +306,8 @@ def encode_response(resp: Response, ctx: ClientContext) -> dict[str, Any]:
         if text:
             output.append(_message_item(text, None))
             text = ""
+        if isinstance(p, ToolCall) and p.sig is not None:
+            output.append(_call_signature_item(p.sig))
         output.append(_reasoning_item(p) if isinstance(p, Thinking) else _call_item(p, ctx, "completed"))
     if text or resp.refusal:
         output.append(_message_item(text, resp.refusal))
@@ -369,13 +377,20 @@ class StreamEncoder:
             return (self._ev("response.output_item.added", output_index=index, item=item)
                     + self._ev("response.reasoning_summary_part.added", item_id=item["id"], output_index=index,
                                summary_index=0, part={"type": "summary_text", "text": ""}))
+        before = b""
+        if part.sig is not None:
+            carried = _call_signature_item(part.sig)
+            self._items.append(carried)
+            before = (self._ev("response.output_item.added", output_index=index, item=carried)
+                      + self._ev("response.output_item.done", output_index=index, item=carried))
+            index += 1
         item = _call_item(part, self._ctx, "in_progress")
         if item["type"] == "function_call":
             item["arguments"] = ""
         else:
             item["input"] = ""
         self._open[ev.index] = item | {"_index": index}
-        return self._ev("response.output_item.added", output_index=index, item=item)
+        return before + self._ev("response.output_item.added", output_index=index, item=item)
 
     def _delta(self, ev: Delta) -> bytes:
         item = self._open.get(ev.index)
