@@ -146,6 +146,9 @@ def check_anthropic(body: dict[str, Any]) -> str | None:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return "messages: at least one message is required"
+    marked = _cache_markers(body)
+    if marked > 4:
+        return f"A maximum of 4 blocks with cache_control may be provided. Found {marked}."
     pending: list[str] = []
     for i, msg in enumerate(messages):
         problem = _anthropic_message(msg, i, messages, pending, thinking_on)
@@ -168,6 +171,17 @@ def check_anthropic_count(body: dict[str, Any]) -> str | None:
     # The Messages rules hold for the rest; count_tokens has no max_tokens, so the
     # largest stands in for it (only the thinking budget's floor is checked).
     return check_anthropic({**body, "max_tokens": 2**31})
+
+
+def _cache_markers(body: dict[str, Any]) -> int:
+    blocks: list[Any] = [*(body.get("tools") or []), *(body.get("system") or [] if isinstance(body.get("system"), list) else [])]
+    for msg in body.get("messages") or []:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        for block in content if isinstance(content, list) else []:
+            blocks.append(block)
+            inner = block.get("content") if isinstance(block, dict) else None
+            blocks.extend(inner if isinstance(inner, list) else [])
+    return sum(1 for b in blocks if isinstance(b, dict) and "cache_control" in b)
 
 
 def _anthropic_message(msg: Any, i: int, messages: list[Any], pending: list[str], thinking_on: bool) -> str | None:

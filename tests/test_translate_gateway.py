@@ -128,7 +128,10 @@ async def test_chat_client_on_anthropic_upstream_text(gateway, stream):
             assert resp.choices[0].finish_reason == "stop" and resp.usage.completion_tokens == 12
     assert "mock" in text
     sent = _last_body(gw, "/v1/messages")
-    assert sent["max_tokens"] == 4096 and sent["system"] == [{"type": "text", "text": "be brief"}]
+    # No markers from the client: the gateway's own breakpoints (P34).
+    assert sent["max_tokens"] == 4096
+    assert sent["system"] == [{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}]
+    assert sent["messages"][-1]["content"][-1]["cache_control"] == {"type": "ephemeral"}
     assert sent["temperature"] == 1.0 and "top_p" not in sent and sent["stop_sequences"] == ["END"]
     rec = (await gw.wait_records(1))[0]
     assert rec.completion_tokens == 12 and not rec.estimated

@@ -280,7 +280,7 @@ def test_p3_p18_p13_chat_history_to_anthropic():
     ids = [b["id"] for b in assistant["content"]]
     assert ids[0] != "functions.Bash:0" and ids[0] == _to_anthropic(body)["messages"][1]["content"][0]["id"]   # P13: stable
     assert [b.get("tool_use_id") for b in results["content"]] == [*ids, None]                               # P18
-    assert results["content"][2] == {"type": "text", "text": "note"}
+    assert results["content"][2] == {"type": "text", "text": "note", "cache_control": {"type": "ephemeral"}}   # P34
     assert assistant["content"][1]["input"] == {}
 
 
@@ -754,3 +754,23 @@ def test_p38_tool_result_images_stay_images():
     parts = gem["contents"][2]["parts"]
     assert parts[0]["functionResponse"]["response"] == {"output": "the screen"}
     assert parts[1] == {"inlineData": {"mimeType": "image/png", "data": "AAAA"}}
+
+
+def test_p34_p35_cache_breakpoints_for_anthropic_upstreams():
+    """A chat client cannot mark a cache breakpoint: the tools, the system prompt and the
+    conversation so far are marked (3), the conversation's marker moving to the last user
+    turn; a client's own markers are kept, never more than 4 in all."""
+    from proxy.mock_checks import check_anthropic
+    tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in ("a", "b")]
+    body = {"model": "m", "tools": tools, "messages": [
+        {"role": "system", "content": "rules"}, {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "two"}, {"role": "user", "content": "three"}]}
+    out = _to_anthropic(body)
+    marked = [b for b in [*out["tools"], *out["system"], *(b for m in out["messages"] for b in m["content"])] if "cache_control" in b]
+    assert [b.get("name") or b["text"] for b in marked] == ["b", "rules", "three"]
+    assert check_anthropic(out) is None
+    parts = [{"type": "text", "text": f"p{k}", "cache_control": {"type": "ephemeral"}} for k in range(6)]
+    out = _to_anthropic({"model": "m", "tools": tools, "messages": [{"role": "user", "content": parts}]})
+    kept = [b["text"] for b in out["messages"][0]["content"] if "cache_control" in b]
+    assert kept == ["p2", "p3", "p4", "p5"] and "cache_control" not in out["tools"][-1]
+    assert check_anthropic(out) is None

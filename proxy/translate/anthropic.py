@@ -249,7 +249,47 @@ def encode_request(req: Request, up: UpstreamOptions) -> dict[str, Any]:
         body["metadata"] = {"user_id": req.user}
     if req.stream:
         body["stream"] = True
+    _cache_breakpoints(body)
     return body
+
+
+_BREAKPOINTS = 4
+_MARKABLE = frozenset({"text", "image", "tool_use", "tool_result", "document"})
+
+
+def _cache_breakpoints(body: dict[str, Any]) -> None:
+    """Anthropic caches a prompt prefix only up to a `cache_control` marker, at most 4 per
+    request (TRANSLATION §1.14; P34, P35). A client of another dialect rarely sends markers
+    (Cursor does): without any, the tools, the system prompt and the conversation so far
+    (the last user turn's last block, which moves forward every turn) are marked: the
+    prefix an agent sends again each turn. A client's own markers are kept, the earliest
+    dropped past 4."""
+    marked = [b for b in _blocks_in(body) if "cache_control" in b]
+    for block in marked[: max(0, len(marked) - _BREAKPOINTS)]:
+        del block["cache_control"]
+    if marked:
+        return
+    if body.get("tools"):
+        body["tools"][-1]["cache_control"] = {"type": "ephemeral"}
+    if body.get("system"):
+        body["system"][-1]["cache_control"] = {"type": "ephemeral"}
+    for msg in reversed(body["messages"]):
+        if msg["role"] == "user":
+            last = msg["content"][-1] if isinstance(msg["content"], list) and msg["content"] else None
+            if isinstance(last, dict) and last.get("type") in _MARKABLE:
+                last["cache_control"] = {"type": "ephemeral"}
+            return
+
+
+def _blocks_in(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every block that may carry a marker, in prompt order (tools, system, messages)."""
+    out: list[dict[str, Any]] = [*body.get("tools", ()), *body.get("system", ())]
+    for msg in body["messages"]:
+        for block in msg["content"] if isinstance(msg["content"], list) else ():
+            out.append(block)
+            if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+                out.extend(block["content"])
+    return out
 
 
 def _text_block(t: Text) -> dict[str, Any]:
