@@ -566,12 +566,14 @@ async def test_cursor_anthropic_flavoured_chat_body(gateway, model, path):
             model=model,
             messages=[{"role": "system", "content": [{"type": "text", "text": "rules", "cache_control": {"type": "ephemeral"}}]},
                       {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}],
-            tools=[OPENAI_TOOL], tool_choice={"type": "auto"})   # Cursor's Anthropic-style tool_choice
+            tools=[{**OPENAI_TOOL, "cache_control": {"type": "ephemeral"}}],
+            tool_choice={"type": "auto"})   # Cursor's Anthropic-style tool_choice
     assert "mock" in resp.choices[0].message.content
     sent = _last_body(gw, path)
     if model == "mock-claude":   # kept where the upstream honours it (P34)
         assert sent["system"][0]["cache_control"] == {"type": "ephemeral"}
         assert sent["messages"][0]["content"][0]["cache_control"] == {"type": "ephemeral"}
+        assert sent["tools"][0]["cache_control"] == {"type": "ephemeral"}
         assert sent["tool_choice"] == {"type": "auto"}
     else:
         assert sent["toolConfig"] == {"functionCallingConfig": {"mode": "AUTO"}}
