@@ -1,6 +1,6 @@
 """Bytecodes per proxied request, by Python function: where the interpreter's work goes.
 
-    python -m bench.bytecodes [--requests 300] [--out FILE] [--against FILE] [--top 40]
+    python -m bench.bytecodes [--requests 300] [--out FILE] [--against FILE] [--top 40] [--messages]
 
 callgrind (bench.instructions) counts instructions exactly but, on Python 3.11, names only
 C functions: most of a request is `_PyEval_EvalFrameDefault`. This counts the bytecodes
@@ -33,6 +33,7 @@ from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
 
+from bench import translated
 from bench.run import (
     CONFIG,
     PY,
@@ -87,8 +88,9 @@ def _child(argv: list[str]) -> int:
     return cli_main(argv)
 
 
-def measure(requests: int) -> tuple[dict[str, float], int]:
-    """Bytecodes per request by function (`file:function`, paths from the checkout)."""
+def measure(requests: int, dialect: str = "chat") -> tuple[dict[str, float], int]:
+    """Bytecodes per request by function (`file:function`, paths from the checkout);
+    `dialect` "messages": bench.translated's Anthropic call onto the chat upstream."""
     with tempfile.TemporaryDirectory(prefix="llm-proxy-bytecodes-") as name:
         tmp = Path(name)
         out = tmp / "counts.tsv"
@@ -103,11 +105,18 @@ def measure(requests: int) -> tuple[dict[str, float], int]:
             if not wait_ready(port, proc, 120, 120, poll_s=0.5):
                 raise RuntimeError("llm-proxy under the tracer did not get ready")
             log("warming up under the tracer")
-            run_wrk(port, wrk_script(tmp, key), 4, 3)
+            load_key, body, extra = key, chat_body(), []
+            if dialect == "chat":
+                run_wrk(port, wrk_script(tmp, key), 4, 3)
+            else:
+                call = translated.Call("bytecodes", port, None, dialect, key)
+                run_wrk(port, translated.wrk_script(tmp, call), 4, 3, call.path)
+                load_key, body = "", translated.body(dialect, "bench", False)
+                extra = ["--path", call.path, *(a for h in call.headers for a in ("--header", h))]
             proc.send_signal(signal.SIGUSR1)
             time.sleep(0.5)
-            res = run_loadgen("rate", port, key, chat_body(), "--rate", str(RATE), "--duration", str(requests / RATE),
-                              "--warmup", "0", "--conns", "8", timeout=requests / RATE + 120)
+            res = run_loadgen("rate", port, load_key, body, "--rate", str(RATE), "--duration", str(requests / RATE),
+                              "--warmup", "0", "--conns", "8", *extra, timeout=requests / RATE + 120)
             time.sleep(0.5)  # the last records' flush tick
             proc.send_signal(signal.SIGUSR2)
             deadline = time.monotonic() + 30
@@ -148,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="keep the counts (per request, by function)")
     ap.add_argument("--against", type=Path, default=None, help="an earlier --out: print this run minus that one")
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--messages", action="store_true", help="the translated call: Anthropic client, chat upstream")
     args = ap.parse_args(argv)
     try:
-        per, answered = measure(args.requests)
+        per, answered = measure(args.requests, "messages" if args.messages else "chat")
     except RuntimeError as exc:
         print(f"bench.bytecodes: {exc}", file=sys.stderr)
         return 1

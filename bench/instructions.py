@@ -1,6 +1,6 @@
 """Instructions per proxied request, counted by callgrind: an A/B measure without noise.
 
-    python -m bench.instructions [--seconds 20] [--rate 50] [--no-limits]
+    python -m bench.instructions [--seconds 20] [--rate 50] [--no-limits] [--messages] [--stream]
 
 CPU time per request moves by ±25 % between runs on a shared VM, so a change worth 3 %
 cannot be seen in it. The number of instructions the gateway executes per request
@@ -30,11 +30,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench import translated
 from bench.run import (
     CONFIG,
     PROXY_CORE,
     PY,
     REPO,
+    STREAM_MODEL,
     WRK,
     create_key,
     free_port,
@@ -64,7 +66,10 @@ def _counted(out_dir: Path) -> int:
     raise RuntimeError("no instruction total in the callgrind dump")
 
 
-def measure(seconds: float, rate: float, limits: bool, keep: Path | None = None) -> dict[str, float]:
+def measure(seconds: float, rate: float, limits: bool, keep: Path | None = None, dialect: str = "chat",
+            stream: bool = False) -> dict[str, float]:
+    """`dialect` "messages": bench.translated's Anthropic call onto the chat upstream;
+    `stream`: its streamed form (20 chunks 25 ms apart), counted per stream."""
     if not (VALGRIND and CALLGRIND_CONTROL and WRK):
         raise RuntimeError("needs valgrind, callgrind_control and wrk on PATH")
     with tempfile.TemporaryDirectory(prefix="llm-proxy-instr-") as name:
@@ -80,12 +85,19 @@ def measure(seconds: float, rate: float, limits: bool, keep: Path | None = None)
                                     stdout=subprocess.DEVNULL, stderr=open(tmp / "proxy.log", "wb"))
             if not wait_ready(port, proc, 240, 240, poll_s=0.5):
                 raise RuntimeError("llm-proxy under valgrind did not get ready")
-            script = wrk_script(tmp, key)
             log("warming up under valgrind")
-            run_wrk(port, script, 16, 8)
+            if dialect == "chat" and not stream:
+                run_wrk(port, wrk_script(tmp, key), 16, 8)
+                load_key, body, extra = key, chat_body(), []
+            else:
+                call = translated.Call("instr", port, None, dialect, key)
+                body = translated.body(dialect, STREAM_MODEL if stream else "bench", stream)
+                load_key, extra = "", ["--path", call.path, *(a for h in call.headers for a in ("--header", h))]
+                run_loadgen("rate", port, load_key, body, "--rate", str(rate), "--duration", "8", "--warmup", "0",
+                            "--conns", "8", *extra, timeout=200)
             subprocess.run([CALLGRIND_CONTROL, "-z", str(proc.pid)], capture_output=True, check=True, timeout=60)
-            res = run_loadgen("rate", port, key, chat_body(), "--rate", str(rate), "--duration", str(seconds),
-                              "--warmup", "0", "--conns", "8", timeout=seconds + 120)
+            res = run_loadgen("rate", port, load_key, body, "--rate", str(rate), "--duration", str(seconds),
+                              "--warmup", "0", "--conns", "8", *extra, timeout=seconds + 120)
             subprocess.run([CALLGRIND_CONTROL, "-d", str(proc.pid)], capture_output=True, check=True, timeout=60)
             requests = res.get("ok", 0)
             if not requests or res.get("errors") or res.get("dropped"):
@@ -111,13 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=50, help="requests per second, open loop (default 50)")
     ap.add_argument("--no-limits", action="store_true", help="a key without limits (default: every limit set)")
     ap.add_argument("--keep", type=Path, default=None, metavar="FILE", help="keep the callgrind dump there")
+    ap.add_argument("--messages", action="store_true", help="the translated call: Anthropic client, chat upstream")
+    ap.add_argument("--stream", action="store_true", help="streamed calls (20 chunks), counted per stream")
     args = ap.parse_args(argv)
     try:
-        r = measure(args.seconds, args.rate, not args.no_limits, args.keep)
+        r = measure(args.seconds, args.rate, not args.no_limits, args.keep,
+                    "messages" if args.messages else "chat", args.stream)
     except RuntimeError as exc:
         print(f"bench.instructions: {exc}", file=sys.stderr)
         return 1
-    print(f"{r['per_request']:,.0f} instructions per request ({r['requests']:,} requests, "
+    print(f"{r['per_request']:,.0f} instructions per {'stream' if args.stream else 'request'}"
+          f"{' (translated: /v1/messages)' if args.messages else ''} ({r['requests']:,} requests, "
           f"{r['instructions']:,} instructions; key {'without' if args.no_limits else 'with'} limits)")
     return 0
 
