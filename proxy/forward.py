@@ -55,6 +55,9 @@ _PASS_HEADERS = {
 _PASS_NAMES = frozenset(_PASS_HEADERS)
 _STREAM_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
 _UPSTREAM_BODY_CAP = 64 * 1024 * 1024
+# How an upstream broke a stream after its first byte (proxy/health/verdict.py).
+_CUT = Failure("cut")
+_STALLED = Failure("timeout")
 
 
 class Forwarder:
@@ -100,7 +103,11 @@ class Forwarder:
         and reported to the route's breaker, and the next route is tried. The last route's
         failure is relayed as the upstream said it, unless an earlier failure says more (a
         429 with its Retry-After beats a refused connection): then that one is rendered in
-        the caller's dialect."""
+        the caller's dialect.
+
+        After the first byte, a stream the upstream breaks is reported to the breaker too
+        (once, as the relay ends) but not retried. A stream's success is reported then as
+        well, not at its head: a route whose every stream is cut would reset its count."""
         ex, body, headers, lines = call.ex, call.body, call.headers, call.limit_lines
         raw = ex.request.body
         endpoint, upstreams = _endpoint(call), _pool(call)
@@ -141,8 +148,11 @@ class Forwarder:
             reported = False
             try:
                 kind = None if resp.status < 400 else failure_for_status(resp.status)
+                head_ms = (time.monotonic() - sent) * 1000
+                streamed = call.stream and resp.status == 200 and _is_stream(resp)
                 if kind is None:
-                    health.succeeded(route, (time.monotonic() - sent) * 1000)
+                    if not streamed:
+                        health.succeeded(route, head_ms)
                 else:
                     failure = Failure(kind, resp.status, retry_after_s(resp.headers))
                     await self._attempt_failed(call, failure, sent)
@@ -158,19 +168,35 @@ class Forwarder:
                     # Never followed nor passed on: a redirect could
                     # send the caller, or a later hop, to an internal host.
                     raise UpstreamError(f"The upstream answered with a redirect (status {resp.status}).")
-                if translation is not None:
-                    ctx = translation.context(call.model, call.stream, call.prompt_estimate, ex.request.query_string)
-                    return await self._translated(ex, call, target, resp, translation, ctx, headers, lines)
-                if resp.status < 300:
-                    call.meter = meter_for(endpoint.name, call.stream, sse=endpoint.dialect.streams_sse(ex.request.query_string))
-                if call.stream and resp.status == 200 and _is_stream(resp):
-                    relay: UsageChunkDropper | WholeEvents | None = None
-                    if dropper_needed:
-                        relay = UsageChunkDropper()
-                    elif (resp.headers.get("content-type") or "").startswith("text/event-stream"):
-                        relay = WholeEvents()
-                    return await self._relay_stream(ex, call, target, resp, relay, headers, lines)
-                return await self._relay_body(ex, call, target, resp, headers, lines)
+                if not streamed:
+                    if translation is not None:
+                        ctx = translation.context(call.model, call.stream, call.prompt_estimate, ex.request.query_string)
+                        return await self._translated(ex, call, target, resp, translation, ctx, headers, lines)
+                    if resp.status < 300:
+                        call.meter = meter_for(endpoint.name, call.stream, sse=endpoint.dialect.streams_sse(ex.request.query_string))
+                    return await self._relay_body(ex, call, target, resp, headers, lines)
+                try:
+                    if translation is not None:
+                        ctx = translation.context(call.model, call.stream, call.prompt_estimate, ex.request.query_string)
+                        broke = await self._translated_stream(ex, call, target, resp, translation, ctx, headers, lines)
+                    else:
+                        call.meter = meter_for(endpoint.name, call.stream, sse=endpoint.dialect.streams_sse(ex.request.query_string))
+                        relay: UsageChunkDropper | WholeEvents | None = None
+                        if dropper_needed:
+                            relay = UsageChunkDropper()
+                        elif (resp.headers.get("content-type") or "").startswith("text/event-stream"):
+                            relay = WholeEvents()
+                        broke = await self._relay_stream(ex, call, target, resp, relay, headers, lines)
+                except asyncio.CancelledError:
+                    # The client left, or the gateway is stopping: not the route's doing.
+                    health.succeeded(route, head_ms)
+                    raise
+                if broke is None:
+                    health.succeeded(route, head_ms)
+                else:
+                    reported = True
+                    await self._attempt_failed(call, broke, sent)
+                return
             except ProxyError as exc:
                 call.outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error"
                 call.error, call.status = exc.code, exc.status
@@ -273,17 +299,28 @@ class Forwarder:
         headers: HeaderList,
         lines: bytes,
     ) -> None:
-        """The upstream's answer, in the caller's dialect: metered on the upstream's own
-        bytes (its numbers are what is billed), relayed through the translator."""
-        if translation.dropped:
-            headers = [*headers, ("x-llm-proxy-translation", "dropped=" + ",".join(translation.dropped)[:512])]
-        endpoint = translation.upstream_endpoint(call.stream)
+        """The upstream's answer (not a stream), in the caller's dialect: metered on the
+        upstream's own bytes (its numbers are what is billed), relayed through the translator."""
         if resp.status < 300:
-            call.meter = meter_for(endpoint, call.stream, sse=True)
-        if call.stream and resp.status == 200 and _is_stream(resp):
-            relay = translation.stream(ctx)
-            return await self._relay_stream(ex, call, target, resp, relay, headers, lines)
+            call.meter = meter_for(translation.upstream_endpoint(call.stream), call.stream, sse=True)
+        headers = _dropped_header(translation, headers)
         return await self._relay_body(ex, call, target, resp, headers, lines, translation, ctx)
+
+    async def _translated_stream(
+        self,
+        ex: Exchange,
+        call: Call,
+        target: UpstreamTarget,
+        resp: Http1Response,
+        translation: Translation,
+        ctx: ClientContext,
+        headers: HeaderList,
+        lines: bytes,
+    ) -> Failure | None:
+        """The upstream's stream, in the caller's dialect (metered as in `_translated`)."""
+        call.meter = meter_for(translation.upstream_endpoint(call.stream), call.stream, sse=True)
+        headers = _dropped_header(translation, headers)
+        return await self._relay_stream(ex, call, target, resp, translation.stream(ctx), headers, lines)
 
     async def _relay_body(
         self,
@@ -337,7 +374,10 @@ class Forwarder:
         relay: UsageChunkDropper | WholeEvents | StreamTranslator | None,
         headers: HeaderList,
         lines: bytes,
-    ) -> None:
+    ) -> Failure | None:
+        """Relay an upstream stream to the client. Returns how the upstream broke it after
+        its first byte (for the route's breaker), None when it did not (it ended whole, or
+        the client left); before the first byte, upstream failures are raised."""
         meter = call.meter
         assert meter is not None  # set for every 2xx answer
         # The head goes out with the first data or keep-alive: an upstream that fails
@@ -405,18 +445,24 @@ class Forwarder:
             # upstream never finished (issue 25 item 11; CLIENTS.md 57 binds the events the
             # gateway writes itself: errors and shutdown notices, each ends with its blank line).
             ex.end()
+            # An upstream that closes without its final event broke the answer off (after
+            # an error event, typically): its route is charged, the bytes went out as they came.
+            return None if meter.final else _CUT
         except (UpstreamTimeout, UpstreamError) as exc:
             if not ex.head_sent:
                 raise
             await self._end_stream(call, ex, exc, "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error", errors)
+            return _STALLED if isinstance(exc, UpstreamTimeout) else _CUT
         except UpstreamConnectionError as exc:
             log.warning("upstream %s cut the stream (%s)", target.name, type(exc).__name__)
             if not ex.head_sent:
                 raise UpstreamError("The upstream connection failed before its answer.") from None
             await self._end_stream(call, ex, UpstreamError("The upstream connection failed mid-stream."), "upstream_error", errors)
+            return _CUT
         except ConnectionResetError:
             if not delivered:
                 call.outcome, call.error = "client_abort", "client_abort"
+            return None
         except asyncio.CancelledError:
             if delivered:  # the client left after the final event: a whole answer, "ok"
                 if not ex.client_gone:
@@ -478,6 +524,13 @@ def _pass_headers(resp: Http1Response, headers: HeaderList) -> HeaderList:
     for name in _PASS_NAMES & got.keys():
         out.append((_PASS_HEADERS[name], got[name]))
     return out
+
+
+def _dropped_header(translation: Translation, headers: HeaderList) -> HeaderList:
+    """Tell the client which of its request's fields the upstream's dialect cannot carry."""
+    if translation.dropped:
+        return [*headers, ("x-llm-proxy-translation", "dropped=" + ",".join(translation.dropped)[:512])]
+    return headers
 
 
 def _error_for(best: Failure | None) -> ProxyError:

@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import io
 import logging
+from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
 import aiohttp
@@ -369,3 +370,101 @@ async def test_two_gateways_share_the_cooldown_and_the_probe_through_redis(gatew
         await b.state.health.sync()
         await asyncio.sleep(0.02)
     assert len((await a.wait_records(3))) + len(await b.wait_records(6)) == 9
+
+
+# ---------------------------------------------------------------------- after the first byte
+# A stream broken by its upstream after the head went out is not retried (bytes reached
+# the client) but counts for the route's breaker like a failure before the first byte;
+# a client that leaves mid-stream does not. The upstream is the real mock
+# (proxy/mock_upstream.py), its x-mock-* behaviour set per upstream by its extra headers.
+
+
+@pytest.fixture
+async def mock_server() -> AsyncIterator[Any]:
+    from proxy.mock_upstream import start_mock
+
+    server = await start_mock()
+    yield server
+    await server.close()
+
+
+def _mock_pair(base: str, flaky: dict[str, str], **breaker: Any) -> dict[str, Any]:
+    timeouts = Timeouts(connect_s=1, first_byte_s=1, idle_s=0.3)
+    ups = (
+        UpstreamConfig("flaky", base + "/v1", "openai", UPSTREAM_KEY, timeouts, headers=flaky),
+        UpstreamConfig("steady", base + "/v1", "openai", "sk-steady", timeouts),
+    )
+    routes = (RouteConfig("flaky", "gpt-a"), RouteConfig("steady", "gpt-b", priority=1))
+    models = (ModelConfig("pair", routes, (), PRICE),)
+    return {"upstreams": ups, "models": models, "routing": RoutingConfig(breaker=BreakerConfig(**breaker))}
+
+
+@pytest.mark.parametrize("fault", ["midstream", "stall"])
+async def test_streams_broken_mid_way_cool_the_route(gateway, mock_server, fault, caplog):
+    gw: Gateway = await gateway(**_mock_pair(mock_server.base_url, {"x-mock-fail": fault}, failures=3, cooldown_s=30))
+    clock = Clock()
+    gw.state.health.now = clock
+    with caplog.at_level(logging.WARNING, logger="llm_proxy.forward"):
+        for i in range(3):
+            status, _, raw = await chat(gw, stream=True)
+            # The client's stream is as before: its head, some events, one error event.
+            assert status == 200 and b'"error"' in raw and b"[DONE]" not in raw
+            assert gw.state.health.view(("flaky", "gpt-a")).consecutive_failures == i + 1
+    view = gw.state.health.view(("flaky", "gpt-a"))
+    assert view.state == "cooldown" and view.cooldown_until == clock.t + 30
+    assert view.last_error == ("cut" if fault == "midstream" else "timeout")
+    warnings = [r.getMessage() for r in caplog.records if "attempt failed" in r.getMessage()]
+    assert len(warnings) == 3 and all("upstream flaky model gpt-a" in w for w in warnings)
+    recs = await gw.wait_records(3)
+    assert {(r.upstream, r.outcome) for r in recs} == {("flaky", "timeout" if fault == "stall" else "upstream_error")}
+    # Cooling down: the next call, streamed or not, goes to the other route.
+    status, _, raw = await chat(gw, stream=True)
+    assert status == 200 and raw.rstrip().endswith(b"data: [DONE]")
+    status, _, _ = await chat(gw)
+    assert status == 200
+    recs = sorted(await gw.wait_records(5), key=lambda r: r.ts)
+    assert [(r.upstream, r.outcome) for r in recs[3:]] == [("steady", "ok"), ("steady", "ok")]
+
+
+async def test_a_whole_stream_resets_the_count(gateway, mock_server):
+    """A stream that ends with its final event is the route's success (reported at its
+    end, not its head), so failures must be consecutive to trip the breaker."""
+    gw: Gateway = await gateway(**_mock_pair(mock_server.base_url, {}, failures=2))
+    health = gw.state.health
+    await health.failed(SimpleNamespace(key=("flaky", "gpt-a")), None, None)
+    assert health.view(("flaky", "gpt-a")).consecutive_failures == 1
+    status, _, raw = await chat(gw, stream=True)
+    assert status == 200 and raw.rstrip().endswith(b"data: [DONE]")
+    assert health.view(("flaky", "gpt-a")).state == "ok"
+
+
+async def test_a_client_leaving_mid_stream_does_not_count(gateway, mock_server):
+    slow = {"x-mock-chunks": "200", "x-mock-delay-ms": "20"}
+    gw: Gateway = await gateway(**_mock_pair(mock_server.base_url, slow, failures=1))
+    body = {"model": "pair", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    for n in range(1, 3):
+        async with aiohttp.ClientSession() as s:
+            r = await s.post(gw.url + "/v1/chat/completions", json=body, headers=gw.headers())
+            assert r.status == 200
+            await r.content.readany()
+            r.close()
+        recs = await gw.wait_records(n)
+        assert recs[-1].outcome == "client_abort"
+    view = gw.state.health.view(("flaky", "gpt-a"))
+    assert (view.state, view.consecutive_failures) == ("ok", 0)
+    await chat(gw)
+    recs = await gw.wait_records(3)
+    assert all(r.upstream == "flaky" for r in recs)
+
+
+async def test_a_stream_ended_by_an_upstream_error_event_counts(gateway, scripted_upstream, backup):
+    """An upstream that sends an error event and closes cleanly ended without its final
+    event: the client gets the bytes as they came, the route is charged."""
+    gw, clock = await _start(gateway, scripted_upstream, backup, failures=1, cooldown_s=10)
+    events = [b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n',
+              b'data: {"error":{"message":"overloaded","type":"server_error"}}\n\n']
+    scripted_upstream.script(Reply(chunks=events))
+    status, _, raw = await chat(gw, stream=True)
+    assert status == 200 and raw == b"".join(events)
+    view = gw.state.health.view(("up", "gpt-a"))
+    assert (view.state, view.cooldown_until, view.last_error) == ("cooldown", clock.t + 10, "cut")

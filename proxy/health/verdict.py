@@ -5,6 +5,11 @@ a connection error, a timeout, any 5xx (529: Anthropic's "overloaded"), a 429 (t
 provider's rate limit on that route), and a 401/403 (a bad or revoked credential on
 that route: another route may well serve). Other 4xx are the provider's answer to the
 client's request: they pass through and say the route works.
+
+A stream that breaks after its first byte (the upstream cut the connection, stalled, or
+ended without its final event, as after an error event) is not failed over (bytes went
+out) but is charged to the breaker all the same, as "cut" or "timeout" (proxy/forward.py).
+A client that leaves is the client's doing: it charges nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from dataclasses import dataclass
 
 # Kinds, from the most telling to the least: when every route failed, the client is told
 # about the best one (a 429 keeps its Retry-After; a timeout says more than a refusal).
-KINDS = ("rate_limited", "overloaded", "server_error", "timeout", "auth", "unreachable")
+# "cut" (a stream broken after its first byte) is never compared: the client had the head.
+KINDS = ("rate_limited", "overloaded", "server_error", "timeout", "auth", "unreachable", "cut")
 _RANK = {kind: i for i, kind in enumerate(KINDS)}
 
 
