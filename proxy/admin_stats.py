@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.config import PROTOCOLS
 from proxy.errors import InvalidRequest, NotFound
 from proxy.store.base import ANY_ERROR, Cursor, Store, UsageFilter
 from proxy.views import csv_text, iso, parse_since, parse_until, percentile, usage_json
@@ -25,6 +26,7 @@ from proxy.views import csv_text, iso, parse_since, parse_until, percentile, usa
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 OUTCOMES = ("ok", "client_abort", "upstream_error", "timeout", "shutdown", ANY_ERROR)
+GROUPINGS = ("key", "model", "day", "key_model", "upstream", "served")
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 10_000
 CSV_PAGE = 5_000
@@ -89,7 +91,16 @@ async def usage_filter(request: web.Request, store: Store, default_since: str = 
     outcome = q.get("outcome") or None
     if outcome is not None and outcome not in OUTCOMES:
         raise InvalidRequest("'outcome' must be one of: " + ", ".join(OUTCOMES) + ".", param="outcome")
-    return UsageFilter(since=since, until=until, key_id=key_id, model=q.get("model") or None, outcome=outcome)
+    # How calls were served: a dialect name each (clients speak the same three).
+    served = {}
+    for name in ("client_dialect", "upstream_protocol"):
+        value = q.get(name) or None
+        if value is not None and value not in PROTOCOLS:
+            raise InvalidRequest(f"'{name}' must be one of: " + ", ".join(PROTOCOLS) + ".", param=name)
+        served[name] = value
+    return UsageFilter(
+        since=since, until=until, key_id=key_id, model=q.get("model") or None, outcome=outcome, **served,
+    )
 
 
 def _limit(request: web.Request, default: int | None) -> int | None:
@@ -127,8 +138,8 @@ def make_handlers(store_of: Callable[[web.Request], Store]) -> dict[str, Handler
         fmt = _format(request)
         by = request.query.get("by")
         if by:
-            if by not in ("key", "model", "day", "key_model", "upstream"):
-                raise InvalidRequest("'by' must be key, model, day, key_model or upstream.", param="by")
+            if by not in GROUPINGS:
+                raise InvalidRequest("'by' must be " + ", ".join(GROUPINGS[:-1]) + " or " + GROUPINGS[-1] + ".", param="by")
             rows = await store.usage_groups(f, by)  # type: ignore[arg-type]
             for r in rows:
                 r["last_ts"] = iso(r["last_ts"])

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from _gateway import MASTER_KEY
+from proxy.config import StorageConfig
 from proxy.keys import digest_key, well_formed
 from proxy.middleware.last_used import LastUsed
 from proxy.store import SQLiteStore
@@ -311,3 +313,76 @@ async def test_last_used_is_written_in_batches_and_survives_a_store_outage(tmp_p
     assert (await store.get_key("other")).last_used_at == 3000.0
     assert (await store.get_key("k")).last_used_at == 3001.0
     await store.close()
+
+
+# -- how calls were served ------------------------------------------------------------------
+
+SERVED = [("openai", "openai"), ("anthropic", "openai"), ("openai", "gemini"), ("gemini", "anthropic"), (None, None)]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    if request.param == "sqlite":
+        return {}
+    url = request.getfixturevalue("pg_store_url")
+    return {"storage": StorageConfig(url=url, spool_path=str(tmp_path / "pg-spool.jsonl"), flush_interval_s=0.05)}
+
+
+async def test_usage_by_how_calls_were_served(backend, gateway):
+    """client_dialect and upstream_protocol filter the listing, the CSV, the series and the
+    groups, and group as `by=served`, on both stores; over 3 days, so that the roll-ups'
+    whole days and hours are in range (the served views read the raw ledger instead).
+    `backend` first: its database must outlive the gateway."""
+    gw = await gateway(**backend)
+    store = gw.state.store
+    alice, _ = await store.create_key("alice", KeyLimits())
+    now = time.time()
+    records = []
+    for i in range(72):   # one an hour, back 3 days
+        cd, up = SERVED[i % len(SERVED)]
+        records.append(rec(i, now - i * HOUR - 30, alice if i % 2 else None, client_dialect=cd, upstream_protocol=up,
+                           attempt=i % 3, cost_usd=0.01 * (i % 7)))
+    await store.write_usage(records)
+    newest = sorted(records, key=lambda r: (r.ts, r.id), reverse=True)
+
+    for query, want in (
+        ("client_dialect=anthropic", [r for r in newest if r.client_dialect == "anthropic"]),
+        ("upstream_protocol=openai", [r for r in newest if r.upstream_protocol == "openai"]),
+        ("client_dialect=openai&upstream_protocol=gemini&key=alice",
+         [r for r in newest if (r.client_dialect, r.upstream_protocol) == ("openai", "gemini") and r.key_id == alice.id]),
+    ):
+        status, doc, _ = await req(gw, "GET", f"/admin/usage?since=4d&limit=1000&{query}")
+        assert status == 200, (query, doc)
+        assert [r["id"] for r in doc["data"]] == [r.id for r in want], query
+        assert all(r["attempt"] == next(x.attempt for x in want if x.id == r["id"]) for r in doc["data"])
+        status, _, raw = await req(gw, "GET", f"/admin/usage?since=4d&format=csv&{query}")
+        rows = list(csv.DictReader(io.StringIO(raw.decode())))
+        assert status == 200 and [r["id"] for r in rows] == [r.id for r in want], query
+        assert {r["upstream_protocol"] for r in rows} <= {"openai", "gemini"}
+        status, doc, _ = await req(gw, "GET", f"/admin/usage/series?since=4d&bucket=day&{query}")
+        assert status == 200 and sum(p["requests"] for p in doc["data"]) == len(want), query
+        assert abs(sum(p["cost_usd"] for p in doc["data"]) - sum(r.cost_usd for r in want)) < 1e-9
+
+    status, doc, _ = await req(gw, "GET", "/admin/usage?since=4d&by=served")
+    assert status == 200, doc
+    got = {(g["client_dialect"], g["upstream_protocol"]): g for g in doc["data"]}
+    assert set(got) == set(SERVED)
+    for pair, g in got.items():
+        rs = [r for r in records if (r.client_dialect, r.upstream_protocol) == pair]
+        assert g["requests"] == len(rs) and abs(g["cost_usd"] - sum(r.cost_usd for r in rs)) < 1e-9
+        assert g["group"] == (None if pair == (None, None) else f"{pair[0]} → {pair[1]}")
+    assert doc["data"][-1]["group"] is None   # records from before the gateway kept it: last
+    status, doc, _ = await req(gw, "GET", "/admin/usage?since=4d&by=served&key=alice&upstream_protocol=openai")
+    assert {g["group"]: g["requests"] for g in doc["data"]} == {
+        f"{cd} → openai": sum(1 for r in records if r.key_id == alice.id and r.client_dialect == cd and r.upstream_protocol == "openai")
+        for cd in ("anthropic", "openai")}
+    status, _, raw = await req(gw, "GET", "/admin/usage?since=4d&by=served&format=csv")
+    rows = list(csv.DictReader(io.StringIO(raw.decode())))
+    assert status == 200 and {r["group"] for r in rows} == {"openai → openai", "anthropic → openai", "openai → gemini",
+                                                            "gemini → anthropic", ""}
+    # The plain groupings still read the roll-ups and agree.
+    status, doc, _ = await req(gw, "GET", "/admin/usage?since=4d&by=day")
+    assert sum(g["requests"] for g in doc["data"]) == len(records)
+    for query in ("client_dialect=cobol", "upstream_protocol=x", "by=dialect"):
+        status, err, _ = await req(gw, "GET", f"/admin/usage?{query}")
+        assert status == 400 and err["error"]["param"] in ("client_dialect", "upstream_protocol", "by"), (query, err)

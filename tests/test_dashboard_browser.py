@@ -320,3 +320,53 @@ async def test_key_holder_sees_only_their_own_key(gateway, browser):
     assert statuses == [403] * 5
     assert await gw.state.store.get_key("x") is None
     assert errors == []
+
+
+async def test_explorer_shows_how_each_call_was_served(gateway, browser):
+    """The explorer's Served column (client dialect → upstream protocol, and the attempt of
+    a failover), its two filters, and the CSV of what they select."""
+    gw = await gateway()
+    key = await gw.state.store.get_key("test-key")
+    now = time.time()
+    served = [("anthropic", "openai", 0), ("openai", "gemini", 0), ("openai", "openai", 1), ("gemini", "anthropic", 2)]
+    records = [
+        UsageRecord(
+            id=f"served-{i}", ts=now - 600 - i * 60, key_id=key.id, key_name=key.name, endpoint="chat.completions",
+            model="mock-gpt", upstream="mock", upstream_model="mock-gpt", stream=False, status=200,
+            prompt_tokens=10, completion_tokens=5, cost_usd=0.001, client_dialect=cd, upstream_protocol=up, attempt=n,
+        )
+        for i, (cd, up, n) in enumerate(served * 3)
+    ]
+    await gw.state.store.write_usage(records)
+    errors: list[str] = []
+    page = await _page(browser, errors)
+    await page.goto(gw.url + "/ui/")
+    await page.fill("input[name=key]", MASTER_KEY)
+    await page.click("button[type=submit]")
+    await page.wait_for_selector("[data-testid=kpi-requests]")
+    await page.goto(gw.url + "/ui/#/usage")
+    rows = page.locator("[data-testid=usage-table] tbody tr")
+    await page.wait_for_selector("[data-testid=usage-table] [data-testid=served]")
+    texts = await rows.all_text_contents()
+    assert len(texts) == len(records)
+    shown = await page.locator("[data-testid=served]").all_text_contents()
+    assert sorted(shown) == sorted(f"{cd} → {up}" for cd, up, _ in served * 3)
+    attempts = await page.locator("[data-testid=attempt]").all_text_contents()
+    assert sorted(attempts) == ["attempt 1 (failover)"] * 3 + ["attempt 2 (failover)"] * 3
+    # Filter: OpenAI clients only, then OpenAI clients served by a Gemini upstream.
+    await page.select_option("[data-testid=f-dialect]", "openai")
+    await page.click("[data-testid=apply]")
+    await page.wait_for_function("() => document.querySelectorAll('[data-testid=usage-table] tbody tr').length === 6")
+    assert set(await page.locator("[data-testid=served]").all_text_contents()) == {"openai → gemini", "openai → openai"}
+    await page.select_option("[data-testid=f-protocol]", "gemini")
+    await page.click("[data-testid=apply]")
+    await page.wait_for_function("() => document.querySelectorAll('[data-testid=usage-table] tbody tr').length === 3")
+    assert set(await page.locator("[data-testid=served]").all_text_contents()) == {"openai → gemini"}
+    await _shot(page, "usage-served")
+    async with page.expect_download() as download:
+        await page.click("[data-testid=export-csv]")
+    lines = Path(await (await download.value).path()).read_text().splitlines()
+    header = lines[0].split(",")
+    got = [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
+    assert len(got) == 3 and all((r["client_dialect"], r["upstream_protocol"], r["attempt"]) == ("openai", "gemini", "0") for r in got)
+    assert errors == []

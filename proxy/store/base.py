@@ -17,7 +17,7 @@ from proxy.keys import digest_key, display_prefix, generate_key
 Outcome = Literal["ok", "client_abort", "upstream_error", "timeout", "shutdown"]
 GroupBy = Literal["key", "model", "day"]
 # Groupings of the usage ledger for operators: `GroupBy` plus key x model and upstream route.
-Grouping = Literal["key", "model", "day", "key_model", "upstream"]
+Grouping = Literal["key", "model", "day", "key_model", "upstream", "served"]
 Bucket = Literal["hour", "day"]
 # The outcomes that count as errors in error rates: the upstream failed or timed out (its
 # own 4xx/5xx included). A client that went away or a shutdown is not the upstream's error.
@@ -131,6 +131,14 @@ class UsageFilter:
     key_id: str | None = None
     model: str | None = None
     outcome: str | None = None     # an Outcome, or ANY_ERROR for every outcome in ERROR_OUTCOMES
+    # How calls were served: the client's dialect, the upstream's protocol. The roll-ups
+    # do not keep them: aggregates that filter on them read the raw ledger (ledger.py).
+    client_dialect: str | None = None
+    upstream_protocol: str | None = None
+
+    @property
+    def by_served(self) -> bool:
+        return self.client_dialect is not None or self.upstream_protocol is not None
 
 
 # A position in a newest-first listing: the (ts, id) of the last record already shown.

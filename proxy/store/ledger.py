@@ -47,7 +47,7 @@ DAY = 86_400
 _BUCKET_SECONDS = {"hour": HOUR, "day": DAY}
 # The roll-up tables, coarsest first, with their bucket size in seconds.
 LEVELS = (("usage_daily", DAY), ("usage_hourly", HOUR))
-_GROUPINGS = ("key", "model", "day", "key_model", "upstream")
+_GROUPINGS = ("key", "model", "day", "key_model", "upstream", "served")
 _LEGACY_GROUPS = ("key", "model", "day")   # summarize_usage's groupings
 # A literal, identical in the partial index and the queries: SQLite uses a partial index
 # only when the query's WHERE repeats the index's own terms.
@@ -179,6 +179,13 @@ def _filters(f: UsageFilter, params: dict[str, Any]) -> list[str]:
     if f.model is not None:
         terms.append("model = :model")
         params["model"] = f.model
+    # Only in the raw ledger (see _source): how the call was served.
+    if f.client_dialect is not None:
+        terms.append("client_dialect = :client_dialect")
+        params["client_dialect"] = f.client_dialect
+    if f.upstream_protocol is not None:
+        terms.append("upstream_protocol = :upstream_protocol")
+        params["upstream_protocol"] = f.upstream_protocol
     if f.outcome == ANY_ERROR:
         terms.append(ERRORS_SQL)
     elif f.outcome is not None:
@@ -255,21 +262,28 @@ def cover(
     return [(table, a, b), *rest]
 
 
-def _source(d: Dialect, f: UsageFilter, params: dict[str, Any], finest: int) -> str:
+def _source(d: Dialect, f: UsageFilter, params: dict[str, Any], finest: int, served: bool = False) -> str:
     """Roll-up rows for the whole days and hours in range, raw rows (rolled up on the fly)
     for the partial hours at either end: a UNION ALL with the roll-up's columns. Only
     roll-ups with buckets of at most `finest` seconds take part (an hourly series cannot
-    read the daily one)."""
+    read the daily one).
+
+    The roll-ups do not keep how a call was served (client dialect, upstream protocol):
+    grouping (`served`) or filtering by it reads raw rows only, with those two columns
+    added. Exact as ever, but a scan of the range's rows (on the ts index): a diagnostic
+    view, not the dashboard's default one."""
     parts: list[str] = []
     filters = _filters(f, params)
-    levels = tuple(level for level in LEVELS if level[1] <= finest)
+    served = served or f.by_served
+    levels = () if served else tuple(level for level in LEVELS if level[1] <= finest)
+    columns = rollup_values(d, "usage") + (", client_dialect, upstream_protocol" if served else "")
     for n, (table, lo, hi) in enumerate(cover(f.since, f.until, levels)):
         params[f"lo{n}"] = lo
         if hi is not None:
             params[f"hi{n}"] = hi
         if table is None:
             where = [f"ts >= :lo{n}"] + ([f"ts < :hi{n}"] if hi is not None else []) + filters
-            parts.append(f"SELECT {rollup_values(d, 'usage')} FROM usage WHERE {' AND '.join(where)}")
+            parts.append(f"SELECT {columns} FROM usage WHERE {' AND '.join(where)}")
         else:
             where = [f"t >= :lo{n}"] + ([f"t < :hi{n}"] if hi is not None else []) + filters
             parts.append(f"SELECT {ROLLUP_COLUMNS} FROM {table} WHERE {' AND '.join(where)}")
@@ -296,6 +310,7 @@ _DIMENSIONS: Mapping[str, tuple[str, ...]] = {
     "model": ("model",),
     "key_model": ("key_id", "model"),
     "upstream": ("upstream", "upstream_model", "last_error"),
+    "served": ("client_dialect", "upstream_protocol"),
 }
 
 
@@ -303,7 +318,7 @@ def aggregate_query(d: Dialect, f: UsageFilter, by: str) -> tuple[str, dict[str,
     """`by`: a Bucket (rows carry `t`, unix seconds) or a Grouping."""
     dims = _DIMENSIONS["day" if by == "day" else by]
     params: dict[str, Any] = {}
-    source = _source(d, f, params, HOUR if by == "hour" else DAY)
+    source = _source(d, f, params, HOUR if by == "hour" else DAY, served=by == "served")
     names = [c.rsplit(" AS ", 1)[-1] for c in dims]
     extra = ""
     if "key_id" in names:
@@ -359,7 +374,9 @@ async def groups(fetch: Fetch, d: Dialect, f: UsageFilter, by: str) -> list[dict
     """One row per group, ordered by group (None last), with a `group` label:
     key → the key's name (and `key_id`), model, day → YYYY-MM-DD (UTC),
     key_model → "name/model" (and `key_id`, `key_name`, `model`),
-    upstream → "upstream/upstream_model" (and both, `last_error`, `last_error_ts`)."""
+    upstream → "upstream/upstream_model" (and both, `last_error`, `last_error_ts`),
+    served → "client_dialect → upstream_protocol" (and both; None for records written
+    before the gateway kept them)."""
     by = check_grouping(by)
     sql, params = aggregate_query(d, f, "day" if by == "day" else by)
     rows = await fetch(sql, params)
@@ -372,6 +389,10 @@ async def groups(fetch: Fetch, d: Dialect, f: UsageFilter, by: str) -> list[dict
             g = {"group": _day(int(r["t"])), **g}
         elif by == "model":
             g = {"group": r["model"], **g}
+        elif by == "served":
+            cd, up = r["client_dialect"], r["upstream_protocol"]
+            label = None if cd is None and up is None else f"{cd or '?'} → {up or '?'}"
+            g = {"group": label, "client_dialect": cd, "upstream_protocol": up, **g}
         else:
             key_id = r["key_id"] or None
             if by == "key":

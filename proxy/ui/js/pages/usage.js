@@ -1,4 +1,5 @@
-// Usage explorer: filter the ledger by key, model, time and outcome; chart, table, CSV.
+// Usage explorer: filter the ledger by key, model, time, outcome and how calls were served
+// (client dialect → upstream protocol); chart, table, CSV.
 import { h, toast } from "../dom.js";
 import * as f from "../format.js";
 import { get, request, query } from "../api.js";
@@ -9,7 +10,9 @@ import { pageHead, table, loading, failed, outcomePill } from "./common.js";
 const OUTCOMES = [["ok", "ok"], ["error", "any failure"], ["client_abort", "client went away"], ["upstream_error", "upstream error"],
   ["timeout", "timeout"], ["shutdown", "cut by shutdown"]];
 const PRESETS = [["1h", "last hour"], ["24h", "last 24 h"], ["7d", "last 7 days"], ["30d", "last 30 days"], ["custom", "custom…"]];
-const state = { preset: "24h", since: "", until: "", key: "", model: "", outcome: "" };
+// Clients speak the same three dialects as upstreams (proxy/config.py PROTOCOLS).
+const DIALECTS = ["openai", "anthropic", "gemini"];
+const state = { preset: "24h", since: "", until: "", key: "", model: "", outcome: "", client_dialect: "", upstream_protocol: "" };
 
 function range() {
   if (state.preset !== "custom") {
@@ -24,7 +27,8 @@ function range() {
 }
 
 function filter() {
-  return { ...range(), key: state.key, model: state.model, outcome: state.outcome };
+  return { ...range(), key: state.key, model: state.model, outcome: state.outcome,
+    client_dialect: state.client_dialect, upstream_protocol: state.upstream_protocol };
 }
 
 function select(name, label, options, value, testid) {
@@ -32,11 +36,12 @@ function select(name, label, options, value, testid) {
   return [el, h("label", { class: "field" }, label, el)];
 }
 
-// Links from other pages: #/usage?key=ID&model=M&preset=7d
+// Links from other pages: #/usage?key=ID&model=M&preset=7d (&client_dialect=D&upstream_protocol=P)
 function fromHash() {
   const q = new URLSearchParams(location.hash.split("?")[1] || "");
   if (![...q.keys()].length) return;
-  Object.assign(state, { key: q.get("key") || "", model: q.get("model") || "", outcome: q.get("outcome") || "" });
+  Object.assign(state, { key: q.get("key") || "", model: q.get("model") || "", outcome: q.get("outcome") || "",
+    client_dialect: q.get("client_dialect") || "", upstream_protocol: q.get("upstream_protocol") || "" });
   if (PRESETS.some(([p]) => p === q.get("preset"))) state.preset = q.get("preset");
   history.replaceState(null, "", "#/usage");
 }
@@ -60,16 +65,19 @@ export async function render(main, ctx) {
   const [key, keyField] = select("key", "Key", [["", "all keys"], ...keys.data.map((k) => [k.id, k.name])], state.key, "f-key");
   const [model, modelField] = select("model", "Model", [["", "all models"], ...models.map((m) => [m, m])], state.model, "f-model");
   const [outcome, outcomeField] = select("outcome", "Outcome", [["", "any outcome"], ...OUTCOMES], state.outcome, "f-outcome");
+  const [dialect, dialectField] = select("client_dialect", "Client dialect", [["", "any dialect"], ...DIALECTS.map((d) => [d, d])], state.client_dialect, "f-dialect");
+  const [protocol, protocolField] = select("upstream_protocol", "Upstream protocol", [["", "any protocol"], ...DIALECTS.map((d) => [d, d])], state.upstream_protocol, "f-protocol");
   preset.addEventListener("change", () => { custom.hidden = preset.value !== "custom"; });
   const apply = () => {
-    Object.assign(state, { preset: preset.value, since: since.value, until: until.value, key: key.value, model: model.value, outcome: outcome.value });
+    Object.assign(state, { preset: preset.value, since: since.value, until: until.value, key: key.value, model: model.value, outcome: outcome.value,
+      client_dialect: dialect.value, upstream_protocol: protocol.value });
     render(main, ctx);
   };
   const chartCard = h("div", { class: "card", style: "margin-bottom:16px" }, loading());
   const tableCard = h("div", { class: "card flush", "data-testid": "usage-table" }, loading());
   main.replaceChildren(
     pageHead("Usage", h("button", { onclick: () => exportCsv(), "data-testid": "export-csv" }, "Export CSV")),
-    h("div", { class: "filters" }, presetField, custom, keyField, modelField, outcomeField,
+    h("div", { class: "filters" }, presetField, custom, keyField, modelField, outcomeField, dialectField, protocolField,
       h("button", { class: "primary", onclick: apply, "data-testid": "apply" }, "Apply")),
     chartCard, tableCard);
   drawChart(chartCard, ctx);
@@ -121,6 +129,7 @@ async function loadTable(card, ctx) {
       { title: "Time", cell: (r) => h("span", { title: r.id }, f.dateTime(r.ts)) },
       { title: "Key", cell: (r) => r.key_name || h("span", { class: "faint" }, "—") },
       { title: "Model", cell: (r) => [h("span", { class: "mono" }, r.model), h("span", { class: "sub" }, `${r.upstream} · ${r.upstream_model}`)] },
+      { title: "Served", cell: served },
       { title: "Outcome", cell: (r) => [outcomePill(r), h("span", { class: "sub" }, `HTTP ${r.status}${r.stream ? " · stream" : ""}`)] },
       { title: "Tokens in", num: true, cell: (r) => f.int(r.prompt_tokens) },
       { title: "Tokens out", num: true, cell: (r) => [f.int(r.completion_tokens), r.estimated ? h("span", { class: "sub" }, "estimated") : null] },
@@ -132,6 +141,15 @@ async function loadTable(card, ctx) {
       ...(page.next_cursor ? [h("button", { class: "small", onclick: () => more(page.next_cursor), "data-testid": "more" }, "Load more")] : []));
   };
   await more(null);
+}
+
+// How the call was served: the client's dialect → the upstream's protocol, and which
+// attempt of its request it was when a failover made more than one.
+function served(r) {
+  const how = r.client_dialect || r.upstream_protocol
+    ? h("span", { class: "mono", "data-testid": "served" }, `${r.client_dialect || "?"} → ${r.upstream_protocol || "?"}`)
+    : h("span", { class: "faint" }, "—");
+  return [how, r.attempt > 0 ? h("span", { class: "sub", "data-testid": "attempt" }, `attempt ${r.attempt} (failover)`) : null];
 }
 
 async function exportCsv() {
