@@ -210,12 +210,7 @@ class Translation:
 
     def response(self, data: bytes, ctx: ClientContext) -> bytes:
         assert self.upstream.decode_response is not None
-        try:
-            doc = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            doc = None
-        if not isinstance(doc, dict):
-            raise UpstreamError("The upstream's answer is not the JSON object its protocol promises.")
+        doc = _json_object(data)
         resp = self.upstream.decode_response(doc)
         if self._names:
             for part in resp.parts:
@@ -303,11 +298,7 @@ class CountTranslation(Translation):
         assert self._upstream_counter is not None   # not local
         if self._same:
             return data   # the upstream's own answer, in the caller's own dialect
-        try:
-            doc = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            doc = None
-        tokens = self._upstream_counter.decode_response(doc) if isinstance(doc, dict) else None
+        tokens = self._upstream_counter.decode_response(_json_object(data))
         if tokens is None:
             raise UpstreamError("The upstream's token count is not the JSON its protocol promises.")
         return orjson.dumps(self._client_counter.encode_response(tokens))
@@ -354,12 +345,7 @@ class EmbeddingsTranslation(Translation):
         return orjson.dumps(out)
 
     def response(self, data: bytes, ctx: ClientContext) -> bytes:
-        try:
-            doc = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            doc = None
-        if not isinstance(doc, dict):
-            raise UpstreamError("The upstream's answer is not the JSON object its protocol promises.")
+        doc = _json_object(data)
         resp = self._to.decode_response(doc)
         if len(resp.vectors) != len(self._req.inputs) or not all(resp.vectors):
             raise UpstreamError(
@@ -390,3 +376,14 @@ def _upstream_message(data: bytes) -> str:
     err = doc.get("error") if isinstance(doc, dict) else None
     message = err.get("message") if isinstance(err, dict) else None
     return str(message)[:2000] if message else "(no message)"
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    """An upstream's answer body, which its protocol promises is a JSON object."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise UpstreamError("The upstream's answer is not the JSON object its protocol promises.")
+    return doc
