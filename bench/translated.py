@@ -3,6 +3,7 @@
     python -m bench.translated                  # full run, ~8 min (+ LiteLLM's install, once)
     python -m bench.translated --no-litellm     # llm-proxy only
     python -m bench.translated --smoke          # seconds: proves it all starts (no LiteLLM)
+    nice -n -10 python -m bench.translated      # on a shared machine: others' work yields to the targets
 
 Issue 22's speed targets, measured with bench.run's machinery (targets on core 0, the
 bench upstream and the load on core 1, CPU from /proc over the process tree, targets
