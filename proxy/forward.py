@@ -384,11 +384,13 @@ class Forwarder:
         # before sending anything still gets a plain 502 in the caller's dialect.
         head = _pass_headers(resp, headers) + _STREAM_HEADERS
         dialect = call.dialect
-        errors: Dialect | StreamTranslator = dialect
+        errors: Dialect | StreamTranslator | _ArrayStreamErrors = dialect
         if isinstance(relay, StreamTranslator):
             # Translated: the caller's content type and error framing, not the upstream's.
             head = [h for h in head if h[0] != "Content-Type"] + [("Content-Type", relay.content_type)]
             errors = relay
+        elif not dialect.streams_sse(ex.request.query_string):
+            errors = _ArrayStreamErrors(dialect)
         keepalive = dialect.keepalive
         idle_s = target.config.timeouts.idle_s
         wait_s = min(idle_s, self._keepalive_s) if keepalive else idle_s
@@ -483,13 +485,28 @@ class Forwarder:
             del task
 
     async def _end_stream(
-        self, call: Call, out: Exchange, err: ProxyError, outcome: Outcome, errors: Dialect | StreamTranslator
+        self, call: Call, out: Exchange, err: ProxyError, outcome: Outcome,
+        errors: Dialect | StreamTranslator | _ArrayStreamErrors,
     ) -> None:
         call.outcome, call.error = outcome, err.code
         await _try_write(out, errors.stream_error_event(err, call.request_id))
         _try_end(out)
 
 # ---------------------------------------------------------------------- helpers
+
+
+class _ArrayStreamErrors:
+    """The gateway's mid-stream error on a stream that is one JSON array (Gemini without
+    `alt=sse`), relayed as the upstream wrote it: the error is the array's last element,
+    and the array is closed, so the body still parses (an SSE line would break it)."""
+
+    __slots__ = ("_dialect",)
+
+    def __init__(self, dialect: Dialect) -> None:
+        self._dialect = dialect
+
+    def stream_error_event(self, err: ProxyError, request_id: str) -> bytes:
+        return b",\r\n" + self._dialect.error_body(err, request_id) + b"]"
 
 
 def _endpoint(call: Call) -> Endpoint:

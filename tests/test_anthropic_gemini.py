@@ -273,3 +273,29 @@ async def test_gemini_json_array_stream_without_alt_sse(gateway):
     rec = (await gw.wait_records(1))[0]
     assert rec.stream and not rec.estimated
     assert rec.completion_tokens == items[-1]["usageMetadata"]["candidatesTokenCount"]
+
+
+async def test_gemini_json_array_stream_cut_mid_way_stays_one_json_document(gateway):
+    """Same dialect, no alt=sse: the upstream's array is relayed as it comes; when the
+    upstream cuts it, the gateway's error is the array's last element and closes it (an
+    SSE line there would leave the client a body that does not parse)."""
+    gw = await gateway()
+
+    def element(text: str) -> bytes:
+        return orjson.dumps({"candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}],
+                             "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 1, "totalTokenCount": 4}})
+
+    gw.upstream.script(Reply(headers={"Content-Type": "application/json"},
+                             chunks=[b"[" + element("Hel"), b",\r\n" + element("lo"), b",\r\n" + element("!"), b"]"],
+                             cut_after=2))
+    async with aiohttp.ClientSession() as s:
+        url = gw.url + "/v1beta/models/up-gemini:streamGenerateContent"
+        async with s.post(url, json={"contents": [{"parts": [{"text": "x"}]}]}, headers={"x-goog-api-key": gw.key}) as r:
+            assert r.status == 200
+            body = await r.read()
+    assert gw.upstream.received[-1].path.endswith(":streamGenerateContent")   # no alt=sse asked upstream
+    items = orjson.loads(body)
+    assert [i["candidates"][0]["content"]["parts"][0]["text"] for i in items[:2]] == ["Hel", "lo"]
+    assert list(items[-1]) == ["error"] and items[-1]["error"]["code"] >= 500
+    rec = (await gw.wait_records(1))[0]
+    assert rec.outcome == "upstream_error"
