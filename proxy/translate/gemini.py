@@ -18,6 +18,7 @@ first function call's id, since Gemini CLI sends back no thought parts.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -134,6 +135,19 @@ def _decode_generation(req: Request, config: dict[str, Any]) -> None:
     req.dropped.extend(name for name in _DROPPED if config.get(name) is not None)
 
 
+def _thought(append: Callable[[Thinking], None], open_block: Thinking | None, text: str, sig: Sig | None) -> Thinking | None:
+    """A thought part: consecutive ones are one thinking block, a signature closes it.
+    Returns the block still open (None once closed)."""
+    if open_block is None:
+        open_block = Thinking("")
+        append(open_block)
+    open_block.text += text
+    if sig is not None:
+        open_block.sig = sig
+        return None
+    return open_block
+
+
 def _decode_parts(
     parts: list[Any], turn: int, role: str, pending: list[tuple[str, str]]
 ) -> tuple[list[Part], list[tuple[str, str]]]:
@@ -145,12 +159,7 @@ def _decode_parts(
         signature = part.get("thoughtSignature") or part.get("thought_signature")
         sig = carrier.unwrap_base64(signature, PROTOCOL) if isinstance(signature, str) and signature else None
         if part.get("thought") is True:
-            if thinking is None:
-                thinking = Thinking("")
-                out.append(thinking)
-            thinking.text += str(part.get("text") or "")
-            if sig is not None:
-                thinking.sig, thinking = sig, None
+            thinking = _thought(out.append, thinking, str(part.get("text") or ""), sig)
             continue
         thinking = None
         inline = obj(part.get("inlineData") or part.get("inline_data"))
@@ -513,12 +522,7 @@ def _upstream_parts(parts: list[Any]) -> list[Text | Thinking | ToolCall]:
         signature = part.get("thoughtSignature")
         sig = Sig(PROTOCOL, signature) if isinstance(signature, str) and signature else None
         if part.get("thought") is True:
-            if thinking is None:
-                thinking = Thinking("")
-                out.append(thinking)
-            thinking.text += str(part.get("text") or "")
-            if sig is not None:
-                thinking.sig, thinking = sig, None
+            thinking = _thought(out.append, thinking, str(part.get("text") or ""), sig)
             continue
         open_thinking, thinking = thinking, None
         fc = part.get("functionCall")
